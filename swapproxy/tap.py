@@ -1,0 +1,97 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+``twistd swapproxy``: command-line options and the service tree.
+
+This is the only module that touches the global reactor.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from swapproxy import __version__
+from swapproxy.config import Config, ConfigError, load_config
+from swapproxy.logs import proxy_logger, set_log_level
+from swapproxy.supervisor import Supervisor
+from swapproxy.web.root import build_site
+
+DEFAULT_LISTEN = "tcp:8080"
+
+log = proxy_logger("swapproxy.tap")
+
+
+class Options(usage.Options):
+    """
+    ``twistd swapproxy --config FILE [--listen ENDPOINT ...]``.
+    """
+
+    synopsis = "[-c config.yaml] [-l tcp:8080 ...]"
+    longdesc = (
+        "Serve one OpenAI-compatible endpoint that starts the model a request names, stops the "
+        "others and unloads idle ones. The config file uses llama-swap's format."
+    )
+    optParameters = [
+        ["config", "c", "config.yaml", "The llama-swap style YAML configuration file."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self.loaded: Config | None = None
+
+    def opt_listen(self, endpoint: str) -> None:
+        """
+        Listen on this Twisted server endpoint (default tcp:8080); may be given more than once.
+        """
+        self["listen"].append(endpoint)
+
+    opt_l = opt_listen
+
+    def opt_version(self) -> None:
+        """
+        Print swapproxy's version and exit.
+        """
+        sys.stdout.write(f"swapproxy {__version__}\n")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        try:
+            self.loaded = load_config(self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    The swapproxy service: the model supervisor and one HTTP server per ``--listen``.
+
+    The configuration was loaded and checked in `Options.postOptions`, before anything starts.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    config = options.loaded if options.loaded is not None else load_config(options["config"])
+    set_log_level(config.log_level)
+    for warning in config.warnings:
+        log.warn("{warning}", warning=warning)
+    root = MultiService()
+    supervisor = Supervisor(config, reactor)
+    supervisor.setServiceParent(root)
+    site = build_site(supervisor, reactor)
+    for endpoint in options["listen"]:
+        strports.service(endpoint, site, reactor=reactor).setServiceParent(root)
+    log.info(
+        "swapproxy {version}: {count} models from {source}",
+        version=__version__,
+        count=len(config.models),
+        source=config.source,
+    )
+    return root

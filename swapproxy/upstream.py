@@ -1,0 +1,620 @@
+# -*- test-case-name: tests.test_upstream -*-
+"""
+One upstream: the child process that serves one model, its state and its health.
+
+An `Upstream` starts its model's ``cmd`` in a session of its own (so that a stop reaches
+every process the model started), polls its ``checkEndpoint`` until it answers 200, and stops it
+with ``cmdStop`` or SIGTERM to the whole process group, then SIGKILL after a grace period.
+Requests that arrive while it starts share the same start; each waiter holds its own Deferred, so
+one waiter that gives up never cancels the start for the others.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import shutil
+import signal
+import sys
+from collections import deque
+from collections.abc import Callable, Mapping
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
+
+import psutil
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.protocol import ProcessProtocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+from swapproxy.config import ModelConfig
+from swapproxy.logs import proxy_logger, upstream_logger
+
+#: First delay between health probes, and the most it backs off to.
+FIRST_PROBE_DELAY = 0.02
+MAX_PROBE_DELAY = 0.25
+#: A line of child output triggers an immediate probe, but not more often than this.
+MIN_PROBE_INTERVAL = 0.02
+#: How many of the child's last output lines a start error quotes.
+ERROR_TAIL_LINES = 5
+
+_SESSION_SHIM = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
+
+
+class State(enum.Enum):
+    """
+    The life cycle of an upstream child.
+    """
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"
+    FAILED = "failed"
+
+
+class StartError(Exception):
+    """
+    A model could not be made ready.
+
+    :ivar model_id: the model that failed.
+    :ivar reason: what went wrong, in plain words.
+    :ivar exit_code: the child's exit code, when it exited.
+    :ivar last_lines: the last lines the child printed.
+    """
+
+    def __init__(
+        self,
+        model_id: str,
+        reason: str,
+        exit_code: int | None = None,
+        last_lines: tuple[str, ...] = (),
+    ) -> None:
+        self.model_id = model_id
+        self.reason = reason
+        self.exit_code = exit_code
+        self.last_lines = last_lines
+        message = f"model {model_id!r} failed to start: {reason}"
+        if last_lines:
+            message += "; last output: " + " | ".join(last_lines)
+        super().__init__(message)
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """
+    A request body that is already in memory, written in one call.
+
+    treq's default producer runs on the global cooperator, which costs a reactor turn per
+    request and never runs under a test clock.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body) if body else UNKNOWN_LENGTH
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def stopProducing(self) -> None:
+        pass
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+
+def _body_producer(data: Any) -> IBodyProducer:
+    if isinstance(data, bytes):
+        return BytesProducer(data)
+    return IBodyProducer(data)
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """
+    The pool's connection factory, without a log line for every connection.
+    """
+
+    noisy = False
+
+
+def make_http_client(reactor: Any, max_idle: int) -> tuple[HTTPClient, HTTPConnectionPool]:
+    """
+    An HTTP client with its own connection pool, no cookie memory and in-memory bodies.
+
+    :param max_idle: how many idle connections the pool keeps.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = max(2, max_idle)
+    pool.retryAutomatically = False
+    pool._factory = _QuietClientFactory
+    # A proxy must never replay one client's upstream cookies to another client.
+    no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+    client = HTTPClient(Agent(reactor, pool=pool), cookiejar=no_cookies, data_to_body_producer=_body_producer)
+    return client, pool
+
+
+def _describe_exit(reason: Failure) -> tuple[str, int | None]:
+    value = reason.value
+    if isinstance(value, ProcessDone):
+        return "exit code 0", 0
+    if isinstance(value, ProcessTerminated):
+        if value.signal is not None:
+            try:
+                name = signal.Signals(value.signal).name
+            except ValueError:
+                name = str(value.signal)
+            return f"signal {name}", None
+        return f"exit code {value.exitCode}", value.exitCode
+    return str(value), None
+
+
+class _ChildProtocol(ProcessProtocol):
+    """
+    Reads a child's stdout and stderr line by line and reports its exit.
+    """
+
+    def __init__(self, upstream: Upstream) -> None:
+        self._upstream = upstream
+        self._partial: dict[int, bytes] = {}
+
+    def connectionMade(self) -> None:
+        self.transport.closeStdin()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self._upstream._child_output(data)
+        buffered = self._partial.pop(childFD, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        if len(rest) > 65536:
+            lines.append(rest)
+            rest = b""
+        if rest:
+            self._partial[childFD] = rest
+        stream = "stderr" if childFD == 2 else "stdout"
+        for line in lines:
+            self._upstream._child_line(stream, line.rstrip(b"\r").decode("utf-8", "replace"))
+
+    def processExited(self, reason: Failure) -> None:
+        for fd, rest in sorted(self._partial.items()):
+            stream = "stderr" if fd == 2 else "stdout"
+            self._upstream._child_line(stream, rest.decode("utf-8", "replace"))
+        self._partial.clear()
+        self._upstream._child_exited(self, reason)
+
+
+class _StopCommandProtocol(ProcessProtocol):
+    """
+    Runs ``cmdStop``, logs what it prints, and tells when it is done.
+    """
+
+    def __init__(self, upstream: Upstream, done: Callable[[], None]) -> None:
+        self._upstream = upstream
+        self._done = done
+
+    def connectionMade(self) -> None:
+        self.transport.closeStdin()
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        for line in data.decode("utf-8", "replace").splitlines():
+            self._upstream._child_line("cmdStop", line)
+
+    def processEnded(self, reason: Failure) -> None:
+        description, code = _describe_exit(reason)
+        if code != 0:
+            self._upstream.log.warn(
+                "cmdStop of {model} ended with {status}", model=self._upstream.model.id, status=description
+            )
+        self._done()
+
+
+class Upstream:
+    """
+    One model's child process: start, health, stop.
+
+    :param model: the model's configuration.
+    :param reactor: provides `IReactorProcess` and `IReactorTime`.
+    :param health_check_timeout: seconds a start may take before it is given up.
+    :param environ: the environment the child inherits (``os.environ`` by default);
+        the model's ``env`` entries are added to it.
+    :param health_probe: asks the child's health endpoint once and returns the HTTP status
+        (or fails when it cannot connect); an HTTP GET of ``checkEndpoint`` by default.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        reactor: Any,
+        health_check_timeout: float,
+        environ: Mapping[str, str] | None = None,
+        health_probe: Callable[[Upstream], Deferred[int]] | None = None,
+    ) -> None:
+        self.model = model
+        self.log = proxy_logger("swapproxy.upstream")
+        self._output_log = upstream_logger(model.id)
+        self._reactor: IReactorTime | IReactorProcess | Any = reactor
+        self._health_check_timeout = health_check_timeout
+        self._environ = dict(os.environ if environ is None else environ)
+        self.state = State.STOPPED
+        self.state_observers: list[Callable[[Upstream, State, State], None]] = []
+        self.line_observers: list[Callable[[Upstream, str], None]] = []
+        self.pid: int | None = None
+        self.client: HTTPClient | None = None
+        self._pool: HTTPConnectionPool | None = None
+        self._process: Any = None
+        self._start_waiters: list[Deferred[None]] = []
+        self._stop_waiters: list[Deferred[None]] = []
+        self._generation = 0
+        self._probe_call: IDelayedCall | None = None
+        self._probe_in_flight = False
+        self._probe_delay = FIRST_PROBE_DELAY
+        self._last_probe_at = 0.0
+        self._timeout_call: IDelayedCall | None = None
+        self._kill_call: IDelayedCall | None = None
+        self._descendants: list[psutil.Process] = []
+        self._end_state = State.STOPPED
+        self.recent_lines: deque[str] = deque(maxlen=50)
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+        self.last_output_at: float | None = None
+        self.output_bytes = 0
+        #: What the last health probe saw: "", "refused", "loading" (503) or "HTTP <code>".
+        self.health_status = ""
+        self.last_error: StartError | None = None
+        self._health_probe = health_probe or (lambda upstream: Deferred.fromCoroutine(upstream._http_probe()))
+
+    @property
+    def base_url(self) -> str:
+        """
+        The URL requests are forwarded to, without a trailing slash.
+        """
+        return self.model.proxy.rstrip("/")
+
+    def url_for(self, path: str) -> str:
+        """
+        The upstream URL for a request path (which starts with ``/``).
+        """
+        return self.base_url + path
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """
+        Make the model ready, starting it if needed.
+
+        :returns: a Deferred of this caller's own that fires when the model is ready, or fails
+            with `StartError`. Cancelling it only withdraws this caller.
+        """
+        if self.state is State.READY:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred(self._withdraw_start_waiter)
+        self._start_waiters.append(waiter)
+        if self.state in (State.STOPPED, State.FAILED):
+            self._begin_start()
+        # STARTING: join it. STOPPING: _child_exited starts again for the waiters.
+        return waiter
+
+    def stop(self, grace: float | None = None) -> Deferred[None]:
+        """
+        Stop the child: ``cmdStop`` or SIGTERM to its process group, SIGKILL after ``grace``.
+
+        A start in progress is aborted; its waiters get a `StartError`.
+
+        :param grace: seconds before SIGKILL; the model's ``unloadTimeout`` by default.
+        :returns: a Deferred that fires once the child has exited.
+        """
+        if self.state in (State.STOPPED, State.FAILED):
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._stop_waiters.append(waiter)
+        if self.state is State.STOPPING:
+            return waiter
+        if self.state is State.STARTING:
+            self._fail_start_waiters(StartError(self.model.id, "unloaded while starting"))
+        self._terminate(self.model.unload_timeout if grace is None else grace)
+        return waiter
+
+    @property
+    def running(self) -> bool:
+        """
+        Whether a child process exists (starting, ready or stopping).
+        """
+        return self.state in (State.STARTING, State.READY, State.STOPPING)
+
+    # -- start --------------------------------------------------------------------------------
+
+    def _withdraw_start_waiter(self, waiter: Deferred[None]) -> None:
+        if waiter in self._start_waiters:
+            self._start_waiters.remove(waiter)
+
+    def _set_state(self, new: State) -> None:
+        old, self.state = self.state, new
+        if old is not new:
+            self.log.debug("model {model}: {old} -> {new}", model=self.model.id, old=old.value, new=new.value)
+            for observer in list(self.state_observers):
+                observer(self, old, new)
+
+    def _launcher(self, executable: str) -> list[str]:
+        setsid = shutil.which("setsid")
+        if setsid:
+            return [setsid, executable]
+        return [sys.executable, "-c", _SESSION_SHIM, executable]
+
+    def _begin_start(self) -> None:
+        argv = list(self.model.cmd)
+        executable = shutil.which(argv[0], path=self._environ.get("PATH", os.defpath))
+        if executable is None:
+            self._set_state(State.FAILED)
+            self._fail_start_waiters(
+                StartError(self.model.id, f"executable {argv[0]!r} not found (cmd: {' '.join(argv)})")
+            )
+            return
+        env = dict(self._environ)
+        env.update(dict(self.model.env))
+        launcher = self._launcher(executable)
+        self._generation += 1
+        self.last_error = None
+        self.recent_lines.clear()
+        self.health_status = ""
+        self.output_bytes = 0
+        self.started_at = self._reactor.seconds()
+        self.last_output_at = None
+        self.ready_at = None
+        self._end_state = State.STOPPED
+        self._set_state(State.STARTING)
+        try:
+            self._process = self._reactor.spawnProcess(
+                _ChildProtocol(self), launcher[0], launcher + argv[1:], env=env
+            )
+        except OSError as e:
+            self._process = None
+            self._set_state(State.FAILED)
+            self._fail_start_waiters(StartError(self.model.id, f"could not spawn {argv[0]!r}: {e}"))
+            return
+        self.pid = self._process.pid
+        self.log.info(
+            "starting model {model}: pid {pid}, {cmd}", model=self.model.id, pid=self.pid, cmd=" ".join(argv)
+        )
+        self.client, self._pool = make_http_client(self._reactor, self.model.concurrency_limit)
+        if self.model.check_endpoint is None:
+            self._became_ready()
+            return
+        self._probe_delay = FIRST_PROBE_DELAY
+        self._schedule_probe(FIRST_PROBE_DELAY)
+        self._timeout_call = self._reactor.callLater(self._health_check_timeout, self._start_timed_out)
+
+    def _schedule_probe(self, delay: float) -> None:
+        if self._probe_call is not None and self._probe_call.active():
+            if self._probe_call.getTime() <= self._reactor.seconds() + delay:
+                return
+            self._probe_call.cancel()
+        self._probe_call = self._reactor.callLater(delay, self._probe)
+
+    def _probe(self) -> None:
+        self._probe_call = None
+        if self.state is not State.STARTING or self._probe_in_flight:
+            return
+        self._probe_in_flight = True
+        self._last_probe_at = self._reactor.seconds()
+        generation = self._generation
+        self._health_probe(self).addBoth(self._probe_done, generation)
+
+    async def _http_probe(self) -> int:
+        assert self.client is not None and self.model.check_endpoint is not None
+        response = await self.client.get(
+            self.url_for(self.model.check_endpoint),
+            timeout=min(5.0, self._health_check_timeout),
+            reactor=self._reactor,
+            allow_redirects=False,
+        )
+        await response.content()
+        return int(response.code)
+
+    def _probe_done(self, result: int | Failure, generation: int) -> None:
+        self._probe_in_flight = False
+        if generation != self._generation or self.state is not State.STARTING:
+            return
+        if result == 200:
+            self.health_status = "ok"
+            self._became_ready()
+            return
+        if isinstance(result, Failure):
+            self.health_status = "refused"
+        elif result == 503:
+            self.health_status = "loading"
+        else:
+            self.health_status = f"HTTP {result}"
+        self._probe_delay = min(self._probe_delay * 2, MAX_PROBE_DELAY)
+        self._schedule_probe(self._probe_delay)
+
+    def _became_ready(self) -> None:
+        self._cancel_start_timers()
+        self.ready_at = self._reactor.seconds()
+        assert self.started_at is not None
+        self.log.info(
+            "model {model} ready on {url} after {seconds:.2f}s",
+            model=self.model.id,
+            url=self.base_url,
+            seconds=self.ready_at - self.started_at,
+        )
+        self._set_state(State.READY)
+        waiters, self._start_waiters = self._start_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def _start_timed_out(self) -> None:
+        self._timeout_call = None
+        error = StartError(
+            self.model.id,
+            f"health check timed out after {self._health_check_timeout:g}s"
+            + (f" (last answer: {self.health_status})" if self.health_status else ""),
+            last_lines=self._tail(),
+        )
+        self._record_failure(error)
+        self._terminate(self.model.unload_timeout)
+
+    def _record_failure(self, error: StartError) -> None:
+        self.last_error = error
+        self._end_state = State.FAILED
+        self.log.error("{error}", error=str(error), model=self.model.id)
+        self._fail_start_waiters(error)
+
+    def _fail_start_waiters(self, error: StartError) -> None:
+        waiters, self._start_waiters = self._start_waiters, []
+        for waiter in waiters:
+            waiter.errback(error)
+
+    def _cancel_start_timers(self) -> None:
+        for call in (self._probe_call, self._timeout_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._probe_call = self._timeout_call = None
+
+    def _tail(self) -> tuple[str, ...]:
+        lines = [line for line in self.recent_lines if line.strip()]
+        return tuple(lines[-ERROR_TAIL_LINES:])
+
+    # -- output -------------------------------------------------------------------------------
+
+    def _child_output(self, data: bytes) -> None:
+        self.output_bytes += len(data)
+        self.last_output_at = self._reactor.seconds()
+        if (
+            self.state is State.STARTING
+            and not self._probe_in_flight
+            and self.model.check_endpoint is not None
+            and self.last_output_at - self._last_probe_at >= MIN_PROBE_INTERVAL
+        ):
+            # A child that prints is doing something; it may just have become ready.
+            self._schedule_probe(0)
+
+    def _child_line(self, stream: str, line: str) -> None:
+        self.recent_lines.append(line)
+        self._output_log.info("[{model}] {line}", model=self.model.id, line=line, stream=stream)
+        for observer in list(self.line_observers):
+            observer(self, line)
+
+    # -- stop ---------------------------------------------------------------------------------
+
+    def _terminate(self, grace: float) -> None:
+        self._cancel_start_timers()
+        self._set_state(State.STOPPING)
+        pid = self.pid
+        if pid is None or self._process is None:
+            return
+        try:
+            self._descendants = psutil.Process(pid).children(recursive=True)
+        except psutil.Error:
+            self._descendants = []
+        if self.model.cmd_stop:
+            argv = [arg.replace("${PID}", str(pid)) for arg in self.model.cmd_stop]
+            executable = shutil.which(argv[0], path=self._environ.get("PATH", os.defpath))
+            if executable is not None:
+                self.log.info("stopping model {model} with cmdStop: {cmd}", model=self.model.id, cmd=" ".join(argv))
+                env = dict(self._environ)
+                env.update(dict(self.model.env))
+                try:
+                    self._reactor.spawnProcess(
+                        _StopCommandProtocol(self, lambda: self._arm_kill(grace)),
+                        executable,
+                        argv,
+                        env=env,
+                    )
+                    return
+                except OSError as e:
+                    self.log.warn("cmdStop of {model} could not run: {error}", model=self.model.id, error=e)
+            else:
+                self.log.warn("cmdStop of {model}: {exe!r} not found", model=self.model.id, exe=argv[0])
+        self.log.info("stopping model {model}: SIGTERM to process group {pid}", model=self.model.id, pid=pid)
+        self._signal_group(pid, signal.SIGTERM)
+        self._arm_kill(grace)
+
+    def _arm_kill(self, grace: float) -> None:
+        if self._process is None or self._kill_call is not None:
+            return
+        self._kill_call = self._reactor.callLater(grace, self._kill, grace)
+
+    def _kill(self, grace: float) -> None:
+        self._kill_call = None
+        if self.pid is None or self._process is None:
+            return
+        self.log.warn(
+            "model {model} did not exit within {grace:g}s; sending SIGKILL", model=self.model.id, grace=grace
+        )
+        self._signal_group(self.pid, signal.SIGKILL)
+
+    def _signal_group(self, pgid: int, signum: int) -> None:
+        try:
+            os.killpg(pgid, signum)
+        except (ProcessLookupError, PermissionError):
+            # The leader may not have called setsid yet: signal it alone.
+            if self._process is not None:
+                try:
+                    self._process.signalProcess(signum)
+                except ProcessExitedAlready:
+                    pass
+
+    def _reap_leftovers(self, pid: int) -> None:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for proc in self._descendants:
+            try:
+                if proc.is_running():
+                    proc.kill()
+            except psutil.Error:
+                pass
+        self._descendants = []
+
+    def _child_exited(self, protocol: _ChildProtocol, reason: Failure) -> None:
+        description, code = _describe_exit(reason)
+        pid = self.pid
+        self._process = None
+        self.pid = None
+        self._cancel_start_timers()
+        if self._kill_call is not None and self._kill_call.active():
+            self._kill_call.cancel()
+        self._kill_call = None
+        if pid is not None:
+            if not self._descendants:
+                try:
+                    self._descendants = psutil.Process(pid).children(recursive=True)
+                except psutil.Error:
+                    pass
+            self._reap_leftovers(pid)
+        if self._pool is not None:
+            self._pool.closeCachedConnections()
+        self._pool = None
+        self.client = None
+        previous = self.state
+        if previous is State.STARTING:
+            self._record_failure(
+                StartError(
+                    self.model.id,
+                    f"process exited with {description} while starting",
+                    exit_code=code,
+                    last_lines=self._tail(),
+                )
+            )
+            self._set_state(State.FAILED)
+        elif previous is State.READY:
+            self.log.warn(
+                "model {model} exited unexpectedly with {status}", model=self.model.id, status=description
+            )
+            self._set_state(State.STOPPED)
+        else:
+            self.log.info("model {model} stopped ({status})", model=self.model.id, status=description)
+            self._set_state(self._end_state)
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        if self._start_waiters and self.state in (State.STOPPED, State.FAILED):
+            self._begin_start()

@@ -1,0 +1,251 @@
+# -*- test-case-name: tests.test_web -*-
+"""
+Where the model is chosen: the inference routes and ``/upstream/<model>/...``.
+
+Each request names its model (JSON ``model``, the multipart field ``model``, or the path), is
+queued with the `Supervisor` for that model, and once granted is forwarded by `proxy_request`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import unquote
+
+from twisted.internet.defer import CancelledError
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from swapproxy.config import ModelConfig
+from swapproxy.logs import proxy_logger
+from swapproxy.supervisor import Rejected, Supervisor, Ticket
+from swapproxy.upstream import StartError
+from swapproxy.web.errors import write_error
+from swapproxy.web.relay import forward_headers, proxy_request
+from swapproxy.web.render import ClientState, render_async
+
+log = proxy_logger("swapproxy.web")
+
+
+class BadRequest(Exception):
+    """
+    The client's request cannot be served; ``str(error)`` says why.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def unknown_model(supervisor: Supervisor, name: str) -> BadRequest:
+    """
+    The 404 for a model name that is neither a model id nor an alias.
+    """
+    listed = [m.id for m in supervisor.config.models.values() if not m.unlisted]
+    return BadRequest(404, f"model {name!r} not found; available models: {', '.join(listed) or '(none)'}")
+
+
+def parse_json_model(body: bytes) -> tuple[str, dict[str, Any]]:
+    """
+    The ``model`` named by a JSON request body, and the parsed body.
+
+    :raises BadRequest: the body is not a JSON object with a non-empty string ``model``.
+    """
+    if not body.strip():
+        raise BadRequest(400, "request body is empty: expected a JSON object with a 'model' field")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(payload, dict):
+        raise BadRequest(400, f"request body must be a JSON object, got {type(payload).__name__}")
+    model = payload.get("model")
+    if isinstance(model, (int, float)) and not isinstance(model, bool):
+        model = str(model)
+    if not isinstance(model, str) or not model:
+        raise BadRequest(400, "missing or invalid 'model' field: it must name a model (see GET /v1/models)")
+    return model, payload
+
+
+def multipart_boundary(request: Request) -> bytes | None:
+    """
+    The boundary of a ``multipart/form-data`` request, if it is one.
+    """
+    content_type = request.getHeader(b"content-type") or b""
+    kind, _, params = content_type.partition(b";")
+    if kind.strip().lower() != b"multipart/form-data":
+        return None
+    for param in params.split(b";"):
+        key, _, value = param.strip().partition(b"=")
+        if key.lower() == b"boundary" and value:
+            return value.strip(b'"')
+    return None
+
+
+def replace_multipart_field(body: bytes, boundary: bytes, name: bytes, value: bytes) -> bytes:
+    """
+    ``body`` with the value of the form field ``name`` replaced; everything else byte for byte.
+    """
+    delimiter = b"--" + boundary
+    parts = body.split(delimiter)
+    for index, part in enumerate(parts):
+        head, separator, content = part.partition(b"\r\n\r\n")
+        if not separator:
+            continue
+        disposition = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-disposition:")]
+        if disposition and (b'name="' + name + b'"') in disposition[0] and b"filename=" not in disposition[0]:
+            parts[index] = head + separator + value + b"\r\n"
+    return delimiter.join(parts)
+
+
+class ModelRoute(Resource):
+    """
+    Shared logic of every route that sends a request to a model.
+    """
+
+    isLeaf = True
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        super().__init__()
+        self.supervisor = supervisor
+
+    def resolve(self, name: str) -> ModelConfig:
+        model = self.supervisor.config.resolve(name)
+        if model is None:
+            raise unknown_model(self.supervisor, name)
+        return model
+
+    async def serve(
+        self,
+        request: Request,
+        client: ClientState,
+        model: ModelConfig,
+        path: bytes,
+        body: bytes,
+        stream: bool = False,
+        requested: str = "",
+    ) -> None:
+        """
+        Queue the request for ``model``, wait until it may run, and forward it.
+        """
+        try:
+            ticket = self.supervisor.request(model.id)
+        except Rejected as e:
+            write_error(request, e.status, str(e), e.error_type, e.code)
+            if e.status == 429:
+                request.setHeader(b"retry-after", b"1")
+            return
+        headers = forward_headers(request)
+        if self.loading_stream_applies(model, ticket, stream):
+            await self.serve_loading(request, client, ticket, path, body, headers, requested or model.id)
+            return
+        try:
+            lease = await ticket.wait()
+        except CancelledError:
+            raise
+        except StartError as e:
+            write_error(request, 502, str(e), code="model_start_failed")
+            return
+        except Rejected as e:
+            write_error(request, e.status, str(e), e.error_type, e.code)
+            return
+        try:
+            await proxy_request(lease.upstream, request, client, path, body, headers)
+        finally:
+            lease.release()
+
+    def loading_stream_applies(self, model: ModelConfig, ticket: Ticket, stream: bool) -> bool:
+        """
+        Whether this request gets the loading stream; only routes that have one say yes.
+        """
+        return False
+
+    async def serve_loading(self, *args: Any) -> None:
+        raise NotImplementedError  # pragma: no cover - only called when loading_stream_applies
+
+    def render(self, request: Request) -> bytes | int:
+        return render_async(request, lambda client: self.handle(request, client))
+
+    async def handle(self, request: Request, client: ClientState) -> None:
+        try:
+            await self.handle_request(request, client)
+        except BadRequest as e:
+            write_error(request, e.status, str(e))
+
+    async def handle_request(self, request: Request, client: ClientState) -> None:
+        raise NotImplementedError  # pragma: no cover
+
+
+class InferenceRoute(ModelRoute):
+    """
+    A POST route whose model is named in the JSON body (or, for multipart bodies, the form
+    field ``model``), forwarded to the same path upstream.
+
+    Not a leaf, so that a deeper route (``/v1/messages/count_tokens``) can hang below it.
+    """
+
+    isLeaf = False
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"":
+            return self
+        return super().getChild(path, request)
+
+    async def handle_request(self, request: Request, client: ClientState) -> None:
+        if request.method != b"POST":
+            request.setHeader(b"allow", b"POST")
+            raise BadRequest(405, f"{request.method.decode('ascii', 'replace')} is not allowed here; use POST")
+        body = request.content.read()
+        boundary = multipart_boundary(request)
+        stream = False
+        if boundary is not None:
+            values = request.args.get(b"model") or [b""]
+            requested = values[0].decode("utf-8", "replace").strip()
+            if not requested:
+                raise BadRequest(400, "missing 'model' form field: it must name a model (see GET /v1/models)")
+            model = self.resolve(requested)
+            if model.use_model_name:
+                body = replace_multipart_field(body, boundary, b"model", model.use_model_name.encode("utf-8"))
+        else:
+            requested, payload = parse_json_model(body)
+            model = self.resolve(requested)
+            if model.use_model_name:
+                payload["model"] = model.use_model_name
+                body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+            stream = payload.get("stream") is True
+        await self.serve(request, client, model, request.uri, body, stream=stream, requested=requested)
+
+
+class UpstreamPassthrough(ModelRoute):
+    """
+    ``/upstream/<model>/<path>``: any method, forwarded to ``<path>`` on that model's server.
+
+    The model name may contain ``/``; the longest name that is a model or alias wins.
+    """
+
+    async def handle_request(self, request: Request, client: ClientState) -> None:
+        segments = [unquote(s.decode("utf-8", "replace")) for s in request.postpath]
+        for split in range(len(segments), 0, -1):
+            model = self.supervisor.config.resolve("/".join(segments[:split]))
+            if model is not None:
+                rest = segments[split:]
+                break
+        else:
+            name = "/".join(segments) or "(none)"
+            raise BadRequest(404, f"no model in path /upstream/{name}; use /upstream/<model>/<path>")
+        query = request.uri.partition(b"?")[2]
+        if not rest:
+            location = b"/upstream/" + "/".join(segments[:split]).encode("utf-8") + b"/"
+            if query:
+                location += b"?" + query
+            request.setResponseCode(301 if request.method in (b"GET", b"HEAD") else 308)
+            request.setHeader(b"location", location)
+            return
+        if any(piece in (".", "..") for part in rest for piece in part.replace("\\", "/").split("/")):
+            raise BadRequest(400, "path segments '.' and '..' are not allowed after /upstream/<model>/")
+        raw_rest = request.postpath[split:]
+        path = b"/" + b"/".join(raw_rest)
+        if query:
+            path += b"?" + query
+        body = request.content.read()
+        await self.serve(request, client, model, path, body)

@@ -1,0 +1,225 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+Where bytes are copied: forward a request to an upstream and relay its answer as it arrives.
+
+The upstream body is relayed with flow control: the upstream connection is registered as the
+streaming producer of the client's response, so a slow client pauses the upstream socket instead
+of making swapproxy buffer the stream, and a client that hangs up closes the upstream transfer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.server import Request
+
+from swapproxy.logs import proxy_logger
+from swapproxy.upstream import Upstream
+from swapproxy.web.errors import error_object, write_error
+from swapproxy.web.render import ClientState
+
+log = proxy_logger("swapproxy.relay")
+
+#: Headers that describe one connection, never forwarded (RFC 9110 section 7.6.1).
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Request headers swapproxy sets itself.
+_NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"host", b"accept-encoding"}
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    tokens = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def forward_headers(request: Request, drop: frozenset[bytes] = frozenset()) -> Headers:
+    """
+    The client's request headers as they go upstream: hop-by-hop headers removed, the
+    ``X-Forwarded-*`` headers added.
+
+    :param drop: more lower-case header names to leave out.
+    """
+    skip = _NOT_FORWARDED | drop | _connection_tokens(request.requestHeaders)
+    headers = Headers()
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        if name.lower() not in skip:
+            headers.setRawHeaders(name, values)
+    client = request.getClientAddress()
+    host = getattr(client, "host", None)
+    if host:
+        previous = request.getHeader(b"x-forwarded-for")
+        forwarded = (previous.decode("latin-1") + ", " if previous else "") + host
+        headers.setRawHeaders(b"x-forwarded-for", [forwarded.encode("latin-1")])
+    original_host = request.getHeader(b"host")
+    if original_host:
+        headers.setRawHeaders(b"x-forwarded-host", [original_host])
+    return headers
+
+
+def is_event_stream(headers: Headers) -> bool:
+    """
+    Whether a response's ``Content-Type`` is ``text/event-stream``.
+    """
+    value = headers.getRawHeaders(b"content-type", [b""])[0]
+    return value.split(b";")[0].strip().lower() == b"text/event-stream"
+
+
+class BodyRelay(Protocol):
+    """
+    Copies an upstream response body into a client response, with flow control.
+
+    :ivar done: fires with ``None`` when the body ended cleanly, or with the `Failure` that cut
+        it short. Cancelling it closes the upstream connection.
+    """
+
+    def __init__(self, request: Request, client: ClientState) -> None:
+        self._request = request
+        self._client = client
+        self.bytes = 0
+        self.done: Deferred[Failure | None] = Deferred(self._stop)
+
+    def _stop(self, _: Deferred[Failure | None]) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def connectionMade(self) -> None:
+        if not self._client.gone:
+            self._request.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytes += len(data)
+        if not self._client.gone:
+            self._request.write(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if not self._client.gone and self._request.producer is not None:
+            self._request.unregisterProducer()
+        if not self.done.called:
+            self.done.callback(None if reason.check(ResponseDone, PotentialDataLoss) else reason)
+
+
+def sse_error_event(status: int, message: str, error_type: str | None = None) -> bytes:
+    """
+    One SSE event carrying an OpenAI-style error object.
+    """
+    payload = json.dumps(error_object(status, message, error_type))
+    return b"data: " + payload.encode("utf-8") + b"\n\n"
+
+
+async def send_upstream(
+    upstream: Upstream,
+    request: Request,
+    path: bytes,
+    body: bytes | None,
+    headers: Headers,
+) -> Any:
+    """
+    Send a request to an upstream.
+
+    :param path: the path and query to request upstream, starting with ``/``.
+    :returns: treq's unbuffered response.
+    :raises ConnectionError: the model is not running any more.
+    """
+    client = upstream.client
+    if client is None:
+        raise ConnectionError(f"model {upstream.model.id!r} is not running")
+    return await client.request(
+        request.method.decode("ascii"),
+        upstream.url_for(path.decode("latin-1")),
+        headers=headers,
+        data=body if body else None,
+        unbuffered=True,
+        allow_redirects=False,
+    )
+
+
+def copy_response_head(request: Request, response: Any) -> bool:
+    """
+    Copy an upstream response's status and headers (minus hop-by-hop) to the client.
+
+    :returns: whether the response is an event stream.
+    """
+    request.setResponseCode(response.code, response.phrase)
+    headers: Headers = response.headers
+    skip = HOP_BY_HOP | _connection_tokens(headers)
+    if response.length is UNKNOWN_LENGTH:
+        # Either chunked upstream or decoded by treq: twisted.web delimits the body itself.
+        skip = skip | {b"content-length"}
+    request.defaultContentType = None
+    for name, values in headers.getAllRawHeaders():
+        if name.lower() not in skip:
+            request.responseHeaders.setRawHeaders(name, values)
+    streaming = is_event_stream(headers)
+    if streaming:
+        request.setHeader(b"x-accel-buffering", b"no")
+        request.setHeader(b"cache-control", b"no-cache")
+    return streaming
+
+
+async def proxy_request(
+    upstream: Upstream,
+    request: Request,
+    client: ClientState,
+    path: bytes,
+    body: bytes | None,
+    headers: Headers,
+) -> None:
+    """
+    Forward ``request`` to ``upstream`` and relay the answer as it arrives.
+
+    Before any byte is sent, an unreachable upstream is answered with a 502 JSON error. After
+    that, an upstream that dies ends an event stream with an SSE error event and a clean end,
+    and cuts any other body short so the client can tell it is incomplete.
+    """
+    model_id = upstream.model.id
+    try:
+        response = await send_upstream(upstream, request, path, body, headers)
+    except CancelledError:
+        raise
+    except Exception as e:
+        log.warn("model {model} did not answer: {error}", model=model_id, error=e)
+        write_error(request, 502, f"model {model_id!r} did not answer: {_reason(e)}")
+        return
+    streaming = copy_response_head(request, response)
+    relay = BodyRelay(request, client)
+    response.deliverBody(relay)
+    reason = await relay.done
+    if reason is None or client.gone:
+        return
+    log.warn("model {model} ended its response early: {error}", model=model_id, error=_reason(reason.value))
+    if streaming:
+        request.write(sse_error_event(502, f"model {model_id!r} ended the stream early: {_reason(reason.value)}"))
+    else:
+        # No terminating chunk: the client must see that the body is incomplete.
+        client.gone = True
+        request.loseConnection()
+
+
+def _reason(error: BaseException) -> str:
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        return "; ".join(r.getErrorMessage() for r in reasons)
+    return str(error) or error.__class__.__name__

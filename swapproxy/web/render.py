@@ -1,0 +1,72 @@
+# -*- test-case-name: tests.test_web -*-
+"""
+The one adapter through which every asynchronous ``render_*`` runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET, Request
+
+from swapproxy.logs import proxy_logger
+from swapproxy.web.errors import write_error
+
+log = proxy_logger("swapproxy.web")
+
+
+class ClientState:
+    """
+    Whether the client of one request is still connected.
+    """
+
+    def __init__(self) -> None:
+        self.gone = False
+
+
+def render_async(request: Request, handler: Callable[[ClientState], Coroutine[Any, Any, None]]) -> int:
+    """
+    Run ``handler(client)`` for ``request`` and finish the request when it returns.
+
+    When the client hangs up, the handler's coroutine is cancelled and nothing more is written.
+    An unexpected failure is logged once and answered with a 500 if no byte was sent yet.
+
+    :returns: ``NOT_DONE_YET``, for ``render_*`` to return.
+    """
+    client = ClientState()
+    transport = getattr(request.channel, "transport", None)
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        # Small SSE events must leave at once, not wait for Nagle's algorithm.
+        set_no_delay(True)
+    work = Deferred.fromCoroutine(handler(client))
+
+    def client_left(reason: Failure) -> None:
+        client.gone = True
+        work.cancel()
+
+    def done(_: object) -> None:
+        if not client.gone and not request.finished:
+            request.finish()
+
+    def failed(failure: Failure) -> None:
+        if client.gone:
+            if not failure.check(CancelledError):
+                log.failure("while handling {method} {path} (client gone)", failure,
+                            method=request.method, path=request.path)
+            return
+        log.failure("while handling {method} {path}", failure, method=request.method, path=request.path)
+        if request.finished:
+            return
+        if not request.startedWriting:
+            write_error(request, 500, f"internal error: {failure.getErrorMessage()}")
+            request.finish()
+        else:
+            request.loseConnection()
+
+    request.notifyFinish().addErrback(client_left)
+    work.addCallbacks(done, failed)
+    return NOT_DONE_YET

@@ -1,0 +1,139 @@
+# -*- test-case-name: tests.test_web -*-
+"""
+Where a request enters: the Resource tree and the Site.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from swapproxy.supervisor import Supervisor
+from swapproxy.web.api import ApiUnload, Health, ModelList, Running, UnloadAll
+from swapproxy.web.errors import error_response
+from swapproxy.web.inference import InferenceRoute, UpstreamPassthrough
+
+#: Routes whose model is named in the request body, forwarded to the same path upstream.
+INFERENCE_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/rerank",
+    "/v1/reranking",
+    "/rerank",
+    "/reranking",
+    "/v1/audio/speech",
+    "/v1/audio/transcriptions",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/responses",
+    "/completion",
+    "/infill",
+)
+
+_DEFAULT_CORS_HEADERS = b"Content-Type, Authorization, Accept, X-Requested-With"
+_TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class NotFound(Resource):
+    """
+    A JSON 404 for any path swapproxy does not serve.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        path = request.path.decode("utf-8", "replace")
+        return error_response(request, 404, f"no route for {path}; see GET /v1/models for the models")
+
+
+class Preflight(Resource):
+    """
+    Answers every CORS preflight (``OPTIONS``) as llama-swap does.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(204)
+        request.setHeader(b"access-control-allow-origin", b"*")
+        request.setHeader(b"access-control-allow-methods", b"GET, POST, PUT, PATCH, DELETE, OPTIONS")
+        asked = request.getHeader(b"access-control-request-headers")
+        allowed = _DEFAULT_CORS_HEADERS
+        if asked is not None:
+            names = [n.strip() for n in asked.split(b",")]
+            allowed = b", ".join(n for n in names if n and set(n) <= _TOKEN_CHARS)
+        request.setHeader(b"access-control-allow-headers", allowed)
+        request.setHeader(b"access-control-max-age", b"86400")
+        return b""
+
+
+class Directory(Resource):
+    """
+    An inner node of the tree; unknown children are a JSON 404.
+    """
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return NotFound()
+
+
+class Root(Directory):
+    """
+    The root; every ``OPTIONS`` request is a CORS preflight, whatever its path.
+    """
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
+        if request.method == b"OPTIONS":
+            return Preflight()
+        return super().getChildWithDefault(path, request)
+
+    def render(self, request: Request) -> bytes:
+        if request.method == b"OPTIONS":
+            return Preflight().render(request)
+        return NotFound().render(request)
+
+
+def mount(root: Resource, path: str, resource: Resource) -> None:
+    """
+    Put ``resource`` at ``path`` (``/a/b/c``), creating inner `Directory` nodes as needed.
+    """
+    *parents, leaf = [segment.encode("ascii") for segment in path.strip("/").split("/")]
+    node = root
+    for segment in parents:
+        child = node.children.get(segment)
+        if child is None:
+            child = Directory()
+            node.putChild(segment, child)
+        node = child
+    existing = node.children.get(leaf)
+    if existing is not None:
+        for name, grandchild in existing.children.items():
+            resource.putChild(name, grandchild)
+    node.putChild(leaf, resource)
+
+
+def build_root(supervisor: Supervisor, reactor: Any) -> Resource:
+    """
+    The whole Resource tree of swapproxy.
+    """
+    root = Root()
+    for path in INFERENCE_ROUTES:
+        mount(root, path, InferenceRoute(supervisor))
+    mount(root, "/upstream", UpstreamPassthrough(supervisor))
+    mount(root, "/v1/models", ModelList(supervisor, reactor))
+    mount(root, "/health", Health())
+    mount(root, "/running", Running(supervisor, reactor))
+    mount(root, "/unload", UnloadAll(supervisor))
+    mount(root, "/api/models/unload", ApiUnload(supervisor))
+    return root
+
+
+def build_site(supervisor: Supervisor, reactor: Any) -> Site:
+    """
+    The HTTP factory serving swapproxy's Resource tree.
+    """
+    site = Site(build_root(supervisor, reactor), reactor=reactor)
+    site.displayTracebacks = False
+    return site
