@@ -7,6 +7,7 @@ This is the only module that touches the global reactor.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -17,6 +18,7 @@ from twisted.python import usage
 from swapproxy import __version__
 from swapproxy.config import Config, ConfigError, load_config
 from swapproxy.logs import proxy_logger, set_log_level
+from swapproxy.progress import LoadHistory, default_state_dir
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.root import build_site
 
@@ -37,6 +39,8 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", "config.yaml", "The llama-swap style YAML configuration file."],
+        ["state-dir", None, None, "Where swapproxy keeps its small state files "
+         "(default: $XDG_STATE_HOME/swapproxy or ~/.local/state/swapproxy)."],
     ]
 
     def __init__(self) -> None:
@@ -85,7 +89,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     root = MultiService()
     supervisor = Supervisor(config, reactor)
     supervisor.setServiceParent(root)
-    site = build_site(supervisor, reactor)
+    state_dir = options["state-dir"] or default_state_dir()
+    history = LoadHistory(os.path.join(state_dir, "load-times.json"))
+    site = build_site(supervisor, reactor, history)
     for endpoint in options["listen"]:
         strports.service(endpoint, site, reactor=reactor).setServiceParent(root)
     log.info(

@@ -245,6 +245,7 @@ class Upstream:
         self.state = State.STOPPED
         self.state_observers: list[Callable[[Upstream, State, State], None]] = []
         self.line_observers: list[Callable[[Upstream, str], None]] = []
+        self.output_observers: list[Callable[[Upstream, bytes], None]] = []
         self.pid: int | None = None
         self.client: HTTPClient | None = None
         self._pool: HTTPConnectionPool | None = None
@@ -486,6 +487,8 @@ class Upstream:
     def _child_output(self, data: bytes) -> None:
         self.output_bytes += len(data)
         self.last_output_at = self._reactor.seconds()
+        for observer in list(self.output_observers):
+            observer(self, data)
         if (
             self.state is State.STARTING
             and not self._probe_in_flight

@@ -9,6 +9,7 @@ queued with the `Supervisor` for that model, and once granted is forwarded by `p
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -18,11 +19,14 @@ from twisted.web.server import Request
 
 from swapproxy.config import ModelConfig
 from swapproxy.logs import proxy_logger
-from swapproxy.supervisor import Rejected, Supervisor, Ticket
+from swapproxy.progress import LoadTracker
+from swapproxy.supervisor import Rejected, Supervisor
 from swapproxy.upstream import StartError
 from swapproxy.web.errors import write_error
+from swapproxy.web.loading import serve_with_loading
 from swapproxy.web.relay import forward_headers, proxy_request
 from swapproxy.web.render import ClientState, render_async
+from swapproxy.web.sse import ChatEvents, MessagesEvents
 
 log = proxy_logger("swapproxy.web")
 
@@ -101,13 +105,27 @@ def replace_multipart_field(body: bytes, boundary: bytes, name: bytes, value: by
 class ModelRoute(Resource):
     """
     Shared logic of every route that sends a request to a model.
+
+    :param supervisor: decides when the request may run.
+    :param clock: drives the loading stream's ticker.
+    :param trackers: each model's `LoadTracker`, for the loading stream.
+    :param loading_dialect: ``chat`` or ``messages`` on the routes that have a loading stream.
     """
 
     isLeaf = True
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        clock: Any = None,
+        trackers: Mapping[str, LoadTracker] | None = None,
+        loading_dialect: str | None = None,
+    ) -> None:
         super().__init__()
         self.supervisor = supervisor
+        self.clock = clock
+        self.trackers = trackers or {}
+        self.loading_dialect = loading_dialect
 
     def resolve(self, name: str) -> ModelConfig:
         model = self.supervisor.config.resolve(name)
@@ -136,8 +154,11 @@ class ModelRoute(Resource):
                 request.setHeader(b"retry-after", b"1")
             return
         headers = forward_headers(request)
-        if self.loading_stream_applies(model, ticket, stream):
-            await self.serve_loading(request, client, ticket, path, body, headers, requested or model.id)
+        if self.loading_dialect and stream and model.send_loading_state and ticket.stage != "ready":
+            dialect = MessagesEvents if self.loading_dialect == "messages" else ChatEvents
+            events = dialect(requested or model.id, model.loading_state_field, int(self.clock.seconds()))
+            tracker = self.trackers[model.id]
+            await serve_with_loading(request, client, self.clock, ticket, tracker, events, path, body, headers)
             return
         try:
             lease = await ticket.wait()
@@ -153,15 +174,6 @@ class ModelRoute(Resource):
             await proxy_request(lease.upstream, request, client, path, body, headers)
         finally:
             lease.release()
-
-    def loading_stream_applies(self, model: ModelConfig, ticket: Ticket, stream: bool) -> bool:
-        """
-        Whether this request gets the loading stream; only routes that have one say yes.
-        """
-        return False
-
-    async def serve_loading(self, *args: Any) -> None:
-        raise NotImplementedError  # pragma: no cover - only called when loading_stream_applies
 
     def render(self, request: Request) -> bytes | int:
         return render_async(request, lambda client: self.handle(request, client))

@@ -10,6 +10,7 @@ from typing import Any
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from swapproxy.progress import LoadHistory, LoadTracker
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.api import ApiUnload, Health, ModelList, Running, UnloadAll
 from swapproxy.web.errors import error_response
@@ -114,14 +115,24 @@ def mount(root: Resource, path: str, resource: Resource) -> None:
     node.putChild(leaf, resource)
 
 
-def build_root(supervisor: Supervisor, reactor: Any) -> Resource:
+#: The routes that answer a streaming request for a loading model with the loading stream.
+LOADING_DIALECTS = {"/v1/chat/completions": "chat", "/v1/messages": "messages"}
+
+
+def build_root(supervisor: Supervisor, reactor: Any, history: LoadHistory | None = None) -> Resource:
     """
     The whole Resource tree of swapproxy.
+
+    :param history: where load durations are remembered (in memory only by default).
     """
+    history = history if history is not None else LoadHistory(None)
+    trackers = {
+        model_id: LoadTracker(upstream, reactor, history) for model_id, upstream in supervisor.upstreams.items()
+    }
     root = Root()
     for path in INFERENCE_ROUTES:
-        mount(root, path, InferenceRoute(supervisor))
-    mount(root, "/upstream", UpstreamPassthrough(supervisor))
+        mount(root, path, InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path)))
+    mount(root, "/upstream", UpstreamPassthrough(supervisor, reactor, trackers))
     mount(root, "/v1/models", ModelList(supervisor, reactor))
     mount(root, "/health", Health())
     mount(root, "/running", Running(supervisor, reactor))
@@ -130,10 +141,10 @@ def build_root(supervisor: Supervisor, reactor: Any) -> Resource:
     return root
 
 
-def build_site(supervisor: Supervisor, reactor: Any) -> Site:
+def build_site(supervisor: Supervisor, reactor: Any, history: LoadHistory | None = None) -> Site:
     """
     The HTTP factory serving swapproxy's Resource tree.
     """
-    site = Site(build_root(supervisor, reactor), reactor=reactor)
+    site = Site(build_root(supervisor, reactor, history), reactor=reactor)
     site.displayTracebacks = False
     return site

@@ -1,0 +1,230 @@
+# -*- test-case-name: tests.test_progress -*-
+"""
+How far a model's load has got, from what its server prints, how its health check answers,
+and how long its previous loads took.
+
+llama-server prints named stages while it loads (``load_tensors: ...``, ``llama_context: ...``,
+``main: model loaded``) and, while it reads the weights, one ``.`` per percent of the tensors
+loaded. `LoadTracker` turns those into a fraction; `LoadHistory` remembers each model's last load
+durations in a small JSON file, so that the next load can show an estimate of the time left even
+for a server that prints nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+from typing import Any
+
+import attrs
+
+from swapproxy.logs import proxy_logger
+from swapproxy.upstream import State, Upstream
+
+log = proxy_logger("swapproxy.progress")
+
+#: How many past load durations are kept per model.
+HISTORY_LENGTH = 5
+
+#: (pattern, fraction reached when a line matches), in load order. Tensor loading, reported by
+#: dots, spans the fractions between "tensors" and "context".
+_TENSORS_START = 0.10
+_TENSORS_END = 0.85
+_STAGES: tuple[tuple[re.Pattern[str], float, str], ...] = tuple(
+    (re.compile(pattern), fraction, label)
+    for pattern, fraction, label in (
+        (r"load_model: loading model|llama_model_load_from_file|llama_model_loader: loaded meta data", 0.03,
+         "reading model metadata"),
+        (r"print_info: file (format|type)|llama_model_loader: - type", 0.06, "reading model metadata"),
+        (r"load_tensors: loading model tensors|load_tensors:", _TENSORS_START, "loading weights"),
+        (r"llama_context: constructing|llama_context:|llama_init_from_model", _TENSORS_END, "creating context"),
+        (r"llama_kv_cache|kv_cache_init|llama_kv_cache_unified", 0.88, "allocating KV cache"),
+        (r"warming up the model", 0.92, "warming up"),
+        (r"initializing slots|main: model loaded|model loaded", 0.95, "model loaded"),
+        (r"server is listening|starting the main loop", 0.98, "server starting"),
+    )
+)
+_LEADING_DOTS = re.compile(r"(\.+)")
+
+
+@attrs.frozen
+class Progress:
+    """
+    A snapshot of one load.
+
+    :ivar stage: ``starting`` (no sign of loading yet) or ``loading``.
+    :ivar label: what the server is doing, in plain words (may be empty).
+    :ivar fraction: 0..1, or ``None`` when it cannot be known.
+    :ivar elapsed: seconds since the process was started.
+    :ivar eta: estimated seconds left, or ``None``.
+    :ivar expected: how long previous loads took (median), or ``None``.
+    """
+
+    stage: str
+    label: str
+    fraction: float | None
+    elapsed: float
+    eta: float | None
+    expected: float | None
+
+
+class LoadHistory:
+    """
+    Each model's recent load durations, kept in a JSON file across restarts.
+
+    A duration only counts for the same command line, so that a model pointed at another file
+    starts afresh.
+
+    :param path: the JSON file; ``None`` keeps the history in memory only.
+    """
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self._entries: dict[str, dict[str, Any]] = {}
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    data = json.load(f)
+                if isinstance(data, dict):
+                    self._entries = {k: v for k, v in data.items() if isinstance(v, dict)}
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as e:
+                log.warn("ignoring unreadable load history {path}: {error}", path=path, error=e)
+
+    def expected(self, model_id: str, command: str) -> float | None:
+        """
+        The median of the model's recent load durations for this command, if any.
+        """
+        entry = self._entries.get(model_id)
+        if not entry or entry.get("cmd") != command:
+            return None
+        durations = [d for d in entry.get("durations", []) if isinstance(d, (int, float)) and d >= 0]
+        return statistics.median(durations) if durations else None
+
+    def record(self, model_id: str, command: str, seconds: float) -> None:
+        """
+        Remember one load duration and save the file.
+        """
+        entry = self._entries.get(model_id)
+        if not entry or entry.get("cmd") != command:
+            entry = {"cmd": command, "durations": []}
+        entry["durations"] = (list(entry.get("durations", [])) + [round(seconds, 3)])[-HISTORY_LENGTH:]
+        self._entries[model_id] = entry
+        self._save()
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            temporary = f"{self.path}.{os.getpid()}.tmp"
+            with open(temporary, "w", encoding="utf-8") as f:
+                json.dump(self._entries, f, indent=1, sort_keys=True)
+            os.replace(temporary, self.path)
+        except OSError as e:
+            log.warn("could not save load history {path}: {error}", path=self.path, error=e)
+
+
+class LoadTracker:
+    """
+    Follows one upstream's loads: stage lines, tensor dots, health answers and durations.
+
+    :param upstream: the upstream to follow (its observers are hooked here).
+    :param clock: provides ``seconds()``.
+    :param history: where load durations are remembered.
+    """
+
+    def __init__(self, upstream: Upstream, clock: Any, history: LoadHistory) -> None:
+        self._upstream = upstream
+        self._clock = clock
+        self._history = history
+        self._command = " ".join(upstream.model.cmd)
+        self._reset()
+        upstream.state_observers.append(self._state_changed)
+        upstream.line_observers.append(self._line)
+        upstream.output_observers.append(self._output)
+
+    def _reset(self) -> None:
+        self._fraction = 0.0
+        self._label = ""
+        self._seen_stage = False
+        self._dots = 0
+        self._line_dots = 0
+        self._partial = ""
+
+    def _state_changed(self, upstream: Upstream, old: State, new: State) -> None:
+        if new is State.STARTING:
+            self._reset()
+        elif new is State.READY and old is State.STARTING and upstream.started_at is not None:
+            assert upstream.ready_at is not None
+            self._history.record(upstream.model.id, self._command, upstream.ready_at - upstream.started_at)
+
+    def _line(self, upstream: Upstream, line: str) -> None:
+        if upstream.state is not State.STARTING:
+            return
+        for pattern, fraction, label in _STAGES:
+            if fraction >= self._fraction and pattern.search(line):
+                self._fraction = fraction
+                self._label = label
+                self._seen_stage = True
+                break
+
+    def _output(self, upstream: Upstream, data: bytes) -> None:
+        if upstream.state is not State.STARTING:
+            return
+        # llama.cpp prints one dot per percent of the weights loaded, with no newline until
+        # 100%: count the dots that start each line as it is printed.
+        for index, piece in enumerate(data.decode("utf-8", "replace").split("\n")):
+            if index:
+                self._partial, self._line_dots = "", 0
+            if len(self._partial) > 200:
+                continue
+            self._partial += piece
+            match = _LEADING_DOTS.match(self._partial)
+            count = len(match.group(1)) if match else 0
+            if count > self._line_dots:
+                self._dots += count - self._line_dots
+                self._line_dots = count
+                if self._fraction <= _TENSORS_END:
+                    span = _TENSORS_END - _TENSORS_START
+                    tensors = _TENSORS_START + span * min(self._dots, 100) / 100
+                    self._fraction = max(self._fraction, tensors)
+                    self._label = "loading weights"
+                    self._seen_stage = True
+
+    def snapshot(self) -> Progress:
+        """
+        Where the current load stands.
+        """
+        upstream = self._upstream
+        now = self._clock.seconds()
+        elapsed = now - upstream.started_at if upstream.started_at is not None else 0.0
+        expected = self._history.expected(upstream.model.id, self._command)
+        fraction: float | None = self._fraction if self._seen_stage else None
+        if expected is not None and expected > 0:
+            by_time = min(0.95, elapsed / expected)
+            fraction = by_time if fraction is None else max(fraction, by_time)
+        eta: float | None = None
+        if expected is not None:
+            eta = max(0.0, expected - elapsed)
+        elif fraction is not None and fraction >= 0.1 and elapsed > 0:
+            eta = elapsed * (1 - fraction) / fraction
+        stage = "loading" if (self._seen_stage or upstream.health_status == "loading") else "starting"
+        label = self._label
+        if not label and upstream.health_status == "loading":
+            label = "loading model"
+        return Progress(stage, label, fraction, elapsed, eta, expected)
+
+
+def default_state_dir(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
+    """
+    ``$XDG_STATE_HOME/swapproxy``, or ``~/.local/state/swapproxy``.
+    """
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "swapproxy")
+
+
