@@ -351,6 +351,7 @@ class Supervisor(Service):
         self._shutting_down = True
         if self._preload is not None and not self._preload.called:
             self._preload.cancel()
+            self._preload.addErrback(lambda failure: failure.trap(CancelledError))
         for ticket in list(self._queue):
             self._queue.remove(ticket)
             if ticket._start is not None and not ticket._start.called:

@@ -85,7 +85,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     config = options.loaded if options.loaded is not None else load_config(options["config"])
     set_log_level(config.log_level)
     for warning in config.warnings:
-        log.warn("{warning}", warning=warning)
+        # Not "warning=": legacy observers (trial's among them) read that key as a Python warning.
+        log.warn("{config_warning}", config_warning=warning)
     root = MultiService()
     supervisor = Supervisor(config, reactor)
     supervisor.setServiceParent(root)

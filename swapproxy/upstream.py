@@ -255,6 +255,7 @@ class Upstream:
         self._generation = 0
         self._probe_call: IDelayedCall | None = None
         self._probe_in_flight = False
+        self._probe_request: Deferred[int] | None = None
         self._probe_delay = FIRST_PROBE_DELAY
         self._last_probe_at = 0.0
         self._timeout_call: IDelayedCall | None = None
@@ -405,7 +406,8 @@ class Upstream:
         self._probe_in_flight = True
         self._last_probe_at = self._reactor.seconds()
         generation = self._generation
-        self._health_probe(self).addBoth(self._probe_done, generation)
+        request = self._probe_request = self._health_probe(self)
+        request.addBoth(self._probe_done, generation, request)
 
     async def _http_probe(self) -> int:
         assert self.client is not None and self.model.check_endpoint is not None
@@ -418,8 +420,11 @@ class Upstream:
         await response.content()
         return int(response.code)
 
-    def _probe_done(self, result: int | Failure, generation: int) -> None:
+    def _probe_done(self, result: int | Failure, generation: int, request: Deferred[int] | None = None) -> None:
         self._probe_in_flight = False
+        if request is not self._probe_request:
+            return  # abandoned by _cancel_start_timers
+        self._probe_request = None
         if generation != self._generation or self.state is not State.STARTING:
             return
         if result == 200:
@@ -458,8 +463,9 @@ class Upstream:
             + (f" (last answer: {self.health_status})" if self.health_status else ""),
             last_lines=self._tail(),
         )
-        self._record_failure(error)
+        # Stop first: whoever hears of the failure sees a model that is already stopping.
         self._terminate(self.model.unload_timeout)
+        self._record_failure(error)
 
     def _record_failure(self, error: StartError) -> None:
         self.last_error = error
@@ -477,6 +483,11 @@ class Upstream:
             if call is not None and call.active():
                 call.cancel()
         self._probe_call = self._timeout_call = None
+        # A probe still out when the start ends (the child exited, or the start was given up)
+        # would otherwise keep connecting to a dead port after the model stopped.
+        request, self._probe_request = self._probe_request, None
+        if request is not None:
+            request.cancel()
 
     def _tail(self) -> tuple[str, ...]:
         lines = [line for line in self.recent_lines if line.strip()]

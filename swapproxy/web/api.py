@@ -9,6 +9,7 @@ import json
 from typing import Any
 from urllib.parse import unquote
 
+from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
@@ -31,7 +32,19 @@ def _method_not_allowed(request: Request, allowed: bytes) -> bytes:
     return error_response(request, 405, f"{request.method.decode('ascii', 'replace')} is not allowed here")
 
 
-class ModelList(Resource):
+class JSONResource(Resource):
+    """
+    A Resource that answers a method it lacks with a JSON 405 and ``Allow``, not an HTML page.
+    """
+
+    def render(self, request: Request) -> Any:
+        try:
+            return super().render(request)
+        except UnsupportedMethod as e:
+            return _method_not_allowed(request, b", ".join(e.allowedMethods))
+
+
+class ModelList(JSONResource):
     """
     ``GET /v1/models``: the OpenAI model list, with llama-swap's name, description and metadata.
     """
@@ -71,7 +84,7 @@ class ModelList(Resource):
         return write_json(request, {"object": "list", "data": data})
 
 
-class Health(Resource):
+class Health(JSONResource):
     """
     ``GET /health``: 200 ``OK`` while swapproxy serves.
     """
@@ -83,7 +96,7 @@ class Health(Resource):
         return b"OK"
 
 
-class Running(Resource):
+class Running(JSONResource):
     """
     ``GET /running``: each model that has a process, with its state, pid, in-flight requests.
     """
@@ -117,7 +130,7 @@ class Running(Resource):
         return write_json(request, {"running": running})
 
 
-class UnloadAll(Resource):
+class UnloadAll(JSONResource):
     """
     ``GET /unload``: stop every model now (requests in flight on them are cut); ``OK``.
     """

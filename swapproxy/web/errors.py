@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 _TYPES = {
@@ -70,3 +71,15 @@ def write_error(
     body = error_response(request, status, message, error_type, code)
     request.setHeader(b"content-length", str(len(body)).encode("ascii"))
     request.write(body)
+
+
+class NotFound(Resource):
+    """
+    A JSON 404 for any path swapproxy does not serve.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        path = request.path.decode("utf-8", "replace")
+        return error_response(request, 404, f"no route for {path}; see GET /v1/models for the models")

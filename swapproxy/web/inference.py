@@ -22,7 +22,7 @@ from swapproxy.logs import proxy_logger
 from swapproxy.progress import LoadTracker
 from swapproxy.supervisor import Rejected, Supervisor
 from swapproxy.upstream import StartError
-from swapproxy.web.errors import write_error
+from swapproxy.web.errors import NotFound, write_error
 from swapproxy.web.loading import serve_with_loading
 from swapproxy.web.relay import forward_headers, proxy_request
 from swapproxy.web.render import ClientState, render_async
@@ -149,9 +149,10 @@ class ModelRoute(Resource):
         try:
             ticket = self.supervisor.request(model.id)
         except Rejected as e:
-            write_error(request, e.status, str(e), e.error_type, e.code)
             if e.status == 429:
+                # Before write_error: its write sends the headers.
                 request.setHeader(b"retry-after", b"1")
+            write_error(request, e.status, str(e), e.error_type, e.code)
             return
         headers = forward_headers(request)
         if self.loading_dialect and stream and model.send_loading_state and ticket.stage != "ready":
@@ -201,7 +202,7 @@ class InferenceRoute(ModelRoute):
     def getChild(self, path: bytes, request: Request) -> Resource:
         if path == b"":
             return self
-        return super().getChild(path, request)
+        return NotFound()
 
     async def handle_request(self, request: Request, client: ClientState) -> None:
         if request.method != b"POST":

@@ -76,7 +76,11 @@ class LoadingStream:
         request.defaultContentType = None
         for name, value in SSE_HEADERS:
             request.setHeader(name, value)
-        text, status, _ = self._describe()
+        text, status, key = self._describe()
+        # The first tick must not repeat the line just sent.
+        self._last_key = key
+        if key[0] == "loading" and key[2] is not None:
+            self._last_percent = key[2]
         self._write(self.events.opening() + self.events.text(text, status))
         self._loop.start(TICK, now=False)
 
@@ -185,7 +189,9 @@ class LoadingStream:
                     self._last_percent = percent
                 self._write(self.events.text(text, status))
             elif since >= DOT_INTERVAL:
-                self._write(self.events.text(".", status) if self.events.field != "none" else self.events.keepalive())
+                # A dot in the text; Anthropic clients get their own keep-alive, a ping event.
+                dot = self.events.field != "none" and not isinstance(self.events, MessagesEvents)
+                self._write(self.events.text(".", status) if dot else self.events.keepalive())
         except Exception:
             log.failure("loading stream ticker for {model}", model=self._ticket.model_id)
             self.stop()
@@ -220,7 +226,7 @@ async def splice_upstream(
         response.deliverBody(relay)
         reason = await relay.done
         if reason is not None and not client.gone:
-            request.write(events.error(502, f"model {model_id!r} ended the stream early: {reason.getErrorMessage()}"))
+            request.write(events.error(502, f"model {model_id!r} ended the stream early: {reason}"))
         return
     content = await _bounded_content(response)
     message = _error_message(content)

@@ -91,17 +91,18 @@ class BodyRelay(Protocol):
     """
     Copies an upstream response body into a client response, with flow control.
 
-    :ivar done: fires with ``None`` when the body ended cleanly, or with the `Failure` that cut
-        it short. Cancelling it closes the upstream connection.
+    :ivar done: fires with ``None`` when the body ended cleanly, or with the exception that cut
+        it short (a value, not a failure: a Deferred cannot carry a `Failure` as its result).
+        Cancelling it closes the upstream connection.
     """
 
     def __init__(self, request: Request, client: ClientState) -> None:
         self._request = request
         self._client = client
         self.bytes = 0
-        self.done: Deferred[Failure | None] = Deferred(self._stop)
+        self.done: Deferred[BaseException | None] = Deferred(self._stop)
 
-    def _stop(self, _: Deferred[Failure | None]) -> None:
+    def _stop(self, _: Deferred[BaseException | None]) -> None:
         if self.transport is not None:
             self.transport.stopProducing()
 
@@ -118,7 +119,7 @@ class BodyRelay(Protocol):
         if not self._client.gone and self._request.producer is not None:
             self._request.unregisterProducer()
         if not self.done.called:
-            self.done.callback(None if reason.check(ResponseDone, PotentialDataLoss) else reason)
+            self.done.callback(None if reason.check(ResponseDone, PotentialDataLoss) else reason.value)
 
 
 def sse_error_event(status: int, message: str, error_type: str | None = None) -> bytes:
@@ -164,14 +165,15 @@ def copy_response_head(request: Request, response: Any) -> bool:
     """
     request.setResponseCode(response.code, response.phrase)
     headers: Headers = response.headers
-    skip = HOP_BY_HOP | _connection_tokens(headers)
-    if response.length is UNKNOWN_LENGTH:
-        # Either chunked upstream or decoded by treq: twisted.web delimits the body itself.
-        skip = skip | {b"content-length"}
+    # twisted.web.client keeps Content-Length out of the headers; its length is response.length,
+    # unknown for a chunked body or one treq decoded. twisted.web then delimits the body itself.
+    skip = HOP_BY_HOP | _connection_tokens(headers) | {b"content-length"}
     request.defaultContentType = None
     for name, values in headers.getAllRawHeaders():
         if name.lower() not in skip:
             request.responseHeaders.setRawHeaders(name, values)
+    if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+        request.setHeader(b"content-length", str(response.length).encode("ascii"))
     streaming = is_event_stream(headers)
     if streaming:
         request.setHeader(b"x-accel-buffering", b"no")
@@ -209,9 +211,9 @@ async def proxy_request(
     reason = await relay.done
     if reason is None or client.gone:
         return
-    log.warn("model {model} ended its response early: {error}", model=model_id, error=_reason(reason.value))
+    log.warn("model {model} ended its response early: {error}", model=model_id, error=_reason(reason))
     if streaming:
-        request.write(sse_error_event(502, f"model {model_id!r} ended the stream early: {_reason(reason.value)}"))
+        request.write(sse_error_event(502, f"model {model_id!r} ended the stream early: {_reason(reason)}"))
     else:
         # No terminating chunk: the client must see that the body is incomplete.
         client.gone = True

@@ -13,7 +13,7 @@ from twisted.web.server import Request, Site
 from swapproxy.progress import LoadHistory, LoadTracker
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.api import ApiUnload, Health, ModelList, Running, UnloadAll
-from swapproxy.web.errors import error_response
+from swapproxy.web.errors import NotFound
 from swapproxy.web.inference import InferenceRoute, UpstreamPassthrough
 
 #: Routes whose model is named in the request body, forwarded to the same path upstream.
@@ -36,18 +36,6 @@ INFERENCE_ROUTES = (
 
 _DEFAULT_CORS_HEADERS = b"Content-Type, Authorization, Accept, X-Requested-With"
 _TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
-
-class NotFound(Resource):
-    """
-    A JSON 404 for any path swapproxy does not serve.
-    """
-
-    isLeaf = True
-
-    def render(self, request: Request) -> bytes:
-        path = request.path.decode("utf-8", "replace")
-        return error_response(request, 404, f"no route for {path}; see GET /v1/models for the models")
 
 
 class Preflight(Resource):
@@ -78,6 +66,9 @@ class Directory(Resource):
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         return NotFound()
+
+    def render(self, request: Request) -> bytes:
+        return NotFound().render(request)
 
 
 class Root(Directory):
