@@ -13,18 +13,17 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
-from twisted.internet.defer import CancelledError
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from swapproxy.config import ModelConfig
 from swapproxy.logs import proxy_logger
 from swapproxy.progress import LoadTracker
-from swapproxy.supervisor import Rejected, Supervisor
+from swapproxy.supervisor import Rejected, Supervisor, Ticket
 from swapproxy.upstream import StartError
 from swapproxy.web.errors import NotFound, write_error
 from swapproxy.web.loading import serve_with_loading
-from swapproxy.web.relay import forward_headers, proxy_request
+from swapproxy.web.relay import UpstreamGone, forward_headers, proxy_request
 from swapproxy.web.render import ClientState, render_async
 from swapproxy.web.sse import ChatEvents, MessagesEvents
 
@@ -145,36 +144,48 @@ class ModelRoute(Resource):
     ) -> None:
         """
         Queue the request for ``model``, wait until it may run, and forward it.
+
+        A model that crashed a moment ago may still look ready; a request that finds its port
+        closed and its process dead waits for the exit and is queued once more, so that it
+        restarts the model instead of failing.
         """
+        headers = forward_headers(request)
+        for attempt in (1, 2):
+            ticket = self._take_ticket(request, model)
+            if ticket is None:
+                return
+            if attempt == 1 and self.loading_dialect and stream and model.send_loading_state and ticket.stage != "ready":
+                dialect = MessagesEvents if self.loading_dialect == "messages" else ChatEvents
+                events = dialect(requested or model.id, model.loading_state_field, int(self.clock.seconds()))
+                tracker = self.trackers[model.id]
+                await serve_with_loading(request, client, self.clock, ticket, tracker, events, path, body, headers)
+                return
+            try:
+                lease = await ticket.wait()
+            except StartError as e:
+                write_error(request, 502, str(e), code="model_start_failed")
+                return
+            except Rejected as e:
+                write_error(request, e.status, str(e), e.error_type, e.code)
+                return
+            try:
+                await proxy_request(lease.upstream, request, client, path, body, headers, retry_if_gone=attempt == 1)
+                return
+            except UpstreamGone:
+                log.info("model {model} died before the request was sent; restarting it", model=model.id)
+                await lease.upstream.stop()
+            finally:
+                lease.release()
+
+    def _take_ticket(self, request: Request, model: ModelConfig) -> Ticket | None:
         try:
-            ticket = self.supervisor.request(model.id)
+            return self.supervisor.request(model.id)
         except Rejected as e:
             if e.status == 429:
                 # Before write_error: its write sends the headers.
                 request.setHeader(b"retry-after", b"1")
             write_error(request, e.status, str(e), e.error_type, e.code)
-            return
-        headers = forward_headers(request)
-        if self.loading_dialect and stream and model.send_loading_state and ticket.stage != "ready":
-            dialect = MessagesEvents if self.loading_dialect == "messages" else ChatEvents
-            events = dialect(requested or model.id, model.loading_state_field, int(self.clock.seconds()))
-            tracker = self.trackers[model.id]
-            await serve_with_loading(request, client, self.clock, ticket, tracker, events, path, body, headers)
-            return
-        try:
-            lease = await ticket.wait()
-        except CancelledError:
-            raise
-        except StartError as e:
-            write_error(request, 502, str(e), code="model_start_failed")
-            return
-        except Rejected as e:
-            write_error(request, e.status, str(e), e.error_type, e.code)
-            return
-        try:
-            await proxy_request(lease.upstream, request, client, path, body, headers)
-        finally:
-            lease.release()
+            return None
 
     def render(self, request: Request) -> bytes | int:
         return render_async(request, lambda client: self.handle(request, client))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import psutil
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -181,6 +182,24 @@ def copy_response_head(request: Request, response: Any) -> bool:
     return streaming
 
 
+class UpstreamGone(Exception):
+    """
+    The upstream's process died before the request could be sent; nothing was written.
+    """
+
+
+def process_gone(upstream: Upstream) -> bool:
+    """
+    Whether the upstream's child has exited, even if swapproxy has not reaped it yet.
+    """
+    if upstream.pid is None:
+        return True
+    try:
+        return bool(psutil.Process(upstream.pid).status() == psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return True
+
+
 async def proxy_request(
     upstream: Upstream,
     request: Request,
@@ -188,6 +207,7 @@ async def proxy_request(
     path: bytes,
     body: bytes | None,
     headers: Headers,
+    retry_if_gone: bool = False,
 ) -> None:
     """
     Forward ``request`` to ``upstream`` and relay the answer as it arrives.
@@ -195,6 +215,9 @@ async def proxy_request(
     Before any byte is sent, an unreachable upstream is answered with a 502 JSON error. After
     that, an upstream that dies ends an event stream with an SSE error event and a clean end,
     and cuts any other body short so the client can tell it is incomplete.
+
+    :param retry_if_gone: raise `UpstreamGone` instead of answering 502 when the request could
+        not be sent because the upstream's process has died.
     """
     model_id = upstream.model.id
     try:
@@ -202,6 +225,8 @@ async def proxy_request(
     except CancelledError:
         raise
     except Exception as e:
+        if retry_if_gone and process_gone(upstream):
+            raise UpstreamGone(str(e)) from e
         log.warn("model {model} did not answer: {error}", model=model_id, error=e)
         write_error(request, 502, f"model {model_id!r} did not answer: {_reason(e)}")
         return
