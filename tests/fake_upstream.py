@@ -5,17 +5,17 @@ Run it as a script (the tests spawn it once per scenario)::
 
     python tests/fake_upstream.py --port 8081 --model qwen --load-time 2 --stage-lines
 
-It speaks HTTP/1.1 with keep-alive on ``--host:--port`` (a small server on ``socketserver``, one
-daemon thread per connection: ``http.server`` alone would double the start-up time) and answers the endpoints swapproxy
+It speaks HTTP/1.1 with keep-alive on ``--host:--port`` and answers the endpoints swapproxy
 forwards: ``/health`` (503 "Loading model" while ``--load-time`` runs, exactly like
 llama-server), ``/v1/models``, ``/props``, the OpenAI, llama.cpp and Anthropic inference routes
 (streaming and not), ``/slow-respond``, and an echo of anything else so a test can see what the
-proxy forwarded.
+proxy forwarded. The HTTP layer is a small one on ``socketserver`` with a daemon thread per
+connection: importing ``http.server`` alone would add about 40 ms to every start.
 
 Per-request controls are read from the JSON body, which the proxy forwards unchanged, and from the
 query string when the body is not JSON (a JSON field wins):
 
-``fake_status``       answer this HTTP status with an OpenAI-style error body
+``fake_status``       answer this (non-2xx) HTTP status with an OpenAI-style error body
 ``fake_delay``        seconds to wait before answering
 ``fake_crash_after``  stream this many content chunks, then ``os._exit(3)``; without streaming,
                       exit before answering
@@ -41,14 +41,14 @@ import json
 import math
 import os
 import signal
+import socketserver
 import sys
 import threading
 import time
-import socketserver
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds at startup; annotations are strings anyway
-    from typing import Any, Callable
+    from typing import Any, Callable, NoReturn
 
 MODEL_FILE = "fake.gguf"
 
@@ -89,31 +89,38 @@ _log_lock = threading.RLock()
 _midline = False  # the loading dots leave the cursor mid-line
 
 
-def log(text: str, end: str = "\n") -> None:
+def log(text: str, end: str = "\n", wait: float = -1) -> None:
     """Write ``text`` to stderr at once; a closed or broken stderr is ignored.
 
     A whole line logged while the loading dots are mid-line starts on a line of its own.
+
+    :param wait: give up (dropping the text) after this many seconds if another thread is busy
+        writing, e.g. blocked on a full pipe; -1 waits for ever.
     """
     global _midline
-    with _log_lock:
+    if not _log_lock.acquire(timeout=wait):
+        return
+    try:
         out = text + end
         if _midline and end == "\n" and not text.startswith("\n"):
             out = "\n" + out
         _midline = not out.endswith("\n")
-        try:
-            sys.stderr.write(out)
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
+        sys.stderr.write(out)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    finally:
+        _log_lock.release()
 
 
-def die(code: int) -> None:
-    """End the process now with ``code``, whatever the other threads are doing."""
-    with _log_lock:
-        try:
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
+def die(code: int, last_words: str = "") -> NoReturn:
+    """Log ``last_words`` if stderr is free within a second, then end the process with ``code``.
+
+    ``os._exit`` ends it whatever the other threads are doing (a normal exit could hang or abort
+    on a daemon thread holding stderr).
+    """
+    if last_words:
+        log(last_words, wait=1.0)
     os._exit(code)
 
 
@@ -225,8 +232,7 @@ def simulate_loading(settings: argparse.Namespace, when_loaded: Callable[[], tup
         log(text, end="")
     if fail_at is not None:
         _sleep_until(started + fail_at * load_time)
-        log(("\n" if _midline else "") + FAILURE_LINES, end="")
-        die(settings.exit_during_load)
+        die(settings.exit_during_load, FAILURE_LINES.rstrip("\n"))
     _sleep_until(started + load_time)
     host, port = when_loaded()
     if settings.stage_lines:
@@ -837,9 +843,8 @@ class FakeUpstreamHandler(socketserver.StreamRequestHandler):
         except ClientGone:
             self._client_gone(sent)
 
-    def _crash(self, when: str) -> None:
-        log(f"fake upstream: fake_crash_after: crashing {when} ({self.method} {self.url_path})")
-        die(3)
+    def _crash(self, when: str) -> NoReturn:
+        die(3, f"fake upstream: fake_crash_after: crashing {when} ({self.method} {self.url_path})")
 
     # -- inference ------------------------------------------------------------------------
 
@@ -1005,10 +1010,9 @@ def spawn_grandchild() -> int:
 def install_signal_handlers(settings: argparse.Namespace) -> None:
     def on_sigterm(signum: int, frame: Any) -> None:
         if settings.ignore_sigterm:
-            log("fake upstream: ignoring SIGTERM")
+            log("fake upstream: ignoring SIGTERM", wait=1.0)
             return
-        log("fake upstream: SIGTERM received, exiting")
-        die(0)
+        die(0, "fake upstream: SIGTERM received, exiting")
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
@@ -1022,7 +1026,10 @@ def main(argv: list[str] | None = None) -> None:
     servers: list[FakeUpstreamServer] = []
 
     def bind() -> tuple[str, int]:
-        server = FakeUpstreamServer(settings, ready)
+        try:
+            server = FakeUpstreamServer(settings, ready)
+        except OSError as e:
+            die(1, f"fake upstream: cannot listen on {settings.host}:{settings.port}: {e.strerror or e}")
         servers.append(server)
         host, port = server.server_address[:2]
         if not settings.quiet:
@@ -1052,8 +1059,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         servers[0].serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
-        log("fake upstream: interrupted")
-        die(130)
+        die(130, "fake upstream: interrupted")
 
 
 if __name__ == "__main__":

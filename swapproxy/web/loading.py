@@ -22,9 +22,9 @@ from swapproxy.logs import proxy_logger
 from swapproxy.progress import LoadTracker
 from swapproxy.supervisor import Rejected, Ticket
 from swapproxy.upstream import StartError
-from swapproxy.web.relay import BodyRelay, is_event_stream, send_upstream
+from swapproxy.web.relay import BodyRelay, describe_error, is_event_stream, send_upstream
 from swapproxy.web.render import ClientState
-from swapproxy.web.sse import SSE_HEADERS, ChatEvents, MessagesEvents
+from swapproxy.web.sse import SSE_HEADERS, ChatEvents, MessagesEvents, MessagesSplice
 
 log = proxy_logger("swapproxy.loading")
 
@@ -183,12 +183,12 @@ class LoadingStream:
             percent = key[2] if key and key[0] == "loading" and len(key) > 2 and key[2] is not None else None
             changed = key[:2] != self._last_key[:2]
             progressed = percent is not None and percent - self._last_percent >= 5
-            if changed or (progressed and since >= DOT_INTERVAL):
+            if changed or (progressed and since >= DOT_INTERVAL - TICK / 2):
                 self._last_key = key
                 if percent is not None:
                     self._last_percent = percent
                 self._write(self.events.text(text, status))
-            elif since >= DOT_INTERVAL:
+            elif since >= DOT_INTERVAL - TICK / 2:
                 # A dot in the text; Anthropic clients get their own keep-alive, a ping event.
                 dot = self.events.field != "none" and not isinstance(self.events, MessagesEvents)
                 self._write(self.events.text(".", status) if dot else self.events.keepalive())
@@ -222,11 +222,12 @@ async def splice_upstream(
         request.write(events.error(502, f"model {model_id!r} did not answer: {e}"))
         return
     if 200 <= response.code < 300 and is_event_stream(response.headers):
-        relay = BodyRelay(request, client)
+        splice = MessagesSplice() if isinstance(events, MessagesEvents) else None
+        relay = BodyRelay(request, client, splice)
         response.deliverBody(relay)
         reason = await relay.done
         if reason is not None and not client.gone:
-            request.write(events.error(502, f"model {model_id!r} ended the stream early: {reason}"))
+            request.write(events.error(502, f"model {model_id!r} ended the stream early: {describe_error(reason)}"))
         return
     content = await _bounded_content(response)
     message = _error_message(content)

@@ -10,6 +10,7 @@ of making swapproxy buffer the stream, and a client that hangs up closes the ups
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -97,9 +98,15 @@ class BodyRelay(Protocol):
         Cancelling it closes the upstream connection.
     """
 
-    def __init__(self, request: Request, client: ClientState) -> None:
+    def __init__(
+        self,
+        request: Request,
+        client: ClientState,
+        transform: Callable[[bytes], bytes] | None = None,
+    ) -> None:
         self._request = request
         self._client = client
+        self._transform = transform
         self.bytes = 0
         self.done: Deferred[BaseException | None] = Deferred(self._stop)
 
@@ -113,7 +120,9 @@ class BodyRelay(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes += len(data)
-        if not self._client.gone:
+        if self._transform is not None:
+            data = self._transform(data)
+        if data and not self._client.gone:
             self._request.write(data)
 
     def connectionLost(self, reason: Failure) -> None:
@@ -228,7 +237,7 @@ async def proxy_request(
         if retry_if_gone and process_gone(upstream):
             raise UpstreamGone(str(e)) from e
         log.warn("model {model} did not answer: {error}", model=model_id, error=e)
-        write_error(request, 502, f"model {model_id!r} did not answer: {_reason(e)}")
+        write_error(request, 502, f"model {model_id!r} did not answer: {describe_error(e)}")
         return
     streaming = copy_response_head(request, response)
     relay = BodyRelay(request, client)
@@ -236,16 +245,16 @@ async def proxy_request(
     reason = await relay.done
     if reason is None or client.gone:
         return
-    log.warn("model {model} ended its response early: {error}", model=model_id, error=_reason(reason))
+    log.warn("model {model} ended its response early: {error}", model=model_id, error=describe_error(reason))
     if streaming:
-        request.write(sse_error_event(502, f"model {model_id!r} ended the stream early: {_reason(reason)}"))
+        request.write(sse_error_event(502, f"model {model_id!r} ended the stream early: {describe_error(reason)}"))
     else:
         # No terminating chunk: the client must see that the body is incomplete.
         client.gone = True
         request.loseConnection()
 
 
-def _reason(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
     reasons = getattr(error, "reasons", None)
     if reasons:
         return "; ".join(r.getErrorMessage() for r in reasons)

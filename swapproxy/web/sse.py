@@ -145,3 +145,59 @@ class MessagesEvents:
     def error(self, status: int, message: str, error_type: str = "api_error") -> bytes:
         body = {"type": "error", "error": {"type": error_type, "message": message}}
         return self.closing() + data_event(body, "error")
+
+
+class MessagesSplice:
+    """
+    Fits an upstream Anthropic Messages stream after the loading stream's ``thinking`` block.
+
+    The loading stream already sent ``message_start`` and used content block 0, so the model's
+    own ``message_start`` is dropped and its content block indices move up by one; every other
+    event passes through byte for byte. Feed it the body as it arrives: it holds back only an
+    incomplete event.
+    """
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def __call__(self, data: bytes) -> bytes:
+        self._pending += data
+        out = []
+        while True:
+            end, separator = _event_end(self._pending)
+            if end < 0:
+                break
+            block, self._pending = self._pending[:end], self._pending[end + len(separator) :]
+            rewritten = self._rewrite(block) if block.strip() else block
+            if rewritten or not block.strip():
+                out.append(rewritten + separator)
+        return b"".join(out)
+
+    def _rewrite(self, block: bytes) -> bytes:
+        lines = block.replace(b"\r\n", b"\n").split(b"\n")
+        data_lines = [line[5:].lstrip(b" ") for line in lines if line.startswith(b"data:")]
+        try:
+            payload = json.loads(b"\n".join(data_lines)) if data_lines else None
+        except ValueError:
+            return block
+        if not isinstance(payload, dict):
+            return block
+        kind = payload.get("type")
+        if kind == "message_start":
+            return b""
+        if kind in ("content_block_start", "content_block_delta", "content_block_stop") and isinstance(
+            payload.get("index"), int
+        ):
+            payload["index"] += 1
+            event = kind if any(line.startswith(b"event:") for line in lines) else None
+            return data_event(payload, event)[:-2]
+        return block
+
+
+def _event_end(buffer: bytes) -> tuple[int, bytes]:
+    """
+    Where the first complete SSE event in ``buffer`` ends, and the blank line that ends it.
+    """
+    candidates = [(buffer.find(sep), sep) for sep in (b"\r\n\r\n", b"\n\n")]
+    found = [(index, sep) for index, sep in candidates if index >= 0]
+    return min(found) if found else (-1, b"")

@@ -1,0 +1,1098 @@
+"""
+Tests for the loading stream (L{swapproxy.web.loading}, L{swapproxy.web.sse}): what a client that
+streams a request for a model that is not ready reads, byte by byte, on a `Clock`.
+
+The whole route runs in memory: the client's HTTP/1.1 request goes through the real `Site` over a
+`StringTransport`, the `Supervisor` runs real `Upstream` objects whose child processes are fakes
+(`tests.fakes.ProcessReactor`: the test prints their llama-server lines and ends them), their
+health probes answer what the test says, and their HTTP client is a fake whose responses the test
+writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+from typing import Any
+
+import attrs
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.task import LoopingCall
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from swapproxy import upstream as upstream_module
+from swapproxy.config import parse_config
+from swapproxy.progress import LoadHistory
+from swapproxy.supervisor import Lease, Supervisor
+from swapproxy.upstream import State, Upstream
+from swapproxy.web.root import build_site
+from tests.fakes import FakeProcess, ProcessReactor
+
+#: The clock starts at a realistic Unix time, so that ``created`` is checkable.
+EPOCH = 1_750_000_000
+
+CHAT = "/v1/chat/completions"
+MESSAGES = "/v1/messages"
+
+STAGE_LINES = (
+    "main: loading model\n"
+    "srv    load_model: loading model '/models/qwen.gguf'\n"
+    "llama_model_loader: loaded meta data with 20 key-value pairs and 291 tensors\n"
+    "print_info: file format = GGUF V3 (latest)\n"
+    "load_tensors: loading model tensors, this can take a while... (mmap = true)\n"
+    "load_tensors:   CPU_Mapped model buffer size =  4685.30 MiB\n"
+)
+FAILURE_LINES = (
+    "llama_model_load: error loading model: tensor 'blk.12.ffn_down.weight' data is not within the file bounds\n"
+    "main: exiting due to model loading error\n"
+    "error: failed to load model '/models/qwen.gguf'\n"
+)
+
+
+def config_text(extra_top: str = "", **models: str) -> str:
+    """
+    A config with one model per keyword (id -> extra model keys, as YAML lines).
+    """
+    lines = ["healthCheckTimeout: 120", "startPort: 5800", "sendLoadingState: true"]
+    lines += [line for line in textwrap.dedent(extra_top).splitlines() if line.strip()]
+    lines.append("models:")
+    for model_id, keys in models.items():
+        lines.append(f"  {model_id}:")
+        lines.append(f"    cmd: {sys.executable} -m llama_server --port ${{PORT}} -m /models/{model_id}.gguf")
+        lines += ["    " + line for line in textwrap.dedent(keys).splitlines() if line.strip()]
+    return "\n".join(lines) + "\n"
+
+
+# -- the upstream's HTTP side ------------------------------------------------------------------
+
+
+class BodyTransport:
+    """
+    The transport of an upstream response body: the producer the relay registers.
+    """
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class UpstreamResponse:
+    """
+    An upstream's answer, as treq's unbuffered response; the test writes its body.
+    """
+
+    def __init__(self, code: int, content_type: bytes | None, body: bytes = b"", complete: bool = True) -> None:
+        self.code = code
+        self.phrase = b"OK" if code == 200 else b"Error"
+        self.headers = Headers({b"content-type": [content_type]} if content_type else {})
+        self.length = len(body) if complete else UNKNOWN_LENGTH
+        self.transport = BodyTransport()
+        self.protocol: Any = None
+        self._pending = body
+        self._complete = complete
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+        if self._pending:
+            protocol.dataReceived(self._pending)
+        if self._complete:
+            protocol.connectionLost(Failure(ResponseDone()))
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def end(self, reason: Exception | None = None) -> None:
+        self.protocol.connectionLost(Failure(reason or ResponseDone()))
+
+
+@attrs.define
+class UpstreamRequest:
+    method: str
+    url: str
+    headers: Headers
+    body: bytes | None
+    answer: Deferred[Any]
+
+    def json(self) -> Any:
+        assert self.body is not None
+        return json.loads(self.body)
+
+    def respond(self, response: UpstreamResponse) -> UpstreamResponse:
+        self.answer.callback(response)
+        return response
+
+    def stream(self) -> UpstreamResponse:
+        """
+        Answer 200 ``text/event-stream`` and leave the body open.
+        """
+        return self.respond(UpstreamResponse(200, b"text/event-stream", complete=False))
+
+
+class UpstreamClient:
+    """
+    Stands in for the treq client an `Upstream` makes for its child: records each request.
+    """
+
+    def __init__(self, requests: list[UpstreamRequest]) -> None:
+        self._requests = requests
+
+    def request(self, method: str, url: str, headers: Headers | None = None, data: bytes | None = None,
+                **kwargs: Any) -> Deferred[Any]:
+        answer: Deferred[Any] = Deferred()
+        self._requests.append(UpstreamRequest(method, url, headers or Headers(), data, answer))
+        return answer
+
+
+class Pool:
+    def closeCachedConnections(self) -> Deferred[None]:
+        return succeed(None)
+
+
+# -- the client's HTTP side --------------------------------------------------------------------
+
+
+@attrs.frozen
+class Event:
+    """
+    One SSE event block: its ``event:`` name, its ``data:`` text, its comment lines.
+    """
+
+    name: str | None
+    data: str | None
+    comments: tuple[str, ...]
+
+    def json(self) -> Any:
+        assert self.data is not None, self
+        return json.loads(self.data)
+
+
+def parse_events(body: bytes) -> list[Event]:
+    """
+    The complete SSE event blocks of ``body``; each must be a valid SSE block.
+    """
+    events = []
+    text = body.decode("utf-8")
+    *blocks, _rest = text.split("\n\n")
+    for block in blocks:
+        name = None
+        data: list[str] = []
+        comments = []
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                comments.append(line[1:].strip())
+            elif line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                data.append(line[len("data: "):])
+            else:
+                raise AssertionError(f"not an SSE line: {line!r} in {body!r}")
+        events.append(Event(name, "\n".join(data) if data else None, tuple(comments)))
+    return events
+
+
+class Client:
+    """
+    One HTTP/1.1 client connection to swapproxy's `Site`, over a `StringTransport`.
+    """
+
+    def __init__(self, harness: Harness, path: str, body: Any, headers: dict[str, str] | None = None) -> None:
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.channel = harness.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        self.channel.makeConnection(self.transport)
+        content = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+        head = [f"POST {path} HTTP/1.1", "Host: swapproxy.test", "Content-Type: application/json",
+                f"Content-Length: {len(content)}"]
+        head += [f"{name}: {value}" for name, value in (headers or {}).items()]
+        self.channel.dataReceived(("\r\n".join(head) + "\r\n\r\n").encode("ascii") + content)
+
+    def disconnect(self) -> None:
+        self.channel.connectionLost(Failure(ConnectionDone("the client hung up")))
+
+    @property
+    def raw(self) -> bytes:
+        return self.transport.value()
+
+    def head(self) -> tuple[int, Headers]:
+        """
+        The response status and headers; fails when they have not been sent.
+        """
+        head, separator, _ = self.raw.partition(b"\r\n\r\n")
+        assert separator, f"no response head yet: {self.raw!r}"
+        status_line, *header_lines = head.split(b"\r\n")
+        headers = Headers()
+        for line in header_lines:
+            name, _, value = line.partition(b":")
+            headers.addRawHeader(name.strip(), value.strip())
+        return int(status_line.split(b" ")[1]), headers
+
+    def body(self) -> tuple[bytes, bool]:
+        """
+        The response body so far (chunked encoding removed), and whether the response ended.
+        """
+        _, separator, rest = self.raw.partition(b"\r\n\r\n")
+        if not separator:
+            return b"", False
+        _, headers = self.head()
+        if headers.getRawHeaders(b"transfer-encoding") != [b"chunked"]:
+            length = int(headers.getRawHeaders(b"content-length", [b"-1"])[0])
+            return rest, len(rest) == length
+        body = b""
+        while rest:
+            size_line, separator, after = rest.partition(b"\r\n")
+            if not separator:
+                break
+            size = int(size_line, 16)
+            if size == 0:
+                return body, True
+            if len(after) < size + 2:
+                break
+            body += after[:size]
+            rest = after[size + 2:]
+        return body, False
+
+    def events(self) -> list[Event]:
+        return parse_events(self.body()[0])
+
+    @property
+    def finished(self) -> bool:
+        return self.body()[1]
+
+
+# -- the harness -------------------------------------------------------------------------------
+
+
+class Harness:
+    """
+    swapproxy's Site, a Supervisor of real `Upstream` objects with fake children, and a clock.
+    """
+
+    def __init__(self, testcase: SynchronousTestCase, config: str, history: LoadHistory | None = None) -> None:
+        self.reactor = ProcessReactor().install(testcase)
+        self.reactor.advance(EPOCH)
+        self.health: dict[str, Any] = {}
+        self.upstream_requests: list[UpstreamRequest] = []
+        testcase.patch(upstream_module, "make_http_client",
+                       lambda reactor, max_idle: (UpstreamClient(self.upstream_requests), Pool()))
+        self.config = parse_config(config, "test.yaml", {})
+
+        def factory(model: Any) -> Upstream:
+            return Upstream(model, self.reactor, self.config.health_check_timeout,
+                            environ={"PATH": os.environ.get("PATH", os.defpath)}, health_probe=self._probe)
+
+        self.supervisor = Supervisor(self.config, self.reactor, upstream_factory=factory)
+        self.site = build_site(self.supervisor, self.reactor, history)
+
+    def _probe(self, upstream: Upstream) -> Deferred[int]:
+        answer = self.health.get(upstream.model.id, "refused")
+        if answer == "refused":
+            return fail(ConnectionRefusedError("connection refused"))
+        return succeed(int(answer))
+
+    def upstream(self, model_id: str) -> Upstream:
+        return self.supervisor.upstreams[model_id]
+
+    def process(self, model_id: str) -> FakeProcess:
+        """
+        The latest child process of ``model_id``.
+        """
+        mine = [p for p in self.reactor.spawned if f"/models/{model_id}.gguf" in p.args]
+        assert mine, f"{model_id} was never started"
+        return mine[-1]
+
+    def prints(self, model_id: str, text: str) -> None:
+        """
+        The model's child prints ``text`` on stderr.
+        """
+        self.process(model_id).output(text.encode("utf-8"), fd=2)
+
+    def become_ready(self, model_id: str) -> None:
+        """
+        The model's health check answers 200; its next probe makes it ready.
+        """
+        self.health[model_id] = 200
+        self.advance(0.25)
+        assert self.upstream(model_id).state is State.READY, self.upstream(model_id).state
+
+    def advance(self, seconds: float, step: float = 0.25) -> None:
+        """
+        Let ``seconds`` pass, a tick at a time.
+        """
+        steps = round(seconds / step)
+        assert abs(steps * step - seconds) < 1e-9, "advance by whole steps"
+        for _ in range(steps):
+            self.reactor.advance(step)
+
+    def last_request(self) -> UpstreamRequest:
+        assert self.upstream_requests, "nothing was sent upstream"
+        return self.upstream_requests[-1]
+
+    def tickers(self) -> list[Any]:
+        """
+        The loading-stream tickers that are scheduled.
+        """
+        return [call for call in self.reactor.getDelayedCalls() if isinstance(call.func, LoopingCall)]
+
+    def lease(self, model_id: str) -> Lease:
+        """
+        A request in flight on ``model_id`` (started and made ready if needed).
+        """
+        leases: list[Lease] = []
+        self.supervisor.request(model_id).wait().addCallback(leases.append)
+        if not leases:
+            self.become_ready(model_id)
+        assert leases, f"no lease for {model_id}"
+        return leases[0]
+
+
+def chat_body(model: str = "qwen", stream: bool = True, **extra: Any) -> dict[str, Any]:
+    body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+    body.update(extra)
+    return body
+
+
+def messages_body(model: str = "qwen", stream: bool = True) -> dict[str, Any]:
+    return {"model": model, "stream": stream, "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def upstream_chat_chunks(words: list[str]) -> list[bytes]:
+    """
+    The events of an upstream chat stream: a role chunk, one chunk per word, a final chunk.
+    """
+    common = {"id": "chatcmpl-upstream", "object": "chat.completion.chunk", "created": EPOCH + 7, "model": "qwen"}
+    chunks = [dict(common, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                     "finish_reason": None}])]
+    chunks += [dict(common, choices=[{"index": 0, "delta": {"content": word}, "finish_reason": None}])
+               for word in words]
+    chunks.append(dict(common, choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+    return [b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks] + [b"data: [DONE]\n\n"]
+
+
+def upstream_messages_events(words: list[str]) -> list[bytes]:
+    def event(name: str, payload: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(payload)}\n\n".encode()
+
+    message = {"id": "msg_upstream", "type": "message", "role": "assistant", "model": "qwen", "content": [],
+               "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 0}}
+    out = [event("message_start", {"type": "message_start", "message": message}),
+           event("content_block_start", {"type": "content_block_start", "index": 0,
+                                         "content_block": {"type": "text", "text": ""}})]
+    out += [event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                          "delta": {"type": "text_delta", "text": word}}) for word in words]
+    out += [event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn",
+                                                                      "stop_sequence": None},
+                                    "usage": {"output_tokens": len(words)}}),
+            event("message_stop", {"type": "message_stop"})]
+    return out
+
+
+# -- what the client reads ---------------------------------------------------------------------
+
+
+def is_loading_chunk(event: Event) -> bool:
+    return event.data is not None and event.data.startswith("{") and "swapproxy" in event.json()
+
+
+def loading_lines(client: Client) -> list[tuple[str, str]]:
+    """
+    (stage, text) of each chat loading chunk the client has read, in order.
+    """
+    lines = []
+    for event in client.events():
+        if is_loading_chunk(event):
+            chunk = event.json()
+            delta = chunk["choices"][0]["delta"]
+            text = next(value for key, value in delta.items() if key != "role")
+            lines.append((chunk["swapproxy"]["stage"], text))
+    return lines
+
+
+class LoadingTestCase(SynchronousTestCase):
+    """
+    One model ``qwen`` (alias ``qwen-alias``) unless a test builds its own harness.
+    """
+
+    def setUp(self) -> None:
+        self.harness = Harness(self, config_text(qwen="aliases: [qwen-alias]"))
+
+    def assertCompleteChunks(self, events: list[Event], model: str, field: str = "reasoning_content") -> str:
+        """
+        Every event is a complete ``chat.completion.chunk`` of one response; returns its id.
+        """
+        self.assertTrue(events, "no events")
+        ids = set()
+        for index, event in enumerate(events):
+            self.assertIsNone(event.name)
+            chunk = event.json()
+            ids.add(chunk["id"])
+            self.assertTrue(chunk["id"].startswith("chatcmpl-"), chunk)
+            self.assertEqual(chunk["object"], "chat.completion.chunk")
+            self.assertEqual(chunk["created"], EPOCH)
+            self.assertEqual(chunk["model"], model)
+            self.assertEqual(len(chunk["choices"]), 1)
+            choice = chunk["choices"][0]
+            self.assertEqual(choice["index"], 0)
+            self.assertIsNone(choice["finish_reason"])
+            expected_keys = {"role", field} if index == 0 else {field}
+            self.assertEqual(set(choice["delta"]), expected_keys, chunk)
+            if index == 0:
+                self.assertEqual(choice["delta"]["role"], "assistant")
+            self.assertIsInstance(choice["delta"][field], str)
+            status = chunk["swapproxy"]
+            self.assertIn(status["stage"], {"queued", "stopping", "starting", "loading", "ready", "failed"})
+            self.assertLessEqual({"stage", "progress", "elapsed", "eta"}, set(status))
+            for key in ("progress", "eta"):
+                self.assertTrue(status[key] is None or isinstance(status[key], (int, float)), status)
+            self.assertIsInstance(status["elapsed"], (int, float))
+        self.assertEqual(len(ids), 1, "one id per response")
+        return ids.pop()
+
+    def cold_load(self, client: Client, model_id: str = "qwen") -> None:
+        """
+        Take ``model_id`` through a load: stage lines, tensor dots, ready.
+        """
+        harness = self.harness
+        harness.advance(1)
+        harness.prints(model_id, STAGE_LINES)
+        harness.advance(1)
+        harness.prints(model_id, "." * 50)
+        harness.advance(1)
+        harness.prints(model_id, "." * 50 + "\nllama_context: constructing llama_context\n")
+        harness.advance(1)
+        harness.become_ready(model_id)
+
+
+class ResponseStartTests(LoadingTestCase):
+    """
+    The 200, the SSE headers and the first event go out at once.
+    """
+
+    def test_headers_and_first_event_before_any_time_passes(self) -> None:
+        client = Client(self.harness, CHAT, chat_body())
+        status, headers = client.head()
+        self.assertEqual(status, 200)
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/event-stream; charset=utf-8"])
+        self.assertEqual(headers.getRawHeaders(b"cache-control"), [b"no-cache"])
+        self.assertEqual(headers.getRawHeaders(b"x-accel-buffering"), [b"no"])
+        self.assertIsNone(headers.getRawHeaders(b"content-length"))
+        events = client.events()
+        self.assertEqual(len(events), 1)
+        self.assertCompleteChunks(events, "qwen")
+        self.assertEqual(loading_lines(client), [("starting", "\nStarting qwen.")])
+        self.assertFalse(client.finished)
+
+    def test_first_tick_does_not_repeat_the_first_line(self) -> None:
+        """
+        Nothing new after the first event: the next event, a second later, is a dot, not the
+        same sentence again.
+        """
+        client = Client(self.harness, CHAT, chat_body())
+        self.harness.advance(1)
+        self.assertEqual(loading_lines(client), [("starting", "\nStarting qwen."), ("starting", ".")])
+
+
+class EventSequenceTests(LoadingTestCase):
+    """
+    What a client reads while its model waits, stops another model, starts, loads and is ready.
+    """
+
+    def test_queued_stopping_starting_loading_ready(self) -> None:
+        harness = self.harness = Harness(self, config_text(llama="", qwen="aliases: [qwen-alias]"))
+        busy = harness.lease("llama")
+        client = Client(harness, CHAT, chat_body("qwen-alias"))
+        harness.advance(2)
+        busy.release()
+        harness.advance(1)
+        self.assertEqual(harness.process("llama").signals, [15])
+        harness.process("llama").exit(0)
+        harness.advance(1)
+        harness.prints("qwen", STAGE_LINES)
+        harness.advance(1)
+        harness.become_ready("qwen")
+
+        self.assertEqual(
+            loading_lines(client),
+            [
+                ("queued", "\nWaiting for a turn to load qwen: queue position 1, behind requests for llama."),
+                ("queued", "."),
+                ("queued", "."),
+                ("stopping", "\nStopping llama to make room for qwen."),
+                ("starting", "\nStarting qwen."),
+                ("loading", "\nLoading qwen: 10% (loading weights, 1.2 s elapsed, about 11.2 s left)"),
+                ("ready", "\nModel qwen is ready (waited 5.2 s).\n\n"),
+            ],
+        )
+        chunks = [event.json() for event in client.events()]
+        self.assertCompleteChunks(client.events(), "qwen-alias")
+        twins = [chunk["swapproxy"] for chunk in chunks]
+        self.assertEqual(twins[0], {"stage": "queued", "model": "qwen", "progress": None, "elapsed": 0.0,
+                                    "eta": None, "position": 1, "waiting_for": ["llama"]})
+        self.assertEqual(twins[3]["waiting_for"], ["llama"])
+        self.assertEqual(twins[5], {"stage": "loading", "model": "qwen", "progress": 0.1, "elapsed": 4.2,
+                                    "eta": 11.2, "label": "loading weights"})
+        self.assertEqual(twins[6], {"stage": "ready", "model": "qwen", "progress": 1.0, "elapsed": 5.2,
+                                    "eta": None})
+
+    def test_model_stream_follows_unchanged(self) -> None:
+        """
+        Once ready, the request goes upstream and its events reach the client byte for byte,
+        after the loading events and in the same response.
+        """
+        client = Client(self.harness, CHAT, chat_body("qwen-alias"))
+        self.cold_load(client)
+        before = client.body()[0]
+        request = self.harness.last_request()
+        self.assertEqual(request.url, "http://127.0.0.1:5800/v1/chat/completions")
+        self.assertEqual(request.json(), chat_body("qwen-alias"))
+        response = request.stream()
+        upstream = upstream_chat_chunks(["Hello", ",", " world"])
+        for chunk in upstream:
+            response.send(chunk)
+        self.assertFalse(client.finished)
+        response.end()
+        body, finished = client.body()
+        self.assertTrue(finished)
+        self.assertEqual(body, before + b"".join(upstream))
+        loading = [event for event in client.events() if is_loading_chunk(event)]
+        self.assertCompleteChunks(loading, "qwen-alias")
+        self.assertEqual(loading_lines(client)[-1][0], "ready")
+
+    def test_ticker_and_relay_never_interleave(self) -> None:
+        """
+        From the moment the model is ready, only the model's stream is written: a slow model
+        gets no dots in the middle of its answer.
+        """
+        client = Client(self.harness, CHAT, chat_body())
+        self.cold_load(client)
+        response = self.harness.last_request().stream()
+        response.send(upstream_chat_chunks(["Hello"])[0])
+        before = client.raw
+        self.assertEqual(self.harness.tickers(), [])
+        self.harness.advance(10)
+        self.assertEqual(client.raw, before)
+
+    def test_relay_has_flow_control(self) -> None:
+        """
+        A client that cannot keep up pauses the model's stream instead of swapproxy buffering it.
+        """
+        client = Client(self.harness, CHAT, chat_body())
+        self.cold_load(client)
+        response = self.harness.last_request().stream()
+        client.transport.producer.pauseProducing()
+        self.assertTrue(response.transport.paused)
+        client.transport.producer.resumeProducing()
+        self.assertFalse(response.transport.paused)
+
+    def test_at_most_one_event_a_second_while_nothing_changes(self) -> None:
+        """
+        A start that shows no sign of progress is never silent and never floods: over 10 s,
+        at most 11 events, and never 2 s without one.
+        """
+        client = Client(self.harness, CHAT, chat_body())
+        counts = []
+        for _ in range(20):
+            before = len(client.events())
+            self.harness.advance(0.5)
+            counts.append(len(client.events()) - before)
+        self.assertLessEqual(sum(counts), 11)
+        for window in range(len(counts) - 3):
+            self.assertGreater(sum(counts[window:window + 4]), 0, counts)
+        self.assertEqual({text for _, text in loading_lines(client)[1:]}, {"."})
+
+    def test_progress_is_throttled_too(self) -> None:
+        """
+        Tensor dots arriving every tick change the percentage all the time; the client still
+        gets about one event a second, each with a higher percentage than the last.
+        """
+        client = Client(self.harness, CHAT, chat_body())
+        self.harness.prints("qwen", STAGE_LINES)
+        self.harness.advance(1)
+        start = len(client.events())
+        for _ in range(40):
+            self.harness.prints("qwen", "..")
+            self.harness.advance(0.25)
+        self.assertLessEqual(len(client.events()) - start, 11)
+        percents = [chunk["swapproxy"]["progress"] for chunk in (e.json() for e in client.events())
+                    if chunk["swapproxy"]["stage"] == "loading"]
+        self.assertGreater(len(percents), 5)
+        self.assertEqual(percents, sorted(percents))
+
+    def test_estimate_from_the_previous_load(self) -> None:
+        """
+        The second cold load of a model says how long the first took, and counts down.
+        """
+        harness = self.harness
+        client = Client(harness, CHAT, chat_body())
+        harness.advance(6)
+        harness.become_ready("qwen")
+        harness.last_request().respond(UpstreamResponse(200, b"text/event-stream", b"data: [DONE]\n\n"))
+        self.assertTrue(client.finished)
+        harness.supervisor.unload("qwen")
+        harness.process("qwen").exit(0)
+        self.assertEqual(harness.upstream("qwen").state, State.STOPPED)
+
+        harness.health["qwen"] = "refused"
+        client = Client(harness, CHAT, chat_body())
+        harness.advance(2)
+        chunks = [event.json() for event in client.events()]
+        self.assertEqual(chunks[0]["choices"][0]["delta"]["reasoning_content"],
+                         "\nStarting qwen (it took 6.2 s last time).")
+        self.assertEqual(chunks[0]["swapproxy"]["eta"], 6.2)
+        self.assertEqual(chunks[-1]["swapproxy"]["eta"], 4.2)
+        self.assertEqual(chunks[-1]["swapproxy"]["progress"], round(2 / 6.25, 3))
+
+
+class FieldModeTests(LoadingTestCase):
+    """
+    ``loadingStateField``: where the loading text goes, globally and per model.
+    """
+
+    def run_load(self, config: str, model: str = "qwen") -> tuple[Harness, Client, bytes]:
+        """
+        A cold load and a short answer; returns what came before the model's own stream.
+        """
+        harness = self.harness = Harness(self, config)
+        client = Client(harness, CHAT, chat_body(model))
+        harness.advance(1)
+        harness.prints(model, STAGE_LINES)
+        harness.advance(2)
+        harness.become_ready(model)
+        response = harness.last_request().stream()
+        upstream = b"".join(upstream_chat_chunks(["Hi"]))
+        response.send(upstream)
+        response.end()
+        self.assertTrue(client.finished)
+        body = client.body()[0]
+        self.assertTrue(body.endswith(upstream))
+        return harness, client, body[: -len(upstream)]
+
+    def assertTextIn(self, loading: bytes, field: str) -> None:
+        events = parse_events(loading)
+        self.assertCompleteChunks(events, "qwen", field)
+        texts = [event.json()["choices"][0]["delta"][field] for event in events]
+        self.assertEqual(texts[0], "\nStarting qwen.")
+        self.assertIn("\nLoading qwen: 10% (loading weights, 1.2 s elapsed, about 11.2 s left)", texts)
+        self.assertTrue(texts[-1].startswith("\nModel qwen is ready"))
+
+    def test_reasoning_content_is_the_default(self) -> None:
+        _, _, loading = self.run_load(config_text(qwen=""))
+        self.assertTextIn(loading, "reasoning_content")
+
+    def test_reasoning(self) -> None:
+        _, _, loading = self.run_load(config_text("loadingStateField: reasoning", qwen=""))
+        self.assertTextIn(loading, "reasoning")
+
+    def test_content(self) -> None:
+        _, _, loading = self.run_load(config_text("loadingStateField: content", qwen=""))
+        self.assertTextIn(loading, "content")
+
+    def test_per_model_field_wins(self) -> None:
+        _, _, loading = self.run_load(config_text("loadingStateField: content", qwen="loadingStateField: reasoning"))
+        self.assertTextIn(loading, "reasoning")
+
+    def test_none_sends_only_comments(self) -> None:
+        """
+        ``none``: nothing but SSE comment lines before the model's own stream, so nothing enters
+        the conversation; the comments still say what is happening.
+        """
+        _, _, loading = self.run_load(config_text(qwen="loadingStateField: none"))
+        self.assertNotIn(b"data:", loading)
+        events = parse_events(loading)
+        self.assertTrue(all(event.data is None and event.name is None and event.comments for event in events))
+        comments = [line for event in events for line in event.comments]
+        self.assertEqual(comments[0], "Starting qwen.")
+        self.assertIn("loading", comments)
+        self.assertIn("Loading qwen: 10% (loading weights, 1.2 s elapsed, about 11.2 s left)", comments)
+        self.assertEqual(comments[-1], "Model qwen is ready (waited 3.2 s).")
+
+
+class FailureTests(LoadingTestCase):
+    """
+    A load that fails ends the stream with the reason, an error event and ``[DONE]``.
+    """
+
+    def test_exit_during_load(self) -> None:
+        client = Client(self.harness, CHAT, chat_body("qwen-alias"))
+        self.harness.prints("qwen", STAGE_LINES)
+        self.harness.advance(1)
+        self.harness.prints("qwen", FAILURE_LINES)
+        self.harness.process("qwen").exit(3)
+
+        events = client.events()
+        self.assertTrue(client.finished)
+        *loading, error, done = events
+        self.assertCompleteChunks(loading, "qwen-alias")
+        self.assertEqual(
+            loading_lines(client)[-1],
+            ("failed", "\nModel qwen could not be started: process exited with exit code 3 while starting. "
+                       "Last output: error: failed to load model '/models/qwen.gguf'\n"),
+        )
+        payload = error.json()
+        self.assertEqual(set(payload), {"error"})
+        self.assertIn("exit code 3", payload["error"]["message"])
+        self.assertIn("error: failed to load model '/models/qwen.gguf'", payload["error"]["message"])
+        self.assertEqual(payload["error"]["type"], "server_error")
+        self.assertEqual(done.data, "[DONE]")
+        self.assertEqual(self.harness.tickers(), [])
+        self.assertEqual(self.harness.upstream_requests, [])
+        before = client.raw
+        self.harness.advance(5)
+        self.assertEqual(client.raw, before)
+
+    def test_health_check_timeout(self) -> None:
+        harness = self.harness = Harness(self, config_text(qwen="").replace("healthCheckTimeout: 120",
+                                                                            "healthCheckTimeout: 15"))
+        client = Client(harness, CHAT, chat_body())
+        harness.advance(14.75)
+        self.assertFalse(client.finished)
+        harness.advance(0.25)
+        self.assertTrue(client.finished)
+        *_, error, done = client.events()
+        self.assertEqual(loading_lines(client)[-1],
+                         ("failed", "\nModel qwen could not be started: health check timed out after 15s "
+                                    "(last answer: refused)\n"))
+        self.assertIn("health check timed out after 15s", error.json()["error"]["message"])
+        self.assertEqual(done.data, "[DONE]")
+
+
+class UpstreamAnswerTests(LoadingTestCase):
+    """
+    After the loading events, whatever the model answers, the client reads valid SSE only.
+    """
+
+    def answer_after_load(self, response: UpstreamResponse | Exception, path: str = CHAT) -> tuple[Client, bytes]:
+        client = Client(self.harness, path, chat_body() if path == CHAT else messages_body())
+        self.harness.advance(1)
+        self.harness.become_ready("qwen")
+        loading = client.body()[0]
+        request = self.harness.last_request()
+        if isinstance(response, Exception):
+            request.answer.errback(response)
+        else:
+            request.respond(response)
+        self.assertTrue(client.finished)
+        body = client.body()[0]
+        self.assertTrue(body.startswith(loading))
+        return client, body[len(loading):]
+
+    def test_error_status_becomes_one_error_event(self) -> None:
+        body = b'{"error": {"code": 500, "message": "out of memory", "type": "server_error"}}'
+        client, after = self.answer_after_load(UpstreamResponse(500, b"application/json", body))
+        self.assertEqual(client.head()[0], 200)
+        error, done = parse_events(after)
+        self.assertEqual(error.json(), {"error": {"message": "model 'qwen' answered HTTP 500: out of memory",
+                                                  "type": "server_error", "code": 500}})
+        self.assertEqual(done.data, "[DONE]")
+        self.assertNotIn(body, client.raw)
+
+    def test_plain_text_error_status(self) -> None:
+        client, after = self.answer_after_load(UpstreamResponse(404, b"text/plain", b"File Not Found"))
+        error, done = parse_events(after)
+        self.assertEqual(error.json()["error"]["message"], "model 'qwen' answered HTTP 404: File Not Found")
+        self.assertEqual(done.data, "[DONE]")
+
+    def test_json_instead_of_a_stream_becomes_an_error_event(self) -> None:
+        body = b'{"id": "x", "object": "chat.completion", "choices": []}'
+        client, after = self.answer_after_load(UpstreamResponse(200, b"application/json", body))
+        error, done = parse_events(after)
+        self.assertEqual(error.json()["error"]["message"],
+                         "model 'qwen' answered with application/json instead of an event stream")
+        self.assertEqual(done.data, "[DONE]")
+        self.assertNotIn(body, client.raw)
+
+    def test_no_answer_becomes_an_error_event(self) -> None:
+        _, after = self.answer_after_load(ConnectionRefusedError("connection refused"))
+        error, done = parse_events(after)
+        self.assertIn("model 'qwen' did not answer", error.json()["error"]["message"])
+        self.assertEqual(done.data, "[DONE]")
+
+    def test_stream_cut_short_ends_with_an_error_event(self) -> None:
+        client = Client(self.harness, CHAT, chat_body())
+        self.harness.advance(1)
+        self.harness.become_ready("qwen")
+        response = self.harness.last_request().stream()
+        first = upstream_chat_chunks(["Hello"])[:2]
+        for chunk in first:
+            response.send(chunk)
+        response.end(ConnectionLost("the model crashed"))
+        self.assertTrue(client.finished)
+        body = client.body()[0]
+        head, _, tail = body.partition(b"".join(first))
+        self.assertTrue(tail)
+        error, done = parse_events(tail)
+        self.assertIn("model 'qwen' ended the stream early", error.json()["error"]["message"])
+        self.assertEqual(done.data, "[DONE]")
+
+    def test_messages_error_status_is_an_anthropic_error_event(self) -> None:
+        body = b'{"error": {"code": 400, "message": "max_tokens is too large", "type": "invalid_request_error"}}'
+        client, after = self.answer_after_load(UpstreamResponse(400, b"application/json", body), MESSAGES)
+        (error,) = parse_events(after)
+        self.assertEqual(error.name, "error")
+        self.assertEqual(error.json(), {"type": "error", "error": {
+            "type": "api_error", "message": "model 'qwen' answered HTTP 400: max_tokens is too large"}})
+        self.assertNotIn(b"[DONE]", client.raw)
+
+
+class DisconnectTests(LoadingTestCase):
+    """
+    A client that hangs up while its model loads.
+    """
+
+    def test_hang_up_while_loading(self) -> None:
+        """
+        The ticker stops, nothing more is written, the request leaves the queue, and the load
+        carries on for the next request, which gets the model without a second start.
+        """
+        harness = self.harness
+        client = Client(harness, CHAT, chat_body())
+        harness.prints("qwen", STAGE_LINES)
+        harness.advance(2)
+        client.disconnect()
+        self.assertEqual(harness.tickers(), [])
+        self.assertEqual(harness.supervisor.queued("qwen"), 0)
+        before = client.raw
+        harness.advance(10)
+        self.assertEqual(client.raw, before)
+        self.assertEqual(harness.upstream("qwen").state, State.STARTING)
+
+        second = Client(harness, CHAT, chat_body())
+        self.assertEqual(loading_lines(second)[0][0], "loading")
+        harness.become_ready("qwen")
+        self.assertEqual(len(harness.reactor.spawned), 1)
+        self.assertEqual(len(harness.upstream_requests), 1)
+        response = harness.last_request().stream()
+        for chunk in upstream_chat_chunks(["Hi"]):
+            response.send(chunk)
+        response.end()
+        self.assertTrue(second.finished)
+        self.assertEqual(client.raw, before)
+
+    def test_hang_up_while_relaying_stops_the_model_stream(self) -> None:
+        harness = self.harness
+        client = Client(harness, CHAT, chat_body())
+        harness.advance(1)
+        harness.become_ready("qwen")
+        response = harness.last_request().stream()
+        response.send(upstream_chat_chunks(["Hi"])[0])
+        client.disconnect()
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual(harness.supervisor.in_flight["qwen"], 0)
+
+    def test_two_clients_share_one_load(self) -> None:
+        """
+        Each client reads its own response (its own id), from the same load.
+        """
+        harness = self.harness
+        first = Client(harness, CHAT, chat_body())
+        harness.advance(1)
+        second = Client(harness, CHAT, chat_body("qwen-alias"))
+        harness.advance(1)
+        first.disconnect()
+        harness.advance(1)
+        harness.become_ready("qwen")
+        self.assertEqual(len(harness.reactor.spawned), 1)
+        ids = {first.events()[0].json()["id"], second.events()[0].json()["id"]}
+        self.assertEqual(len(ids), 2)
+        self.assertEqual(loading_lines(second)[-1][0], "ready")
+
+
+class MessagesTests(LoadingTestCase):
+    """
+    ``/v1/messages``: the loading text as an Anthropic ``thinking`` block.
+    """
+
+    def test_event_sequence(self) -> None:
+        harness = self.harness
+        client = Client(harness, MESSAGES, messages_body("qwen-alias"))
+        harness.advance(2)
+        harness.prints("qwen", STAGE_LINES)
+        harness.advance(1)
+        harness.become_ready("qwen")
+        loading = client.body()[0]
+        response = harness.last_request().stream()
+        upstream = upstream_messages_events(["Hello", " there"])
+        for event in upstream:
+            response.send(event)
+        response.end()
+        self.assertTrue(client.finished)
+        spliced = client.body()[0][len(loading):]
+        # The model's message_start is dropped (the loading stream sent one), its content blocks
+        # move up one index past the thinking block, and the other events pass byte for byte.
+        model_events = parse_events(spliced)
+        self.assertEqual([event.name for event in model_events],
+                         ["content_block_start", "content_block_delta", "content_block_delta",
+                          "content_block_stop", "message_delta", "message_stop"])
+        self.assertEqual([event.json().get("index") for event in model_events], [1, 1, 1, 1, None, None])
+        self.assertEqual([event.json() for event in model_events[:2]][1]["delta"],
+                         {"type": "text_delta", "text": "Hello"})
+        self.assertTrue(spliced.endswith(upstream[-2] + upstream[-1]))
+
+        events = parse_events(loading)
+        self.assertEqual([event.name for event in events],
+                         ["message_start", "content_block_start", "content_block_delta", "ping", "ping",
+                          "content_block_delta", "content_block_delta", "content_block_stop"])
+        for event in events:
+            self.assertEqual(event.json()["type"], event.name)
+        start = events[0].json()["message"]
+        self.assertTrue(start["id"].startswith("msg_"))
+        self.assertEqual((start["type"], start["role"], start["model"], start["content"]),
+                         ("message", "assistant", "qwen-alias", []))
+        self.assertEqual(start["usage"], {"input_tokens": 0, "output_tokens": 0})
+        self.assertEqual(events[1].json()["content_block"], {"type": "thinking", "thinking": "", "signature": ""})
+        deltas = [event.json() for event in events if event.name == "content_block_delta"]
+        self.assertEqual([delta["index"] for delta in deltas], [0, 0, 0])
+        self.assertEqual([delta["delta"]["type"] for delta in deltas], ["thinking_delta"] * 3)
+        self.assertEqual(
+            [(delta["swapproxy"]["stage"], delta["delta"]["thinking"]) for delta in deltas],
+            [
+                ("starting", "\nStarting qwen."),
+                ("loading", "\nLoading qwen: 10% (loading weights, 2.2 s elapsed, about 20.2 s left)"),
+                ("ready", "\nModel qwen is ready (waited 3.2 s).\n\n"),
+            ],
+        )
+        self.assertEqual(events[-1].json(), {"type": "content_block_stop", "index": 0})
+
+    def test_field_none(self) -> None:
+        """
+        With ``none``, no thinking block: comment lines and pings until the model's own stream.
+        """
+        harness = self.harness = Harness(self, config_text(qwen="loadingStateField: none"))
+        client = Client(harness, MESSAGES, messages_body())
+        harness.advance(2)
+        harness.become_ready("qwen")
+        events = client.events()
+        self.assertEqual([(event.name, event.comments) for event in events],
+                         [("message_start", ()), (None, ("Starting qwen.",)), ("ping", ()), ("ping", ()),
+                          (None, ("Model qwen is ready (waited 2.2 s).",))])
+        self.assertEqual(events[2].json(), {"type": "ping"})
+
+    def test_failed_load(self) -> None:
+        harness = self.harness
+        client = Client(harness, MESSAGES, messages_body())
+        harness.advance(1)
+        harness.prints("qwen", FAILURE_LINES)
+        harness.process("qwen").exit(3)
+        self.assertTrue(client.finished)
+        events = client.events()
+        self.assertEqual([event.name for event in events[-3:]], ["content_block_delta", "content_block_stop", "error"])
+        last = events[-3].json()
+        self.assertEqual(last["swapproxy"]["stage"], "failed")
+        self.assertIn("exit code 3", last["delta"]["thinking"])
+        error = events[-1].json()
+        self.assertEqual(error["type"], "error")
+        self.assertEqual(error["error"]["type"], "api_error")
+        self.assertIn("exit code 3", error["error"]["message"])
+        self.assertNotIn(b"[DONE]", client.raw)
+        self.assertEqual(harness.tickers(), [])
+
+
+class WhenTests(LoadingTestCase):
+    """
+    The loading stream is for streaming chat and messages requests to a model that is not ready,
+    with ``sendLoadingState`` on; everything else waits quietly or is refused in plain JSON.
+    """
+
+    def assertWaitsSilently(self, client: Client, model_id: str = "qwen") -> None:
+        self.harness.advance(3)
+        self.assertEqual(client.raw, b"")
+        self.harness.become_ready(model_id)
+
+    def test_non_streaming_request_waits(self) -> None:
+        client = Client(self.harness, CHAT, chat_body(stream=False))
+        self.assertWaitsSilently(client)
+        body = b'{"id": "chatcmpl-1", "object": "chat.completion", "choices": []}'
+        self.harness.last_request().respond(UpstreamResponse(200, b"application/json", body))
+        status, headers = client.head()
+        self.assertEqual((status, headers.getRawHeaders(b"content-type")), (200, [b"application/json"]))
+        self.assertEqual(client.body(), (body, True))
+
+    def test_send_loading_state_off(self) -> None:
+        self.harness = Harness(self, config_text(qwen="").replace("sendLoadingState: true", "sendLoadingState: false"))
+        client = Client(self.harness, CHAT, chat_body())
+        self.assertWaitsSilently(client)
+        response = self.harness.last_request().stream()
+        upstream = b"".join(upstream_chat_chunks(["Hi"]))
+        response.send(upstream)
+        response.end()
+        self.assertEqual(client.body(), (upstream, True))
+
+    def test_send_loading_state_off_for_one_model(self) -> None:
+        self.harness = Harness(self, config_text(qwen="sendLoadingState: false"))
+        client = Client(self.harness, CHAT, chat_body())
+        self.assertWaitsSilently(client)
+
+    def test_send_loading_state_on_for_one_model(self) -> None:
+        text = config_text(qwen="sendLoadingState: true").replace("sendLoadingState: true\nmodels",
+                                                                  "sendLoadingState: false\nmodels")
+        self.harness = Harness(self, text)
+        client = Client(self.harness, CHAT, chat_body())
+        self.assertEqual(loading_lines(client), [("starting", "\nStarting qwen.")])
+
+    def test_ready_model_streams_directly(self) -> None:
+        self.harness.lease("qwen").release()
+        client = Client(self.harness, CHAT, chat_body())
+        response = self.harness.last_request().stream()
+        upstream = b"".join(upstream_chat_chunks(["Hi"]))
+        response.send(upstream)
+        response.end()
+        self.assertEqual(client.body(), (upstream, True))
+
+    def test_other_routes_wait(self) -> None:
+        """
+        ``/v1/completions`` with ``"stream": true`` has no loading stream: it waits.
+        """
+        client = Client(self.harness, "/v1/completions", {"model": "qwen", "stream": True, "prompt": "hi"})
+        self.assertWaitsSilently(client)
+        self.assertEqual(self.harness.last_request().url, "http://127.0.0.1:5800/v1/completions")
+
+    def test_over_the_concurrency_limit_is_plain_json_429(self) -> None:
+        self.harness = Harness(self, config_text(qwen="concurrencyLimit: 1"))
+        first = Client(self.harness, CHAT, chat_body())
+        second = Client(self.harness, CHAT, chat_body())
+        status, headers = second.head()
+        self.assertEqual(status, 429)
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"1"])
+        body, finished = second.body()
+        self.assertTrue(finished)
+        self.assertIn("concurrencyLimit", json.loads(body)["error"]["message"])
+        self.assertEqual(first.head()[0], 200)
+        self.assertEqual(self.harness.supervisor.queued("qwen"), 1)
+
+    def test_unknown_model_is_plain_json_404(self) -> None:
+        client = Client(self.harness, CHAT, chat_body("nope"))
+        status, headers = client.head()
+        self.assertEqual((status, headers.getRawHeaders(b"content-type")), (404, [b"application/json"]))
+        self.assertEqual(self.harness.reactor.spawned, [])
+
+    def test_accept_encoding_is_not_forwarded(self) -> None:
+        """
+        A gzip body could not follow the plain SSE text already sent, so the model is never
+        asked for one.
+        """
+        client = Client(self.harness, CHAT, chat_body(), {"Accept-Encoding": "gzip, br", "X-Custom": "kept"})
+        self.harness.advance(1)
+        self.harness.become_ready("qwen")
+        headers = self.harness.last_request().headers
+        self.assertIsNone(headers.getRawHeaders(b"accept-encoding"))
+        self.assertEqual(headers.getRawHeaders(b"x-custom"), [b"kept"])
+        self.assertEqual(loading_lines(client)[-1][0], "ready")

@@ -1,0 +1,979 @@
+"""
+Tests for `swapproxy.supervisor`: which models run, the request queue, TTL and shutdown.
+
+Most tests drive a `Supervisor` with `FakeUpstream` children and a `Clock`: the test says when a
+model becomes ready, fails, or has exited. A few run real `Upstream` objects on a fake process
+reactor (for how the two interact), and one spawns real children to check shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from typing import Any
+
+import psutil
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from swapproxy.config import ModelConfig, parse_config
+from swapproxy.supervisor import Lease, Rejected, ShuttingDown, Supervisor, Ticket, TooManyRequests
+from swapproxy.upstream import StartError, State, Upstream
+from tests.fakes import FakeUpstreams, ProcessReactor
+from tests.test_upstream import FAKE_UPSTREAM, free_port, gone, process_pipes_open, wait_until
+
+CMD = "llama-server --port ${PORT}"
+
+
+def make_config(models: dict[str, dict[str, Any]], **top: Any) -> Any:
+    """
+    A parsed configuration with these models (``cmd`` filled in) and top-level settings.
+    """
+    return parse_config(
+        json.dumps({"models": {mid: {"cmd": CMD, **keys} for mid, keys in models.items()}, **top}),
+        "test.yaml",
+    )
+
+
+class SupervisorTestCase(SynchronousTestCase):
+    """
+    Builds a `Supervisor` whose upstreams are `FakeUpstream` objects, on a `Clock`.
+    """
+
+    def make(self, models: dict[str, dict[str, Any]] | list[str], **top: Any) -> Supervisor:
+        if isinstance(models, list):
+            models = {mid: {} for mid in models}
+        self.clock = Clock()
+        self.ups = FakeUpstreams()
+        return Supervisor(make_config(models, **top), self.clock, upstream_factory=self.ups)
+
+    def lease(self, supervisor: Supervisor, model_id: str) -> Lease:
+        """
+        Request ``model_id`` and return its lease, making the model ready if it is starting.
+        """
+        d = supervisor.request(model_id).wait()
+        upstream = self.ups[model_id]
+        if upstream.state is State.STARTING:
+            upstream.become_ready()
+        return self.successResultOf(d)
+
+    def assert_never_ran_together(self, *model_ids: str) -> None:
+        """
+        None of ``model_ids`` was started while another of them had a process.
+        """
+        for model_id in model_ids:
+            for running in self.ups[model_id].running_at_spawn:
+                overlap = set(running) & set(model_ids)
+                self.assertEqual(overlap, set(), f"{model_id} was started while {overlap} ran")
+
+
+class RequestTests(SupervisorTestCase):
+    """
+    Starting the model a request needs, and leases.
+    """
+
+    def test_first_request_starts_model(self) -> None:
+        """
+        The first request for a model starts it and waits; it gets a lease once the model is
+        ready.
+        """
+        supervisor = self.make(["a"])
+        ticket = supervisor.request("a")
+        d = ticket.wait()
+        self.assertEqual(self.ups["a"].start_count, 1)
+        self.assertEqual(ticket.stage, "starting")
+        self.assertNoResult(d)
+        self.ups["a"].become_ready()
+        lease = self.successResultOf(d)
+        self.assertIs(lease.upstream, self.ups["a"])
+        self.assertEqual(ticket.stage, "ready")
+        self.assertEqual(supervisor.in_flight["a"], 1)
+
+    def test_ready_model_granted_at_once(self) -> None:
+        """
+        A request for a model that is ready is granted at once, without another start.
+        """
+        supervisor = self.make(["a"])
+        self.lease(supervisor, "a").release()
+        lease = self.successResultOf(supervisor.request("a").wait())
+        self.assertIs(lease.upstream, self.ups["a"])
+        self.assertEqual(self.ups["a"].start_count, 1)
+
+    def test_requests_during_start_share_it(self) -> None:
+        """
+        Requests that arrive while their model starts wait for the same start.
+        """
+        supervisor = self.make(["a"])
+        waits = [supervisor.request("a").wait() for _ in range(3)]
+        self.clock.advance(2)
+        waits.append(supervisor.request("a").wait())
+        self.assertEqual(self.ups["a"].start_count, 1)
+        self.ups["a"].become_ready()
+        for d in waits:
+            self.assertIsInstance(self.successResultOf(d), Lease)
+        self.assertEqual(supervisor.in_flight["a"], 4)
+
+    def test_release_is_idempotent(self) -> None:
+        """
+        Releasing a lease twice counts once.
+        """
+        supervisor = self.make(["a"])
+        first, second = self.lease(supervisor, "a"), self.lease(supervisor, "a")
+        first.release()
+        first.release()
+        self.assertEqual(supervisor.in_flight["a"], 1)
+        second.release()
+        self.assertEqual(supervisor.in_flight["a"], 0)
+
+    def test_crash_while_ready_restarts_on_next_request(self) -> None:
+        """
+        A model whose process died is started again by the next request; the requests that were
+        in flight on the dead process still release cleanly.
+        """
+        supervisor = self.make(["a"])
+        old = self.lease(supervisor, "a")
+        self.ups["a"].exited()
+        self.assertEqual(self.ups["a"].state, State.STOPPED)
+        d = supervisor.request("a").wait()
+        self.assertEqual(self.ups["a"].start_count, 2)
+        self.ups["a"].become_ready()
+        new = self.successResultOf(d)
+        old.release()
+        self.assertEqual(supervisor.in_flight["a"], 1)
+        new.release()
+        self.assertEqual(supervisor.in_flight["a"], 0)
+
+
+class SwapTests(SupervisorTestCase):
+    """
+    One model of a swap group at a time; swaps wait for requests in flight; arrival order.
+    """
+
+    def test_swap_stops_first_before_starting_second(self) -> None:
+        """
+        In the default group, a request for another model stops the running one, and starts the
+        new one only once the old one has exited.
+        """
+        supervisor = self.make(["a", "b"])
+        self.lease(supervisor, "a").release()
+        ticket = supervisor.request("b")
+        d = ticket.wait()
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.assertEqual(self.ups["b"].start_count, 0)
+        self.assertEqual(ticket.stage, "stopping")
+        self.assertEqual(ticket.waiting_for, ("a",))
+        self.ups["a"].exited()
+        self.assertEqual(self.ups["b"].start_count, 1)
+        self.ups["b"].become_ready()
+        self.assertIs(self.successResultOf(d).upstream, self.ups["b"])
+        self.assertEqual(self.ups.running(), ["b"])
+        self.assertEqual(self.ups.events, [("start", "a"), ("stop", "a"), ("exited", "a"), ("start", "b")])
+
+    def test_swap_uses_health_check_timeout_as_grace(self) -> None:
+        """
+        As in llama-swap, a model evicted by a swap gets ``healthCheckTimeout`` to exit.
+        """
+        supervisor = self.make(["a", "b"], healthCheckTimeout=30)
+        self.lease(supervisor, "a").release()
+        supervisor.request("b")
+        self.assertEqual(self.ups["a"].stop_graces, [30])
+
+    def test_swap_back_and_forth(self) -> None:
+        """
+        Alternating requests swap every time and never run two models of the group together.
+        """
+        supervisor = self.make(["a", "b", "c"])
+        for model_id in ["a", "b", "a", "c", "b", "c"]:
+            d = supervisor.request(model_id).wait()
+            for other in self.ups.running():
+                if other != model_id and self.ups[other].state is State.STOPPING:
+                    self.ups[other].exited()
+            if self.ups[model_id].state is State.STARTING:
+                self.ups[model_id].become_ready()
+            self.successResultOf(d).release()
+            self.assertEqual(self.ups.running(), [model_id])
+        self.assert_never_ran_together("a", "b", "c")
+
+    def test_swap_during_start_of_other_model(self) -> None:
+        """
+        A request for another model while one is starting waits for that start (and its
+        request) rather than killing it half-loaded.
+        """
+        supervisor = self.make(["a", "b"])
+        da = supervisor.request("a").wait()
+        db = supervisor.request("b").wait()
+        self.assertEqual(self.ups["a"].stop_graces, [])
+        self.assertEqual(self.ups["b"].start_count, 0)
+        self.ups["a"].become_ready()
+        lease_a = self.successResultOf(da)
+        self.assertNoResult(db)
+        lease_a.release()
+        self.ups["a"].exited()
+        self.ups["b"].become_ready()
+        self.successResultOf(db)
+        self.assert_never_ran_together("a", "b")
+
+    def test_swap_waits_for_requests_in_flight(self) -> None:
+        """
+        A model is stopped for a swap only after every request in flight on it is released.
+        """
+        supervisor = self.make(["a", "b"])
+        first, second = self.lease(supervisor, "a"), self.lease(supervisor, "a")
+        ticket = supervisor.request("b")
+        d = ticket.wait()
+        self.clock.advance(3600)
+        self.assertEqual(self.ups["a"].state, State.READY)
+        self.assertEqual(self.ups["a"].stop_graces, [])
+        self.assertEqual(ticket.stage, "queued")
+        self.assertEqual(ticket.waiting_for, ("a",))
+        first.release()
+        self.assertEqual(self.ups["a"].state, State.READY)
+        second.release()
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.ups["a"].exited()
+        self.ups["b"].become_ready()
+        self.successResultOf(d)
+        self.assert_never_ran_together("a", "b")
+
+    def test_arrival_order_and_no_starvation(self) -> None:
+        """
+        Requests that wait for a swap are served in the order they arrived, and new requests for
+        the busy model queue behind them instead of keeping it loaded forever.
+        """
+        supervisor = self.make(["a", "b", "c"])
+        lease_a = self.lease(supervisor, "a")
+        served: list[str] = []
+        leases: dict[str, Lease] = {}
+
+        def track(name: str) -> None:
+            def granted(lease: Lease) -> None:
+                served.append(name)
+                leases[name] = lease
+
+            supervisor.request(name[0]).wait().addCallback(granted)
+
+        for name in ["b1", "c1", "b2", "a2"]:
+            track(name)
+        self.assertEqual(served, [], "a request for busy model a jumped the queue")
+        self.assertEqual(self.ups["a"].stop_graces, [])
+        self.assertEqual(supervisor.queued(), 4)
+
+        lease_a.release()
+        self.ups["a"].exited()
+        self.ups["b"].become_ready()
+        self.assertEqual(served, ["b1"])
+        leases["b1"].release()
+        self.ups["b"].exited()
+        self.ups["c"].become_ready()
+        self.assertEqual(served, ["b1", "c1"])
+        leases["c1"].release()
+        self.ups["c"].exited()
+        self.ups["b"].become_ready()
+        self.assertEqual(served, ["b1", "c1", "b2"])
+        leases["b2"].release()
+        self.ups["b"].exited()
+        self.ups["a"].become_ready()
+        self.assertEqual(served, ["b1", "c1", "b2", "a2"])
+        self.assertEqual(supervisor.queued(), 0)
+        self.assert_never_ran_together("a", "b", "c")
+
+    def test_queue_positions(self) -> None:
+        """
+        Waiting tickets know their place in the queue and what they wait for.
+        """
+        supervisor = self.make(["a", "b", "c"])
+        self.lease(supervisor, "a")
+        tb, tc = supervisor.request("b"), supervisor.request("c")
+        self.assertEqual((tb.position, tc.position), (1, 2))
+        self.assertEqual(tb.waiting_for, ("a",))
+        self.assertEqual(tb.stage, "queued")
+
+
+class ConcurrencyLimitTests(SupervisorTestCase):
+    """
+    ``concurrencyLimit``: requests beyond it are refused with 429.
+    """
+
+    def test_limit_counts_waiting_and_in_flight(self) -> None:
+        """
+        Requests waiting for the model count towards its limit as well as those in flight;
+        the one beyond the limit is refused with a 429 that names the model.
+        """
+        supervisor = self.make({"a": {"concurrencyLimit": 2}})
+        waits = [supervisor.request("a").wait() for _ in range(2)]
+        error = self.assertRaises(TooManyRequests, supervisor.request, "a")
+        self.assertEqual(error.status, 429)
+        self.assertEqual(error.error_type, "rate_limit_error")
+        self.assertIn("'a'", str(error))
+        self.ups["a"].become_ready()
+        leases = [self.successResultOf(d) for d in waits]
+        self.assertRaises(TooManyRequests, supervisor.request, "a")
+        leases[0].release()
+        self.assertIsInstance(self.successResultOf(supervisor.request("a").wait()), Lease)
+        self.assertRaises(TooManyRequests, supervisor.request, "a")
+
+    def test_default_limit_is_10(self) -> None:
+        """
+        Without ``concurrencyLimit`` a model takes 10 requests at a time.
+        """
+        supervisor = self.make(["a"])
+        for _ in range(10):
+            supervisor.request("a")
+        self.assertRaises(TooManyRequests, supervisor.request, "a")
+
+    def test_limit_is_per_model(self) -> None:
+        """
+        One model at its limit does not refuse requests for another.
+        """
+        supervisor = self.make({"a": {"concurrencyLimit": 1}, "b": {}})
+        supervisor.request("a")
+        self.assertRaises(TooManyRequests, supervisor.request, "a")
+        self.assertIsInstance(supervisor.request("b"), Ticket)
+
+    def test_withdrawn_ticket_frees_its_place(self) -> None:
+        """
+        A request whose client went away no longer counts towards the limit.
+        """
+        supervisor = self.make({"a": {"concurrencyLimit": 1}})
+        d = supervisor.request("a").wait()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertIsInstance(supervisor.request("a"), Ticket)
+
+
+class GroupTests(SupervisorTestCase):
+    """
+    Configured groups: ``swap``, ``exclusive`` and ``persistent``.
+    """
+
+    def test_swap_false_members_run_together(self) -> None:
+        """
+        Members of a group with ``swap: false`` run at the same time.
+        """
+        supervisor = self.make(["a", "b"], groups={"pair": {"swap": False, "members": ["a", "b"]}})
+        lease_a = self.lease(supervisor, "a")
+        d = supervisor.request("b").wait()
+        self.assertEqual(self.ups["a"].state, State.READY)
+        self.assertEqual(self.ups["b"].running_at_spawn, [["a"]])
+        self.ups["b"].become_ready()
+        self.successResultOf(d)
+        lease_a.release()
+        self.assertEqual(self.ups.running(), ["a", "b"])
+        self.assertEqual(self.ups["a"].stop_graces, [])
+
+    def test_swap_group_swaps_within(self) -> None:
+        """
+        A configured group with ``swap: true`` runs one member at a time.
+        """
+        supervisor = self.make(["a", "b"], groups={"g": {"members": ["a", "b"]}})
+        self.lease(supervisor, "a").release()
+        supervisor.request("b")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.assertEqual(self.ups["b"].start_count, 0)
+
+    def test_exclusive_group_stops_other_groups(self) -> None:
+        """
+        Starting a member of an exclusive group stops the models of other groups.
+        """
+        supervisor = self.make(
+            ["a", "b"], groups={"first": {"members": ["a"]}, "second": {"exclusive": True, "members": ["b"]}}
+        )
+        self.lease(supervisor, "a").release()
+        d = supervisor.request("b").wait()
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.assertEqual(self.ups["b"].start_count, 0)
+        self.ups["a"].exited()
+        self.ups["b"].become_ready()
+        self.successResultOf(d)
+        self.assertEqual(self.ups.running(), ["b"])
+
+    def test_default_group_is_exclusive(self) -> None:
+        """
+        A model in no group stops the models of a configured (non-persistent) group.
+        """
+        supervisor = self.make(["a", "x"], groups={"g": {"swap": False, "members": ["a"]}})
+        self.lease(supervisor, "a").release()
+        supervisor.request("x")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+
+    def test_persistent_group_not_stopped(self) -> None:
+        """
+        A persistent group's models keep running when another group's exclusive model starts.
+        """
+        supervisor = self.make(
+            ["a", "b", "x"],
+            groups={"resident": {"persistent": True, "members": ["a"]}, "other": {"members": ["b"]}},
+        )
+        self.lease(supervisor, "a").release()
+        d = supervisor.request("b").wait()
+        self.assertEqual(self.ups["b"].start_count, 1)
+        self.ups["b"].become_ready()
+        self.successResultOf(d).release()
+        d = supervisor.request("x").wait()
+        self.assertEqual(self.ups["a"].state, State.READY)
+        self.assertEqual(self.ups["b"].state, State.STOPPING)
+        self.ups["b"].exited()
+        self.ups["x"].become_ready()
+        self.successResultOf(d)
+        self.assertEqual(self.ups.running(), ["a", "x"])
+        self.assertEqual(self.ups["a"].stop_graces, [])
+
+    def test_persistent_group_still_swaps_within(self) -> None:
+        """
+        ``persistent`` protects a group from others; inside it, members still swap.
+        """
+        supervisor = self.make(["a", "c"], groups={"resident": {"persistent": True, "members": ["a", "c"]}})
+        self.lease(supervisor, "a").release()
+        supervisor.request("c")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+
+    def test_non_exclusive_group_does_not_stop_others(self) -> None:
+        """
+        Starting a member of a non-exclusive group leaves other groups' models running.
+        """
+        supervisor = self.make(
+            ["a", "x"], groups={"side": {"exclusive": False, "members": ["a"]}}
+        )
+        self.lease(supervisor, "x").release()
+        d = supervisor.request("a").wait()
+        self.assertEqual(self.ups["x"].state, State.READY)
+        self.assertEqual(self.ups["a"].start_count, 1)
+        self.ups["a"].become_ready()
+        self.successResultOf(d).release()
+        self.assertEqual(self.ups.running(), ["a", "x"])
+        self.assertEqual(self.ups["x"].stop_graces, [])
+
+
+class TTLTests(SupervisorTestCase):
+    """
+    ``ttl``: an idle model is stopped.
+    """
+
+    def test_stopped_after_ttl_idle(self) -> None:
+        """
+        A model with no request for ``ttl`` seconds since the last one ended is stopped, with
+        its unload grace period.
+        """
+        supervisor = self.make({"a": {"ttl": 5}})
+        lease = self.lease(supervisor, "a")
+        self.clock.advance(100)
+        self.assertEqual(self.ups["a"].state, State.READY, "stopped with a request in flight")
+        lease.release()
+        self.clock.advance(4.9)
+        self.assertEqual(self.ups["a"].state, State.READY)
+        self.clock.advance(0.1)
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.assertEqual(self.ups["a"].stop_graces, [None])
+        self.ups["a"].exited()
+        self.assertEqual(self.ups.running(), [])
+
+    def test_ttl_measured_from_last_release(self) -> None:
+        """
+        The idle time starts when the last request in flight ends.
+        """
+        supervisor = self.make({"a": {"ttl": 5}})
+        first, second = self.lease(supervisor, "a"), self.lease(supervisor, "a")
+        self.clock.advance(1)
+        first.release()
+        self.clock.advance(2)
+        second.release()
+        self.clock.advance(4.9)
+        self.assertEqual(self.ups["a"].state, State.READY)
+        self.clock.advance(0.1)
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+
+    def test_new_request_restarts_idle_time(self) -> None:
+        """
+        A request during the idle time starts the count again after it ends.
+        """
+        supervisor = self.make({"a": {"ttl": 5}})
+        self.lease(supervisor, "a").release()
+        self.clock.advance(4)
+        lease = self.lease(supervisor, "a")
+        self.clock.advance(3)
+        lease.release()
+        self.clock.advance(4.9)
+        self.assertEqual(self.ups["a"].state, State.READY)
+        self.clock.advance(0.1)
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+
+    def test_idle_after_start_without_request(self) -> None:
+        """
+        A model that became ready but whose only request was withdrawn is stopped after ``ttl``.
+        """
+        supervisor = self.make({"a": {"ttl": 5}})
+        d = supervisor.request("a").wait()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.clock.advance(1)
+        self.ups["a"].become_ready()
+        self.clock.advance(5)
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+
+    def test_global_ttl(self) -> None:
+        """
+        ``globalTTL`` applies to models without their own ``ttl``.
+        """
+        supervisor = self.make({"a": {}, "b": {"ttl": 0}}, globalTTL=7, groups={"g": {"swap": False, "members": ["a", "b"]}})
+        self.lease(supervisor, "a").release()
+        self.lease(supervisor, "b").release()
+        self.clock.advance(7)
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.assertEqual(self.ups["b"].state, State.READY)
+
+    def test_no_ttl_never_stops(self) -> None:
+        """
+        Without a ttl a model stays loaded however long it is idle.
+        """
+        supervisor = self.make(["a"])
+        self.lease(supervisor, "a").release()
+        self.clock.advance(10 * 24 * 3600)
+        self.assertEqual(self.ups["a"].state, State.READY)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_restarted_model_gets_fresh_ttl(self) -> None:
+        """
+        A model swapped out and started again is not stopped by the ttl of its previous run.
+        """
+        supervisor = self.make({"a": {"ttl": 5}, "b": {}})
+        self.lease(supervisor, "a").release()
+        self.clock.advance(1)
+        d = supervisor.request("b").wait()
+        self.ups["a"].exited()
+        self.ups["b"].become_ready()
+        self.successResultOf(d).release()
+        self.clock.advance(1)
+        d = supervisor.request("a").wait()
+        self.ups["b"].exited()
+        self.ups["a"].become_ready()
+        lease = self.successResultOf(d)
+        self.clock.advance(1)
+        lease.release()
+        self.clock.advance(4.9)
+        self.assertEqual(self.ups["a"].state, State.READY)
+        self.assertEqual(self.ups["a"].stop_graces, [120])  # the swap's stop only
+        self.clock.advance(0.1)
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+
+
+class StartFailureTests(SupervisorTestCase):
+    """
+    A start that fails, and requests that give up.
+    """
+
+    def test_start_failure_fails_all_waiting(self) -> None:
+        """
+        Every request waiting on a start that fails gets the start's error; the next request
+        starts the model again.
+        """
+        supervisor = self.make(["a"])
+        tickets = [supervisor.request("a") for _ in range(3)]
+        waits = [t.wait() for t in tickets]
+        error = self.ups["a"].fail_start("process exited with exit code 1 while starting")
+        for ticket, d in zip(tickets, waits):
+            self.assertIs(self.failureResultOf(d, StartError).value, error)
+            self.assertEqual(ticket.stage, "failed")
+        self.assertEqual(supervisor.queued(), 0)
+        self.assertEqual(supervisor.in_flight["a"], 0)
+        d = supervisor.request("a").wait()
+        self.assertEqual(self.ups["a"].start_count, 2)
+        self.ups["a"].become_ready()
+        self.successResultOf(d)
+
+    def test_start_failure_unblocks_queue(self) -> None:
+        """
+        Requests for another model waiting behind a start that fails go ahead.
+        """
+        supervisor = self.make(["a", "b"])
+        da = supervisor.request("a").wait()
+        db = supervisor.request("b").wait()
+        self.ups["a"].fail_start()
+        self.failureResultOf(da, StartError)
+        self.assertEqual(self.ups["b"].start_count, 1)
+        self.ups["b"].become_ready()
+        self.successResultOf(db)
+
+    def test_exit_during_start_fails_waiting(self) -> None:
+        """
+        A child that exits while starting fails the requests waiting for it.
+        """
+        supervisor = self.make(["a"])
+        d = supervisor.request("a").wait()
+        self.ups["a"].exited()
+        self.failureResultOf(d, StartError)
+        self.assertEqual(supervisor.queued(), 0)
+
+    def test_withdrawn_ticket_does_not_affect_others(self) -> None:
+        """
+        A request that gives up while its model starts leaves the start and the other waiting
+        requests alone.
+        """
+        supervisor = self.make(["a"])
+        leaving = supervisor.request("a").wait()
+        staying = supervisor.request("a").wait()
+        leaving.cancel()
+        self.failureResultOf(leaving, CancelledError)
+        self.assertEqual(self.ups["a"].state, State.STARTING)
+        self.assertEqual(self.ups["a"].stop_graces, [])
+        self.ups["a"].become_ready()
+        self.successResultOf(staying)
+        self.assertEqual(supervisor.in_flight["a"], 1)
+        self.assertEqual(supervisor.queued(), 0)
+
+    def test_withdrawn_swap_request_cancels_the_swap(self) -> None:
+        """
+        A request that gave up while waiting for a busy model to finish no longer makes that
+        model stop.
+        """
+        supervisor = self.make(["a", "b"])
+        lease = self.lease(supervisor, "a")
+        d = supervisor.request("b").wait()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        lease.release()
+        self.assertEqual(self.ups["a"].state, State.READY)
+        self.assertEqual(self.ups["b"].start_count, 0)
+        self.assertEqual(supervisor.queued(), 0)
+
+    def test_withdrawn_ticket_keeps_order_of_others(self) -> None:
+        """
+        Withdrawing one waiting request leaves the others waiting in their order.
+        """
+        supervisor = self.make(["a", "b", "c"])
+        lease = self.lease(supervisor, "a")
+        db = supervisor.request("b").wait()
+        dc = supervisor.request("c").wait()
+        db.cancel()
+        self.failureResultOf(db, CancelledError)
+        lease.release()
+        self.ups["a"].exited()
+        self.assertEqual(self.ups["b"].start_count, 0)
+        self.ups["c"].become_ready()
+        self.successResultOf(dc)
+
+
+class UnloadTests(SupervisorTestCase):
+    """
+    ``unload(model)`` and ``unload()``.
+    """
+
+    def make_pair(self) -> Supervisor:
+        return self.make(["a", "b"], groups={"pair": {"swap": False, "members": ["a", "b"]}})
+
+    def test_unload_one(self) -> None:
+        """
+        Unloading one model stops it (even with a request in flight) and fires once it exited.
+        """
+        supervisor = self.make_pair()
+        lease = self.lease(supervisor, "a")
+        self.lease(supervisor, "b").release()
+        d = supervisor.unload("a")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.assertEqual(self.ups["b"].state, State.READY)
+        self.assertEqual(self.ups["a"].stop_graces, [None])
+        self.assertNoResult(d)
+        self.ups["a"].exited()
+        self.successResultOf(d)
+        lease.release()
+        self.assertEqual(supervisor.in_flight["a"], 0)
+
+    def test_unload_all(self) -> None:
+        """
+        Unloading every model stops them all and fires once all have exited.
+        """
+        supervisor = self.make_pair()
+        self.lease(supervisor, "a").release()
+        self.lease(supervisor, "b").release()
+        d = supervisor.unload()
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.assertEqual(self.ups["b"].state, State.STOPPING)
+        self.ups["a"].exited()
+        self.assertNoResult(d)
+        self.ups["b"].exited()
+        self.successResultOf(d)
+        self.assertEqual(self.ups.running(), [])
+
+    def test_unload_nothing_running(self) -> None:
+        """
+        Unloading when nothing runs succeeds at once.
+        """
+        supervisor = self.make_pair()
+        self.successResultOf(supervisor.unload())
+        self.successResultOf(supervisor.unload("a"))
+
+    def test_unload_during_start_fails_waiting(self) -> None:
+        """
+        Requests waiting for a model that is unloaded while it starts fail.
+        """
+        supervisor = self.make(["a"])
+        d = supervisor.request("a").wait()
+        unloaded = supervisor.unload("a")
+        self.failureResultOf(d, StartError)
+        self.ups["a"].exited()
+        self.successResultOf(unloaded)
+        self.assertEqual(self.ups["a"].start_count, 1)
+
+    def test_unloaded_model_restarts_on_request(self) -> None:
+        """
+        After an unload the next request starts the model again.
+        """
+        supervisor = self.make(["a"])
+        self.lease(supervisor, "a").release()
+        supervisor.unload()
+        self.ups["a"].exited()
+        self.lease(supervisor, "a")
+        self.assertEqual(self.ups["a"].start_count, 2)
+
+
+class ShutdownTests(SupervisorTestCase):
+    """
+    ``stopService``: refuse, fail the waiting, stop everything, wait.
+    """
+
+    def test_stop_service(self) -> None:
+        """
+        Stopping the service fails waiting requests with `ShuttingDown`, refuses new ones, stops
+        every child, and fires only when all have exited.
+        """
+        supervisor = self.make(
+            ["a", "b", "c"], groups={"pair": {"swap": False, "members": ["a", "b"]}}
+        )
+        supervisor.startService()
+        lease = self.lease(supervisor, "a")
+        starting = supervisor.request("b").wait()
+        queued = supervisor.request("c").wait()
+        self.assertEqual(self.ups.running(), ["a", "b"])
+        d = supervisor.stopService()
+        for waiting in (starting, queued):
+            error = self.failureResultOf(waiting, ShuttingDown).value
+            self.assertEqual(error.status, 503)
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.assertEqual(self.ups["b"].state, State.STOPPING)
+        self.assertRaises(ShuttingDown, supervisor.request, "a")
+        self.assertRaises(Rejected, supervisor.request, "c")
+        self.ups["b"].exited()
+        self.assertNoResult(d)
+        lease.release()
+        self.assertNoResult(d)
+        self.ups["a"].exited()
+        self.successResultOf(d)
+        self.assertEqual(self.ups.running(), [])
+        self.assertEqual(self.ups["c"].start_count, 0)
+        self.assertFalse(supervisor.running)
+
+    def test_stop_service_cancels_ttl(self) -> None:
+        """
+        No timer outlives the service.
+        """
+        supervisor = self.make({"a": {"ttl": 60}})
+        supervisor.startService()
+        self.lease(supervisor, "a").release()
+        d = supervisor.stopService()
+        self.ups["a"].exited()
+        self.successResultOf(d)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_service_nothing_running(self) -> None:
+        """
+        With nothing running the service stops at once.
+        """
+        supervisor = self.make(["a"])
+        supervisor.startService()
+        self.successResultOf(supervisor.stopService())
+
+
+class PreloadTests(SupervisorTestCase):
+    """
+    ``hooks.on_startup.preload``.
+    """
+
+    def test_preload_starts_models_in_order(self) -> None:
+        """
+        Starting the service loads the preload models one after the other, then leaves them
+        ready with nothing in flight.
+        """
+        supervisor = self.make(
+            ["a", "b", "c"],
+            groups={"pair": {"swap": False, "members": ["a", "b"]}},
+            hooks={"on_startup": {"preload": ["a", "b"]}},
+        )
+        supervisor.startService()
+        self.assertEqual((self.ups["a"].start_count, self.ups["b"].start_count), (1, 0))
+        self.ups["a"].become_ready()
+        self.assertEqual(self.ups["b"].start_count, 1)
+        self.ups["b"].become_ready()
+        self.assertEqual(self.ups.running(), ["a", "b"])
+        self.assertEqual(supervisor.in_flight, {"a": 0, "b": 0, "c": 0})
+        self.assertEqual(self.ups["c"].start_count, 0)
+
+    def test_preload_failure_continues(self) -> None:
+        """
+        A preload model that fails to start does not stop the others from loading.
+        """
+        supervisor = self.make(
+            ["a", "b"],
+            groups={"pair": {"swap": False, "members": ["a", "b"]}},
+            hooks={"on_startup": {"preload": ["a", "b"]}},
+        )
+        supervisor.startService()
+        self.ups["a"].fail_start()
+        self.assertEqual(self.ups["b"].start_count, 1)
+        self.ups["b"].become_ready()
+        self.assertEqual(self.ups.running(), ["b"])
+
+    def test_stop_during_preload(self) -> None:
+        """
+        Stopping the service during preload stops what is loading and loads nothing more.
+        """
+        supervisor = self.make(
+            ["a", "b"],
+            groups={"pair": {"swap": False, "members": ["a", "b"]}},
+            hooks={"on_startup": {"preload": ["a", "b"]}},
+        )
+        supervisor.startService()
+        d = supervisor.stopService()
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.ups["a"].exited()
+        self.successResultOf(d)
+        self.assertEqual(self.ups["b"].start_count, 0)
+        self.assertEqual(self.ups["a"].start_count, 1)
+
+
+class Probe:
+    """
+    A health probe answering 503 until ``healthy`` is set.
+    """
+
+    def __init__(self) -> None:
+        self.healthy: set[str] = set()
+
+    def __call__(self, upstream: Upstream) -> Deferred[int]:
+        return succeed(200 if upstream.model.id in self.healthy else 503)
+
+
+class WithUpstreamTests(SynchronousTestCase):
+    """
+    The supervisor with real `Upstream` objects on a fake process reactor.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = ProcessReactor().install(self)
+        self.probe = Probe()
+
+    def make(self, models: list[str], **top: Any) -> Supervisor:
+        config = make_config({mid: {"cmd": f"{sys.executable} -c pass --port ${{PORT}}"} for mid in models}, **top)
+
+        def factory(model: ModelConfig) -> Upstream:
+            return Upstream(model, self.reactor, config.health_check_timeout, health_probe=self.probe)
+
+        return Supervisor(config, self.reactor, upstream_factory=factory)
+
+    def test_swap(self) -> None:
+        """
+        A swap sends SIGTERM to the old child and spawns the new one after the old one exited.
+        """
+        supervisor = self.make(["a", "b"])
+        self.probe.healthy = {"a", "b"}
+        d = supervisor.request("a").wait()
+        self.reactor.advance(1)
+        self.successResultOf(d).release()
+        a = self.reactor.spawned[0]
+        d = supervisor.request("b").wait()
+        self.assertEqual(a.signals, [signal.SIGTERM])
+        self.assertEqual(len(self.reactor.spawned), 1)
+        a.exit(0)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.reactor.advance(1)
+        self.assertIs(self.successResultOf(d).upstream, supervisor.upstreams["b"])
+
+    def test_timed_out_start_killed_after_unload_timeout(self) -> None:
+        """
+        A model whose start timed out is stopped with its ``unloadTimeout``, also when a request
+        for another model is waiting for it to go: one SIGTERM, then SIGKILL after the grace.
+        """
+        supervisor = self.make(["a", "b"], healthCheckTimeout=15, unloadTimeout=2)
+        da = supervisor.request("a").wait()
+        db = supervisor.request("b").wait()
+        a = self.reactor.spawned[0]
+        self.reactor.advance(15)
+        self.failureResultOf(da, StartError)
+        self.assertEqual(a.signals, [signal.SIGTERM])
+        self.reactor.advance(2)
+        self.assertEqual(a.signals, [signal.SIGTERM, signal.SIGKILL])
+        a.exit(None, signal.SIGKILL)
+        self.assertEqual(supervisor.upstreams["a"].state, State.FAILED)
+        self.probe.healthy = {"b"}
+        self.reactor.advance(1)
+        self.successResultOf(db)
+
+    def test_failed_start_unblocks_queue(self) -> None:
+        """
+        When a child exits during its start, the model is failed and a request for another model
+        that waited behind it goes ahead.
+        """
+        supervisor = self.make(["a", "b"])
+        da = supervisor.request("a").wait()
+        db = supervisor.request("b").wait()
+        self.reactor.spawned[0].output(b"error: failed to load model\n", fd=2)
+        self.reactor.spawned[0].exit(1)
+        self.assertIn("error: failed to load model", str(self.failureResultOf(da, StartError).value))
+        self.assertEqual(supervisor.upstreams["a"].state, State.FAILED)
+        self.assertEqual(self.reactor.spawned[0].signals, [])
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.probe.healthy = {"b"}
+        self.reactor.advance(1)
+        self.successResultOf(db)
+
+
+class RealShutdownTests(TestCase):
+    """
+    Shutdown with real children, one of which ignores SIGTERM and has a grandchild.
+    """
+
+    timeout = 60
+
+    async def test_stop_service_leaves_no_orphans(self) -> None:
+        fake = f"{sys.executable} {FAKE_UPSTREAM} --port ${{PORT}}"
+        config = parse_config(
+            json.dumps({
+                "startPort": free_port(),
+                "unloadTimeout": 0.5,
+                "models": {
+                    "polite": {"cmd": fake},
+                    "stubborn": {"cmd": fake + " --ignore-sigterm --spawn-grandchild"},
+                },
+                "groups": {"all": {"swap": False, "members": ["polite", "stubborn"]}},
+            }),
+            "test.yaml",
+        )
+        if config.models["polite"].port == config.models["stubborn"].port:
+            self.fail("ports must differ")
+        supervisor = Supervisor(config, reactor)
+        processes: list[psutil.Process] = []
+
+        def kill_leftovers() -> None:
+            for process in processes:
+                try:
+                    process.kill()
+                except psutil.NoSuchProcess:
+                    pass
+
+        self.addCleanup(lambda: Deferred.fromCoroutine(wait_until(lambda: not process_pipes_open(), "pipes")))
+        self.addCleanup(kill_leftovers)
+        supervisor.startService()
+        self.addCleanup(lambda: supervisor.running and supervisor.stopService())
+        for model_id in ("polite", "stubborn"):
+            lease = await supervisor.request(model_id).wait()
+            lease.release()
+        children = [psutil.Process(up.pid) for up in supervisor.upstreams.values() if up.pid is not None]
+        processes.extend(children)
+        for child in children:
+            processes.extend(child.children(recursive=True))
+        self.assertEqual((len(children), len(processes)), (2, 3))
+        await supervisor.stopService()
+        self.assertEqual([child.pid for child in children if not gone(child.pid)], [])
+        await wait_until(lambda: all(gone(p.pid) for p in processes), "every child and grandchild to end")
+        self.assertEqual([up for up in supervisor.upstreams.values() if up.running], [])

@@ -1,0 +1,802 @@
+"""
+Tests for `swapproxy.upstream`: one model's child process, its start, health and stop.
+
+The unit tests run the state machine on a fake process reactor and a fake health probe, with
+time driven by the test. `RealProcessTests` spawn ``tests/fake_upstream.py`` for real, for what
+only a real process shows: sessions, process trees, signals and exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.process import ProcessReader
+from twisted.internet.task import deferLater
+from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from swapproxy.config import ModelConfig, parse_config
+from swapproxy.upstream import StartError, State, Upstream
+from tests.fakes import ProcessReactor
+
+FAKE_UPSTREAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_upstream.py")
+
+#: The issue's bounds on readiness polling: the first probe after at most 50 ms, and never more
+#: than 250 ms between probes, so that a model that is ready is used at once.
+FIRST_PROBE_BOUND = 0.05
+PROBE_INTERVAL_BOUND = 0.25
+
+
+def model_config(model: dict[str, Any], **top: Any) -> ModelConfig:
+    """
+    The `ModelConfig` of model ``m`` in a configuration with these settings.
+    """
+    model.setdefault("cmd", f"{sys.executable} -c pass --port ${{PORT}}")
+    config = parse_config(json.dumps({"models": {"m": model}, **top}), "test.yaml")
+    return config.models["m"]
+
+
+class Probe:
+    """
+    A health probe: answers ``status`` (a number, or ``"refused"``) until ``healthy_at``, then 200.
+
+    With ``pending`` set, each probe returns a Deferred the test fires (kept in ``pending_calls``).
+    """
+
+    def __init__(self, clock: Any, status: int | str = 503, healthy_at: float | None = None) -> None:
+        self.clock = clock
+        self.status = status
+        self.healthy_at = healthy_at
+        self.calls: list[float] = []
+        self.pending = False
+        self.pending_calls: list[Deferred[int]] = []
+
+    def __call__(self, upstream: Upstream) -> Deferred[int]:
+        self.calls.append(self.clock.seconds())
+        if self.pending:
+            d: Deferred[int] = Deferred()
+            self.pending_calls.append(d)
+            return d
+        if self.healthy_at is not None and self.clock.seconds() >= self.healthy_at:
+            return succeed(200)
+        if self.status == "refused":
+            return fail(ConnectionRefusedError("connection refused"))
+        return succeed(int(self.status))
+
+
+def advance_to_next_call(clock: Any) -> None:
+    """
+    Move the clock exactly to its next scheduled call and run what is due then.
+    """
+    calls = clock.getDelayedCalls()
+    assert calls, "nothing is scheduled"
+    clock.rightNow = max(clock.rightNow, min(call.getTime() for call in calls))
+    clock.advance(0)
+
+
+class UpstreamTestMixin:
+    """
+    Builds an `Upstream` on a `ProcessReactor` with a `Probe`.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = ProcessReactor().install(self)  # type: ignore[arg-type]
+        self.probe = Probe(self.reactor)
+
+    def make_upstream(
+        self,
+        model: dict[str, Any] | None = None,
+        health_check_timeout: float = 120,
+        environ: dict[str, str] | None = None,
+        **top: Any,
+    ) -> Upstream:
+        return Upstream(
+            model_config(dict(model or {}), **top),
+            self.reactor,
+            health_check_timeout,
+            environ=environ if environ is not None else {"PATH": os.environ.get("PATH", os.defpath)},
+            health_probe=self.probe,
+        )
+
+    def ready_upstream(self, model: dict[str, Any] | None = None, **top: Any) -> Upstream:
+        upstream = self.make_upstream(model, **top)
+        self.probe.healthy_at = 0
+        d = upstream.start()
+        self.reactor.advance(PROBE_INTERVAL_BOUND)
+        self.successResultOf(d)  # type: ignore[attr-defined]
+        return upstream
+
+
+class StartTests(UpstreamTestMixin, SynchronousTestCase):
+    """
+    Starting a model: spawn, readiness polling, shared starts and start failures.
+    """
+
+    def test_start_spawns_cmd_in_own_session(self) -> None:
+        """
+        The model's ``cmd`` is spawned through a launcher that gives it a session of its own, and
+        the upstream is starting until the health check answers.
+        """
+        upstream = self.make_upstream({"cmd": f"{sys.executable} -c pass --port ${{PORT}}"}, startPort=6100)
+        d = upstream.start()
+        self.assertEqual(len(self.reactor.spawned), 1)
+        process = self.reactor.spawned[0]
+        self.assertEqual(process.command, [sys.executable, "-c", "pass", "--port", "6100"])
+        self.assertNotEqual(process.args, process.command, "the child must be spawned in a new session")
+        self.assertEqual(upstream.state, State.STARTING)
+        self.assertEqual(upstream.pid, process.pid)
+        self.assertTrue(upstream.running)
+        self.assertNoResult(d)
+
+    def test_first_probe_is_quick(self) -> None:
+        """
+        The health endpoint is first asked within 50 ms of the spawn; a child that is healthy by
+        then is ready at once.
+        """
+        upstream = self.make_upstream()
+        self.probe.healthy_at = 0
+        d = upstream.start()
+        advance_to_next_call(self.reactor)
+        self.assertEqual(len(self.probe.calls), 1)
+        self.assertLessEqual(self.probe.calls[0], FIRST_PROBE_BOUND)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(upstream.state, State.READY)
+
+    def test_ready_detected_within_250ms(self) -> None:
+        """
+        However long a model takes to load, it is seen as ready at most 250 ms after its health
+        endpoint first answers 200, and not before; answers other than 200 (503 while loading, or
+        no connection at all) are not ready.
+        """
+        for status in (503, "refused", 404):
+            for healthy_at in (0.01, 0.03, 0.3, 1.0, 4.321, 37.5, 119.0):
+                self.reactor = ProcessReactor().install(self)
+                self.probe = Probe(self.reactor, status=status, healthy_at=healthy_at)
+                upstream = self.make_upstream()
+                ready_at: list[float] = []
+                upstream.start().addCallback(lambda _: ready_at.append(self.reactor.seconds()))
+                while not ready_at:
+                    advance_to_next_call(self.reactor)
+                    self.assertEqual(upstream.state, State.STARTING if not ready_at else State.READY)
+                self.assertGreaterEqual(ready_at[0], healthy_at)
+                self.assertLessEqual(
+                    ready_at[0] - healthy_at,
+                    PROBE_INTERVAL_BOUND + 1e-9,
+                    f"healthy at {healthy_at}s (before: {status}) but ready only at {ready_at[0]}s",
+                )
+                self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_concurrent_starts_share_one_spawn(self) -> None:
+        """
+        Callers that ask for the model while it starts share that start: one process, and each
+        caller is told when it is ready.
+        """
+        upstream = self.make_upstream()
+        waiters = [upstream.start() for _ in range(3)]
+        self.reactor.advance(1)
+        waiters.append(upstream.start())
+        self.assertEqual(len(self.reactor.spawned), 1)
+        for d in waiters:
+            self.assertNoResult(d)
+        self.probe.healthy_at = self.reactor.seconds()
+        self.reactor.advance(PROBE_INTERVAL_BOUND)
+        for d in waiters:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertIsNone(self.successResultOf(upstream.start()))
+        self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_cancelled_waiter_does_not_cancel_start(self) -> None:
+        """
+        One caller giving up (its client hung up) withdraws only that caller; the start goes on
+        for the others.
+        """
+        upstream = self.make_upstream()
+        leaving = upstream.start()
+        staying = upstream.start()
+        leaving.cancel()
+        self.failureResultOf(leaving, CancelledError)
+        self.assertEqual(upstream.state, State.STARTING)
+        self.assertEqual(self.reactor.spawned[0].signals, [])
+        self.probe.healthy_at = 2
+        self.reactor.advance(2 + PROBE_INTERVAL_BOUND)
+        self.assertIsNone(self.successResultOf(staying))
+        self.assertEqual(upstream.state, State.READY)
+        self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_start_goes_on_when_every_waiter_cancels(self) -> None:
+        """
+        Even when every caller has gone, the start is not abandoned: the next caller finds the
+        same process, ready.
+        """
+        upstream = self.make_upstream()
+        d = upstream.start()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.probe.healthy_at = 1
+        self.reactor.advance(1 + PROBE_INTERVAL_BOUND)
+        self.assertEqual(upstream.state, State.READY)
+        self.assertIsNone(self.successResultOf(upstream.start()))
+        self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_exit_during_start_fails_fast(self) -> None:
+        """
+        A child that exits while starting fails the start at once, for every waiter, with its
+        exit code and its last lines of output; the upstream is failed.
+        """
+        upstream = self.make_upstream()
+        first, second = upstream.start(), upstream.start()
+        process = self.reactor.spawned[0]
+        self.reactor.advance(0.5)
+        lines = [f"llama_model_load: line {i}" for i in range(8)] + ["error: failed to load model 'x.gguf'"]
+        process.output("\n".join(lines[:4]).encode() + b"\n", fd=2)
+        process.output("\n".join(lines[4:]).encode() + b"\n", fd=2)
+        process.exit(1)
+        for d in (first, second):
+            error = self.failureResultOf(d, StartError).value
+            self.assertEqual(error.model_id, "m")
+            self.assertEqual(error.exit_code, 1)
+            self.assertEqual(error.last_lines[-1], "error: failed to load model 'x.gguf'")
+            self.assertIn("exit code 1", str(error))
+            self.assertIn("error: failed to load model 'x.gguf'", str(error))
+        self.assertEqual(upstream.state, State.FAILED)
+        self.assertFalse(upstream.running)
+        self.assertIsNone(upstream.pid)
+        self.assertIs(upstream.last_error, error)
+
+    def test_exit_during_start_quotes_unterminated_last_line(self) -> None:
+        """
+        A last line without a newline is still quoted in the start error.
+        """
+        upstream = self.make_upstream()
+        d = upstream.start()
+        self.reactor.spawned[0].output(b"error: out of memory", fd=2)
+        self.reactor.spawned[0].exit(2)
+        error = self.failureResultOf(d, StartError).value
+        self.assertEqual(error.exit_code, 2)
+        self.assertEqual(error.last_lines, ("error: out of memory",))
+
+    def test_killed_during_start(self) -> None:
+        """
+        A child killed by a signal while starting fails the start, naming the signal.
+        """
+        upstream = self.make_upstream()
+        d = upstream.start()
+        self.reactor.spawned[0].exit(None, signal.SIGSEGV)
+        error = self.failureResultOf(d, StartError).value
+        self.assertIn("SIGSEGV", str(error))
+        self.assertEqual(upstream.state, State.FAILED)
+
+    def test_health_timeout(self) -> None:
+        """
+        A child that never becomes healthy fails the start after ``healthCheckTimeout``, with an
+        error that names the timeout, and the child is stopped.
+        """
+        upstream = self.make_upstream(health_check_timeout=15)
+        d = upstream.start()
+        process = self.reactor.spawned[0]
+        self.reactor.advance(14.9)
+        self.assertNoResult(d)
+        self.assertEqual(process.signals, [])
+        self.reactor.advance(0.1)
+        error = self.failureResultOf(d, StartError).value
+        self.assertIn("timed out after 15s", str(error))
+        self.assertIn("health check", str(error))
+        self.assertEqual(process.signals, [signal.SIGTERM])
+        self.assertEqual(upstream.state, State.STOPPING)
+        probes = len(self.probe.calls)
+        self.reactor.advance(5)
+        self.assertEqual(len(self.probe.calls), probes, "no probing after the start was given up")
+        process.exit(0)
+        self.assertEqual(upstream.state, State.FAILED)
+        self.assertFalse(upstream.running)
+
+    def test_health_timeout_can_be_retried(self) -> None:
+        """
+        After a timed-out start, the next start spawns a new child.
+        """
+        upstream = self.make_upstream(health_check_timeout=15)
+        self.failureResultOf(self._timed_out_start(upstream), StartError)
+        self.reactor.spawned[0].exit(0)
+        d = upstream.start()
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.probe.healthy_at = self.reactor.seconds()
+        self.reactor.advance(PROBE_INTERVAL_BOUND)
+        self.successResultOf(d)
+
+    def _timed_out_start(self, upstream: Upstream) -> Deferred[None]:
+        d = upstream.start()
+        self.reactor.advance(15)
+        return d
+
+    def test_check_endpoint_none_is_ready_at_once(self) -> None:
+        """
+        With ``checkEndpoint: none`` the model is ready as soon as it is spawned, unprobed.
+        """
+        upstream = self.make_upstream({"checkEndpoint": "none"})
+        self.assertIsNone(self.successResultOf(upstream.start()))
+        self.assertEqual(upstream.state, State.READY)
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.reactor.advance(200)
+        self.assertEqual(self.probe.calls, [])
+        self.assertEqual(upstream.state, State.READY)
+
+    def test_model_env_added_to_inherited_env(self) -> None:
+        """
+        The child gets the inherited environment plus the model's ``env``; a model entry wins
+        over an inherited variable of the same name.
+        """
+        environ = {"PATH": os.environ.get("PATH", os.defpath), "HOME": "/home/llama", "SHARED": "inherited"}
+        upstream = self.make_upstream(
+            {"env": ["CUDA_VISIBLE_DEVICES=1", "SHARED=model", "EMPTY="]}, environ=environ
+        )
+        upstream.start()
+        env = self.reactor.spawned[0].env
+        self.assertEqual(env["HOME"], "/home/llama")
+        self.assertEqual(env["PATH"], environ["PATH"])
+        self.assertEqual(env["CUDA_VISIBLE_DEVICES"], "1")
+        self.assertEqual(env["SHARED"], "model")
+        self.assertEqual(env["EMPTY"], "")
+
+    def test_executable_not_found(self) -> None:
+        """
+        A ``cmd`` whose program does not exist fails the start with a message naming it; the
+        upstream is failed, and the next start looks for the program again.
+        """
+        bindir = self.mktemp()
+        os.mkdir(bindir)
+        upstream = self.make_upstream(
+            {"cmd": "my-llama-server --port ${PORT}"}, environ={"PATH": bindir}
+        )
+        error = self.failureResultOf(upstream.start(), StartError).value
+        self.assertIn("'my-llama-server'", str(error))
+        self.assertIn("not found", str(error))
+        self.assertEqual(upstream.state, State.FAILED)
+        self.assertEqual(self.reactor.spawned, [])
+
+        program = os.path.join(bindir, "my-llama-server")
+        with open(program, "w") as f:
+            f.write("#!/bin/sh\n")
+        os.chmod(program, stat.S_IRWXU)
+        d = upstream.start()
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.assertEqual(self.reactor.spawned[0].command[0], program)
+        self.assertEqual(upstream.state, State.STARTING)
+        self.assertNoResult(d)
+
+    def test_spawn_error(self) -> None:
+        """
+        An error from the OS when spawning fails the start with that error, and the upstream is
+        failed.
+        """
+        upstream = self.make_upstream()
+        self.reactor.spawn_error = PermissionError(13, "Permission denied")
+        error = self.failureResultOf(upstream.start(), StartError).value
+        self.assertIn("Permission denied", str(error))
+        self.assertEqual(upstream.state, State.FAILED)
+        self.assertFalse(upstream.running)
+        upstream.start()
+        self.assertEqual(len(self.reactor.spawned), 1)
+
+    def test_state_observers(self) -> None:
+        """
+        State observers see every transition of a start and a stop, in order.
+        """
+        upstream = self.make_upstream()
+        seen: list[tuple[State, State]] = []
+        upstream.state_observers.append(lambda up, old, new: seen.append((old, new)))
+        self.probe.healthy_at = 0
+        upstream.start()
+        self.reactor.advance(PROBE_INTERVAL_BOUND)
+        upstream.stop()
+        self.reactor.spawned[0].exit(0)
+        self.assertEqual(
+            seen,
+            [
+                (State.STOPPED, State.STARTING),
+                (State.STARTING, State.READY),
+                (State.READY, State.STOPPING),
+                (State.STOPPING, State.STOPPED),
+            ],
+        )
+
+    def test_output_logged_line_by_line(self) -> None:
+        """
+        The child's stdout and stderr are logged one line per event, tagged with the model id,
+        also when a line arrives in pieces.
+        """
+        upstream = self.make_upstream()
+        upstream.start()
+        process = self.reactor.spawned[0]
+        with capturedLogs() as events:
+            process.output(b"load_tensors: loading\nllama_context: n_ctx", fd=2)
+            process.output(b" = 4096\r\n", fd=2)
+            process.output(b"server listening\n", fd=1)
+        lines = [e for e in events if e.get("model") == "m" and "line" in e]
+        self.assertEqual(
+            [e["line"] for e in lines],
+            ["load_tensors: loading", "llama_context: n_ctx = 4096", "server listening"],
+        )
+        self.assertEqual(formatEvent(lines[0]), "[m] load_tensors: loading")
+
+
+class StopTests(UpstreamTestMixin, SynchronousTestCase):
+    """
+    Stopping a model: signals, the grace period, ``cmdStop``, and stops during a start.
+    """
+
+    def test_stop_sends_sigterm_to_group_and_waits_for_exit(self) -> None:
+        """
+        A stop sends SIGTERM to the child's process group, and is complete only when the child
+        has exited.
+        """
+        upstream = self.ready_upstream()
+        process = self.reactor.spawned[0]
+        d = upstream.stop()
+        self.assertIn((process.original_pid, signal.SIGTERM), self.reactor.group_signals)
+        self.assertEqual(process.signals, [signal.SIGTERM])
+        self.assertEqual(upstream.state, State.STOPPING)
+        self.assertTrue(upstream.running)
+        self.assertNoResult(d)
+        process.exit(0)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(upstream.state, State.STOPPED)
+        self.assertFalse(upstream.running)
+        self.assertIsNone(upstream.pid)
+        self.assertIsNone(upstream.client)
+
+    def test_sigkill_after_unload_timeout(self) -> None:
+        """
+        A child that does not exit after SIGTERM gets SIGKILL when the model's ``unloadTimeout``
+        has passed, not before.
+        """
+        upstream = self.ready_upstream({"unloadTimeout": 3})
+        process = self.reactor.spawned[0]
+        stopped_at = self.reactor.seconds()
+        d = upstream.stop()
+        self.reactor.advance(2.9)
+        self.assertEqual(process.signals, [signal.SIGTERM])
+        self.reactor.advance(0.1)
+        self.assertEqual(process.signals, [signal.SIGTERM, signal.SIGKILL])
+        self.assertAlmostEqual(process.signal_times[1] - stopped_at, 3)
+        self.assertNoResult(d)
+        process.exit(None, signal.SIGKILL)
+        self.successResultOf(d)
+        self.assertEqual(upstream.state, State.STOPPED)
+
+    def test_default_grace_is_10s(self) -> None:
+        """
+        Without ``unloadTimeout`` the grace period before SIGKILL is 10 seconds.
+        """
+        upstream = self.ready_upstream()
+        process = self.reactor.spawned[0]
+        upstream.stop()
+        self.reactor.advance(9.9)
+        self.assertEqual(process.signals, [signal.SIGTERM])
+        self.reactor.advance(0.1)
+        self.assertEqual(process.signals, [signal.SIGTERM, signal.SIGKILL])
+
+    def test_explicit_grace(self) -> None:
+        """
+        ``stop(grace)`` overrides the model's grace period.
+        """
+        upstream = self.ready_upstream()
+        process = self.reactor.spawned[0]
+        upstream.stop(grace=1)
+        self.reactor.advance(1)
+        self.assertEqual(process.signals, [signal.SIGTERM, signal.SIGKILL])
+
+    def test_no_sigkill_after_exit(self) -> None:
+        """
+        A child that exits within the grace period gets no SIGKILL later.
+        """
+        upstream = self.ready_upstream()
+        process = self.reactor.spawned[0]
+        upstream.stop()
+        process.exit(0)
+        self.reactor.advance(60)
+        self.assertEqual(process.signals, [signal.SIGTERM])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_stop_twice_shares_the_stop(self) -> None:
+        """
+        A second stop while stopping sends nothing more and fires on the same exit.
+        """
+        upstream = self.ready_upstream()
+        process = self.reactor.spawned[0]
+        first, second = upstream.stop(), upstream.stop()
+        self.assertEqual(process.signals, [signal.SIGTERM])
+        self.assertNoResult(second)
+        process.exit(0)
+        self.successResultOf(first)
+        self.successResultOf(second)
+
+    def test_stop_when_stopped(self) -> None:
+        """
+        Stopping a model that is not running succeeds at once.
+        """
+        upstream = self.make_upstream()
+        self.assertIsNone(self.successResultOf(upstream.stop()))
+        self.assertEqual(self.reactor.spawned, [])
+
+    def test_stop_during_start_aborts_start(self) -> None:
+        """
+        A stop during a start fails the start's waiters with a `StartError` and stops the child;
+        a later start spawns a new one.
+        """
+        upstream = self.make_upstream()
+        waiters = [upstream.start(), upstream.start()]
+        process = self.reactor.spawned[0]
+        self.reactor.advance(1)
+        d = upstream.stop()
+        for waiter in waiters:
+            error = self.failureResultOf(waiter, StartError).value
+            self.assertEqual(error.model_id, "m")
+        self.assertEqual(process.signals, [signal.SIGTERM])
+        probes = len(self.probe.calls)
+        self.probe.healthy_at = 0
+        self.reactor.advance(1)
+        self.assertEqual(len(self.probe.calls), probes)
+        self.assertEqual(upstream.state, State.STOPPING)
+        self.assertNoResult(d)
+        process.exit(None, signal.SIGTERM)
+        self.successResultOf(d)
+        self.assertEqual(upstream.state, State.STOPPED)
+        again = upstream.start()
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.reactor.advance(PROBE_INTERVAL_BOUND)
+        self.successResultOf(again)
+
+    def test_start_while_stopping_restarts_after_exit(self) -> None:
+        """
+        A start asked for while the model stops waits for the exit, then spawns a new child.
+        """
+        upstream = self.ready_upstream()
+        stopping = self.reactor.spawned[0]
+        stop = upstream.stop()
+        d = upstream.start()
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.assertNoResult(d)
+        stopping.exit(0)
+        self.successResultOf(stop)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertEqual(upstream.state, State.STARTING)
+        self.reactor.advance(PROBE_INTERVAL_BOUND)
+        self.successResultOf(d)
+        self.assertEqual(upstream.pid, self.reactor.spawned[1].pid)
+
+    def test_crash_while_ready(self) -> None:
+        """
+        A child that dies while ready leaves the model stopped, and the next start spawns it
+        again.
+        """
+        upstream = self.ready_upstream()
+        self.reactor.spawned[0].exit(None, signal.SIGSEGV)
+        self.assertEqual(upstream.state, State.STOPPED)
+        self.assertFalse(upstream.running)
+        self.assertIsNone(upstream.client)
+        d = upstream.start()
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.assertNoResult(d)
+        self.reactor.advance(PROBE_INTERVAL_BOUND)
+        self.successResultOf(d)
+
+    def test_cmd_stop_replaces_sigterm(self) -> None:
+        """
+        With ``cmdStop``, a stop runs that command with ``${PID}`` replaced by the child's pid
+        instead of sending SIGTERM, and the stop ends when the child exits.
+        """
+        upstream = self.ready_upstream({"cmdStop": f"{sys.executable} -c pass --pid ${{PID}}"})
+        child = self.reactor.spawned[0]
+        d = upstream.stop()
+        self.assertEqual(len(self.reactor.spawned), 2)
+        stop_command = self.reactor.spawned[1]
+        self.assertEqual(stop_command.args, [sys.executable, "-c", "pass", "--pid", str(child.pid)])
+        self.assertEqual(child.signals, [])
+        stop_command.exit(0)
+        self.assertNoResult(d)
+        child.exit(0)
+        self.successResultOf(d)
+        self.assertEqual(upstream.state, State.STOPPED)
+
+    def test_cmd_stop_then_sigkill(self) -> None:
+        """
+        A child still alive when ``cmdStop`` has finished and the grace period has passed gets
+        SIGKILL.
+        """
+        upstream = self.ready_upstream({"cmdStop": f"{sys.executable} -c pass ${{PID}}", "unloadTimeout": 2})
+        child = self.reactor.spawned[0]
+        d = upstream.stop()
+        stop_command = self.reactor.spawned[1]
+        self.reactor.advance(1)
+        stop_command.exit(1)
+        self.reactor.advance(1.9)
+        self.assertEqual(child.signals, [])
+        self.reactor.advance(0.1)
+        self.assertEqual(child.signals, [signal.SIGKILL])
+        child.exit(None, signal.SIGKILL)
+        self.successResultOf(d)
+
+    def test_cmd_stop_not_found_falls_back_to_sigterm(self) -> None:
+        """
+        A ``cmdStop`` whose program does not exist does not leave the child running: it gets
+        SIGTERM instead.
+        """
+        upstream = self.ready_upstream({"cmdStop": "no-such-stop-tool-xyz ${PID}"})
+        child = self.reactor.spawned[0]
+        upstream.stop()
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.assertEqual(child.signals, [signal.SIGTERM])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def gone(pid: int) -> bool:
+    """
+    Whether ``pid`` has exited (a zombie waiting for its parent counts as gone).
+    """
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    """
+    Poll ``condition`` on the real reactor until it holds; fail after ``timeout`` seconds.
+
+    For what a real process does in its own time (a killed process disappearing, the pipes of an
+    exited child reaching end of file), where there is no event to wait for.
+    """
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"still waiting after {timeout}s for {what}")
+        await deferLater(reactor, 0.01)
+
+
+def process_pipes_open() -> bool:
+    return any(isinstance(r, ProcessReader) for r in reactor.getReaders())
+
+
+class RealProcessTests(TestCase):
+    """
+    `Upstream` with the real reactor and ``tests/fake_upstream.py`` as the child.
+    """
+
+    timeout = 60
+
+    def make_upstream(self, *args: str, **top: Any) -> Upstream:
+        argv = [sys.executable, FAKE_UPSTREAM, "--port", "${PORT}", *args]
+        cmd = " ".join(json.dumps(a) if " " in a else a for a in argv)
+        config = parse_config(
+            json.dumps({"startPort": free_port(), "models": {"fake": {"cmd": cmd}}, **top}), "test.yaml"
+        )
+        upstream = Upstream(config.models["fake"], reactor, config.health_check_timeout)
+        self.processes: list[psutil.Process] = []
+        self.addCleanup(lambda: Deferred.fromCoroutine(wait_until(lambda: not process_pipes_open(), "pipes to close")))
+        self.addCleanup(self._kill_leftovers)
+        self.addCleanup(lambda: upstream.stop(grace=0.5))
+        upstream.state_observers.append(self._remember_pid)
+        upstream.line_observers.append(self._remember_grandchild)
+        return upstream
+
+    def _remember_pid(self, upstream: Upstream, old: State, new: State) -> None:
+        if new is State.STARTING and upstream.pid is not None:
+            self._remember(upstream.pid)
+
+    def _remember_grandchild(self, upstream: Upstream, line: str) -> None:
+        if line.startswith("grandchild pid="):
+            self._remember(int(line.partition("=")[2]))
+
+    def _remember(self, pid: int) -> None:
+        try:
+            self.processes.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+
+    def _kill_leftovers(self) -> None:
+        for process in self.processes:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+    def grandchild_pid(self, upstream: Upstream) -> int:
+        for line in upstream.recent_lines:
+            if line.startswith("grandchild pid="):
+                return int(line.partition("=")[2])
+        self.fail(f"no grandchild line in {list(upstream.recent_lines)}")
+
+    async def test_start_becomes_ready(self) -> None:
+        """
+        A real child becomes ready, in a session of its own, and answers on its port.
+        """
+        upstream = self.make_upstream("--model", "fake")
+        await upstream.start()
+        self.assertEqual(upstream.state, State.READY)
+        assert upstream.pid is not None and upstream.client is not None
+        self.assertEqual(os.getsid(upstream.pid), upstream.pid)
+        self.assertNotEqual(os.getsid(upstream.pid), os.getsid(0))
+        response = await upstream.client.get(upstream.url_for("/health"))
+        self.assertEqual(response.code, 200)
+        await response.content()
+        pid = upstream.pid
+        await upstream.stop()
+        self.assertEqual(upstream.state, State.STOPPED)
+        self.assertTrue(gone(pid))
+
+    async def test_stop_kills_grandchildren(self) -> None:
+        """
+        A stop ends the whole tree the model started, grandchildren included.
+        """
+        upstream = self.make_upstream("--spawn-grandchild")
+        await upstream.start()
+        assert upstream.pid is not None
+        pid, grandchild = upstream.pid, self.grandchild_pid(upstream)
+        self.assertFalse(gone(grandchild))
+        await upstream.stop()
+        self.assertTrue(gone(pid))
+        await wait_until(lambda: gone(grandchild), "the grandchild to be killed")
+
+    async def test_crash_kills_grandchildren(self) -> None:
+        """
+        When the model's process dies on its own, what it left behind is killed too, and the
+        model is stopped.
+        """
+        upstream = self.make_upstream("--spawn-grandchild")
+        await upstream.start()
+        assert upstream.pid is not None
+        grandchild = self.grandchild_pid(upstream)
+        exited = Deferred[None]()
+        upstream.state_observers.append(lambda up, old, new: new is State.STOPPED and exited.callback(None))
+        os.kill(upstream.pid, signal.SIGKILL)
+        await exited
+        self.assertEqual(upstream.state, State.STOPPED)
+        await wait_until(lambda: gone(grandchild), "the grandchild to be killed")
+
+    async def test_ignored_sigterm_gets_sigkill(self) -> None:
+        """
+        A child that ignores SIGTERM is killed once ``unloadTimeout`` has passed, and the stop
+        completes.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        upstream = self.make_upstream("--ignore-sigterm", "--spawn-grandchild", unloadTimeout=0.5)
+        await upstream.start()
+        assert upstream.pid is not None
+        pid, grandchild = upstream.pid, self.grandchild_pid(upstream)
+        await upstream.stop()
+        self.assertIn("fake upstream: ignoring SIGTERM", upstream.recent_lines)
+        self.assertTrue(gone(pid))
+        await wait_until(lambda: gone(grandchild), "the grandchild to be killed")
+        messages = [formatEvent(e) for e in events if e.get("model") == "fake"]
+        self.assertTrue(any("SIGKILL" in m for m in messages), messages)
+
+    async def test_exit_during_load_reports_code_and_output(self) -> None:
+        """
+        A child that fails to load fails the start with its exit code and its last line.
+        """
+        upstream = self.make_upstream("--exit-during-load", "3", "--load-time", "0.2")
+        with self.assertRaises(StartError) as raised:
+            await upstream.start()
+        error = raised.exception
+        self.assertEqual(error.exit_code, 3)
+        self.assertEqual(error.last_lines[-1], "error: failed to load model 'fake.gguf'")
+        self.assertIn("exit code 3", str(error))
+        self.assertIsNone(upstream.pid)
