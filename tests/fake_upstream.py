@@ -170,8 +170,8 @@ def _loading_steps(settings: argparse.Namespace) -> list[tuple[float, str]]:
         (0.0, f"srv    load_model: loading model '{MODEL_FILE}'\n"),
         (0.05, f"llama_model_loader: loaded meta data with 20 key-value pairs and 291 tensors "
                f"from {MODEL_FILE} (version GGUF V3 (latest))\n"),
-        (0.05, "llama_model_loader: - kv   0:                       general.architecture str              = llama\n"),
-        (0.05, f"llama_model_loader: - kv   1:                               general.name str              = {model}\n"),
+        (0.05, "llama_model_loader: - kv   0:             general.architecture str              = llama\n"),
+        (0.05, f"llama_model_loader: - kv   1:                     general.name str              = {model}\n"),
         (0.05, "print_info: file format = GGUF V3 (latest)\n"),
         (0.05, "print_info: file type   = Q4_K - Medium\n"),
         (0.1, "load_tensors: loading model tensors, this can take a while... (mmap = true)\n"),
@@ -662,7 +662,7 @@ class FakeUpstreamHandler(socketserver.StreamRequestHandler):
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             raise BadRequest(f"malformed request line {line[:100]!r}")
         self.method, self.target, self.version = parts
-        pairs = []
+        pairs: list[tuple[str, str]] = []
         while True:
             header = self.rfile.readline(MAX_LINE + 1)
             if header in (b"\r\n", b"\n"):
@@ -684,7 +684,7 @@ class FakeUpstreamHandler(socketserver.StreamRequestHandler):
     def _read_body(self) -> bytes:
         try:
             if "chunked" in self.headers.get("Transfer-Encoding").lower():
-                parts = []
+                parts: list[bytes] = []
                 while True:
                     line = self.rfile.readline(MAX_LINE + 1)
                     if not line:
@@ -717,7 +717,7 @@ class FakeUpstreamHandler(socketserver.StreamRequestHandler):
         self._send_json(200, self._echo())
 
     def _echo(self) -> dict[str, Any]:
-        length = _number(self.headers.get("Content-Length", None), int)
+        length = _number(self.headers.get("Content-Length"), int)
         return {"method": self.method, "path": self.url_path, "query": self.query_string,
                 "headers": self.headers.lowered(), "body": self.body.decode("utf-8", "replace"),
                 "content_length": length, "body_length": len(self.body)}
@@ -884,7 +884,9 @@ class FakeUpstreamHandler(socketserver.StreamRequestHandler):
         stream = kind in STREAMING_KINDS and _truthy(request.get("stream", self.query.get("stream", False)))
         if controls["crash_after"] is not None and not stream:
             self._crash("before answering")
-        model = request.get("model") if isinstance(request.get("model"), str) else self.server.settings.model
+        model = request.get("model")
+        if not isinstance(model, str):
+            model = self.server.settings.model
         tokens = self._tokens(request, controls["tokens"])
         token_delay = controls["token_delay"]
         if token_delay is None:
@@ -1031,14 +1033,15 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as e:
             die(1, f"fake upstream: cannot listen on {settings.host}:{settings.port}: {e.strerror or e}")
         servers.append(server)
-        host, port = server.server_address[:2]
+        host, port = server.socket.getsockname()[:2]
         if not settings.quiet:
             log(f"fake upstream pid={os.getpid()} listening on {host}:{port}")
         return host, port
 
     def loaded() -> tuple[str, int]:
         ready.set()
-        return servers[0].server_address[:2]
+        host, port = servers[0].socket.getsockname()[:2]
+        return host, port
 
     def bind_loaded() -> tuple[str, int]:
         address = bind()

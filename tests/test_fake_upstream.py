@@ -20,7 +20,7 @@ from treq.client import HTTPClient
 from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
@@ -62,7 +62,7 @@ class FakeUpstreamProcess(ProcessProtocol):
                 waiter.errback(AssertionError(f"fake upstream exited before printing {needle!r}; "
                                               f"stderr:\n{self.stderr.decode(errors='replace')}"))
         self._waiters = []
-        self.ended.callback(reason.value.exitCode)
+        self.ended.callback(getattr(reason.value, "exitCode", None))
 
     def wait_for(self, needle: bytes, timeout: float = 5.0) -> Deferred[bytes]:
         """Fire with all of stderr once it contains ``needle``; fail after ``timeout`` seconds or at exit."""
@@ -84,9 +84,10 @@ class HangUpAfterFirstData(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if not self._hung_up:
             self._hung_up = True
+            assert self.transport is not None
             self.transport.stopProducing()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost.callback(None)
 
 
