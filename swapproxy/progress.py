@@ -41,9 +41,9 @@ _STAGES: tuple[tuple[re.Pattern[str], float, str], ...] = tuple(
         (r"load_tensors: loading model tensors|load_tensors:", _TENSORS_START, "loading weights"),
         (r"llama_context: constructing|llama_context:|llama_init_from_model", _TENSORS_END, "creating context"),
         (r"llama_kv_cache|kv_cache_init|llama_kv_cache_unified", 0.88, "allocating KV cache"),
-        (r"warming up the model", 0.92, "warming up"),
-        (r"initializing slots|main: model loaded|model loaded", 0.95, "model loaded"),
-        (r"server is listening|starting the main loop", 0.98, "server starting"),
+        (r"warming up the model|threadpool init", 0.92, "warming up"),
+        (r"initializing slots|load_model: initializing|model loaded", 0.95, "model loaded"),
+        (r"server is listening|listening on http|starting the main loop", 0.98, "server starting"),
     )
 )
 _LEADING_DOTS = re.compile(r"(\.+)")
