@@ -40,11 +40,14 @@ LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_TO_STDOUT = ("proxy", "upstream", "both", "none")
 LOADING_STATE_FIELDS = ("reasoning_content", "reasoning", "content", "none")
 DEFAULT_CONCURRENCY_LIMIT = 10
+#: Without ``healthCheckCeiling``, a start is given up after this many ``healthCheckTimeout``s
+#: even when the model keeps printing.
+HEALTH_CHECK_CEILING_FACTOR = 10
 
 _TOP_KEYS = frozenset({
-    "healthCheckTimeout", "logLevel", "logToStdout", "logTimeFormat", "startPort", "macros",
+    "healthCheckTimeout", "healthCheckCeiling", "logLevel", "logToStdout", "logTimeFormat", "startPort", "macros",
     "models", "groups", "hooks", "sendLoadingState", "loadingStateField", "globalTTL",
-    "unloadTimeout", "apiKeys", "metricsMaxInMemory", "logRequests", "profiles"})
+    "unloadTimeout", "apiKeys", "metricsMaxInMemory", "logRequests", "profiles", "limits"})
 _MODEL_KEYS = frozenset({
     "cmd", "cmdStop", "proxy", "checkEndpoint", "ttl", "aliases", "useModelName", "env",
     "unlisted", "name", "description", "metadata", "concurrencyLimit", "sendLoadingState",
@@ -118,6 +121,35 @@ class GroupConfig:
     members: tuple[str, ...]
 
 
+_LIMIT_KEYS = frozenset({"maxBodySize", "maxHeaderSize", "requestTimeout", "idleTimeout",
+                         "maxConnections"})
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "ki": 1024, "kib": 1024, "m": 1000**2,
+               "mb": 1000**2, "mi": 1024**2, "mib": 1024**2, "g": 1000**3, "gb": 1000**3,
+               "gi": 1024**3, "gib": 1024**3}
+
+
+@attrs.frozen
+class Limits:
+    """
+    What one client may send (``limits`` in the config); 0 means no limit, except for
+    ``max_header_size``.
+
+    :ivar max_body_size: bytes in one request body; more is answered 413.
+    :ivar max_header_size: bytes in the request line and headers together; more is answered 431.
+    :ivar request_timeout: seconds from a request's first byte until its whole body has arrived;
+        a slower request is answered 408 and its connection closed.
+    :ivar idle_timeout: seconds a connection may stay silent between requests.
+    :ivar max_connections: open client connections; a connection beyond it is answered 503.
+    """
+
+    max_body_size: int = 64 * 1024**2
+    max_header_size: int = 16 * 1024
+    request_timeout: float = 120.0
+    idle_timeout: float = 60.0
+    max_connections: int = 512
+
+
 @attrs.frozen
 class Config:
     """
@@ -145,6 +177,17 @@ class Config:
     warnings: tuple[str, ...]
     log_time_format: str = ""
     metrics_max_in_memory: int = 1000
+    limits: Limits = attrs.Factory(Limits)
+    #: Seconds a start may take in all, however much the model prints; 0 means
+    #: ``HEALTH_CHECK_CEILING_FACTOR`` times ``health_check_timeout``.
+    health_check_ceiling: int = 0
+
+    @property
+    def start_ceiling(self) -> int:
+        """
+        The hard limit on a start, in seconds, with the default applied.
+        """
+        return self.health_check_ceiling or HEALTH_CHECK_CEILING_FACTOR * self.health_check_timeout
 
     def resolve(self, name: str) -> ModelConfig | None:
         """
@@ -612,9 +655,7 @@ def _build_model(ch: _Checker, mid: str, raw: Any, global_macros: dict[str, Any]
             strip.update(p.strip() for p in final(where, scope.text(part, where)).split(","))
     where = f"{fpath}.setParams"
     set_params = final(where, scope.typed(ch.mapping(filters.get("setParams"), where), where))
-    if "model" in set_params:
-        del set_params["model"]
-        ch.warn(f"{where}.model: ignored, the model field cannot be set")
+    _check_params(ch, set_params, where)
     by_id = {}
     for key, params in ch.mapping(filters.get("setParamsByID"), f"{fpath}.setParamsByID").items():
         where = _join(f"{fpath}.setParamsByID", key)
@@ -622,7 +663,7 @@ def _build_model(ch: _Checker, mid: str, raw: Any, global_macros: dict[str, Any]
         if not name:
             raise ch.error(where, "keys must be non-empty model names")
         params = final(where, scope.typed(ch.mapping(params, where), where))
-        params.pop("model", None)
+        _check_params(ch, params, where)
         by_id[name] = params
 
     metadata = ch.mapping(m.get("metadata"), f"{path}.metadata")
@@ -652,6 +693,77 @@ def _build_model(ch: _Checker, mid: str, raw: Any, global_macros: dict[str, Any]
         strip_params=tuple(sorted(strip - {"", "model"})),
         set_params=set_params,
         set_params_by_id=by_id,
+    )
+
+
+def _check_params(ch: _Checker, params: dict[Any, Any], where: str) -> None:
+    """
+    Check a ``setParams`` mapping in place: string keys, JSON values, and no key that would set
+    ``model`` (or a path inside it), which is dropped with a warning.
+    """
+    for key in list(params):
+        path = _join(where, key)
+        if not isinstance(key, str) or not key.strip():
+            raise ch.error(path, "keys must be non-empty strings, JSON key paths such as a.b (quote a number)")
+        if key.split(".", 1)[0].strip() == "model":
+            del params[key]
+            ch.warn(f"{path}: ignored, the model field cannot be set")
+            continue
+        _check_json(ch, params[key], path)
+
+
+def _check_json(ch: _Checker, value: Any, path: str) -> None:
+    """Reject a YAML value that has no JSON equivalent (dates, binary, sets)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json(ch, item, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ch.error(_join(path, key), "JSON object keys must be strings (quote it)")
+            _check_json(ch, item, _join(path, key))
+    else:
+        raise ch.error(path, f"must be a JSON value (string, number, boolean, null, list or"
+                             f" mapping), got {_show(value)} (quote it to send it as a string)")
+
+
+def _size(ch: _Checker, value: Any, path: str, default: int, minimum: int,
+          zero_ok: bool = True) -> int:
+    """A byte count: an integer, or a string such as ``64MiB``, ``512 KiB`` or ``1.5GB``."""
+    if value is None:
+        return default
+    count: float | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        count = value
+    elif isinstance(value, str):
+        match = _SIZE.fullmatch(value)
+        if match:
+            count = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+    if count is None or count >= 1 << 62 or not ((count == 0 and zero_ok) or count >= minimum):
+        no_limit = "0 (no limit) or " if zero_ok else ""
+        raise ch.error(path, f"must be {no_limit}a size of at least {minimum} bytes, such as"
+                             f" 1048576, 512KiB or 64MiB, got {_show(value)}")
+    return int(count)
+
+
+def _build_limits(ch: _Checker, raw: Any) -> Limits:
+    limits = ch.mapping(raw, "limits")
+    ch.known(limits, "limits", _LIMIT_KEYS)
+    default = Limits()
+    header_size = _size(ch, limits.get("maxHeaderSize"), "limits.maxHeaderSize",
+                        default.max_header_size, 1024, zero_ok=False)
+    return Limits(
+        max_body_size=_size(ch, limits.get("maxBodySize"), "limits.maxBodySize",
+                            default.max_body_size, 1),
+        max_header_size=header_size,
+        request_timeout=ch.number(limits.get("requestTimeout"), "limits.requestTimeout",
+                                  default.request_timeout),
+        idle_timeout=ch.number(limits.get("idleTimeout"), "limits.idleTimeout",
+                               default.idle_timeout),
+        max_connections=ch.integer(limits.get("maxConnections"), "limits.maxConnections",
+                                   default.max_connections, minimum=0),
     )
 
 
@@ -721,6 +833,10 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
     if health < 15:
         ch.warn(f"healthCheckTimeout: {health} is below the minimum of 15, using 15")
         health = 15
+    ceiling = ch.integer(data.get("healthCheckCeiling"), "healthCheckCeiling", 0, minimum=0)
+    if 0 < ceiling < health:
+        raise ch.error("healthCheckCeiling", f"must be 0 (meaning {HEALTH_CHECK_CEILING_FACTOR} x "
+                       f"healthCheckTimeout) or at least healthCheckTimeout ({health}), got {ceiling}")
     level = ch.string(data.get("logLevel"), "logLevel", "info").strip().lower()
     if level not in LOG_LEVELS:
         ch.warn(f"logLevel: unknown level {_show(data.get('logLevel'))}, using info")
@@ -730,6 +846,7 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
     if data.get("profiles"):
         ch.warn("profiles: not supported (llama-swap replaced them with groups), ignored")
     metrics_max = ch.integer(data.get("metricsMaxInMemory"), "metricsMaxInMemory", 1000)
+    limits = _build_limits(ch, data.get("limits"))
     api_keys = ch.strings(data.get("apiKeys"), "apiKeys")
     for i, key in enumerate(api_keys):
         if any(c.isspace() for c in key):
@@ -790,4 +907,6 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         warnings=tuple(ch.warnings),
         log_time_format=ch.string(data.get("logTimeFormat"), "logTimeFormat").strip(),
         metrics_max_in_memory=metrics_max if metrics_max > 0 else 1000,
+        limits=limits,
+        health_check_ceiling=ceiling,
     )

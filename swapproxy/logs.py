@@ -4,11 +4,17 @@ Where swapproxy's log events go.
 
 Two streams, as in llama-swap: *proxy* events (swapproxy's own messages, filtered by the
 configured ``logLevel``) and *upstream* events (each line a child printed, never filtered by
-level). Both end in Twisted's global log publisher, so ``twistd`` writes them wherever it was
-told to, and trial still sees logged failures.
+level). ``logToStdout`` (`route_logs`) decides which of them reach Twisted's global log publisher,
+so that ``twistd`` writes them wherever it was told to; an event that carries a failure always
+does, so that no traceback is ever lost and trial still sees logged failures. Every event is also
+offered to the attached `LogSink`\ s (the in-memory history behind ``/logs``), with a flag that
+says whether it belongs in the combined history.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -29,21 +35,104 @@ _LEVELS = {
 }
 
 
-@implementer(ILogObserver)
-class _Forward:
-    """
-    Forwards events to whatever is the global publisher at the time of the event.
+#: The values of ``logToStdout``: which sources reach the global publisher and the combined history.
+LOG_SOURCES = {"proxy": ("proxy",), "upstream": ("upstream",), "both": ("proxy", "upstream"), "none": ()}
 
-    Looking the publisher up late keeps tests that patch it (``capturedLogs``) working.
+
+class LogSink(Protocol):
     """
+    Something that keeps log events, such as `swapproxy.logbuffer.LogHistory`.
+    """
+
+    def log_event(self, source: str, event: LogEvent, combined: bool) -> None:
+        """
+        Keep one event.
+
+        :param source: ``proxy`` or ``upstream``.
+        :param combined: whether ``logToStdout`` puts this source in the combined history.
+        """
+
+
+class _Routing:
+    """
+    Where events go: the ``logToStdout`` setting and the attached sinks.
+
+    Until `route_logs` is called everything reaches the global publisher, which is what tests
+    and tools that build swapproxy's parts without ``twistd`` expect.
+    """
+
+    def __init__(self) -> None:
+        self.to_stdout: Callable[[], str] = lambda: "both"
+        self.sinks: tuple[LogSink, ...] = ()
+
+
+_routing = _Routing()
+# Errors of a sink are reported straight to the global publisher, never through the routes.
+_own_log = Logger(namespace="swapproxy.logs", observer=globalLogPublisher)
+
+
+@implementer(ILogObserver)
+class _Route:
+    """
+    Offers each event of one source to the sinks, then to the global publisher if it belongs
+    there.
+
+    The global publisher is looked up at the time of the event, which keeps tests that patch it
+    (``capturedLogs``) working.
+    """
+
+    def __init__(self, source: str) -> None:
+        self._source = source
 
     def __call__(self, event: LogEvent) -> None:
-        globalLogPublisher(event)
+        combined = self._source in LOG_SOURCES.get(_routing.to_stdout(), ("proxy",))
+        for sink in _routing.sinks:
+            try:
+                sink.log_event(self._source, event, combined)
+            except Exception:
+                # A broken sink must never break the code that logged.
+                _own_log.failure("log sink {sink!r} failed", sink=sink)
+        if combined or "log_failure" in event:
+            globalLogPublisher(event)
 
 
 _level_predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-proxy_observer = FilteringLogObserver(_Forward(), [_level_predicate])
-upstream_observer = _Forward()
+proxy_observer = FilteringLogObserver(_Route("proxy"), [_level_predicate])
+upstream_observer = _Route("upstream")
+
+
+def route_logs(log_to_stdout: str | Callable[[], str]) -> Callable[[], str]:
+    """
+    Set which sources reach the global publisher (``twistd``'s log) and the combined history.
+
+    :param log_to_stdout: ``proxy``, ``upstream``, ``both`` or ``none``, as ``logToStdout``; or a
+        function that returns the current value (read at each event, so that a reloaded config
+        takes effect at once).
+    :returns: the previous setting, as a function, to restore it later.
+    :raises ValueError: for a value that is none of these.
+    """
+    if isinstance(log_to_stdout, str):
+        if log_to_stdout not in LOG_SOURCES:
+            raise ValueError(f"logToStdout must be one of {', '.join(LOG_SOURCES)}, got {log_to_stdout!r}")
+        value = log_to_stdout
+        log_to_stdout = lambda: value  # noqa: E731
+    previous, _routing.to_stdout = _routing.to_stdout, log_to_stdout
+    return previous
+
+
+def add_log_sink(sink: LogSink) -> None:
+    """
+    Offer every proxy and upstream event from now on to ``sink`` as well.
+    """
+    if sink not in _routing.sinks:
+        _routing.sinks += (sink,)
+
+
+def remove_log_sink(sink: LogSink) -> None:
+    """
+    Stop offering events to ``sink``; a sink that is not attached is ignored.
+    """
+    _routing.sinks = tuple(s for s in _routing.sinks if s is not sink)
 
 
 def set_log_level(level: str) -> None:

@@ -7,6 +7,10 @@ model is ready and conflicts with nothing is granted a `Lease` at once; one that
 models stopped waits until those models have no request in flight, and from then on later
 tickets for those models wait behind it, so that a busy model cannot keep its group forever.
 Models are stopped for a swap only when no request is in flight on them.
+
+`Supervisor.reload` applies a new configuration without dropping a request: a model whose process
+settings changed, or that was removed, keeps its old process until the requests in flight on it
+are done (it is "retiring"), and a new process is started only once that one has gone.
 """
 
 from __future__ import annotations
@@ -14,14 +18,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
-from swapproxy.config import Config, ModelConfig
+from swapproxy.config import Config, GroupConfig, ModelConfig
 from swapproxy.logs import proxy_logger
-from swapproxy.upstream import StartError, State, Upstream
+from swapproxy.upstream import StartError, State, Upstream, needs_restart
 
 
 class Rejected(Exception):
@@ -50,6 +55,48 @@ class ShuttingDown(Rejected):
     code = "shutting_down"
 
 
+class UnknownModel(Rejected):
+    """
+    The model is not configured (a reload removed it, perhaps while the request waited).
+    """
+
+    status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+@attrs.frozen
+class ReloadResult:
+    """
+    What `Supervisor.reload` did, as model ids.
+
+    :ivar added: new models; they start on their first request.
+    :ivar changed: models whose command, environment, address or health check changed: the old
+        process finishes its requests in flight and stops, the next request starts the new one.
+    :ivar removed: models no longer configured; stopped once their requests in flight are done.
+    :ivar updated: models with other new settings (ttl, aliases, ...), applied to the running process.
+    :ivar unchanged: models whose settings are the same.
+    """
+
+    added: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    updated: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+
+
+@attrs.define
+class _Retiree:
+    """
+    A process a reload replaced or removed: it serves its requests in flight, then stops.
+
+    :ivar group: the group the model was in, which decides what it conflicts with until it is gone.
+    """
+
+    group: GroupConfig
+    in_flight: int
+
+
 class Lease:
     """
     Permission to send one request to a ready model; `release` it when the response is done.
@@ -66,7 +113,7 @@ class Lease:
         """
         if not self.released:
             self.released = True
-            self._supervisor._release(self.upstream.model.id)
+            self._supervisor._release(self.upstream)
 
 
 class Ticket:
@@ -112,6 +159,9 @@ class Supervisor(Service):
     :param reactor: provides ``IReactorProcess`` and ``IReactorTime``.
     :param environ: the environment children inherit (``os.environ`` by default).
     :param upstream_factory: makes the `Upstream` of a model (tests pass fakes).
+
+    ``config``, ``upstreams`` and ``in_flight`` change on `reload`: read them when needed, do not
+    keep them.
     """
 
     def __init__(
@@ -127,20 +177,47 @@ class Supervisor(Service):
         if upstream_factory is None:
 
             def upstream_factory(model: ModelConfig) -> Upstream:
-                return Upstream(model, reactor, config.health_check_timeout, environ)
+                return Upstream(
+                    model,
+                    reactor,
+                    self.config.health_check_timeout,
+                    environ,
+                    health_check_ceiling=self.config.start_ceiling,
+                )
 
+        self._upstream_factory = upstream_factory
+        self._upstream_watchers: list[Callable[[Upstream], None]] = []
+        #: Called with (stopped model id, model id it made room for) each time a swap stops a model.
+        self.swap_observers: list[Callable[[str, str], None]] = []
         self.upstreams: dict[str, Upstream] = {}
-        for model_id, model in config.models.items():
-            upstream = upstream_factory(model)
-            upstream.state_observers.append(self._upstream_changed)
-            self.upstreams[model_id] = upstream
-        self.in_flight: dict[str, int] = {model_id: 0 for model_id in config.models}
+        self.in_flight: dict[str, int] = {}
+        self._retiring: dict[Upstream, _Retiree] = {}
+        for model in config.models.values():
+            self._add_upstream(model)
         self._queue: list[Ticket] = []
         self._ttl_calls: dict[str, IDelayedCall] = {}
         self._pumping = False
         self._pump_again = False
         self._shutting_down = False
         self._preload: Deferred[None] | None = None
+
+    def _add_upstream(self, model: ModelConfig) -> None:
+        upstream = self._upstream_factory(model)
+        upstream.state_observers.append(self._upstream_changed)
+        self.upstreams[model.id] = upstream
+        self.in_flight[model.id] = 0
+        for watcher in list(self._upstream_watchers):
+            watcher(upstream)
+
+    def each_upstream(self, watcher: Callable[[Upstream], None]) -> None:
+        """
+        Call ``watcher`` with every current upstream now, and with each one a reload adds later.
+
+        This is how per-model companions (load trackers, metrics) follow reloads.
+        """
+        self._upstream_watchers.append(watcher)
+        for upstream in list(self.upstreams.values()):
+            watcher(upstream)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -151,10 +228,13 @@ class Supervisor(Service):
         :param model_id: a configured model id (aliases are resolved by the caller).
         :raises TooManyRequests: the model already has ``concurrencyLimit`` requests.
         :raises ShuttingDown: swapproxy is stopping.
+        :raises UnknownModel: the model is not configured (a reload removed it).
         """
         if self._shutting_down:
             raise ShuttingDown("swapproxy is shutting down")
-        upstream = self.upstreams[model_id]
+        upstream = self.upstreams.get(model_id)
+        if upstream is None:
+            raise UnknownModel(f"model {model_id!r} is not configured; see GET /v1/models")
         load = self.in_flight[model_id] + sum(1 for t in self._queue if t.model_id == model_id)
         if load >= upstream.model.concurrency_limit:
             raise TooManyRequests(
@@ -179,11 +259,26 @@ class Supervisor(Service):
             ticket._start.cancel()
         self._pump()
 
-    def _release(self, model_id: str) -> None:
-        self.in_flight[model_id] -= 1
-        if self.in_flight[model_id] == 0:
-            self._arm_ttl(model_id)
+    def _release(self, upstream: Upstream) -> None:
+        model_id = upstream.model.id
+        retiree = self._retiring.get(upstream)
+        if retiree is not None:
+            retiree.in_flight -= 1
+            if retiree.in_flight <= 0:
+                self._stop_retiree(upstream)
+        elif self.upstreams.get(model_id) is upstream:
+            self.in_flight[model_id] -= 1
+            if self.in_flight[model_id] == 0:
+                self._arm_ttl(model_id)
         self._pump()
+
+    def _in_flight_of(self, upstream: Upstream) -> int:
+        retiree = self._retiring.get(upstream)
+        if retiree is not None:
+            return retiree.in_flight
+        if self.upstreams.get(upstream.model.id) is upstream:
+            return self.in_flight[upstream.model.id]
+        return 0
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -191,17 +286,18 @@ class Supervisor(Service):
         """
         The running models that must stop before ``model_id`` may run.
         """
+        return list(dict.fromkeys(upstream.model.id for upstream in self._conflicting(model_id)))
+
+    def _conflicting(self, model_id: str) -> list[Upstream]:
         group = self.config.group_of(model_id)
         result = []
         for other_id, other in self.upstreams.items():
-            if other_id == model_id or not other.running:
-                continue
-            other_group = self.config.group_of(other_id)
-            if other_group.id == group.id:
-                if group.swap:
-                    result.append(other_id)
-            elif group.exclusive and not other_group.persistent:
-                result.append(other_id)
+            if other_id != model_id and other.running and _displaces(group, self.config.group_of(other_id)):
+                result.append(other)
+        for other, retiree in self._retiring.items():
+            # A model's retiring process holds its port: the new one waits for it in any case.
+            if other.running and (other.model.id == model_id or _displaces(group, retiree.group)):
+                result.append(other)
         return result
 
     def _pump(self) -> None:
@@ -218,35 +314,39 @@ class Supervisor(Service):
             self._pumping = False
 
     def _schedule(self) -> None:
-        blocked: set[str] = set()
-        claimed: set[str] = set()
+        blocked: set[Upstream] = set()
+        claimed: set[Upstream] = set()
         position = 0
         for ticket in list(self._queue):
             model_id = ticket.model_id
             upstream = ticket.upstream
-            if model_id in blocked:
+            if upstream in blocked:
                 position += 1
                 ticket.stage, ticket.position = "queued", position
-                ticket.waiting_for = tuple(sorted(blocked))
-                claimed.add(model_id)
+                ticket.waiting_for = tuple(sorted({other.model.id for other in blocked}))
+                claimed.add(upstream)
                 continue
-            conflicts = self.conflicts(model_id)
+            conflicts = self._conflicting(model_id)
             if not conflicts and upstream.state is State.READY:
                 self._grant(ticket)
                 continue
             position += 1
             ticket.position = position
-            claimed.add(model_id)
+            claimed.add(upstream)
             if conflicts:
-                ticket.waiting_for = tuple(conflicts)
-                busy = [c for c in conflicts if self.in_flight[c] or c in claimed]
-                for other_id in conflicts:
-                    if other_id not in busy and self.upstreams[other_id].state is not State.STOPPING:
+                ticket.waiting_for = tuple(dict.fromkeys(other.model.id for other in conflicts))
+                busy = [c for c in conflicts if self._in_flight_of(c) or c in claimed]
+                for other in conflicts:
+                    if other not in busy and other.state is not State.STOPPING:
                         self.log.info(
-                            "stopping model {other} to make room for {model}", other=other_id, model=model_id
+                            "stopping model {other} to make room for {model}", other=other.model.id, model=model_id
                         )
-                        self._cancel_ttl(other_id)
-                        self.upstreams[other_id].stop(self.config.health_check_timeout)
+                        for observer in list(self.swap_observers):
+                            observer(other.model.id, model_id)
+                        if self.upstreams.get(other.model.id) is other:
+                            self._cancel_ttl(other.model.id)
+                        # Its own unloadTimeout (llama-swap gives a swap healthCheckTimeout).
+                        other.stop()
                 ticket.stage = "queued" if busy else "stopping"
                 blocked.update(conflicts)
                 continue
@@ -278,7 +378,15 @@ class Supervisor(Service):
         return None
 
     def _upstream_changed(self, upstream: Upstream, old: State, new: State) -> None:
+        if upstream in self._retiring:
+            if not upstream.running:
+                del self._retiring[upstream]
+                self.log.info("the replaced process of model {model} has ended", model=upstream.model.id)
+            self._pump()
+            return
         self._pump()
+        if self.upstreams.get(upstream.model.id) is not upstream:
+            return
         if new is State.READY:
             self._arm_ttl(upstream.model.id)
         elif new is not State.STARTING:
@@ -293,6 +401,14 @@ class Supervisor(Service):
             return
         self._cancel_ttl(model_id)
         self._ttl_calls[model_id] = self._reactor.callLater(ttl, self._ttl_expired, model_id)
+
+    def unload_due(self, model_id: str) -> float | None:
+        """
+        When (clock seconds) the TTL will unload an idle model; ``None`` while no TTL timer runs
+        (``ttl`` 0, requests in flight or queued, or not ready).
+        """
+        call = self._ttl_calls.get(model_id)
+        return call.getTime() if call is not None and call.active() else None
 
     def _cancel_ttl(self, model_id: str) -> None:
         call = self._ttl_calls.pop(model_id, None)
@@ -319,11 +435,16 @@ class Supervisor(Service):
         targets = [model_id] if model_id is not None else list(self.upstreams)
         stops = []
         for target in targets:
+            upstream = self.upstreams.get(target)
+            if upstream is None:
+                continue
             self._cancel_ttl(target)
-            upstream = self.upstreams[target]
             if upstream.running:
                 self.log.info("unloading model {model}", model=target)
             stops.append(upstream.stop())
+        for retiree in list(self._retiring):
+            if model_id is None or retiree.model.id == model_id:
+                stops.append(retiree.stop())
         return DeferredList(stops, consumeErrors=True).addCallback(lambda _: None)
 
     def startService(self) -> None:
@@ -360,6 +481,7 @@ class Supervisor(Service):
         for model_id in list(self._ttl_calls):
             self._cancel_ttl(model_id)
         running = [model_id for model_id, up in self.upstreams.items() if up.running]
+        running += [f"{up.model.id} (replaced)" for up in self._retiring if up.running]
         if running:
             self.log.info("shutting down: stopping {models}", models=", ".join(running))
         return self.unload()
@@ -367,6 +489,108 @@ class Supervisor(Service):
     def running_upstreams(self) -> list[Upstream]:
         """
         The upstreams that have a child process, in model id order.
+
+        A process that a reload replaced and that still finishes its requests is not among them;
+        see `retiring_upstreams`.
         """
         return [up for _, up in sorted(self.upstreams.items()) if up.running]
+
+    def retiring_upstreams(self) -> list[Upstream]:
+        """
+        The processes a reload replaced or removed that have not ended yet, in model id order.
+        """
+        return sorted((up for up in self._retiring if up.running), key=lambda up: up.model.id)
+
+    # -- reload -------------------------------------------------------------------------------
+
+    def reload(self, config: Config) -> ReloadResult:
+        """
+        Switch to a new, already validated, configuration without dropping a request.
+
+        Models whose settings did not change keep their process; those whose other settings
+        changed (`needs_restart` is false) keep it too, with the new settings. A changed or removed
+        model's process serves its requests in flight and then stops; requests that wait for a
+        changed model move to its new process, which starts once the old one has gone. Requests
+        that wait for a removed model fail with `UnknownModel`.
+
+        :raises ShuttingDown: swapproxy is stopping.
+        """
+        if self._shutting_down:
+            raise ShuttingDown("swapproxy is shutting down")
+        old = self.config
+        removed = tuple(mid for mid in old.models if mid not in config.models)
+        added, changed, updated, unchanged = [], [], [], []
+        for model_id, model in config.models.items():
+            before = old.models.get(model_id)
+            if before is None:
+                added.append(model_id)
+            elif needs_restart(before, model):
+                changed.append(model_id)
+            elif before != model:
+                updated.append(model_id)
+            else:
+                unchanged.append(model_id)
+        self.config = config
+        retired = []
+        for model_id in removed + tuple(changed):
+            upstream = self.upstreams.pop(model_id)
+            in_flight = self.in_flight.pop(model_id)
+            self._cancel_ttl(model_id)
+            if upstream.running:
+                self._retiring[upstream] = _Retiree(old.group_of(model_id), in_flight)
+                retired.append(upstream)
+        for model_id in added + changed:
+            self._add_upstream(config.models[model_id])
+        # In place and in config order, as at start-up: the web layer reads these dicts.
+        upstreams = [(model_id, self.upstreams[model_id]) for model_id in config.models]
+        counts = [(model_id, self.in_flight[model_id]) for model_id in config.models]
+        self.upstreams.clear()
+        self.upstreams.update(upstreams)
+        self.in_flight.clear()
+        self.in_flight.update(counts)
+        for model_id in updated + unchanged:
+            self.upstreams[model_id].reconfigure(
+                config.models[model_id], config.health_check_timeout, config.start_ceiling
+            )
+            if model_id in updated:
+                self._cancel_ttl(model_id)
+                self._arm_ttl(model_id)
+        for ticket in list(self._queue):
+            if ticket.model_id in removed:
+                self._fail_ticket(
+                    ticket, UnknownModel(f"model {ticket.model_id!r} was removed from the configuration")
+                )
+            elif ticket.model_id in changed:
+                start, ticket._start = ticket._start, None
+                if start is not None and not start.called:
+                    start.cancel()
+                ticket.upstream = self.upstreams[ticket.model_id]
+        for upstream in retired:
+            if self._retiring[upstream].in_flight == 0:
+                self._stop_retiree(upstream)
+        self._pump()
+        return ReloadResult(tuple(added), tuple(changed), removed, tuple(updated), tuple(unchanged))
+
+    def _stop_retiree(self, upstream: Upstream) -> None:
+        if upstream.running and upstream.state is not State.STOPPING:
+            self.log.info("stopping the replaced process of model {model}", model=upstream.model.id)
+        upstream.stop()
+
+    def _fail_ticket(self, ticket: Ticket, error: Exception) -> None:
+        self._queue.remove(ticket)
+        start, ticket._start = ticket._start, None
+        if start is not None and not start.called:
+            start.cancel()
+        ticket.stage = "failed"
+        ticket.error = error
+        ticket._result.errback(error)
+
+
+def _displaces(group: GroupConfig, other: GroupConfig) -> bool:
+    """
+    Whether starting a member of ``group`` stops a running member of ``other``.
+    """
+    if other.id == group.id:
+        return group.swap
+    return group.exclusive and not other.persistent
 

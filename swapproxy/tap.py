@@ -16,9 +16,13 @@ from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
 from swapproxy import __version__
+from swapproxy.children import STATE_FILE, ChildRecord
 from swapproxy.config import Config, ConfigError, load_config
+from swapproxy.logbuffer import LogHistory, LogRouting
 from swapproxy.logs import proxy_logger, set_log_level
+from swapproxy.metrics import Metrics
 from swapproxy.progress import LoadHistory, default_state_dir
+from swapproxy.reload import WATCH_INTERVAL, ConfigReloader
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.root import build_site
 
@@ -41,6 +45,10 @@ class Options(usage.Options):
         ["config", "c", "config.yaml", "The llama-swap style YAML configuration file."],
         ["state-dir", None, None, "Where swapproxy keeps its small state files "
          "(default: $XDG_STATE_HOME/swapproxy or ~/.local/state/swapproxy)."],
+    ]
+    optFlags = [
+        ["watch-config", None, "Reload the config file when it changes (its mtime and size are "
+         "checked every 2 s). SIGHUP always reloads it."],
     ]
 
     def __init__(self) -> None:
@@ -77,6 +85,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     The swapproxy service: the model supervisor and one HTTP server per ``--listen``.
 
     The configuration was loaded and checked in `Options.postOptions`, before anything starts.
+    Model processes that an earlier swapproxy with the same state directory left behind (it was
+    killed with SIGKILL) are stopped here, before anything serves; this blocks for up to
+    ``unloadTimeout`` seconds when there are any.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -88,11 +99,24 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # Not "warning=": legacy observers (trial's among them) read that key as a Python warning.
         log.warn("{config_warning}", config_warning=warning)
     root = MultiService()
+    # First in, last out: the log history and logToStdout apply from the first start to the last
+    # stop. They read the supervisor's config at each event, so that a reload takes effect.
+    logs = LogHistory(lambda: supervisor.config.log_time_format)
+    LogRouting(logs, lambda: supervisor.config.log_to_stdout).setServiceParent(root)
     supervisor = Supervisor(config, reactor)
     supervisor.setServiceParent(root)
     state_dir = options["state-dir"] or default_state_dir()
+    children = ChildRecord(os.path.join(state_dir, STATE_FILE))
+    children.clean_up(grace=config.unload_timeout)
+    supervisor.each_upstream(children.follow)
+    ConfigReloader(
+        options["config"],
+        supervisor,
+        reactor,
+        watch_interval=WATCH_INTERVAL if options["watch-config"] else None,
+    ).setServiceParent(root)
     history = LoadHistory(os.path.join(state_dir, "load-times.json"))
-    site = build_site(supervisor, reactor, history)
+    site = build_site(supervisor, reactor, history, logs=logs, metrics=Metrics(supervisor, reactor))
     for endpoint in options["listen"]:
         strports.service(endpoint, site, reactor=reactor).setServiceParent(root)
     log.info(

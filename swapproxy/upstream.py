@@ -23,27 +23,53 @@ from typing import Any
 
 import psutil
 from treq.client import HTTPClient
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorProcess, IReactorTime
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IReactorProcess,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-from swapproxy.config import ModelConfig
+from swapproxy.config import HEALTH_CHECK_CEILING_FACTOR, ModelConfig
 from swapproxy.logs import proxy_logger, upstream_logger
 
 #: First delay between health probes, and the most it backs off to.
 FIRST_PROBE_DELAY = 0.02
 MAX_PROBE_DELAY = 0.25
-#: A line of child output triggers an immediate probe, but not more often than this.
-MIN_PROBE_INTERVAL = 0.02
+#: Child output triggers a probe, at most this long after the previous one: a swap waits this
+#: long at worst for a llama-server that printed "model loaded" just after a probe. A loader that
+#: prints without pause is probed this often (a probe costs about half a millisecond of CPU).
+MIN_PROBE_INTERVAL = 0.005
 #: How many of the child's last output lines a start error quotes.
 ERROR_TAIL_LINES = 5
 
 _SESSION_SHIM = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
+
+
+def needs_restart(old: ModelConfig, new: ModelConfig) -> bool:
+    """
+    Whether a running child of ``old`` cannot serve as ``new``: its command, environment, address
+    or health check changed. Everything else (ttl, aliases, filters, ``cmdStop``, ...) can change
+    under a running child.
+    """
+    return (old.cmd, old.env, old.proxy, old.check_endpoint, old.port) != (
+        new.cmd,
+        new.env,
+        new.proxy,
+        new.check_endpoint,
+        new.port,
+    )
 
 
 class State(enum.Enum):
@@ -126,6 +152,65 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """
+    One client endpoint per upstream address, made once: `Agent`'s own factory builds a
+    `HostnameEndpoint` (with an IDNA encoding of the host) for every request. An IP address
+    gets a plain TCP endpoint, since there is no name to resolve.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+        self._tls = BrowserLikePolicyForHTTPS()
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            host = uri.host.decode("ascii")
+            if isIPAddress(host):
+                endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port)
+            elif isIPv6Address(host):
+                endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port)
+            else:
+                endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port)
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
+            self._endpoints[key] = endpoint
+        return endpoint
+
+
+class _RelayClient(HTTPClient):
+    """
+    treq's client, with a short way for the requests the relay sends: unbuffered, no redirects,
+    an in-memory body, ``Headers`` and an ASCII URL go straight to the `Agent`, without treq's
+    URL parsing, cookie and content-decoding layers (they cost more than the rest of a proxied
+    request). The answer is then the agent's own `IResponse`. Any other request takes treq's way.
+    """
+
+    def __init__(self, agent: Agent, cookiejar: CookieJar) -> None:
+        super().__init__(agent, cookiejar=cookiejar, data_to_body_producer=_body_producer)
+        self._direct = agent
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> Deferred[Any]:  # type: ignore[override]
+        headers = kwargs.get("headers")
+        data = kwargs.get("data")
+        if (
+            kwargs.get("unbuffered") is True
+            and kwargs.get("allow_redirects") is False
+            and set(kwargs) <= {"headers", "data", "unbuffered", "allow_redirects"}
+            and isinstance(headers, Headers)
+            and (data is None or isinstance(data, bytes))
+            and isinstance(url, str)
+            and url.isascii()
+        ):
+            body = BytesProducer(data) if data else None
+            return self._direct.request(method.encode("ascii"), url.encode("ascii"), headers, body)
+        return super().request(method, url, **kwargs)
+
+
 def make_http_client(reactor: Any, max_idle: int) -> tuple[HTTPClient, HTTPConnectionPool]:
     """
     An HTTP client with its own connection pool, no cookie memory and in-memory bodies.
@@ -138,8 +223,8 @@ def make_http_client(reactor: Any, max_idle: int) -> tuple[HTTPClient, HTTPConne
     pool._factory = _QuietClientFactory
     # A proxy must never replay one client's upstream cookies to another client.
     no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-    client = HTTPClient(Agent(reactor, pool=pool), cookiejar=no_cookies, data_to_body_producer=_body_producer)
-    return client, pool
+    agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor), pool=pool)
+    return _RelayClient(agent, no_cookies), pool
 
 
 def _describe_exit(reason: Failure) -> tuple[str, int | None]:
@@ -221,11 +306,14 @@ class Upstream:
 
     :param model: the model's configuration.
     :param reactor: provides `IReactorProcess` and `IReactorTime`.
-    :param health_check_timeout: seconds a start may take before it is given up.
+    :param health_check_timeout: seconds a start may go without a sign of life (a byte of
+        output, a change in the health answer) before it is given up.
     :param environ: the environment the child inherits (``os.environ`` by default);
         the model's ``env`` entries are added to it.
     :param health_probe: asks the child's health endpoint once and returns the HTTP status
         (or fails when it cannot connect); an HTTP GET of ``checkEndpoint`` by default.
+    :param health_check_ceiling: seconds a start may take in all, however lively the child
+        is; `HEALTH_CHECK_CEILING_FACTOR` times ``health_check_timeout`` by default.
     """
 
     def __init__(
@@ -235,18 +323,25 @@ class Upstream:
         health_check_timeout: float,
         environ: Mapping[str, str] | None = None,
         health_probe: Callable[[Upstream], Deferred[int]] | None = None,
+        health_check_ceiling: float | None = None,
     ) -> None:
         self.model = model
         self.log = proxy_logger("swapproxy.upstream")
         self._output_log = upstream_logger(model.id)
         self._reactor: IReactorTime | IReactorProcess | Any = reactor
         self._health_check_timeout = health_check_timeout
+        self._health_check_ceiling = health_check_ceiling or HEALTH_CHECK_CEILING_FACTOR * health_check_timeout
         self._environ = dict(os.environ if environ is None else environ)
         self.state = State.STOPPED
         self.state_observers: list[Callable[[Upstream, State, State], None]] = []
         self.line_observers: list[Callable[[Upstream, str], None]] = []
         self.output_observers: list[Callable[[Upstream, bytes], None]] = []
+        #: Called with ``(upstream, pid, True)`` once a child is spawned and ``(upstream, pid,
+        #: False)`` once it has exited and its leftovers were killed.
+        self.process_observers: list[Callable[[Upstream, int, bool], None]] = []
         self.pid: int | None = None
+        #: The argv the current child runs (its executable resolved), while it runs.
+        self.command: tuple[str, ...] | None = None
         self.client: HTTPClient | None = None
         self._pool: HTTPConnectionPool | None = None
         self._process: Any = None
@@ -266,6 +361,8 @@ class Upstream:
         self.started_at: float | None = None
         self.ready_at: float | None = None
         self.last_output_at: float | None = None
+        #: When the current start last showed a sign of life (output, a new health answer).
+        self.last_sign_of_life: float | None = None
         self.output_bytes = 0
         #: What the last health probe saw: "", "refused", "loading" (503) or "HTTP <code>".
         self.health_status = ""
@@ -323,6 +420,25 @@ class Upstream:
         self._terminate(self.model.unload_timeout if grace is None else grace)
         return waiter
 
+    def reconfigure(
+        self, model: ModelConfig, health_check_timeout: float, health_check_ceiling: float | None = None
+    ) -> None:
+        """
+        Take new settings that do not need a restart (ttl, aliases, ``cmdStop``, ``unloadTimeout``,
+        timeouts...); a running child keeps running.
+
+        :param model: the model's new configuration; same id, same ``cmd``, ``proxy``,
+            ``checkEndpoint`` and ``env``.
+        :raises ValueError: when ``model`` would need a new child.
+        """
+        if model.id != self.model.id or needs_restart(self.model, model):
+            raise ValueError(f"model {model.id!r}: its new settings need a new process")
+        self.model = model
+        self._health_check_timeout = health_check_timeout
+        self._health_check_ceiling = health_check_ceiling or HEALTH_CHECK_CEILING_FACTOR * health_check_timeout
+        if self._timeout_call is not None:
+            self._arm_start_deadline()
+
     @property
     def running(self) -> bool:
         """
@@ -367,6 +483,7 @@ class Upstream:
         self.health_status = ""
         self.output_bytes = 0
         self.started_at = self._reactor.seconds()
+        self.last_sign_of_life = self.started_at
         self.last_output_at = None
         self.ready_at = None
         self._end_state = State.STOPPED
@@ -381,6 +498,9 @@ class Upstream:
             self._fail_start_waiters(StartError(self.model.id, f"could not spawn {argv[0]!r}: {e}"))
             return
         self.pid = self._process.pid
+        self.command = (executable, *argv[1:])
+        for process_observer in list(self.process_observers):
+            process_observer(self, self.pid, True)
         self.log.info(
             "starting model {model}: pid {pid}, {cmd}", model=self.model.id, pid=self.pid, cmd=" ".join(argv)
         )
@@ -390,7 +510,7 @@ class Upstream:
             return
         self._probe_delay = FIRST_PROBE_DELAY
         self._schedule_probe(FIRST_PROBE_DELAY)
-        self._timeout_call = self._reactor.callLater(self._health_check_timeout, self._start_timed_out)
+        self._arm_start_deadline()
 
     def _schedule_probe(self, delay: float) -> None:
         if self._probe_call is not None and self._probe_call.active():
@@ -431,14 +551,22 @@ class Upstream:
             self.health_status = "ok"
             self._became_ready()
             return
+        previous = self.health_status
         if isinstance(result, Failure):
             self.health_status = "refused"
         elif result == 503:
             self.health_status = "loading"
         else:
             self.health_status = f"HTTP {result}"
+        if previous and previous != self.health_status:
+            # The first answer is where the server starts from; a new one is progress.
+            self.last_sign_of_life = self._reactor.seconds()
         self._probe_delay = min(self._probe_delay * 2, MAX_PROBE_DELAY)
-        self._schedule_probe(self._probe_delay)
+        delay = self._probe_delay
+        if self.last_output_at is not None and self.last_output_at > self._last_probe_at:
+            # The child printed while this probe was out: it may be ready by now.
+            delay = max(0.0, self._last_probe_at + MIN_PROBE_INTERVAL - self._reactor.seconds())
+        self._schedule_probe(delay)
 
     def _became_ready(self) -> None:
         self._cancel_start_timers()
@@ -455,11 +583,40 @@ class Upstream:
         for waiter in waiters:
             waiter.callback(None)
 
+    def _start_deadlines(self) -> tuple[float, float]:
+        """
+        When the start stalls (no sign of life for ``healthCheckTimeout``), and its ceiling.
+        """
+        assert self.started_at is not None and self.last_sign_of_life is not None
+        return (
+            self.last_sign_of_life + self._health_check_timeout,
+            self.started_at + self._health_check_ceiling,
+        )
+
+    def _arm_start_deadline(self) -> None:
+        # One timer at the nearest deadline, moved on when it fires early, rather than one reset
+        # per line of output: a chatty loader prints thousands of lines.
+        if self._timeout_call is not None and self._timeout_call.active():
+            self._timeout_call.cancel()
+        delay = max(0.0, min(self._start_deadlines()) - self._reactor.seconds())
+        self._timeout_call = self._reactor.callLater(delay, self._start_timed_out)
+
     def _start_timed_out(self) -> None:
         self._timeout_call = None
+        now = self._reactor.seconds()
+        stall_at, ceiling_at = self._start_deadlines()
+        if now < min(stall_at, ceiling_at):
+            self._arm_start_deadline()
+            return
+        assert self.started_at is not None
+        elapsed = now - self.started_at
+        if ceiling_at <= now:
+            why = f"not healthy within the healthCheckCeiling of {self._health_check_ceiling:g}s"
+        else:
+            why = f"no output and no new health answer for {self._health_check_timeout:g}s (healthCheckTimeout)"
         error = StartError(
             self.model.id,
-            f"health check timed out after {self._health_check_timeout:g}s"
+            f"health check timed out after {elapsed:.0f}s: {why}"
             + (f" (last answer: {self.health_status})" if self.health_status else ""),
             last_lines=self._tail(),
         )
@@ -497,17 +654,17 @@ class Upstream:
 
     def _child_output(self, data: bytes) -> None:
         self.output_bytes += len(data)
-        self.last_output_at = self._reactor.seconds()
+        self.last_output_at = self.last_sign_of_life = self._reactor.seconds()
         for observer in list(self.output_observers):
             observer(self, data)
-        if (
-            self.state is State.STARTING
-            and not self._probe_in_flight
-            and self.model.check_endpoint is not None
-            and self.last_output_at - self._last_probe_at >= MIN_PROBE_INTERVAL
-        ):
-            # A child that prints is doing something; it may just have become ready.
-            self._schedule_probe(0)
+        if self.state is State.STARTING and self.model.check_endpoint is not None:
+            # A child that prints is doing something; it may just have become ready (llama-server
+            # prints "model loaded" as it does). Look now, or once MIN_PROBE_INTERVAL has passed
+            # since the last probe (a probe in flight looks again when it is done), and often
+            # from then on: the backoff starts over.
+            self._probe_delay = FIRST_PROBE_DELAY
+            if not self._probe_in_flight:
+                self._schedule_probe(max(0.0, self._last_probe_at + MIN_PROBE_INTERVAL - self.last_output_at))
 
     def _child_line(self, stream: str, line: str) -> None:
         self.recent_lines.append(line)
@@ -593,6 +750,7 @@ class Upstream:
         pid = self.pid
         self._process = None
         self.pid = None
+        self.command = None
         self._cancel_start_timers()
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.cancel()
@@ -604,6 +762,8 @@ class Upstream:
                 except psutil.Error:
                     pass
             self._reap_leftovers(pid)
+            for process_observer in list(self.process_observers):
+                process_observer(self, pid, False)
         if self._pool is not None:
             self._pool.closeCachedConnections()
         self._pool = None

@@ -201,7 +201,9 @@ class FakeUpstream:
     The test drives it: `become_ready`, `fail_start`, `exited` (after a stop, or as a crash).
 
     :ivar start_count: how many times a child was "spawned".
-    :ivar stop_graces: the ``grace`` of every `stop` call that began a stop.
+    :ivar stop_graces: the grace period (given, or the model's ``unloadTimeout``) of every `stop`
+        call that began a stop.
+    :ivar reconfigured: the ``(health_check_timeout, health_check_ceiling)`` of each `reconfigure`.
     :ivar running_at_spawn: for each spawn, the other models that were running at that moment.
     """
 
@@ -219,6 +221,7 @@ class FakeUpstream:
         self.start_count = 0
         self.stop_graces: list[float | None] = []
         self.running_at_spawn: list[list[str]] = []
+        self.reconfigured: list[tuple[float, float | None]] = []
         self._siblings = siblings
         self._events = events
         self._start_waiters: list[Deferred[None]] = []
@@ -244,12 +247,20 @@ class FakeUpstream:
         self._stop_waiters.append(waiter)
         if self.state is State.STOPPING:
             return waiter
-        self.stop_graces.append(grace)
+        self.stop_graces.append(self.model.unload_timeout if grace is None else grace)
         self._events.append(("stop", self.model.id))
         if self.state is State.STARTING:
             self._fail_waiters(StartError(self.model.id, "unloaded while starting"))
         self._set_state(State.STOPPING)
         return waiter
+
+    def reconfigure(
+        self, model: ModelConfig, health_check_timeout: float, health_check_ceiling: float | None = None
+    ) -> None:
+        if model.id != self.model.id or upstream_module.needs_restart(self.model, model):
+            raise ValueError(f"model {model.id!r}: its new settings need a new process")
+        self.model = model
+        self.reconfigured.append((health_check_timeout, health_check_ceiling))
 
     # -- test controls ------------------------------------------------------------------------
 

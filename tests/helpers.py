@@ -374,14 +374,27 @@ class TwistdProcess(ProcessProtocol):
         os.kill(self.pid, signum)
 
 
-def spawn_twistd(testcase: TestCase, config_path: str, port: int, cwd: str = REPO) -> TwistdProcess:
+def spawn_twistd(
+    testcase: TestCase,
+    config_path: str,
+    port: int,
+    cwd: str = REPO,
+    state_dir: str | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> TwistdProcess:
     """
-    Run ``twistd -n --pidfile= swapproxy -c CONFIG -l tcp:PORT:interface=127.0.0.1``.
+    Run ``twistd -n --pidfile= swapproxy -c CONFIG -l tcp:PORT:interface=127.0.0.1 --state-dir DIR``.
 
     A cleanup kills it, and every process it left, if the test did not end it.
+
+    :param state_dir: swapproxy's state directory; a fresh one in the test's temporary directory
+        by default.
+    :param extra_args: more swapproxy options.
     """
     process = TwistdProcess()
+    state_dir = state_dir if state_dir is not None else os.path.abspath(testcase.mktemp())
     argv = [TWISTD, "-n", "--pidfile=", "swapproxy", "-c", config_path, "-l", f"tcp:{port}:interface={LOOPBACK}"]
+    argv += ["--state-dir", state_dir, *extra_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     reactor.spawnProcess(process, TWISTD, argv, env=env, path=cwd)
 

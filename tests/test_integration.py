@@ -313,6 +313,30 @@ class InProcessTests(TestCase):
 
         await wait_until(not_running, what="model a to leave /running")
 
+    async def test_unload_while_loading_aborts_the_start(self) -> None:
+        """
+        ``POST /api/models/unload/<model>`` while the model loads stops its process at once; the
+        request that waited for it gets a 502 saying the start was aborted.
+        """
+        proxy = serve(self, {"a": {"cmd": fake_command("--load-time", "30")}})
+        chat = Deferred.fromCoroutine(proxy.chat("a"))
+
+        async def loading() -> bool:
+            return (await proxy.running()).get("a", {}).get("state") == "starting"
+
+        await wait_until(loading, what="model a to be loading")
+        pid = (await proxy.running())["a"]["pid"]
+
+        response = await proxy.client.post(proxy.url + "/api/models/unload/a")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(await response.content())["unloaded"], "a")
+        self.assertFalse(alive(pid), "the loading process is gone when the unload answers")
+
+        status, answer = await chat
+        self.assertEqual(status, 502)
+        self.assertIn("unloaded while starting", answer["error"]["message"])
+        self.assertEqual(await proxy.running(), {})
+
     async def test_client_hang_up_mid_stream_stops_upstream_transfer(self) -> None:
         """
         A client that hangs up mid-stream stops the upstream's transfer (the fake upstream sees

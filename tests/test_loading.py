@@ -768,7 +768,8 @@ class FailureTests(LoadingTestCase):
         self.assertTrue(client.finished)
         *_, error, done = client.events()
         self.assertEqual(loading_lines(client)[-1],
-                         ("failed", "\nModel qwen could not be started: health check timed out after 15s "
+                         ("failed", "\nModel qwen could not be started: health check timed out after 15s: "
+                                    "no output and no new health answer for 15s (healthCheckTimeout) "
                                     "(last answer: refused)\n"))
         self.assertIn("health check timed out after 15s", error.json()["error"]["message"])
         self.assertEqual(done.data, "[DONE]")

@@ -20,10 +20,20 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from swapproxy.config import ModelConfig, parse_config
-from swapproxy.supervisor import Lease, Rejected, ShuttingDown, Supervisor, Ticket, TooManyRequests
+from swapproxy.supervisor import (
+    Lease,
+    Rejected,
+    ReloadResult,
+    ShuttingDown,
+    Supervisor,
+    Ticket,
+    TooManyRequests,
+    UnknownModel,
+)
 from swapproxy.upstream import StartError, State, Upstream
 from tests.fakes import FakeUpstreams, ProcessReactor
-from tests.test_upstream import FAKE_UPSTREAM, free_port, gone, process_pipes_open, wait_until
+from tests.helpers import free_port_range
+from tests.test_upstream import FAKE_UPSTREAM, gone, process_pipes_open, wait_until
 
 CMD = "llama-server --port ${PORT}"
 
@@ -172,14 +182,20 @@ class SwapTests(SupervisorTestCase):
         self.assertEqual(self.ups.running(), ["b"])
         self.assertEqual(self.ups.events, [("start", "a"), ("stop", "a"), ("exited", "a"), ("start", "b")])
 
-    def test_swap_uses_health_check_timeout_as_grace(self) -> None:
+    def test_swap_uses_unload_timeout_as_grace(self) -> None:
         """
-        As in llama-swap, a model evicted by a swap gets ``healthCheckTimeout`` to exit.
+        A model evicted by a swap gets its own ``unloadTimeout`` to exit, the model's or the global
+        one (llama-swap gives it ``healthCheckTimeout``, which is meant for starts).
         """
-        supervisor = self.make(["a", "b"], healthCheckTimeout=30)
+        supervisor = self.make({"a": {"unloadTimeout": 3}, "b": {}, "c": {}}, healthCheckTimeout=30, unloadTimeout=7)
         self.lease(supervisor, "a").release()
-        supervisor.request("b")
-        self.assertEqual(self.ups["a"].stop_graces, [30])
+        d = supervisor.request("b").wait()
+        self.assertEqual(self.ups["a"].stop_graces, [3])
+        self.ups["a"].exited()
+        self.ups["b"].become_ready()
+        self.successResultOf(d).release()
+        supervisor.request("c")
+        self.assertEqual(self.ups["b"].stop_graces, [7])
 
     def test_swap_back_and_forth(self) -> None:
         """
@@ -466,7 +482,7 @@ class TTLTests(SupervisorTestCase):
         self.assertEqual(self.ups["a"].state, State.READY)
         self.clock.advance(0.1)
         self.assertEqual(self.ups["a"].state, State.STOPPING)
-        self.assertEqual(self.ups["a"].stop_graces, [None])
+        self.assertEqual(self.ups["a"].stop_graces, [10])
         self.ups["a"].exited()
         self.assertEqual(self.ups.running(), [])
 
@@ -554,7 +570,7 @@ class TTLTests(SupervisorTestCase):
         lease.release()
         self.clock.advance(4.9)
         self.assertEqual(self.ups["a"].state, State.READY)
-        self.assertEqual(self.ups["a"].stop_graces, [120])  # the swap's stop only
+        self.assertEqual(self.ups["a"].stop_graces, [10])  # the swap's stop only
         self.clock.advance(0.1)
         self.assertEqual(self.ups["a"].state, State.STOPPING)
 
@@ -673,7 +689,7 @@ class UnloadTests(SupervisorTestCase):
         d = supervisor.unload("a")
         self.assertEqual(self.ups["a"].state, State.STOPPING)
         self.assertEqual(self.ups["b"].state, State.READY)
-        self.assertEqual(self.ups["a"].stop_graces, [None])
+        self.assertEqual(self.ups["a"].stop_graces, [10])
         self.assertNoResult(d)
         self.ups["a"].exited()
         self.successResultOf(d)
@@ -842,6 +858,231 @@ class PreloadTests(SupervisorTestCase):
         self.assertEqual(self.ups["a"].start_count, 1)
 
 
+class ReloadTests(SupervisorTestCase):
+    """
+    `Supervisor.reload`: unchanged models keep their process, changed and removed ones finish
+    their requests first, nothing waiting is lost.
+    """
+
+    NEW_CMD = CMD + " -m other.gguf"
+
+    def reload(self, supervisor: Supervisor, models: dict[str, dict[str, Any]], **top: Any) -> ReloadResult:
+        return supervisor.reload(make_config(models, **top))
+
+    def test_unchanged_model_keeps_its_process(self) -> None:
+        """
+        A model whose settings did not change keeps the same upstream and process; a new model
+        is added, stopped until asked for.
+        """
+        supervisor = self.make({"a": {}, "b": {}})
+        self.lease(supervisor, "a").release()
+        before = supervisor.upstreams["a"]
+        result = self.reload(supervisor, {"a": {}, "b": {}, "c": {}})
+        self.assertEqual(result, ReloadResult(added=("c",), unchanged=("a", "b")))
+        self.assertIs(supervisor.upstreams["a"], before)
+        self.assertEqual(before.state, State.READY)
+        self.assertEqual(before.start_count, 1)
+        self.assertEqual(before.stop_graces, [])
+        self.assertEqual(supervisor.upstreams["c"].state, State.STOPPED)
+        self.assertEqual(list(supervisor.upstreams), ["a", "b", "c"])
+        self.assertEqual(supervisor.in_flight, {"a": 0, "b": 0, "c": 0})
+        self.assertIsInstance(self.successResultOf(supervisor.request("a").wait()), Lease)
+
+    def test_new_settings_that_need_no_restart_apply_in_place(self) -> None:
+        """
+        A new ttl (or alias, unloadTimeout, ...) applies to the running process, which keeps
+        running; the new ttl counts from the reload.
+        """
+        supervisor = self.make({"a": {"ttl": 100}})
+        self.lease(supervisor, "a").release()
+        before = supervisor.upstreams["a"]
+        self.clock.advance(50)
+        result = self.reload(supervisor, {"a": {"ttl": 10, "aliases": ["alpha"]}}, healthCheckTimeout=30)
+        self.assertEqual(result.updated, ("a",))
+        self.assertIs(supervisor.upstreams["a"], before)
+        self.assertEqual(before.model.ttl, 10)
+        self.assertEqual(before.reconfigured, [(30, 300)])
+        self.assertEqual(supervisor.config.resolve("alpha"), before.model)
+        self.clock.advance(9.9)
+        self.assertEqual(before.state, State.READY)
+        self.clock.advance(0.1)
+        self.assertEqual(before.state, State.STOPPING)
+
+    def test_changed_model_finishes_in_flight_requests_then_restarts(self) -> None:
+        """
+        A model whose command changed keeps serving the request in flight on its old process;
+        a new request waits, the old process is stopped once idle, and the new one starts only
+        after the old one has exited.
+        """
+        supervisor = self.make({"a": {}})
+        in_flight = self.lease(supervisor, "a")
+        old = supervisor.upstreams["a"]
+        result = self.reload(supervisor, {"a": {"cmd": self.NEW_CMD}})
+        self.assertEqual(result.changed, ("a",))
+        new = supervisor.upstreams["a"]
+        self.assertIsNot(new, old)
+        self.assertEqual(old.state, State.READY, "the old process serves its request in flight")
+        self.assertEqual(supervisor.retiring_upstreams(), [old])
+        ticket = supervisor.request("a")
+        d = ticket.wait()
+        self.assertEqual((ticket.stage, ticket.waiting_for), ("queued", ("a",)))
+        self.assertEqual(new.start_count, 0)
+        in_flight.release()
+        self.assertEqual(old.state, State.STOPPING)
+        self.assertEqual(new.start_count, 0, "a new process never runs beside the old one")
+        old.exited()
+        self.assertEqual(supervisor.retiring_upstreams(), [])
+        self.assertEqual(new.start_count, 1)
+        self.assertEqual(new.model.cmd[-2:], ("-m", "other.gguf"))
+        new.become_ready()
+        self.assertIs(self.successResultOf(d).upstream, new)
+
+    def test_idle_changed_model_stops_at_once(self) -> None:
+        """
+        A changed model with nothing in flight is stopped right away, with its unloadTimeout.
+        """
+        supervisor = self.make({"a": {"unloadTimeout": 4}})
+        self.lease(supervisor, "a").release()
+        old = supervisor.upstreams["a"]
+        self.reload(supervisor, {"a": {"cmd": self.NEW_CMD}})
+        self.assertEqual(old.stop_graces, [4])
+        self.assertEqual(supervisor.upstreams["a"].state, State.STOPPED)
+
+    def test_waiting_request_for_changed_model_moves_to_new_process(self) -> None:
+        """
+        A request waiting for a changed model's start is not failed: the old start is aborted and
+        the request is served by the new process.
+        """
+        supervisor = self.make({"a": {}})
+        d = supervisor.request("a").wait()
+        old = supervisor.upstreams["a"]
+        self.assertEqual(old.state, State.STARTING)
+        self.reload(supervisor, {"a": {"cmd": self.NEW_CMD}})
+        self.assertEqual(old.state, State.STOPPING)
+        self.assertNoResult(d)
+        old.exited()
+        new = supervisor.upstreams["a"]
+        self.assertEqual(new.start_count, 1)
+        new.become_ready()
+        self.assertIs(self.successResultOf(d).upstream, new)
+
+    def test_removed_model_finishes_in_flight_requests(self) -> None:
+        """
+        A removed model is unknown to new requests, serves its request in flight, and then stops.
+        """
+        supervisor = self.make({"a": {}, "b": {}}, groups={"all": {"swap": False, "members": ["a", "b"]}})
+        in_flight = self.lease(supervisor, "b")
+        old = supervisor.upstreams["b"]
+        result = self.reload(supervisor, {"a": {}})
+        self.assertEqual(result.removed, ("b",))
+        self.assertNotIn("b", supervisor.upstreams)
+        self.assertNotIn("b", supervisor.in_flight)
+        error = self.assertRaises(UnknownModel, supervisor.request, "b")
+        self.assertEqual(error.status, 404)
+        self.assertEqual(old.state, State.READY)
+        in_flight.release()
+        self.assertEqual(old.state, State.STOPPING)
+        old.exited()
+        self.assertEqual(supervisor.retiring_upstreams(), [])
+
+    def test_waiting_request_for_removed_model_fails(self) -> None:
+        """
+        A request waiting for a removed model's start fails with 404, and the start is aborted.
+        """
+        supervisor = self.make({"a": {}, "b": {}})
+        d = supervisor.request("b").wait()
+        result = self.reload(supervisor, {"a": {}})
+        self.assertEqual(result.removed, ("b",))
+        error = self.failureResultOf(d, UnknownModel).value
+        self.assertIn("'b' was removed", str(error))
+        self.assertEqual(self.ups.events[-1], ("stop", "b"))
+        self.assertEqual(supervisor.queued(), 0)
+
+    def test_retiring_process_still_counts_for_swaps(self) -> None:
+        """
+        A removed model that still serves a request keeps its place in its swap group: a model
+        that would swap it out waits until it is done and has exited.
+        """
+        supervisor = self.make(["a", "b"])
+        in_flight = self.lease(supervisor, "a")
+        self.reload(supervisor, {"b": {}})
+        old_a = self.ups["a"]
+        d = supervisor.request("b").wait()
+        self.assertEqual(self.ups["b"].start_count, 0)
+        in_flight.release()
+        self.assertEqual(old_a.state, State.STOPPING)
+        self.assertEqual(self.ups["b"].start_count, 0)
+        old_a.exited()
+        self.assertEqual(self.ups["b"].start_count, 1)
+        self.ups["b"].become_ready()
+        self.successResultOf(d)
+        self.assert_never_ran_together("a", "b")
+
+    def test_each_upstream_follows_reloads(self) -> None:
+        """
+        `each_upstream` watchers see the current upstreams at once, then each one a reload adds
+        or replaces.
+        """
+        supervisor = self.make({"a": {}, "b": {}})
+        seen: list[str] = []
+        supervisor.each_upstream(lambda upstream: seen.append(upstream.model.id))
+        self.assertEqual(seen, ["a", "b"])
+        self.reload(supervisor, {"a": {"cmd": self.NEW_CMD}, "b": {}, "c": {}})
+        self.assertEqual(sorted(seen[2:]), ["a", "c"])
+
+    def test_unload_stops_retiring_processes(self) -> None:
+        """
+        Unloading a model (or every model) also stops its replaced process, requests in flight
+        or not; so does shutdown.
+        """
+        supervisor = self.make({"a": {}})
+        supervisor.startService()
+        self.lease(supervisor, "a")
+        old = supervisor.upstreams["a"]
+        self.reload(supervisor, {"a": {"cmd": self.NEW_CMD}})
+        d = supervisor.unload("a")
+        self.assertEqual(old.state, State.STOPPING)
+        self.assertNoResult(d)
+        old.exited()
+        self.successResultOf(d)
+
+    def test_shutdown_waits_for_retiring_processes(self) -> None:
+        """
+        Shutdown stops a replaced process too and waits for it; no reload after that.
+        """
+        supervisor = self.make({"a": {}})
+        supervisor.startService()
+        self.lease(supervisor, "a")
+        old = supervisor.upstreams["a"]
+        self.reload(supervisor, {"a": {"cmd": self.NEW_CMD}})
+        d = supervisor.stopService()
+        self.assertEqual(old.state, State.STOPPING)
+        self.assertNoResult(d)
+        old.exited()
+        self.successResultOf(d)
+        self.assertRaises(ShuttingDown, self.reload, supervisor, {"a": {}})
+
+    def test_reload_back_and_forth(self) -> None:
+        """
+        Two reloads in a row (a change, then back) leave one current process per model and stop
+        every replaced one.
+        """
+        supervisor = self.make({"a": {}})
+        in_flight = self.lease(supervisor, "a")
+        first = supervisor.upstreams["a"]
+        self.reload(supervisor, {"a": {"cmd": self.NEW_CMD}})
+        self.reload(supervisor, {"a": {}})
+        self.assertEqual(supervisor.retiring_upstreams(), [first])
+        d = supervisor.request("a").wait()
+        in_flight.release()
+        first.exited()
+        current = supervisor.upstreams["a"]
+        self.assertEqual(current.model.cmd, first.model.cmd)
+        current.become_ready()
+        self.assertIs(self.successResultOf(d).upstream, current)
+        self.assertEqual(supervisor.in_flight["a"], 1)
+
+
 class Probe:
     """
     A health probe answering 503 until ``healthy`` is set.
@@ -939,7 +1180,7 @@ class RealShutdownTests(TestCase):
         fake = f"{sys.executable} {FAKE_UPSTREAM} --port ${{PORT}}"
         config = parse_config(
             json.dumps({
-                "startPort": free_port(),
+                "startPort": free_port_range(2),
                 "unloadTimeout": 0.5,
                 "models": {
                     "polite": {"cmd": fake},

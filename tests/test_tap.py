@@ -5,7 +5,9 @@ Tests for L{swapproxy.tap} and the twistd plugin: the command line a user types.
 from __future__ import annotations
 
 import io
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +23,9 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy import __version__, tap
+from swapproxy.logbuffer import LogRouting
 from swapproxy.logs import set_log_level
+from swapproxy.reload import ConfigReloader
 from swapproxy.supervisor import Supervisor
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -135,15 +139,19 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
 
     def test_services(self) -> None:
         """
-        One supervisor and one listening service per --listen.
+        The log routing first, one supervisor, one config reloader and one listening service per
+        --listen.
         """
         service = self.make(GOOD, "tcp:9001", "tcp:9002:interface=127.0.0.1")
         children = list(service)
         supervisors = [c for c in children if isinstance(c, Supervisor)]
         servers = [c for c in children if isinstance(c, StreamServerEndpointService)]
+        reloaders = [c for c in children if isinstance(c, ConfigReloader)]
         self.assertEqual(len(supervisors), 1)
         self.assertEqual(len(servers), 2)
-        self.assertEqual(len(children), 3)
+        self.assertEqual(len(reloaders), 1)
+        self.assertIsInstance(children[0], LogRouting)
+        self.assertEqual(len(children), 5)
         self.assertEqual(sorted(supervisors[0].config.models), ["llama", "qwen"])
         for child in children:
             self.assertTrue(IService.providedBy(child))
@@ -184,6 +192,33 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
             self.make(GOOD + "    newerFeature: true\n")
         warnings = [e for e in events if e.get("log_level") == LogLevel.warn and "newerFeature" in str(e)]
         self.assertEqual(len(warnings), 1)
+
+    def test_watch_config(self) -> None:
+        """
+        --watch-config checks the config file every 2 s while the service runs; without it
+        nothing is polled. Either way SIGHUP reloads while the service runs.
+        """
+        for flag, polls in (([], 0), (["--watch-config"], 1)):
+            options = tap.Options()
+            options.parseOptions(["-c", self.write_config(GOOD), "--state-dir", self.state_dir, *flag])
+            reactor = MemoryReactorClock()
+            service = tap.makeService(options, reactor)
+            before = signal.getsignal(signal.SIGHUP)
+            service.startService()
+            self.assertNotEqual(signal.getsignal(signal.SIGHUP), before)
+            self.assertEqual([call.getTime() for call in reactor.getDelayedCalls()], [2.0] * polls)
+            self.successResultOf(service.stopService())
+            self.assertEqual(signal.getsignal(signal.SIGHUP), before)
+
+    def test_state_file_names_this_process(self) -> None:
+        """
+        makeService takes over the state file of running models (cleaning up after an earlier
+        run first).
+        """
+        self.make(GOOD)
+        with open(os.path.join(self.state_dir, "children.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        self.assertEqual((state["owner"]["pid"], state["children"]), (os.getpid(), []))
 
 
 class PluginTests(SynchronousTestCase):

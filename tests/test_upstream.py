@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import psutil
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -27,7 +28,7 @@ from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from swapproxy.config import ModelConfig, parse_config
-from swapproxy.upstream import StartError, State, Upstream
+from swapproxy.upstream import MIN_PROBE_INTERVAL, StartError, State, Upstream, make_http_client, needs_restart
 from tests.fakes import ProcessReactor
 
 FAKE_UPSTREAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_upstream.py")
@@ -430,6 +431,194 @@ class StartTests(UpstreamTestMixin, SynchronousTestCase):
         self.assertEqual(formatEvent(lines[0]), "[m] load_tensors: loading")
 
 
+def run_clock(clock: Any, until: float, step: float = 0.25) -> None:
+    """
+    Move the clock forward in small steps to ``until``, so that every timer fires on time.
+    """
+    while clock.seconds() + step <= until + 1e-9:
+        clock.advance(step)
+    if clock.seconds() < until:
+        clock.advance(until - clock.seconds())
+
+
+class StallAwareTimeoutTests(UpstreamTestMixin, SynchronousTestCase):
+    """
+    ``healthCheckTimeout`` counts from the last sign of life (output, a new health answer), up to
+    a hard ceiling: a slow but progressing load is not killed, a hung one is.
+    """
+
+    def test_child_printing_every_10s_is_not_killed(self) -> None:
+        """
+        A child that prints a line every 10 s (a big model loading) is still starting at 120 s
+        with a 15 s healthCheckTimeout, and becomes ready when it answers 200.
+        """
+        upstream = self.make_upstream(health_check_timeout=15)
+        d = upstream.start()
+        process = self.reactor.spawned[0]
+        for second in range(10, 130, 10):
+            run_clock(self.reactor, second)
+            process.output(b"load_tensors: still loading\n", fd=2)
+        self.assertEqual(self.reactor.seconds(), 120)
+        self.assertNoResult(d)
+        self.assertEqual(process.signals, [])
+        self.assertEqual(upstream.state, State.STARTING)
+        self.probe.healthy_at = 125
+        run_clock(self.reactor, 126)
+        self.successResultOf(d)
+
+    def test_silent_child_killed_timeout_after_last_output(self) -> None:
+        """
+        A child that stops printing is given up exactly healthCheckTimeout after its last output,
+        with an error that says so, and is stopped.
+        """
+        upstream = self.make_upstream(health_check_timeout=15)
+        d = upstream.start()
+        process = self.reactor.spawned[0]
+        run_clock(self.reactor, 10)
+        process.output(b"llama_model_loader: loaded meta data\n")
+        run_clock(self.reactor, 20)
+        process.output(b"...")  # a partial line is a sign of life too
+        run_clock(self.reactor, 34.9)
+        self.assertNoResult(d)
+        self.assertEqual(process.signals, [])
+        run_clock(self.reactor, 35)
+        error = str(self.failureResultOf(d, StartError).value)
+        self.assertIn("health check timed out after 35s", error)
+        self.assertIn("no output and no new health answer for 15s (healthCheckTimeout)", error)
+        self.assertEqual(process.signals, [signal.SIGTERM])
+
+    def test_new_health_answer_is_a_sign_of_life(self) -> None:
+        """
+        A silent child whose health answer changes (no connection, then 503 "loading") has made
+        progress; the same answer again is not progress.
+        """
+        self.probe.status = "refused"
+        upstream = self.make_upstream(health_check_timeout=15)
+        d = upstream.start()
+        run_clock(self.reactor, 10)
+        self.probe.status = 503
+        run_clock(self.reactor, 24.9)
+        self.assertNoResult(d)
+        changed_at = upstream.last_sign_of_life
+        assert changed_at is not None
+        self.assertTrue(10 < changed_at <= 10 + PROBE_INTERVAL_BOUND, changed_at)
+        run_clock(self.reactor, changed_at + 14.9)
+        self.assertNoResult(d)
+        run_clock(self.reactor, changed_at + 15.1)
+        error = str(self.failureResultOf(d, StartError).value)
+        self.assertIn("(last answer: loading)", error)
+
+    def test_ceiling_kills_even_a_chatty_child(self) -> None:
+        """
+        A child that keeps printing but never becomes healthy is given up at the ceiling,
+        10 x healthCheckTimeout by default.
+        """
+        upstream = self.make_upstream(health_check_timeout=15)
+        d = upstream.start()
+        process = self.reactor.spawned[0]
+        for second in range(5, 150, 5):
+            run_clock(self.reactor, second)
+            process.output(b"waiting for the GPU\n")
+        run_clock(self.reactor, 149.9)
+        self.assertNoResult(d)
+        run_clock(self.reactor, 150)
+        error = str(self.failureResultOf(d, StartError).value)
+        self.assertIn("health check timed out after 150s", error)
+        self.assertIn("not healthy within the healthCheckCeiling of 150s", error)
+        self.assertIn("waiting for the GPU", error)
+        self.assertEqual(process.signals, [signal.SIGTERM])
+
+    def test_configured_ceiling(self) -> None:
+        """
+        ``healthCheckCeiling`` sets the ceiling.
+        """
+        config = parse_config(
+            json.dumps({"healthCheckTimeout": 20, "healthCheckCeiling": 45, "models": {"m": {"cmd": "x ${PORT}"}}}),
+            "test.yaml",
+        )
+        self.assertEqual(config.start_ceiling, 45)
+        upstream = Upstream(
+            config.models["m"],
+            self.reactor,
+            config.health_check_timeout,
+            environ={"PATH": os.environ.get("PATH", os.defpath)},
+            health_probe=self.probe,
+            health_check_ceiling=config.start_ceiling,
+        )
+        upstream.model = attrs.evolve(upstream.model, cmd=(sys.executable, "-c", "pass"))
+        d = upstream.start()
+        for second in range(10, 60, 10):
+            run_clock(self.reactor, second)
+            if not d.called:
+                self.reactor.spawned[0].output(b"progress\n")
+        self.assertIn("healthCheckCeiling of 45s", str(self.failureResultOf(d, StartError).value))
+        self.assertEqual(self.reactor.spawned[0].signal_times, [45])
+
+    def test_lower_timeout_on_reconfigure_applies_to_the_start_in_progress(self) -> None:
+        """
+        A reload that lowers healthCheckTimeout moves the deadline of a start in progress.
+        """
+        upstream = self.make_upstream(health_check_timeout=100)
+        d = upstream.start()
+        run_clock(self.reactor, 10)
+        upstream.reconfigure(upstream.model, 15)
+        run_clock(self.reactor, 14.9)
+        self.assertNoResult(d)
+        run_clock(self.reactor, 15)
+        self.failureResultOf(d, StartError)
+
+
+class ReconfigureTests(UpstreamTestMixin, SynchronousTestCase):
+    """
+    New settings for a running child, and the settings that need a new one.
+    """
+
+    def test_settings_that_need_no_restart(self) -> None:
+        """
+        ttl, aliases, unloadTimeout, cmdStop... change under a running child, which keeps running;
+        the new unloadTimeout is the grace of the next stop.
+        """
+        upstream = self.ready_upstream()
+        process = self.reactor.spawned[0]
+        new = model_config({"ttl": 30, "aliases": ["x"], "unloadTimeout": 3, "name": "M"})
+        self.assertFalse(needs_restart(upstream.model, new))
+        upstream.reconfigure(new, 120)
+        self.assertIs(upstream.model, new)
+        self.assertEqual(upstream.state, State.READY)
+        upstream.stop()
+        self.reactor.advance(3)
+        self.assertEqual(process.signals, [signal.SIGTERM, signal.SIGKILL])
+
+    def test_settings_that_need_a_restart(self) -> None:
+        """
+        A new cmd, env, proxy or checkEndpoint needs a new process: reconfigure refuses it.
+        """
+        upstream = self.ready_upstream()
+        for change in (
+            {"cmd": f"{sys.executable} -c 'pass' --port ${{PORT}} --other"},
+            {"env": ["A=1"]},
+            {"proxy": "http://127.0.0.1:9999", "cmd": "x"},
+            {"checkEndpoint": "/ready"},
+        ):
+            new = model_config(change)
+            self.assertTrue(needs_restart(upstream.model, new), change)
+            self.assertRaises(ValueError, upstream.reconfigure, new, 120)
+
+    def test_process_observers(self) -> None:
+        """
+        Process observers hear of each child when it is spawned and once it has exited.
+        """
+        upstream = self.make_upstream()
+        seen: list[tuple[int, bool, tuple[str, ...] | None]] = []
+        upstream.process_observers.append(lambda up, pid, alive: seen.append((pid, alive, up.command)))
+        d = upstream.start()
+        process = self.reactor.spawned[0]
+        self.assertEqual(seen, [(process.pid, True, tuple(process.command))])
+        process.exit(1)
+        self.failureResultOf(d, StartError)
+        self.assertEqual(seen[1:], [(process.original_pid, False, None)])
+
+
 class StopTests(UpstreamTestMixin, SynchronousTestCase):
     """
     Stopping a model: signals, the grace period, ``cmdStop``, and stops during a start.
@@ -800,3 +989,132 @@ class RealProcessTests(TestCase):
         self.assertEqual(error.last_lines[-1], "error: failed to load model 'fake.gguf'")
         self.assertIn("exit code 3", str(error))
         self.assertIsNone(upstream.pid)
+
+
+class ProbeOnOutputTests(UpstreamTestMixin, SynchronousTestCase):
+    """
+    A child that prints may just have become ready (llama-server prints "model loaded" as it
+    does): it is probed soon after, whatever the backoff, so that a swap waits for no timer.
+    """
+
+    def test_line_just_after_a_probe_is_followed_by_a_probe(self) -> None:
+        """
+        A line printed a moment after a probe saw the child loading, with the backoff at its
+        longest, is followed by a probe within MIN_PROBE_INTERVAL, which finds it ready.
+        """
+        upstream = self.make_upstream()
+        d = upstream.start()
+        process = self.reactor.spawned[0]
+        run_clock(self.reactor, 5)
+        advance_to_next_call(self.reactor)
+        probed_at = self.probe.calls[-1]
+        self.assertEqual(self.reactor.seconds(), probed_at)
+        self.reactor.advance(0.001)
+        printed_at = self.reactor.seconds()
+        self.probe.healthy_at = printed_at
+        process.output(b"srv  llama_server: model loaded\n", fd=2)
+        run_clock(self.reactor, printed_at + MIN_PROBE_INTERVAL, step=0.001)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertLessEqual(self.probe.calls[-1] - printed_at, MIN_PROBE_INTERVAL + 1e-9)
+
+    def test_line_during_a_probe_is_followed_by_another_probe(self) -> None:
+        """
+        A line printed while a probe is out is followed, once that probe answers "loading",
+        by another probe at once (at least MIN_PROBE_INTERVAL after the previous one).
+        """
+        self.probe.pending = True
+        upstream = self.make_upstream()
+        d = upstream.start()
+        process = self.reactor.spawned[0]
+        run_clock(self.reactor, 0.5, step=0.001)
+        self.assertEqual(len(self.probe.calls), 1, "the first probe is still out")
+        process.output(b"srv  llama_server: model loaded\n", fd=2)
+        self.probe.pending_calls[0].callback(503)
+        self.reactor.advance(0)
+        self.assertEqual(len(self.probe.calls), 2)
+        self.assertAlmostEqual(self.probe.calls[1], 0.5)
+        self.probe.pending_calls[1].callback(200)
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_chatty_child_is_not_probed_more_often_than_the_interval(self) -> None:
+        """
+        A child that prints a line every millisecond is probed at most once per
+        MIN_PROBE_INTERVAL.
+        """
+        upstream = self.make_upstream()
+        upstream.start()
+        process = self.reactor.spawned[0]
+        for _ in range(1000):
+            process.output(b"llama_model_loader: - tensor\n", fd=2)
+            self.reactor.advance(0.001)
+        gaps = [b - a for a, b in zip(self.probe.calls, self.probe.calls[1:])]
+        self.assertTrue(gaps)
+        self.assertGreaterEqual(min(gaps), MIN_PROBE_INTERVAL - 1e-9)
+        self.assertLessEqual(len(self.probe.calls), 1 / MIN_PROBE_INTERVAL + 1)
+
+
+class RecordingAgent:
+    """
+    An `IAgent` that remembers each request and never answers: the Deferred of each is kept.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[bytes, bytes, Any, Any]] = []
+        self.answers: list[Deferred[Any]] = []
+
+    def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Deferred[Any]:
+        self.requests.append((method, uri, headers, bodyProducer))
+        self.answers.append(Deferred())
+        return self.answers[-1]
+
+
+class RelayClientTests(SynchronousTestCase):
+    """
+    The upstream client: the relay's requests go straight to the connection pool's agent,
+    everything else through treq.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.testing import MemoryReactorClock
+        from twisted.web.http_headers import Headers
+
+        self.client, self.pool = make_http_client(MemoryReactorClock(), 4)
+        self.agent = RecordingAgent()
+        self.client._direct = self.agent  # type: ignore[attr-defined]
+        self.client._agent = self.agent
+        self.headers = Headers({b"content-type": [b"application/json"], b"x-forwarded-for": [b"127.0.0.1"]})
+
+    def test_relay_request_goes_straight_to_the_agent(self) -> None:
+        """
+        Method, URL, headers and body reach the agent as given, nothing added (no
+        Accept-Encoding, no cookies), and the agent's own answer comes back, unwrapped.
+        """
+        d = self.client.request("POST", "http://127.0.0.1:5800/v1/chat/completions?x=1", headers=self.headers,
+                                data=b'{"model": "m"}', unbuffered=True, allow_redirects=False)
+        self.assertIs(d, self.agent.answers[0])
+        [(method, uri, headers, body)] = self.agent.requests
+        self.assertEqual((method, uri), (b"POST", b"http://127.0.0.1:5800/v1/chat/completions?x=1"))
+        self.assertEqual(sorted(headers.getAllRawHeaders()), sorted(self.headers.getAllRawHeaders()))
+        self.assertEqual(body.length, len(b'{"model": "m"}'))
+
+    def test_request_without_body(self) -> None:
+        d = self.client.request("GET", "http://127.0.0.1:5800/props", headers=self.headers, data=None,
+                                unbuffered=True, allow_redirects=False)
+        self.assertIs(d, self.agent.answers[0])
+        [(method, _, headers, body)] = self.agent.requests
+        self.assertEqual(method, b"GET")
+        self.assertIsNone(body)
+        self.assertIsNone(headers.getRawHeaders(b"accept-encoding"))
+
+    def test_other_requests_take_treqs_way(self) -> None:
+        """
+        A buffered request (the health probe's), or one with a URL that is not ASCII, goes
+        through treq, which asks for gzip.
+        """
+        self.client.request("GET", "http://127.0.0.1:5800/health", allow_redirects=False)
+        self.client.request("POST", "http://127.0.0.1:5800/v1/caf\u00e9", headers=self.headers, data=b"{}",
+                            unbuffered=True, allow_redirects=False)
+        self.assertEqual(len(self.agent.requests), 2)
+        for _, uri, headers, _ in self.agent.requests:
+            self.assertEqual(headers.getRawHeaders(b"accept-encoding"), [b"gzip"])
+        self.assertEqual(self.agent.requests[1][1], b"http://127.0.0.1:5800/v1/caf%C3%A9")

@@ -236,7 +236,7 @@ class Harness:
     swapproxy's Resource tree over a real L{Supervisor} with L{FakeUpstream}s, and a treq client.
     """
 
-    def __init__(self, test: SynchronousTestCase, config_text: str = CONFIG) -> None:
+    def __init__(self, test: SynchronousTestCase, config_text: str = CONFIG, **tree: Any) -> None:
         self.test = test
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
@@ -250,7 +250,8 @@ class Harness:
             return upstream
 
         self.supervisor = Supervisor(self.config, self.clock, upstream_factory=factory)
-        self.root = build_root(self.supervisor, self.clock)
+        # tree: build_root's keyword arguments (logs, metrics).
+        self.root = build_root(self.supervisor, self.clock, **tree)
         self.agent = RequestTraversalAgent(self.root)
         self.http = HTTPClient(self.agent, data_to_body_producer=_body_producer)
 

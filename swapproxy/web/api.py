@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
@@ -98,7 +98,9 @@ class Health(JSONResource):
 
 class Running(JSONResource):
     """
-    ``GET /running``: each model that has a process, with its state, pid, in-flight requests.
+    ``GET /running``: each model that has a process: its state, pid, port, uptime, in-flight and
+    queued requests, and while it is idle with a TTL, how long it has been idle (``idle``) and
+    how long until the TTL unloads it (``ttl_remaining``); both are ``null`` otherwise.
     """
 
     isLeaf = True
@@ -117,6 +119,7 @@ class Running(JSONResource):
                 "model": model.id,
                 "state": upstream.state.value,
                 "pid": upstream.pid,
+                "port": model.port if model.port is not None else urlsplit(model.proxy).port,
                 "proxy": model.proxy,
                 "ttl": model.ttl,
                 "in_flight": self._supervisor.in_flight[model.id],
@@ -124,6 +127,9 @@ class Running(JSONResource):
             }
             if upstream.started_at is not None:
                 entry["uptime"] = round(now - upstream.started_at, 3)
+            due = self._supervisor.unload_due(model.id)
+            entry["ttl_remaining"] = None if due is None else round(max(0.0, due - now), 3)
+            entry["idle"] = None if due is None else round(max(0.0, model.ttl - (due - now)), 3)
             if model.name:
                 entry["name"] = model.name
             running.append(entry)

@@ -11,17 +11,19 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from swapproxy.config import ModelConfig
 from swapproxy.logs import proxy_logger
+from swapproxy.metrics import Metrics, request_meter
 from swapproxy.progress import LoadTracker
 from swapproxy.supervisor import Rejected, Supervisor, Ticket
 from swapproxy.upstream import StartError
 from swapproxy.web.errors import NotFound, write_error
+from swapproxy.web.filters import encode_payload, rewrite_payload
 from swapproxy.web.loading import serve_with_loading
 from swapproxy.web.relay import UpstreamGone, forward_headers, proxy_request
 from swapproxy.web.render import ClientState, render_async
@@ -60,6 +62,8 @@ def parse_json_model(body: bytes) -> tuple[str, dict[str, Any]]:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest(400, "request body is nested too deeply") from None
     if not isinstance(payload, dict):
         raise BadRequest(400, f"request body must be a JSON object, got {type(payload).__name__}")
     model = payload.get("model")
@@ -109,6 +113,7 @@ class ModelRoute(Resource):
     :param clock: drives the loading stream's ticker.
     :param trackers: each model's `LoadTracker`, for the loading stream.
     :param loading_dialect: ``chat`` or ``messages`` on the routes that have a loading stream.
+    :param metrics: measures each request (status, durations, tokens), when given.
     """
 
     isLeaf = True
@@ -119,12 +124,14 @@ class ModelRoute(Resource):
         clock: Any = None,
         trackers: Mapping[str, LoadTracker] | None = None,
         loading_dialect: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__()
         self.supervisor = supervisor
         self.clock = clock
         self.trackers = trackers or {}
         self.loading_dialect = loading_dialect
+        self.metrics = metrics
 
     def resolve(self, name: str) -> ModelConfig:
         model = self.supervisor.config.resolve(name)
@@ -149,6 +156,9 @@ class ModelRoute(Resource):
         closed and its process dead waits for the exit and is queued once more, so that it
         restarts the model instead of failing.
         """
+        meter = request_meter(request)
+        if meter is not None:
+            meter.model = model.id
         headers = forward_headers(request)
         for attempt in (1, 2):
             ticket = self._take_ticket(request, model)
@@ -188,6 +198,10 @@ class ModelRoute(Resource):
             return None
 
     def render(self, request: Request) -> bytes | int:
+        if self.metrics is not None:
+            # The path this route is mounted at, as traversed: a fixed set of labels.
+            segments = [s.decode("utf-8", "replace") for s in request.prepath if s]
+            self.metrics.track(request, "/" + "/".join(segments))
         return render_async(request, lambda client: self.handle(request, client))
 
     async def handle(self, request: Request, client: ClientState) -> None:
@@ -233,11 +247,17 @@ class InferenceRoute(ModelRoute):
         else:
             requested, payload = parse_json_model(body)
             model = self.resolve(requested)
-            if model.use_model_name:
-                payload["model"] = model.use_model_name
-                body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+            if rewrite_payload(model, requested, payload):
+                body = encode_payload(payload)
+            # After the filters: a setParams or stripParams of "stream" decides.
             stream = payload.get("stream") is True
         await self.serve(request, client, model, request.uri, body, stream=stream, requested=requested)
+
+
+#: Characters left as they are in a path segment (RFC 3986 pchar) and in a query, which keeps
+#: the client's percent-escapes.
+_SEGMENT_SAFE = "!$&'()*+,;=:@-._~"
+_QUERY_SAFE = _SEGMENT_SAFE + "/?%[]"
 
 
 class UpstreamPassthrough(ModelRoute):
@@ -267,9 +287,10 @@ class UpstreamPassthrough(ModelRoute):
             return
         if any(piece in (".", "..") for part in rest for piece in part.replace("\\", "/").split("/")):
             raise BadRequest(400, "path segments '.' and '..' are not allowed after /upstream/<model>/")
-        raw_rest = request.postpath[split:]
-        path = b"/" + b"/".join(raw_rest)
+        # Twisted has decoded each segment once; encode them again so that no decoded "/", "?",
+        # "#" or control character can change the path the upstream sees.
+        path = b"/" + b"/".join(quote(s, safe=_SEGMENT_SAFE).encode("ascii") for s in request.postpath[split:])
         if query:
-            path += b"?" + query
+            path += b"?" + quote(query, safe=_QUERY_SAFE).encode("ascii")
         body = request.content.read()
         await self.serve(request, client, model, path, body)

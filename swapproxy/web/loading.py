@@ -19,6 +19,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from swapproxy.logs import proxy_logger
+from swapproxy.metrics import relay_tap
 from swapproxy.progress import LoadTracker
 from swapproxy.supervisor import Rejected, Ticket
 from swapproxy.upstream import StartError
@@ -223,7 +224,7 @@ async def splice_upstream(
         return
     if 200 <= response.code < 300 and is_event_stream(response.headers):
         splice = MessagesSplice() if isinstance(events, MessagesEvents) else None
-        relay = BodyRelay(request, client, splice)
+        relay = BodyRelay(request, client, splice, tap=relay_tap(request))
         response.deliverBody(relay)
         reason = await relay.done
         if reason is not None and not client.gone:

@@ -24,6 +24,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import Request
 
 from swapproxy.logs import proxy_logger
+from swapproxy.metrics import relay_tap
 from swapproxy.upstream import Upstream
 from swapproxy.web.errors import error_object, write_error
 from swapproxy.web.render import ClientState
@@ -93,6 +94,9 @@ class BodyRelay(Protocol):
     """
     Copies an upstream response body into a client response, with flow control.
 
+    :param transform: rewrites each chunk before it is written (the Anthropic splice).
+    :param tap: is shown each chunk as it came from upstream (the metrics' token scanner); it
+        must be quick and must not raise.
     :ivar done: fires with ``None`` when the body ended cleanly, or with the exception that cut
         it short (a value, not a failure: a Deferred cannot carry a `Failure` as its result).
         Cancelling it closes the upstream connection.
@@ -103,10 +107,12 @@ class BodyRelay(Protocol):
         request: Request,
         client: ClientState,
         transform: Callable[[bytes], bytes] | None = None,
+        tap: Callable[[bytes], None] | None = None,
     ) -> None:
         self._request = request
         self._client = client
         self._transform = transform
+        self._tap = tap
         self.bytes = 0
         self.done: Deferred[BaseException | None] = Deferred(self._stop)
 
@@ -120,6 +126,8 @@ class BodyRelay(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes += len(data)
+        if self._tap is not None:
+            self._tap(data)
         if self._transform is not None:
             data = self._transform(data)
         if data and not self._client.gone:
@@ -240,7 +248,7 @@ async def proxy_request(
         write_error(request, 502, f"model {model_id!r} did not answer: {describe_error(e)}")
         return
     streaming = copy_response_head(request, response)
-    relay = BodyRelay(request, client)
+    relay = BodyRelay(request, client, tap=relay_tap(request))
     response.deliverBody(relay)
     reason = await relay.done
     if reason is None or client.gone:

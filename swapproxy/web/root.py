@@ -8,13 +8,18 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import Request
 
+from swapproxy.logbuffer import LogHistory
+from swapproxy.metrics import Metrics
 from swapproxy.progress import LoadHistory, LoadTracker
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.api import ApiUnload, Health, ModelList, Running, UnloadAll
+from swapproxy.web.auth import ApiKeys, Unauthorized
 from swapproxy.web.errors import NotFound
 from swapproxy.web.inference import InferenceRoute, UpstreamPassthrough
+from swapproxy.web.monitor import EventStream, LogFollow, LogPage, MetricsPage, TokenMetrics
+from swapproxy.web.site import SwapproxySite
 
 #: Routes whose model is named in the request body, forwarded to the same path upstream.
 INFERENCE_ROUTES = (
@@ -73,12 +78,21 @@ class Directory(Resource):
 
 class Root(Directory):
     """
-    The root; every ``OPTIONS`` request is a CORS preflight, whatever its path.
+    The root; every ``OPTIONS`` request is a CORS preflight, whatever its path, and every other
+    request passes the ``apiKeys`` check before any route is looked up.
+
+    :param api_keys: who may use which route (everyone, when ``None``).
     """
+
+    def __init__(self, api_keys: ApiKeys | None = None) -> None:
+        super().__init__()
+        self.api_keys = api_keys
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
         if request.method == b"OPTIONS":
             return Preflight()
+        if self.api_keys is not None and not self.api_keys.admit(request, path):
+            return Unauthorized()
         return super().getChildWithDefault(path, request)
 
     def render(self, request: Request) -> bytes:
@@ -110,32 +124,61 @@ def mount(root: Resource, path: str, resource: Resource) -> None:
 LOADING_DIALECTS = {"/v1/chat/completions": "chat", "/v1/messages": "messages"}
 
 
-def build_root(supervisor: Supervisor, reactor: Any, history: LoadHistory | None = None) -> Resource:
+def build_root(
+    supervisor: Supervisor,
+    reactor: Any,
+    history: LoadHistory | None = None,
+    *,
+    logs: LogHistory | None = None,
+    metrics: Metrics | None = None,
+) -> Resource:
     """
     The whole Resource tree of swapproxy.
 
     :param history: where load durations are remembered (in memory only by default).
+    :param logs: the log history behind ``/logs`` (an empty one, fed by nothing, by default:
+        `swapproxy.logbuffer.LogRouting` is what feeds it).
+    :param metrics: what ``/metrics`` and ``/api/*`` report (new, with its own registry, by default).
     """
     history = history if history is not None else LoadHistory(None)
-    trackers = {
-        model_id: LoadTracker(upstream, reactor, history) for model_id, upstream in supervisor.upstreams.items()
-    }
-    root = Root()
+    logs = logs if logs is not None else LogHistory()
+    metrics = metrics if metrics is not None else Metrics(supervisor, reactor)
+    trackers: dict[str, LoadTracker] = {}
+
+    def track(upstream: Any) -> None:
+        # Also for the models a config reload adds or replaces.
+        trackers[upstream.model.id] = LoadTracker(upstream, reactor, history)
+
+    supervisor.each_upstream(track)
+    root = Root(ApiKeys(lambda: supervisor.config.api_keys))
     for path in INFERENCE_ROUTES:
-        mount(root, path, InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path)))
-    mount(root, "/upstream", UpstreamPassthrough(supervisor, reactor, trackers))
+        mount(root, path, InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path), metrics))
+    mount(root, "/upstream", UpstreamPassthrough(supervisor, reactor, trackers, metrics=metrics))
     mount(root, "/v1/models", ModelList(supervisor, reactor))
     mount(root, "/health", Health())
     mount(root, "/running", Running(supervisor, reactor))
     mount(root, "/unload", UnloadAll(supervisor))
     mount(root, "/api/models/unload", ApiUnload(supervisor))
+    mount(root, "/logs", LogPage(logs))
+    mount(root, "/logs/stream", LogFollow(supervisor, logs))
+    mount(root, "/metrics", MetricsPage(metrics))
+    mount(root, "/api/metrics", TokenMetrics(metrics))
+    mount(root, "/api/events", EventStream(metrics, logs, reactor))
     return root
 
 
-def build_site(supervisor: Supervisor, reactor: Any, history: LoadHistory | None = None) -> Site:
+def build_site(
+    supervisor: Supervisor,
+    reactor: Any,
+    history: LoadHistory | None = None,
+    *,
+    logs: LogHistory | None = None,
+    metrics: Metrics | None = None,
+) -> SwapproxySite:
     """
-    The HTTP factory serving swapproxy's Resource tree.
+    The HTTP factory serving swapproxy's Resource tree, with the configuration's ``limits``.
+
+    ``logs`` and ``metrics`` as for `build_root`.
     """
-    site = Site(build_root(supervisor, reactor, history), reactor=reactor)
-    site.displayTracebacks = False
-    return site
+    root = build_root(supervisor, reactor, history, logs=logs, metrics=metrics)
+    return SwapproxySite(root, lambda: supervisor.config.limits, reactor)

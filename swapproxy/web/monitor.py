@@ -1,0 +1,227 @@
+# -*- test-case-name: tests.test_events -*-
+"""
+The endpoints an operator watches swapproxy with: ``/logs``, ``/logs/stream...``, ``/metrics``,
+``/api/metrics`` and ``/api/events``.
+
+The log and event streams never end by themselves: each runs as an `render_async` handler that
+waits until its client leaves, writing through a `LiveWriter` so that a slow reader costs a
+bounded amount of memory and never holds anything up.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import unquote
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from swapproxy.logbuffer import LogHistory, LogStream
+from swapproxy.metrics import Metrics
+from swapproxy.supervisor import Supervisor
+from swapproxy.web.api import JSONResource, write_json
+from swapproxy.web.errors import NotFound, error_response
+from swapproxy.web.live import LiveWriter, dropped_event_marker, dropped_log_marker
+from swapproxy.web.render import ClientState, render_async
+from swapproxy.web.sse import SSE_HEADERS, comment
+
+#: Seconds between the ``: ping`` comments of ``/api/events``.
+HEARTBEAT = 15.0
+
+_TEXT_STREAM_HEADERS = (
+    (b"content-type", b"text/plain; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-accel-buffering", b"no"),
+)
+
+
+def query_has(request: Request, name: bytes) -> bool:
+    """
+    Whether the query names ``name``, with any value or none (``?no-history``), which
+    ``request.args`` leaves out when there is no ``=``.
+    """
+    query = request.uri.partition(b"?")[2]
+    return any(part.partition(b"=")[0] == name for part in query.split(b"&"))
+
+
+async def _until_client_leaves() -> None:
+    # render_async cancels this when the client hangs up.
+    await Deferred()
+
+
+class LogPage(JSONResource):
+    """
+    ``GET /logs``: the combined log history (what ``logToStdout`` selects) as plain text.
+    """
+
+    def __init__(self, logs: LogHistory) -> None:
+        super().__init__()
+        self._logs = logs
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"":
+            return self
+        return NotFound()
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return self._logs.combined.history()
+
+
+class LogFollow(JSONResource):
+    """
+    ``GET /logs/stream`` (combined), ``/logs/stream/proxy``, ``/logs/stream/upstream`` and
+    ``/logs/stream/<model>``: the history, then every new line until the client leaves.
+
+    ``?no-history`` (any value) skips the history. A model may be named by id or alias.
+    """
+
+    isLeaf = True
+
+    def __init__(self, supervisor: Supervisor, logs: LogHistory) -> None:
+        super().__init__()
+        self._supervisor = supervisor
+        self._logs = logs
+
+    def _stream(self, name: str) -> LogStream | None:
+        if name == "":
+            return self._logs.combined
+        if name in ("proxy", "upstream"):
+            return self._logs.stream(name)
+        model = self._supervisor.config.resolve(name)
+        return self._logs.model(model.id) if model is not None else None
+
+    def render_GET(self, request: Request) -> bytes | int:
+        name = unquote("/".join(s.decode("utf-8", "replace") for s in request.postpath or [])).strip("/")
+        stream = self._stream(name)
+        if stream is None:
+            return error_response(
+                request,
+                404,
+                f"no log stream {name!r}: use /logs/stream, /logs/stream/proxy, /logs/stream/upstream "
+                "or /logs/stream/<model> (see GET /v1/models)",
+            )
+        history = not query_has(request, b"no-history")
+        return render_async(request, lambda client: self._follow(request, client, stream, history))
+
+    async def _follow(self, request: Request, client: ClientState, stream: LogStream, history: bool) -> None:
+        for name, value in _TEXT_STREAM_HEADERS:
+            request.setHeader(name, value)
+        request.write(b"")  # the head goes out now, before any line
+        writer = LiveWriter(request, dropped_log_marker)
+        if history:
+            writer.write(stream.history())
+        unsubscribe = stream.subscribe(writer.write)
+        try:
+            await _until_client_leaves()
+        finally:
+            unsubscribe()
+            writer.close(client.gone)
+
+
+class MetricsPage(Resource):
+    """
+    ``GET /metrics``: the Prometheus text exposition of ``registry``.
+
+    Synchronous on purpose: rendering the registry is quick and needs no thread.
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return bytes(generate_latest(self._metrics.registry))
+
+
+class TokenMetrics(JSONResource):
+    """
+    ``GET /api/metrics``: the recent per-request token metrics as a JSON array, oldest first, as
+    llama-swap returns them (at most ``metricsMaxInMemory``).
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        self._metrics = metrics
+
+    def render_GET(self, request: Request) -> bytes:
+        return write_json(request, list(self._metrics.records))
+
+
+def event_message(kind: str, data: Any) -> bytes:
+    """
+    One ``/api/events`` message, framed as llama-swap frames them: an SSE ``message`` event whose
+    data is ``{"type": kind, "data": <data as a JSON string>}``.
+    """
+    envelope = {"type": kind, "data": json.dumps(data, separators=(",", ":"))}
+    return b"event: message\ndata: " + json.dumps(envelope, separators=(",", ":")).encode("utf-8") + b"\n\n"
+
+
+class EventStream(JSONResource):
+    """
+    ``GET /api/events``: an SSE stream for dashboards, in llama-swap's framing.
+
+    It opens with a ``modelStatus`` snapshot of every model and a ``metrics`` message with the
+    recent token metrics, then sends ``modelStatus`` on every state change, ``request`` when a
+    model request ends, ``metrics`` for each new token-metric record, and a ``: ping`` comment
+    every 15 s. With ``?logs`` it also sends the log histories and then each new log text as
+    ``logData`` (``{"source": "proxy" | "upstream", "data": text}``).
+    """
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics, logs: LogHistory, clock: Any) -> None:
+        super().__init__()
+        self._metrics = metrics
+        self._logs = logs
+        self._clock = clock
+
+    def render_GET(self, request: Request) -> int:
+        with_logs = query_has(request, b"logs")
+        return render_async(request, lambda client: self._events(request, client, with_logs))
+
+    async def _events(self, request: Request, client: ClientState, with_logs: bool) -> None:
+        request.setResponseCode(200)
+        request.defaultContentType = None
+        for name, value in SSE_HEADERS:
+            request.setHeader(name, value)
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        writer = LiveWriter(request, dropped_event_marker)
+        writer.write(event_message("modelStatus", self._metrics.model_status()))
+        writer.write(event_message("metrics", list(self._metrics.records)))
+        unsubscribes = [self._metrics.subscribe(lambda kind, data: writer.write(event_message(kind, data)))]
+        if with_logs:
+            for source in ("proxy", "upstream"):
+                stream = self._logs.stream(source)
+                assert stream is not None
+
+                def send(data: bytes, source: str = source) -> None:
+                    text = data.decode("utf-8", "replace")
+                    writer.write(event_message("logData", {"source": source, "data": text}))
+
+                history = stream.history()
+                if history:
+                    send(history)
+                unsubscribes.append(stream.subscribe(send))
+        heartbeat = LoopingCall(writer.write, comment("ping"))
+        heartbeat.clock = self._clock
+        heartbeat.start(HEARTBEAT, now=False)
+        try:
+            await _until_client_leaves()
+        finally:
+            heartbeat.stop()
+            for unsubscribe in unsubscribes:
+                unsubscribe()
+            writer.close(client.gone)

@@ -1,0 +1,196 @@
+"""
+Tests for ``GET /api/events``, the SSE stream for dashboards (L{swapproxy.web.monitor}).
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from swapproxy.logs import proxy_logger, upstream_logger
+from swapproxy.web.monitor import HEARTBEAT
+from tests.test_logbuffer import StreamClient, routed
+from tests.test_loading import parse_events
+from tests.test_metrics import CHAT_ANSWER, answer_with
+from tests.test_web import Harness
+
+CONFIG = """
+    models:
+      llama:
+        cmd: llama-server --port ${PORT}
+        name: Llama
+      qwen:
+        cmd: llama-server --port ${PORT}
+        unlisted: true
+"""
+
+
+class EventStreamTests(SynchronousTestCase):
+    """
+    What a dashboard sees on ``/api/events``.
+    """
+
+    def setUp(self) -> None:
+        self.logs = routed(self, "proxy")
+        self.h = Harness(self, textwrap.dedent(CONFIG), logs=self.logs)
+        self.h.server.respond = answer_with(CHAT_ANSWER)
+
+    def connect(self, path: str = "/api/events") -> StreamClient:
+        client = StreamClient(self.h.root, path)
+        self.addCleanup(client.disconnect)
+        return client
+
+    def messages(self, client: StreamClient) -> list[tuple[str, Any]]:
+        """
+        The (type, decoded data) of every message so far; each must be framed as llama-swap does.
+        """
+        result = []
+        for event in parse_events(client.body()):
+            if event.data is None:
+                continue
+            self.assertEqual(event.name, "message")
+            envelope = event.json()
+            self.assertEqual(sorted(envelope), ["data", "type"])
+            self.assertIsInstance(envelope["data"], str)
+            result.append((envelope["type"], json.loads(envelope["data"])))
+        return result
+
+    def states(self, client: StreamClient) -> list[dict[str, str]]:
+        return [
+            {model["id"]: model["state"] for model in data}
+            for kind, data in self.messages(client)
+            if kind == "modelStatus"
+        ]
+
+    def test_headers_and_snapshot(self) -> None:
+        """
+        The stream opens with SSE headers, every model's state and the recent token metrics.
+        """
+        client = self.connect()
+        status, headers = client.head()
+        self.assertEqual(status, 200)
+        self.assertEqual(headers[b"content-type"], b"text/event-stream; charset=utf-8")
+        self.assertEqual(headers[b"cache-control"], b"no-cache")
+        self.assertEqual(headers[b"x-accel-buffering"], b"no")
+        self.assertEqual(
+            self.messages(client),
+            [
+                (
+                    "modelStatus",
+                    [
+                        {"id": "llama", "name": "Llama", "description": "", "state": "stopped", "unlisted": False},
+                        {"id": "qwen", "name": "", "description": "", "state": "stopped", "unlisted": True},
+                    ],
+                ),
+                ("metrics", []),
+            ],
+        )
+
+    def test_sequence_on_a_load(self) -> None:
+        """
+        A request that loads a model shows it starting, then ready, then the request's end and
+        its token metrics.
+        """
+        client = self.connect()
+        self.h.upstreams["llama"].auto_ready = False
+        pending = self.h.request("POST", "/v1/chat/completions", b'{"model": "llama"}')
+        self.h.clock.advance(2)
+        self.h.upstreams["llama"].become_ready()
+        self.h.flush()
+        self.h.read(self.successResultOf(pending))
+        kinds = [kind for kind, _ in self.messages(client)]
+        self.assertEqual(kinds, ["modelStatus", "metrics", "modelStatus", "modelStatus", "request", "metrics"])
+        self.assertEqual(
+            [states["llama"] for states in self.states(client)], ["stopped", "starting", "ready"]
+        )
+        messages = self.messages(client)
+        self.assertEqual(
+            messages[4][1],
+            {"model": "llama", "route": "/v1/chat/completions", "status": 200, "duration_ms": 2000,
+             "ttfb_ms": 2000, "metrics_id": 0},
+        )
+        (record,) = messages[5][1]
+        self.assertEqual((record["id"], record["model"], record["input_tokens"], record["output_tokens"]),
+                         (0, "llama", 11, 7))
+
+    def test_swap_and_failed_request(self) -> None:
+        """
+        A swap shows the old model stopping and the new one starting; a request that fails is
+        reported with its status and no metrics.
+        """
+        self.h.post_json("/v1/chat/completions", {"model": "llama"})
+        client = self.connect()
+        self.h.server.respond = lambda request, received: (request.setResponseCode(500), b"oops")[1]
+        self.h.post_json("/v1/chat/completions", {"model": "qwen"})
+        self.assertEqual(
+            self.states(client),
+            [
+                {"llama": "ready", "qwen": "stopped"},
+                {"llama": "stopped", "qwen": "stopped"},
+                {"llama": "stopped", "qwen": "starting"},
+                {"llama": "stopped", "qwen": "ready"},
+            ],
+        )
+        requests = [data for kind, data in self.messages(client) if kind == "request"]
+        self.assertEqual([(r["model"], r["status"]) for r in requests], [("qwen", 500)])
+        self.assertNotIn("metrics_id", requests[0])
+
+    def test_heartbeat(self) -> None:
+        client = self.connect()
+        self.h.clock.advance(HEARTBEAT - 0.1)
+        self.assertNotIn(b": ping", client.body())
+        self.h.clock.advance(0.1)
+        self.assertTrue(client.body().endswith(b": ping\n\n"))
+        self.h.clock.advance(HEARTBEAT)
+        self.assertEqual(client.body().count(b": ping\n\n"), 2)
+
+    def test_cleanup_on_disconnect(self) -> None:
+        """
+        A client that leaves stops its heartbeat and receives nothing more.
+        """
+        before = len(self.h.clock.getDelayedCalls())
+        client = StreamClient(self.h.root, "/api/events?logs")
+        self.assertEqual(len(self.h.clock.getDelayedCalls()), before + 1)
+        self.assertEqual(self.logs.proxy.subscribers, 1)
+        client.disconnect()
+        self.assertEqual(len(self.h.clock.getDelayedCalls()), before)
+        self.assertEqual(self.logs.proxy.subscribers, 0)
+        self.assertEqual(self.logs.upstream.subscribers, 0)
+        received = client.body()
+        self.h.post_json("/v1/chat/completions", {"model": "llama"})
+        self.assertEqual(client.body(), received)
+
+    def test_log_data(self) -> None:
+        """
+        With ``?logs`` the stream carries the log histories, then each new log text.
+        """
+        proxy_logger("tests.events").info("earlier")
+        client = self.connect("/api/events?logs")
+        upstream_logger("llama").info("[{model}] {line}", model="llama", line="loaded")
+        logs = [data for kind, data in self.messages(client) if kind == "logData"]
+        self.assertEqual(
+            logs,
+            [{"source": "proxy", "data": "[INFO] earlier\n"}, {"source": "upstream", "data": "[llama] loaded\n"}],
+        )
+
+    def test_no_logs_unless_asked(self) -> None:
+        client = self.connect()
+        proxy_logger("tests.events").info("quiet")
+        self.assertNotIn("logData", [kind for kind, _ in self.messages(client)])
+
+    def test_slow_dashboard(self) -> None:
+        """
+        A dashboard that does not read loses whole messages, never the framing, and is told.
+        """
+        client = self.connect()
+        client.pause()
+        for _ in range(400):
+            self.h.post_json("/v1/chat/completions", {"model": "llama"})
+        client.resume()
+        events = parse_events(client.body())
+        self.assertTrue(any("bytes of events dropped" in c for e in events for c in e.comments))
+        self.assertLess(len(client.body()), 100_000)
+        self.messages(client)  # every message still parses

@@ -1,0 +1,335 @@
+"""
+Tests for L{swapproxy.web.filters}: C{useModelName}, C{filters.stripParams}, C{filters.setParams}
+and C{filters.setParamsByID}, as functions and as an upstream sees their result.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from swapproxy.config import ConfigError, parse_config
+from swapproxy.web.filters import encode_payload, rewrite_payload, set_path, split_path, strip_path
+from tests.test_web import ErrorAssertions, Harness, header
+
+CONFIG = """
+    healthCheckTimeout: 15
+    models:
+      llama:
+        cmd: llama-server --port ${PORT}
+        filters:
+          stripParams: "temperature, top_p, options.seed, model, stream_options"
+          setParams:
+            top_k: 40
+            chat_template_kwargs.enable_thinking: false
+            model: evil
+            model.name: evil
+          setParamsByID:
+            llama-think:
+              chat_template_kwargs.enable_thinking: true
+              temperature: 0.6
+            llama:
+              min_p: 0.05
+      qwen:
+        cmd: llama-server --port ${PORT}
+        useModelName: Qwen/Qwen2.5-7B-Instruct
+        aliases: [smart]
+        filters:
+          stripParams: stream
+          setParams:
+            top_k: 20
+      loader:
+        cmd: llama-server --port ${PORT}
+        sendLoadingState: true
+        filters:
+          setParamsByID:
+            loader-streaming:
+              stream: true
+      quiet-loader:
+        cmd: llama-server --port ${PORT}
+        sendLoadingState: true
+        filters:
+          stripParams: stream
+      plain:
+        cmd: llama-server --port ${PORT}
+"""
+
+
+def model_config(text: str = CONFIG) -> Any:
+    return parse_config(textwrap.dedent(text), "config.yaml", {})
+
+
+class PathTests(SynchronousTestCase):
+    """
+    Dotted key paths, as llama-swap (sjson) reads them.
+    """
+
+    def test_split(self) -> None:
+        """
+        Dots separate keys; a backslash makes the next character literal.
+        """
+        self.assertEqual(split_path("a"), ["a"])
+        self.assertEqual(split_path("a.b.c"), ["a", "b", "c"])
+        self.assertEqual(split_path(r"a\.b.c"), ["a.b", "c"])
+        self.assertEqual(split_path(r"a\\.b"), ["a\\", "b"])
+
+    def test_strip_nested(self) -> None:
+        """
+        Stripping removes a nested key or array element and reports whether anything went.
+        """
+        payload = {"a": {"b": 1, "c": 2}, "list": [{"x": 1}, {"x": 2}], "s": "text"}
+        self.assertTrue(strip_path(payload, "a.b"))
+        self.assertTrue(strip_path(payload, "list.1.x"))
+        self.assertFalse(strip_path(payload, "a.missing"))
+        self.assertFalse(strip_path(payload, "s.inner"))
+        self.assertFalse(strip_path(payload, "list.7"))
+        self.assertEqual(payload, {"a": {"c": 2}, "list": [{"x": 1}, {}], "s": "text"})
+        self.assertTrue(strip_path(payload, "list.0"))
+        self.assertEqual(payload["list"], [{}])
+
+    def test_set_nested(self) -> None:
+        """
+        Setting creates the objects on the way, replaces a scalar in the way, indexes arrays, and
+        reports a change only when the JSON value differs (1 is not true, 1 is not 1.0).
+        """
+        payload: dict[str, Any] = {"n": 1, "flag": 1, "s": "text", "list": [{"x": 1}]}
+        self.assertTrue(set_path(payload, "a.b.c", [1]))
+        self.assertTrue(set_path(payload, "s.inner", 2))
+        self.assertTrue(set_path(payload, "list.0.x", 3))
+        self.assertTrue(set_path(payload, "list.-1", "end"))
+        self.assertFalse(set_path(payload, "n", 1))
+        self.assertTrue(set_path(payload, "flag", True))
+        self.assertTrue(set_path(payload, "n", 1.0))
+        self.assertFalse(set_path(payload, "list.x.y", 1))
+        self.assertEqual(
+            payload,
+            {"n": 1.0, "flag": True, "s": {"inner": 2}, "list": [{"x": 3}, "end"], "a": {"b": {"c": [1]}}},
+        )
+
+    def test_set_copies_the_value(self) -> None:
+        """
+        A value from the config is copied into each body: changing one body changes no other.
+        """
+        value = {"k": [1]}
+        first: dict[str, Any] = {}
+        set_path(first, "p", value)
+        first["p"]["k"].append(2)
+        self.assertEqual(value, {"k": [1]})
+
+    def test_model_is_protected(self) -> None:
+        """
+        Neither C{model} nor a path inside it can be stripped or set.
+        """
+        payload: dict[str, Any] = {"model": "llama"}
+        self.assertFalse(strip_path(payload, "model"))
+        self.assertFalse(set_path(payload, "model", "evil"))
+        self.assertFalse(set_path(payload, "model.name", "evil"))
+        self.assertEqual(payload, {"model": "llama"})
+
+    def test_encode_keeps_lone_surrogates_escaped(self) -> None:
+        """
+        A string that cannot be UTF-8 (a lone surrogate sent as a JSON escape) is re-encoded as an
+        escape, not a crash.
+        """
+        payload = json.loads('{"model": "m", "s": "\\ud800", "t": "é"}')
+        self.assertEqual(json.loads(encode_payload(payload)), payload)
+        self.assertEqual(encode_payload({"t": "é"}), '{"t": "é"}'.encode())
+
+
+class RewriteTests(SynchronousTestCase):
+    """
+    L{rewrite_payload}: llama-swap's order and rules.
+    """
+
+    def setUp(self) -> None:
+        self.config = model_config()
+
+    def rewrite(self, requested: str, payload: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        model = self.config.resolve(requested)
+        assert model is not None
+        changed = rewrite_payload(model, requested, payload)
+        return changed, payload
+
+    def test_order(self) -> None:
+        """
+        stripParams, then setParams, then setParamsByID: a key stripped and set again by
+        setParamsByID ends up with the setParamsByID value.
+        """
+        changed, payload = self.rewrite("llama-think", {
+            "model": "llama-think", "temperature": 1.5, "top_p": 0.9, "options": {"seed": 1, "keep": 2},
+        })
+        self.assertTrue(changed)
+        self.assertEqual(payload, {
+            "model": "llama-think", "temperature": 0.6, "options": {"keep": 2}, "top_k": 40,
+            "chat_template_kwargs": {"enable_thinking": True},
+        })
+
+    def test_set_params_by_id_needs_the_exact_name(self) -> None:
+        """
+        The parameters of a setParamsByID key apply only when the client used that name: the
+        model's id gets its own entry, not the alias's.
+        """
+        _, payload = self.rewrite("llama", {"model": "llama", "temperature": 1.5})
+        self.assertEqual(payload, {
+            "model": "llama", "top_k": 40, "chat_template_kwargs": {"enable_thinking": False}, "min_p": 0.05,
+        })
+
+    def test_set_params_by_id_keys_are_aliases(self) -> None:
+        """
+        Each setParamsByID key names its model.
+        """
+        self.assertEqual(self.config.aliases["llama-think"], "llama")
+        self.assertEqual(self.config.resolve("loader-streaming").id, "loader")
+
+    def test_use_model_name_first(self) -> None:
+        """
+        useModelName replaces the model before the filters run; the filters cannot touch it.
+        """
+        changed, payload = self.rewrite("smart", {"model": "smart", "stream": True})
+        self.assertTrue(changed)
+        self.assertEqual(payload, {"model": "Qwen/Qwen2.5-7B-Instruct", "top_k": 20})
+
+    def test_model_never_stripped_or_set(self) -> None:
+        """
+        "model" in stripParams and setParams (plain or as a path) is dropped by the config, with a
+        warning for the ones that would have set it.
+        """
+        llama = self.config.models["llama"]
+        self.assertNotIn("model", llama.strip_params)
+        self.assertEqual(sorted(llama.set_params), ["chat_template_kwargs.enable_thinking", "top_k"])
+        warnings = "\n".join(self.config.warnings)
+        self.assertIn("models.llama.filters.setParams.model: ignored", warnings)
+        self.assertIn("models.llama.filters.setParams.model.name: ignored", warnings)
+        _, payload = self.rewrite("llama", {"model": "llama"})
+        self.assertEqual(payload["model"], "llama")
+
+    def test_nothing_to_do(self) -> None:
+        """
+        A body the filters would leave as it is counts as unchanged.
+        """
+        changed, _ = self.rewrite("llama", {
+            "model": "llama", "top_k": 40, "chat_template_kwargs": {"enable_thinking": False}, "min_p": 0.05,
+        })
+        self.assertFalse(changed)
+        changed, _ = self.rewrite("plain", {"model": "plain", "temperature": 2})
+        self.assertFalse(changed)
+
+
+class ConfigTests(SynchronousTestCase):
+    """
+    The config refuses filter values that have no JSON form.
+    """
+
+    def test_values_must_be_json(self) -> None:
+        for value, fragment in [
+            ("2024-01-01", "got a date"),
+            ("!!binary aGk=", "got a bytes"),
+            ("{1: 2}", "JSON object keys must be strings"),
+        ]:
+            text = f"""
+                models:
+                  m:
+                    cmd: x ${{PORT}}
+                    filters:
+                      setParams:
+                        key: {value}
+            """
+            with self.assertRaises(ConfigError) as caught:
+                model_config(text)
+            self.assertIn("models.m.filters.setParams.key", str(caught.exception))
+            self.assertIn(fragment, str(caught.exception))
+
+    def test_keys_must_be_strings(self) -> None:
+        text = """
+            models:
+              m:
+                cmd: x ${PORT}
+                filters:
+                  setParamsByID:
+                    m2:
+                      7: seven
+        """
+        with self.assertRaises(ConfigError) as caught:
+            model_config(text)
+        self.assertIn("models.m.filters.setParamsByID.m2.7: keys must be non-empty strings", str(caught.exception))
+
+
+class UpstreamSeesTests(ErrorAssertions, SynchronousTestCase):
+    """
+    What the upstream receives once the filters ran.
+    """
+
+    def setUp(self) -> None:
+        self.h = Harness(self, CONFIG)
+
+    def test_rewritten_body_and_content_length(self) -> None:
+        """
+        A rewritten body reaches the upstream with a Content-Length that matches it.
+        """
+        response, body = self.h.post_json(
+            "/v1/chat/completions", {"model": "llama-think", "messages": [{"role": "user", "content": "héllo ✓"}]}
+        )
+        self.assertEqual(response.code, 200, body)
+        received = self.h.received[-1]
+        self.assertEqual(received.model, "llama")
+        self.assertEqual(json.loads(received.body), {
+            "model": "llama-think", "messages": [{"role": "user", "content": "héllo ✓"}], "top_k": 40,
+            "chat_template_kwargs": {"enable_thinking": True}, "temperature": 0.6,
+        })
+        self.assertEqual(received.headers.getRawHeaders(b"content-length"), [str(len(received.body)).encode()])
+
+    def test_unchanged_body_forwarded_byte_for_byte(self) -> None:
+        """
+        A body the filters leave alone reaches the upstream exactly as the client wrote it:
+        spacing, key order, escapes and number spellings.
+        """
+        for body in [
+            b'{ "model" : "plain",\n  "b": 1.50, "a": "\\u00e9", "temperature": 1e0 }',
+            b'{"top_k":40,"model":"llama","min_p":5e-2,"chat_template_kwargs":{"enable_thinking":false}}',
+        ]:
+            response, answer = self.h.call("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            self.assertEqual(response.code, 200, answer)
+            self.assertEqual(self.h.received[-1].body, body)
+            self.assertEqual(self.h.received[-1].headers.getRawHeaders(b"content-length"), [str(len(body)).encode()])
+
+    def test_filters_only_on_json_routes(self) -> None:
+        """
+        /upstream/<model>/... forwards the body untouched, filters or not.
+        """
+        body = b'{"model": "llama", "temperature": 1}'
+        response, _ = self.h.call("POST", "/upstream/llama/v1/chat/completions", body)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.h.received[-1].body, body)
+
+    def test_stream_set_by_filter(self) -> None:
+        """
+        The loading stream follows the rewritten body: a setParamsByID that turns streaming on gets
+        it for a client that did not ask.
+        """
+        self.h.upstreams["loader"].auto_ready = False
+        response = self.successResultOf(self.h.request(
+            "POST", "/v1/chat/completions", json.dumps({"model": "loader-streaming", "messages": []}).encode(),
+            {"Content-Type": "application/json"},
+        ))
+        self.assertEqual(response.code, 200)
+        self.assertTrue(header(response, b"content-type")[0].startswith(b"text/event-stream"))
+
+    def test_stream_stripped_by_filter(self) -> None:
+        """
+        A stripParams of "stream" takes the loading stream away from a client that asked for it.
+        """
+        self.h.upstreams["quiet-loader"].auto_ready = False
+        pending = self.h.request(
+            "POST", "/v1/chat/completions", json.dumps({"model": "quiet-loader", "stream": True}).encode(),
+            {"Content-Type": "application/json"},
+        )
+        # No loading stream: nothing is answered until the model is ready.
+        self.assertNoResult(pending)
+        self.h.upstreams["quiet-loader"].become_ready()
+        self.h.flush()
+        response = self.successResultOf(pending)
+        self.assertEqual(header(response, b"content-type"), [b"application/json"])
+        self.assertNotIn(b"stream", self.h.received[-1].body)
