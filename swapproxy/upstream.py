@@ -186,8 +186,10 @@ class _RelayClient(HTTPClient):
     """
     treq's client, with a short way for the requests the relay sends: unbuffered, no redirects,
     an in-memory body, ``Headers`` and an ASCII URL go straight to the `Agent`, without treq's
-    URL parsing, cookie and content-decoding layers (they cost more than the rest of a proxied
-    request). The answer is then the agent's own `IResponse`. Any other request takes treq's way.
+    URL parsing, cookie and content-decoding layers (a third of swapproxy's CPU time per proxied
+    request). The answer is then the agent's own `IResponse`, and no ``Accept-Encoding`` is added
+    (the relay drops the client's), so the body arrives as the upstream sent it. Any other request
+    takes treq's way.
     """
 
     def __init__(self, agent: Agent, cookiejar: CookieJar) -> None:

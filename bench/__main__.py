@@ -1,0 +1,7 @@
+"""
+``python -m bench``: run the benchmark once, print the table, save the JSON.
+"""
+
+from bench.run import main
+
+raise SystemExit(main())

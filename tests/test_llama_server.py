@@ -1,0 +1,339 @@
+"""
+The end-to-end tier: swapproxy with real ``llama-server`` children and tiny random-weight models.
+
+The models are written once per cache (``tests/real_llama.py``); llama-server itself is never
+built here. Without one (``$LLAMA_SERVER``, ``PATH``, or the cache of
+``scripts/build_llama_server.sh``), the whole module is skipped with the reason; ``.ci/run``
+builds it first, so CI always runs this tier.
+
+swapproxy runs in this process, except for the shutdown test, which runs ``twistd swapproxy`` and
+sends it SIGTERM. Every llama-server is a descendant of the process under test, which is how the
+tests count them (psutil) without seeing anybody else's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from typing import Any
+
+import openai
+import yaml
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest, TestCase
+
+from swapproxy.config import parse_config
+from swapproxy.progress import LoadHistory
+from swapproxy.supervisor import Supervisor
+from swapproxy.web.root import build_site
+from tests.helpers import (
+    TrackingFactory,
+    capture_logs,
+    free_port,
+    free_port_range,
+    make_client,
+    post_chat,
+    spawn_twistd,
+    survivors,
+    wait_for_http,
+    write_config,
+)
+from tests.real_llama import (
+    HOW_TO_GET_ONE,
+    find_llama_server,
+    find_vocab_dir,
+    llama_command,
+    llama_servers_under,
+    tiny_model,
+)
+
+LLAMA_SERVER = find_llama_server()
+_models: dict[tuple[str, int], str] = {}
+
+
+def model_file(preset: str, seed: int = 0) -> str:
+    """
+    The cached model of ``preset`` and ``seed``, written on first use in this test run.
+    """
+    key = (preset, seed)
+    if key not in _models:
+        assert LLAMA_SERVER is not None
+        vocab = find_vocab_dir(LLAMA_SERVER)
+        if vocab is None:
+            raise SkipTest("no llama.cpp vocab files: run scripts/build_llama_server.sh --vocab-dir")
+        _models[key] = tiny_model(vocab, preset, seed)
+    return _models[key]
+
+
+def config_text(models: dict[str, dict[str, Any]], **top: Any) -> str:
+    document: dict[str, Any] = {
+        "healthCheckTimeout": 30,
+        "startPort": free_port_range(len(models) + 2),
+        "unloadTimeout": 5,
+    }
+    document.update(top)
+    document["models"] = models
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def openai_client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def chat(url: str, model_id: str) -> Any:
+    """
+    One greedy non-streaming chat completion of 4 tokens with the openai SDK (call in a thread).
+    """
+    client = openai_client(url)
+    try:
+        return client.chat.completions.create(
+            model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+        )
+    finally:
+        client.close()
+
+
+def chat_stream(url: str, model_id: str, max_tokens: int = 4) -> list[Any]:
+    """
+    One greedy streaming chat completion with the openai SDK (call in a thread); every chunk.
+    """
+    client = openai_client(url)
+    try:
+        stream = client.chat.completions.create(
+            model=model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens,
+            temperature=0, stream=True,
+        )
+        return list(stream)
+    finally:
+        client.close()
+
+
+def chat_error(url: str, model_id: str) -> openai.APIStatusError:
+    """
+    The error the openai SDK raises for a non-streaming chat completion that fails.
+    """
+    try:
+        chat(url, model_id)
+    except openai.APIStatusError as e:
+        return e
+    raise AssertionError(f"the request for {model_id} succeeded")
+
+
+def loading_status(chunk: Any) -> dict[str, Any] | None:
+    """
+    swapproxy's status object of a loading chunk, or ``None`` for a chunk of the model's own.
+    """
+    status = (chunk.model_extra or {}).get("swapproxy")
+    return status if isinstance(status, dict) else None
+
+
+def sse_data(body: bytes) -> list[str]:
+    """
+    The ``data:`` payloads of an SSE body, in order.
+    """
+    return [
+        line[5:].strip()
+        for line in body.decode("utf-8").replace("\r\n", "\n").split("\n")
+        if line.startswith("data:")
+    ]
+
+
+class LlamaServerTests(TestCase):
+    """
+    swapproxy in this process, real llama-server children over loopback.
+    """
+
+    timeout = 60
+    skip = None if LLAMA_SERVER is not None else HOW_TO_GET_ONE
+
+    def setUp(self) -> None:
+        assert LLAMA_SERVER is not None
+        self.llama_server = LLAMA_SERVER
+
+    def serve(self, models: dict[str, dict[str, Any]], **top: Any) -> tuple[str, Supervisor]:
+        """
+        Serve ``models`` in this process; the cleanups stop everything.
+        """
+        config = parse_config(config_text(models, **top), "test.yaml")
+        capture_logs(self)  # the children's output goes to the captured log, not the console
+        supervisor = Supervisor(config, reactor)
+        supervisor.startService()
+        self.addCleanup(supervisor.stopService)
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        site = build_site(supervisor, reactor, LoadHistory(os.path.join(directory, "load-times.json")))
+        factory = TrackingFactory(site)
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.addCleanup(factory.close_all)
+        return f"http://127.0.0.1:{listening.getHost().port}", supervisor
+
+    def assertOnlyServing(self, model_path: str) -> None:
+        """
+        Exactly one llama-server runs under this process, and it serves ``model_path``.
+        """
+        running = llama_servers_under(os.getpid())
+        self.assertEqual(len(running), 1, [p.cmdline() for p in running])
+        self.assertIn(model_path, running[0].cmdline())
+
+    async def test_swap_between_two_models_streaming_and_not(self) -> None:
+        """
+        Two models with different weights in one swap group, through the openai SDK: each answer
+        names the model asked for and carries its tokens, and after each swap only the requested
+        model's llama-server is alive. Stopping the supervisor leaves none.
+        """
+        tiny_a, tiny_b = model_file("tiny", 0), model_file("tiny", 1)
+        url, supervisor = self.serve({
+            "tiny-a": {"cmd": llama_command(self.llama_server, tiny_a)},
+            "tiny-b": {"cmd": llama_command(self.llama_server, tiny_b)},
+        })
+
+        first = await deferToThread(chat, url, "tiny-a")
+        self.assertEqual(first.model, "tiny-a")
+        self.assertEqual(first.usage.completion_tokens, 4)
+        self.assertTrue(first.choices[0].message.content)
+        self.assertOnlyServing(tiny_a)
+
+        chunks = await deferToThread(chat_stream, url, "tiny-b")
+        self.assertEqual({chunk.model for chunk in chunks}, {"tiny-b"})
+        self.assertTrue(all(loading_status(chunk) is None for chunk in chunks), "no loading stream: it is off")
+        # At most one chunk per token: llama-server holds back a token that ends inside a UTF-8
+        # character until the character is complete.
+        pieces = [chunk.choices[0].delta.content for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]
+        self.assertTrue(1 <= len(pieces) <= 4, pieces)
+        self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "length")
+        self.assertOnlyServing(tiny_b)
+
+        again = await deferToThread(chat, url, "tiny-a")
+        self.assertEqual(again.model, "tiny-a")
+        self.assertEqual(again.choices[0].message.content, first.choices[0].message.content,
+                         "greedy decoding by the same weights gives the same answer")
+        self.assertOnlyServing(tiny_a)
+        streamed_b = "".join(pieces)
+        self.assertNotEqual(streamed_b, first.choices[0].message.content, "the models have different weights")
+
+        running = llama_servers_under(os.getpid())
+        await supervisor.stopService()
+        self.assertEqual(llama_servers_under(os.getpid()), [])
+        self.assertEqual(survivors(running, grace=0), [])
+
+    async def test_loading_stream_during_a_real_load(self) -> None:
+        """
+        A streaming request for a cold model that loads for a second or two (``-lv 4``, so the
+        library prints its stages): the openai SDK parses every chunk, loading chunks come first,
+        their progress rises to ready, then the model's tokens follow.
+        """
+        slow = model_file("slow")
+        url, _ = self.serve(
+            {"slow": {"cmd": llama_command(self.llama_server, slow, "-lv", "4", fit=True)}},
+            sendLoadingState=True,
+        )
+
+        chunks = await deferToThread(chat_stream, url, "slow", 3)
+
+        statuses = [loading_status(chunk) for chunk in chunks]
+        loading = [s for s in statuses if s is not None]
+        self.assertGreaterEqual(len(loading), 1)
+        self.assertEqual(statuses[: len(loading)], loading, "the loading chunks all come first")
+        self.assertEqual({chunk.model for chunk in chunks}, {"slow"})
+        progress = [s["progress"] for s in loading if s["stage"] in ("loading", "ready")]
+        self.assertEqual(progress, sorted(progress), "progress never goes back")
+        self.assertTrue(any(0 < p < 1 for p in progress), loading)
+        self.assertEqual(loading[-1]["stage"], "ready")
+        self.assertEqual(loading[-1]["progress"], 1.0)
+        tokens = [c.choices[0].delta.content for c in chunks[len(loading):] if c.choices and c.choices[0].delta.content]
+        self.assertTrue(1 <= len(tokens) <= 3, tokens)
+        self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "length")
+
+    async def test_bad_model_path_is_502_naming_exit_code_and_error_line(self) -> None:
+        """
+        A llama-server that cannot open its model: the client gets a 502 JSON error with the exit
+        code and llama-server's own last words.
+        """
+        missing = os.path.abspath(os.path.join(self.mktemp(), "missing.gguf"))
+        url, _ = self.serve({"broken": {"cmd": llama_command(self.llama_server, missing)}})
+
+        error = await deferToThread(chat_error, url, "broken")
+
+        self.assertEqual(error.status_code, 502)
+        self.assertEqual(error.response.headers["content-type"].split(";")[0], "application/json")
+        message = error.body["message"] if isinstance(error.body, dict) else str(error.body)
+        self.assertIn("model 'broken' failed to start", message)
+        self.assertIn("exit code 1", message)
+        self.assertIn("exiting due to model loading error", message)
+        self.assertIn("failed to load model", message)
+        self.assertEqual(llama_servers_under(os.getpid()), [])
+
+    async def test_bad_model_path_in_the_loading_stream(self) -> None:
+        """
+        The same failure on a streaming request with the loading stream on: the last loading
+        event says why, then comes an SSE error event, then ``[DONE]``.
+        """
+        missing = os.path.abspath(os.path.join(self.mktemp(), "missing.gguf"))
+        url, _ = self.serve({"broken": {"cmd": llama_command(self.llama_server, missing)}}, sendLoadingState=True)
+        client, _ = make_client(self)
+
+        response = await client.post(
+            url + "/v1/chat/completions",
+            data=json.dumps({"model": "broken", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+            headers={b"content-type": [b"application/json"]},
+        )
+        body = await response.content()
+
+        self.assertEqual(response.code, 200)
+        events = sse_data(body)
+        self.assertEqual(events[-1], "[DONE]")
+        error = json.loads(events[-2])["error"]
+        self.assertIn("exit code 1", error["message"])
+        self.assertIn("exiting due to model loading error", error["message"])
+        reason = json.loads(events[-3])
+        self.assertEqual(reason["swapproxy"]["stage"], "failed")
+        text = reason["choices"][0]["delta"]["reasoning_content"]
+        self.assertIn("Model broken could not be started: process exited with exit code 1", text)
+        self.assertIn("Last output: ", text)
+        self.assertIn("exiting due to model loading error", text)
+
+
+class TwistdShutdownTests(TestCase):
+    """
+    ``twistd swapproxy`` with llama-server children, stopped as supervisord stops it.
+    """
+
+    timeout = 60
+    skip = None if LLAMA_SERVER is not None else HOW_TO_GET_ONE
+
+    async def test_sigterm_leaves_no_llama_server(self) -> None:
+        """
+        Two models loaded side by side (a group that does not swap), then SIGTERM: twistd exits
+        only after both llama-servers are gone.
+        """
+        assert LLAMA_SERVER is not None
+        tiny_a, tiny_b = model_file("tiny", 0), model_file("tiny", 1)
+        text = config_text(
+            {"tiny-a": {"cmd": llama_command(LLAMA_SERVER, tiny_a)},
+             "tiny-b": {"cmd": llama_command(LLAMA_SERVER, tiny_b)}},
+            groups={"together": {"swap": False, "members": ["tiny-a", "tiny-b"]}},
+        )
+        port = free_port()
+        process = spawn_twistd(self, write_config(self, text), port)
+        client, pool = make_client(self)
+        url = f"http://127.0.0.1:{port}"
+        await wait_for_http(client, url + "/health", process)
+        for model_id in ("tiny-a", "tiny-b"):
+            status, answer = await post_chat(client, url, model_id, max_tokens=1)
+            self.assertEqual(status, 200, process.text)
+            self.assertEqual(answer["model"], model_id)
+        assert process.pid is not None
+        running = llama_servers_under(process.pid)
+        self.assertEqual(len(running), 2, [p.cmdline() for p in running])
+        await pool.closeCachedConnections()
+
+        process.signal(signal.SIGTERM)
+        status = await process.ended
+
+        self.assertIn(status, (0, -signal.SIGTERM), process.text)
+        self.assertNotIn("Traceback", process.text)
+        left = survivors(running)
+        self.assertEqual(left, [], f"llama-server outlived swapproxy: {[p.pid for p in left]}")
