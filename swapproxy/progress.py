@@ -201,7 +201,8 @@ class LoadTracker:
         """
         upstream = self._upstream
         now = self._clock.seconds()
-        elapsed = now - upstream.started_at if upstream.started_at is not None else 0.0
+        starting = upstream.state is State.STARTING and upstream.started_at is not None
+        elapsed = now - upstream.started_at if starting else 0.0
         expected = self._history.expected(upstream.model.id, self._command)
         fraction: float | None = self._fraction if self._seen_stage else None
         if expected is not None and expected > 0:

@@ -137,6 +137,7 @@ class Ticket:
         self.granted_at: float | None = None
         self.error: Exception | None = None
         self._start: Deferred[None] | None = None
+        self.defer_start = False
         self._result: Deferred[Lease] = Deferred(self._cancel)
 
     def wait(self) -> Deferred[Lease]:
@@ -221,11 +222,14 @@ class Supervisor(Service):
 
     # -- requests -----------------------------------------------------------------------------
 
-    def request(self, model_id: str) -> Ticket:
+    def request(self, model_id: str, defer_start: bool = False) -> Ticket:
         """
         Queue a request for a model.
 
         :param model_id: a configured model id (aliases are resolved by the caller).
+        :param defer_start: if this request is the one that starts the model, spawn it on the
+            next reactor turn, so that the caller can answer its client first (the loading
+            stream's first byte must not wait for a fork).
         :raises TooManyRequests: the model already has ``concurrencyLimit`` requests.
         :raises ShuttingDown: swapproxy is stopping.
         :raises UnknownModel: the model is not configured (a reload removed it).
@@ -242,8 +246,11 @@ class Supervisor(Service):
                 f"{upstream.model.concurrency_limit}); retry later"
             )
         ticket = Ticket(self, upstream, self._reactor.seconds())
+        ticket.defer_start = defer_start
         self._queue.append(ticket)
         self._pump()
+        # Only the start this request itself would trigger is put off; later ones are not.
+        ticket.defer_start = False
         return ticket
 
     def queued(self, model_id: str | None = None) -> int:
@@ -353,6 +360,9 @@ class Supervisor(Service):
             ticket.waiting_for = ()
             ticket.stage = "starting"
             if ticket._start is None:
+                if ticket.defer_start:
+                    self._reactor.callLater(0, self._pump)
+                    continue
                 ticket._start = upstream.start()
                 ticket._start.addErrback(self._start_failed, ticket)
 

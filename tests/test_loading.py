@@ -223,6 +223,10 @@ class Client:
                 f"Content-Length: {len(content)}"]
         head += [f"{name}: {value}" for name, value in (headers or {}).items()]
         self.channel.dataReceived(("\r\n".join(head) + "\r\n\r\n").encode("ascii") + content)
+        self.first_bytes = self.raw
+        # The reactor's next turn, at the same instant: a request that starts a model with the
+        # loading stream spawns it only after its first event is out.
+        harness.reactor.advance(0)
 
     def disconnect(self) -> None:
         self.channel.connectionLost(Failure(ConnectionDone("the client hung up")))

@@ -160,11 +160,12 @@ class ModelRoute(Resource):
         if meter is not None:
             meter.model = model.id
         headers = forward_headers(request)
+        loading = bool(self.loading_dialect and stream and model.send_loading_state)
         for attempt in (1, 2):
-            ticket = self._take_ticket(request, model)
+            ticket = self._take_ticket(request, model, defer_start=loading and attempt == 1)
             if ticket is None:
                 return
-            if attempt == 1 and self.loading_dialect and stream and model.send_loading_state and ticket.stage != "ready":
+            if attempt == 1 and loading and ticket.stage != "ready":
                 dialect = MessagesEvents if self.loading_dialect == "messages" else ChatEvents
                 events = dialect(requested or model.id, model.loading_state_field, int(self.clock.seconds()))
                 tracker = self.trackers[model.id]
@@ -187,9 +188,9 @@ class ModelRoute(Resource):
             finally:
                 lease.release()
 
-    def _take_ticket(self, request: Request, model: ModelConfig) -> Ticket | None:
+    def _take_ticket(self, request: Request, model: ModelConfig, defer_start: bool = False) -> Ticket | None:
         try:
-            return self.supervisor.request(model.id)
+            return self.supervisor.request(model.id, defer_start=defer_start)
         except Rejected as e:
             if e.status == 429:
                 # Before write_error: its write sends the headers.
