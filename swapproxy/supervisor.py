@@ -29,6 +29,10 @@ from swapproxy.logs import proxy_logger
 from swapproxy.upstream import StartError, State, Upstream, needs_restart
 
 
+#: How long a start is put off so that the caller's first bytes reach the client before the fork.
+DEFERRED_START_DELAY = 0.001
+
+
 class Rejected(Exception):
     """
     A request that is refused before it waits for anything.
@@ -200,6 +204,7 @@ class Supervisor(Service):
         self._pumping = False
         self._pump_again = False
         self._shutting_down = False
+        self.deferred_start_delay = DEFERRED_START_DELAY
         self._preload: Deferred[None] | None = None
 
     def _add_upstream(self, model: ModelConfig) -> None:
@@ -361,7 +366,8 @@ class Supervisor(Service):
             ticket.stage = "starting"
             if ticket._start is None:
                 if ticket.defer_start:
-                    self._reactor.callLater(0, self._pump)
+                    # Not callLater(0): the reactor runs due calls before it flushes writes.
+                    self._reactor.callLater(self.deferred_start_delay, self._pump)
                     continue
                 ticket._start = upstream.start()
                 ticket._start.addErrback(self._start_failed, ticket)

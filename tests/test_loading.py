@@ -224,8 +224,8 @@ class Client:
         head += [f"{name}: {value}" for name, value in (headers or {}).items()]
         self.channel.dataReceived(("\r\n".join(head) + "\r\n\r\n").encode("ascii") + content)
         self.first_bytes = self.raw
-        # The reactor's next turn, at the same instant: a request that starts a model with the
-        # loading stream spawns it only after its first event is out.
+        # A request that starts a model with the loading stream spawns it only once its first
+        # event is out, on a later reactor turn (the harness's supervisor puts it off by 0 s).
         harness.reactor.advance(0)
 
     def disconnect(self) -> None:
@@ -303,6 +303,7 @@ class Harness:
                             environ={"PATH": os.environ.get("PATH", os.defpath)}, health_probe=self._probe)
 
         self.supervisor = Supervisor(self.config, self.reactor, upstream_factory=factory)
+        self.supervisor.deferred_start_delay = 0
         self.site = build_site(self.supervisor, self.reactor, history)
 
     def _probe(self, upstream: Upstream) -> Deferred[int]:
