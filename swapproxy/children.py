@@ -22,6 +22,7 @@ import attrs
 import psutil
 
 from swapproxy.logs import proxy_logger
+from swapproxy.statefile import replace_json
 from swapproxy.upstream import Upstream
 
 log = proxy_logger("swapproxy.children")
@@ -294,11 +295,7 @@ class ChildRecord:
             return
         data = {"owner": self._owner, "children": [entry.to_json() for entry in self._children.values()]}
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            temporary = f"{self.path}.{os.getpid()}.tmp"
-            with open(temporary, "w", encoding="utf-8") as f:
-                json.dump(data, f, indent=1)
-            os.replace(temporary, self.path)
+            replace_json(self.path, data, indent=1)
         except OSError as e:
             if not self._warned:
                 self._warned = True

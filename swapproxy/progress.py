@@ -13,7 +13,6 @@ for a server that prints nothing.
 from __future__ import annotations
 
 import json
-import os
 import re
 import statistics
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import attrs
 
 from swapproxy.logs import proxy_logger
+from swapproxy.statefile import replace_json
 from swapproxy.upstream import State, Upstream
 
 log = proxy_logger("swapproxy.progress")
@@ -119,11 +119,7 @@ class LoadHistory:
         if self.path is None:
             return
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            temporary = f"{self.path}.{os.getpid()}.tmp"
-            with open(temporary, "w", encoding="utf-8") as f:
-                json.dump(self._entries, f, indent=1, sort_keys=True)
-            os.replace(temporary, self.path)
+            replace_json(self.path, self._entries, indent=1, sort_keys=True)
         except OSError as e:
             log.warn("could not save load history {path}: {error}", path=self.path, error=e)
 
@@ -218,14 +214,5 @@ class LoadTracker:
         if not label and upstream.health_status == "loading":
             label = "loading model"
         return Progress(stage, label, fraction, elapsed, eta, expected)
-
-
-def default_state_dir(environ: dict[str, str] | os._Environ[str] | None = None) -> str:
-    """
-    ``$XDG_STATE_HOME/swapproxy``, or ``~/.local/state/swapproxy``.
-    """
-    env = os.environ if environ is None else environ
-    base = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "swapproxy")
 
 

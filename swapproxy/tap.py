@@ -21,8 +21,9 @@ from swapproxy.config import Config, ConfigError, load_config
 from swapproxy.logbuffer import LogHistory, LogRouting
 from swapproxy.logs import proxy_logger, set_log_level
 from swapproxy.metrics import Metrics
-from swapproxy.progress import LoadHistory, default_state_dir
+from swapproxy.progress import LoadHistory
 from swapproxy.reload import WATCH_INTERVAL, ConfigReloader
+from swapproxy.statefile import default_state_dir
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.root import build_site
 
