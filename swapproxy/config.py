@@ -44,6 +44,15 @@ DEFAULT_CONCURRENCY_LIMIT = 10
 #: even when the model keeps printing.
 HEALTH_CHECK_CEILING_FACTOR = 10
 
+
+def start_ceiling(health_check_timeout: float, health_check_ceiling: float | None) -> float:
+    """
+    The hard limit on a start, in seconds: ``health_check_ceiling``, or when that is 0 or
+    ``None``, `HEALTH_CHECK_CEILING_FACTOR` times ``health_check_timeout``.
+    """
+    return health_check_ceiling or HEALTH_CHECK_CEILING_FACTOR * health_check_timeout
+
+
 _TOP_KEYS = frozenset({
     "healthCheckTimeout", "healthCheckCeiling", "logLevel", "logToStdout", "logTimeFormat", "startPort", "macros",
     "models", "groups", "hooks", "sendLoadingState", "loadingStateField", "globalTTL",
@@ -187,7 +196,7 @@ class Config:
         """
         The hard limit on a start, in seconds, with the default applied.
         """
-        return self.health_check_ceiling or HEALTH_CHECK_CEILING_FACTOR * self.health_check_timeout
+        return int(start_ceiling(self.health_check_timeout, self.health_check_ceiling))
 
     def resolve(self, name: str) -> ModelConfig | None:
         """

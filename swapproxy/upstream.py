@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 from treq.client import HTTPClient
 from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import (
@@ -41,7 +41,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-from swapproxy.config import HEALTH_CHECK_CEILING_FACTOR, ModelConfig
+from swapproxy.config import ModelConfig, start_ceiling
 from swapproxy.logs import proxy_logger, upstream_logger
 
 #: First delay between health probes, and the most it backs off to.
@@ -315,7 +315,7 @@ class Upstream:
     :param health_probe: asks the child's health endpoint once and returns the HTTP status
         (or fails when it cannot connect); an HTTP GET of ``checkEndpoint`` by default.
     :param health_check_ceiling: seconds a start may take in all, however lively the child
-        is; `HEALTH_CHECK_CEILING_FACTOR` times ``health_check_timeout`` by default.
+        is; `swapproxy.config.start_ceiling` of ``health_check_timeout`` by default.
     """
 
     def __init__(
@@ -332,7 +332,7 @@ class Upstream:
         self._output_log = upstream_logger(model.id)
         self._reactor: IReactorTime | IReactorProcess | Any = reactor
         self._health_check_timeout = health_check_timeout
-        self._health_check_ceiling = health_check_ceiling or HEALTH_CHECK_CEILING_FACTOR * health_check_timeout
+        self._health_check_ceiling = start_ceiling(health_check_timeout, health_check_ceiling)
         self._environ = dict(os.environ if environ is None else environ)
         self.state = State.STOPPED
         self.state_observers: list[Callable[[Upstream, State, State], None]] = []
@@ -351,7 +351,7 @@ class Upstream:
         self._stop_waiters: list[Deferred[None]] = []
         self._generation = 0
         self._probe_call: IDelayedCall | None = None
-        self._probe_in_flight = False
+        #: The health probe that is out, if any.
         self._probe_request: Deferred[int] | None = None
         self._probe_delay = FIRST_PROBE_DELAY
         self._last_probe_at = 0.0
@@ -437,7 +437,7 @@ class Upstream:
             raise ValueError(f"model {model.id!r}: its new settings need a new process")
         self.model = model
         self._health_check_timeout = health_check_timeout
-        self._health_check_ceiling = health_check_ceiling or HEALTH_CHECK_CEILING_FACTOR * health_check_timeout
+        self._health_check_ceiling = start_ceiling(health_check_timeout, health_check_ceiling)
         if self._timeout_call is not None:
             self._arm_start_deadline()
 
@@ -523,9 +523,8 @@ class Upstream:
 
     def _probe(self) -> None:
         self._probe_call = None
-        if self.state is not State.STARTING or self._probe_in_flight:
+        if self.state is not State.STARTING or self._probe_request is not None:
             return
-        self._probe_in_flight = True
         self._last_probe_at = self._reactor.seconds()
         generation = self._generation
         request = self._probe_request = self._health_probe(self)
@@ -542,8 +541,7 @@ class Upstream:
         await response.content()
         return int(response.code)
 
-    def _probe_done(self, result: int | Failure, generation: int, request: Deferred[int] | None = None) -> None:
-        self._probe_in_flight = False
+    def _probe_done(self, result: int | Failure, generation: int, request: Deferred[int]) -> None:
         if request is not self._probe_request:
             return  # abandoned by _cancel_start_timers
         self._probe_request = None
@@ -665,7 +663,7 @@ class Upstream:
             # since the last probe (a probe in flight looks again when it is done), and often
             # from then on: the backoff starts over.
             self._probe_delay = FIRST_PROBE_DELAY
-            if not self._probe_in_flight:
+            if self._probe_request is None:
                 self._schedule_probe(max(0.0, self._last_probe_at + MIN_PROBE_INTERVAL - self.last_output_at))
 
     def _child_line(self, stream: str, line: str) -> None:
