@@ -23,7 +23,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.logger import LogEvent, Logger, formatEvent, globalLogPublisher
 
-from swapproxy.logs import LOG_SOURCES, add_log_sink, remove_log_sink, route_logs
+from swapproxy.logs import add_log_sink, check_log_to_stdout, remove_log_sink, route_logs
 
 #: How many bytes each history keeps (llama-swap keeps 100 KB per monitor).
 DEFAULT_HISTORY_BYTES = 100 * 1024
@@ -328,8 +328,8 @@ class LogRouting(Service):
     """
 
     def __init__(self, history: LogHistory, log_to_stdout: str | Callable[[], str]) -> None:
-        if isinstance(log_to_stdout, str) and log_to_stdout not in LOG_SOURCES:
-            raise ValueError(f"logToStdout must be one of {', '.join(LOG_SOURCES)}, got {log_to_stdout!r}")
+        if isinstance(log_to_stdout, str):
+            check_log_to_stdout(log_to_stdout)
         self.history = history
         self.log_to_stdout = log_to_stdout
         self._previous: Callable[[], str] | None = None

@@ -112,12 +112,21 @@ def route_logs(log_to_stdout: str | Callable[[], str]) -> Callable[[], str]:
     :raises ValueError: for a value that is none of these.
     """
     if isinstance(log_to_stdout, str):
-        if log_to_stdout not in LOG_SOURCES:
-            raise ValueError(f"logToStdout must be one of {', '.join(LOG_SOURCES)}, got {log_to_stdout!r}")
+        check_log_to_stdout(log_to_stdout)
         value = log_to_stdout
         log_to_stdout = lambda: value  # noqa: E731
     previous, _routing.to_stdout = _routing.to_stdout, log_to_stdout
     return previous
+
+
+def check_log_to_stdout(value: str) -> None:
+    """
+    Check a ``logToStdout`` value.
+
+    :raises ValueError: when ``value`` is not ``proxy``, ``upstream``, ``both`` or ``none``.
+    """
+    if value not in LOG_SOURCES:
+        raise ValueError(f"logToStdout must be one of {', '.join(LOG_SOURCES)}, got {value!r}")
 
 
 def add_log_sink(sink: LogSink) -> None:

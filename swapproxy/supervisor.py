@@ -490,10 +490,7 @@ class Supervisor(Service):
             self._preload.cancel()
             self._preload.addErrback(lambda failure: failure.trap(CancelledError))
         for ticket in list(self._queue):
-            self._queue.remove(ticket)
-            if ticket._start is not None and not ticket._start.called:
-                ticket._start.cancel()
-            ticket._result.errback(ShuttingDown("swapproxy is shutting down"))
+            self._fail_ticket(ticket, ShuttingDown("swapproxy is shutting down"))
         for model_id in list(self._ttl_calls):
             self._cancel_ttl(model_id)
         running = [model_id for model_id, up in self.upstreams.items() if up.running]
