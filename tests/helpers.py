@@ -17,13 +17,14 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import yaml
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.process import ProcessReader
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
@@ -36,6 +37,9 @@ from zope.interface import implementer
 from swapproxy.config import Config
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.root import build_site
+
+if TYPE_CHECKING:
+    import openai
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
@@ -166,6 +170,13 @@ def fake_upstream_descendants(pid: int) -> list[psutil.Process]:
         return psutil.Process(pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
+
+
+def process_pipes_open() -> bool:
+    """
+    Whether the reactor still reads the pipes of a child process.
+    """
+    return any(isinstance(reader, ProcessReader) for reader in reactor.getReaders())
 
 
 async def wait_until(predicate: Any, timeout: float = 10.0, step: float = 0.05, what: str = "condition") -> None:
@@ -427,6 +438,24 @@ async def wait_for_http(client: HTTPClient, url: str, process: TwistdProcess, ti
         return response.code == 200
 
     await wait_until(up, timeout=timeout, what=f"{url} to answer")
+
+
+def openai_client(url: str) -> openai.OpenAI:
+    """
+    An openai SDK client of swapproxy at ``url``: no retries, a 60 s timeout. Use it in a thread.
+    """
+    import openai
+
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def loading_status(chunk: Any) -> dict[str, Any] | None:
+    """
+    swapproxy's status object of a loading chunk (as the openai SDK parsed it), or ``None`` for a
+    chunk of the model's own.
+    """
+    status = (chunk.model_extra or {}).get("swapproxy")
+    return status if isinstance(status, dict) else None
 
 
 async def post_chat(client: HTTPClient, base_url: str, model: str, **fields: Any) -> tuple[int, Any]:

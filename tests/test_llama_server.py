@@ -33,7 +33,9 @@ from tests.helpers import (
     capture_logs,
     free_port,
     free_port_range,
+    loading_status,
     make_client,
+    openai_client,
     post_chat,
     spawn_twistd,
     survivors,
@@ -78,10 +80,6 @@ def config_text(models: dict[str, dict[str, Any]], **top: Any) -> str:
     return yaml.safe_dump(document, sort_keys=False)
 
 
-def openai_client(url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
 def chat(url: str, model_id: str) -> Any:
     """
     One greedy non-streaming chat completion of 4 tokens with the openai SDK (call in a thread).
@@ -119,14 +117,6 @@ def chat_error(url: str, model_id: str) -> openai.APIStatusError:
     except openai.APIStatusError as e:
         return e
     raise AssertionError(f"the request for {model_id} succeeded")
-
-
-def loading_status(chunk: Any) -> dict[str, Any] | None:
-    """
-    swapproxy's status object of a loading chunk, or ``None`` for a chunk of the model's own.
-    """
-    status = (chunk.model_extra or {}).get("swapproxy")
-    return status if isinstance(status, dict) else None
 
 
 def sse_data(body: bytes) -> list[str]:

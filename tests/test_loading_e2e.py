@@ -25,7 +25,7 @@ from swapproxy.config import parse_config
 from swapproxy.progress import LoadHistory
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.root import build_site
-from tests.helpers import TrackingFactory, config_yaml, fake_command
+from tests.helpers import TrackingFactory, config_yaml, fake_command, loading_status, openai_client
 
 LOAD_TIME = "1.5"
 TOKENS = 6
@@ -60,7 +60,7 @@ def chat_stream(url: str, model_id: str, **extra: Any) -> list[Any]:
     """
     Stream one chat completion with the openai SDK (in a thread); returns every chunk.
     """
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai_client(url)
     try:
         stream = client.chat.completions.create(
             model=model_id, messages=[{"role": "user", "content": "hi"}], stream=True, **extra
@@ -74,7 +74,7 @@ def chat_stream_until_error(url: str, model_id: str) -> tuple[list[Any], BaseExc
     """
     Like `chat_stream`, but returns the chunks read before the SDK raised, and what it raised.
     """
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai_client(url)
     chunks: list[Any] = []
     try:
         for chunk in client.chat.completions.create(
@@ -86,15 +86,6 @@ def chat_stream_until_error(url: str, model_id: str) -> tuple[list[Any], BaseExc
     finally:
         client.close()
     return chunks, None
-
-
-def status_of(chunk: Any) -> dict[str, Any] | None:
-    """
-    The ``swapproxy`` extension object of a chunk, if it is a loading chunk.
-    """
-    extra = chunk.model_extra or {}
-    status = extra.get("swapproxy")
-    return status if isinstance(status, dict) else None
 
 
 class ServingTestCase(TestCase):
@@ -138,7 +129,7 @@ class ChatEndToEndTests(ServingTestCase):
         asked for it), then the model's own chunks, whose content is the whole answer, and
         nothing of the answer before. Returns the loading statuses.
         """
-        statuses = [status_of(chunk) for chunk in chunks]
+        statuses = [loading_status(chunk) for chunk in chunks]
         loading = [s for s in statuses if s is not None]
         count = len(loading)
         self.assertEqual(statuses[:count], loading, "the loading chunks all come first")
@@ -235,13 +226,13 @@ class ChatEndToEndTests(ServingTestCase):
         self.assertIn("error: failed to load model 'fake.gguf'", error.message)
         self.assertIsInstance(error.body, dict)
         self.assertTrue(chunks)
-        last = status_of(chunks[-1])
+        last = loading_status(chunks[-1])
         assert last is not None
         self.assertEqual(last["stage"], "failed")
         text = (chunks[-1].choices[0].delta.model_extra or {})["reasoning_content"]
         self.assertIn("could not be started: process exited with exit code 3 while starting", text)
         self.assertIn("Last output: error: failed to load model 'fake.gguf'", text)
-        self.assertTrue(all(status_of(chunk) is not None for chunk in chunks))
+        self.assertTrue(all(loading_status(chunk) is not None for chunk in chunks))
 
     async def test_next_cold_load_knows_how_long_the_last_one_took(self) -> None:
         """
@@ -250,7 +241,7 @@ class ChatEndToEndTests(ServingTestCase):
         """
         proxy, text = self.serve({"qwen": model()})
         chunks = await deferToThread(chat_stream, proxy.url, "qwen")
-        first = status_of(chunks[0])
+        first = loading_status(chunks[0])
         assert first is not None
         self.assertIsNone(first["eta"])
         self.assertEqual((chunks[0].choices[0].delta.model_extra or {})["reasoning_content"], "\nStarting qwen.")
@@ -261,7 +252,7 @@ class ChatEndToEndTests(ServingTestCase):
 
         again, _ = self.serve({}, config_text=text, history_path=proxy.history_path)
         chunks = await deferToThread(chat_stream, again.url, "qwen")
-        first = status_of(chunks[0])
+        first = loading_status(chunks[0])
         assert first is not None
         # The estimate counts down from the last duration as soon as the process is spawned.
         self.assertLessEqual(abs(first["eta"] - took), 0.2, (first, took))

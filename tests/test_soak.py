@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import random
 import time
 from collections import Counter

@@ -32,8 +32,7 @@ from swapproxy.supervisor import (
 )
 from swapproxy.upstream import StartError, State, Upstream
 from tests.fakes import FakeUpstreams, ProcessReactor
-from tests.helpers import free_port_range
-from tests.test_upstream import FAKE_UPSTREAM, gone, process_pipes_open, wait_until
+from tests.helpers import FAKE_UPSTREAM, alive, free_port_range, process_pipes_open, wait_until
 
 CMD = "llama-server --port ${PORT}"
 
@@ -1202,7 +1201,7 @@ class RealShutdownTests(TestCase):
                 except psutil.NoSuchProcess:
                     pass
 
-        self.addCleanup(lambda: Deferred.fromCoroutine(wait_until(lambda: not process_pipes_open(), "pipes")))
+        self.addCleanup(lambda: Deferred.fromCoroutine(wait_until(lambda: not process_pipes_open(), what="pipes")))
         self.addCleanup(kill_leftovers)
         supervisor.startService()
         self.addCleanup(lambda: supervisor.running and supervisor.stopService())
@@ -1215,6 +1214,6 @@ class RealShutdownTests(TestCase):
             processes.extend(child.children(recursive=True))
         self.assertEqual((len(children), len(processes)), (2, 3))
         await supervisor.stopService()
-        self.assertEqual([child.pid for child in children if not gone(child.pid)], [])
-        await wait_until(lambda: all(gone(p.pid) for p in processes), "every child and grandchild to end")
+        self.assertEqual([child.pid for child in children if alive(child.pid)], [])
+        await wait_until(lambda: not any(alive(p.pid) for p in processes), what="every child and grandchild to end")
         self.assertEqual([up for up in supervisor.upstreams.values() if up.running], [])

@@ -27,8 +27,7 @@ from swapproxy.logbuffer import LogRouting
 from swapproxy.logs import set_log_level
 from swapproxy.reload import ConfigReloader
 from swapproxy.supervisor import Supervisor
-
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+from tests.helpers import TWISTD
 
 GOOD = """
     models:

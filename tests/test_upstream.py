@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -22,16 +20,14 @@ import psutil
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.process import ProcessReader
-from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from swapproxy.config import ModelConfig, parse_config
 from swapproxy.upstream import MIN_PROBE_INTERVAL, StartError, State, Upstream, make_http_client, needs_restart
 from tests.fakes import ProcessReactor
+from tests.helpers import FAKE_UPSTREAM, alive, free_port, process_pipes_open, wait_until
 
-FAKE_UPSTREAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_upstream.py")
 
 #: The issue's bounds on readiness polling: the first probe after at most 50 ms, and never more
 #: than 250 ms between probes, so that a model that is ready is used at once.
@@ -828,40 +824,6 @@ class StopTests(UpstreamTestMixin, SynchronousTestCase):
         self.assertEqual(child.signals, [signal.SIGTERM])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def gone(pid: int) -> bool:
-    """
-    Whether ``pid`` has exited (a zombie waiting for its parent counts as gone).
-    """
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-async def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    """
-    Poll ``condition`` on the real reactor until it holds; fail after ``timeout`` seconds.
-
-    For what a real process does in its own time (a killed process disappearing, the pipes of an
-    exited child reaching end of file), where there is no event to wait for.
-    """
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"still waiting after {timeout}s for {what}")
-        await deferLater(reactor, 0.01)
-
-
-def process_pipes_open() -> bool:
-    return any(isinstance(r, ProcessReader) for r in reactor.getReaders())
-
-
 class RealProcessTests(TestCase):
     """
     `Upstream` with the real reactor and ``tests/fake_upstream.py`` as the child.
@@ -877,7 +839,7 @@ class RealProcessTests(TestCase):
         )
         upstream = Upstream(config.models["fake"], reactor, config.health_check_timeout)
         self.processes: list[psutil.Process] = []
-        self.addCleanup(lambda: Deferred.fromCoroutine(wait_until(lambda: not process_pipes_open(), "pipes to close")))
+        self.addCleanup(lambda: Deferred.fromCoroutine(wait_until(lambda: not process_pipes_open(), what="pipes to close")))
         self.addCleanup(self._kill_leftovers)
         self.addCleanup(lambda: upstream.stop(grace=0.5))
         upstream.state_observers.append(self._remember_pid)
@@ -927,7 +889,7 @@ class RealProcessTests(TestCase):
         pid = upstream.pid
         await upstream.stop()
         self.assertEqual(upstream.state, State.STOPPED)
-        self.assertTrue(gone(pid))
+        self.assertFalse(alive(pid))
 
     async def test_stop_kills_grandchildren(self) -> None:
         """
@@ -937,10 +899,10 @@ class RealProcessTests(TestCase):
         await upstream.start()
         assert upstream.pid is not None
         pid, grandchild = upstream.pid, self.grandchild_pid(upstream)
-        self.assertFalse(gone(grandchild))
+        self.assertTrue(alive(grandchild))
         await upstream.stop()
-        self.assertTrue(gone(pid))
-        await wait_until(lambda: gone(grandchild), "the grandchild to be killed")
+        self.assertFalse(alive(pid))
+        await wait_until(lambda: not alive(grandchild), what="the grandchild to be killed")
 
     async def test_crash_kills_grandchildren(self) -> None:
         """
@@ -956,7 +918,7 @@ class RealProcessTests(TestCase):
         os.kill(upstream.pid, signal.SIGKILL)
         await exited
         self.assertEqual(upstream.state, State.STOPPED)
-        await wait_until(lambda: gone(grandchild), "the grandchild to be killed")
+        await wait_until(lambda: not alive(grandchild), what="the grandchild to be killed")
 
     async def test_ignored_sigterm_gets_sigkill(self) -> None:
         """
@@ -972,8 +934,8 @@ class RealProcessTests(TestCase):
         pid, grandchild = upstream.pid, self.grandchild_pid(upstream)
         await upstream.stop()
         self.assertIn("fake upstream: ignoring SIGTERM", upstream.recent_lines)
-        self.assertTrue(gone(pid))
-        await wait_until(lambda: gone(grandchild), "the grandchild to be killed")
+        self.assertFalse(alive(pid))
+        await wait_until(lambda: not alive(grandchild), what="the grandchild to be killed")
         messages = [formatEvent(e) for e in events if e.get("model") == "fake"]
         self.assertTrue(any("SIGKILL" in m for m in messages), messages)
 
