@@ -211,6 +211,11 @@ class FakeUpstream:
         for waiter in waiters:
             waiter.callback(None)
 
+    def reconfigure(
+        self, model: ModelConfig, health_check_timeout: float, health_check_ceiling: float | None = None
+    ) -> None:
+        self.model = model
+
     def fail_start(self, error: StartError) -> None:
         self.client = None
         self.pid = None
@@ -810,6 +815,28 @@ class ApiTests(ErrorAssertions, SynchronousTestCase):
         self.assertEqual(running[0]["pid"], self.h.upstreams["llama"].pid)
         self.assertEqual(running[0]["uptime"], 5.0)
         self.assertEqual(running[0]["in_flight"], 0)
+
+    def test_running_shows_a_replaced_process_until_it_ends(self) -> None:
+        """
+        After a reload changed a model's command, /running lists its old process, marked
+        replaced, while it finishes its request in flight; then the old process is gone.
+        """
+        lease = self.successResultOf(self.h.supervisor.request("llama").wait())
+        old = self.h.upstreams["llama"]
+        old_pid = old.pid
+        changed = textwrap.dedent(CONFIG).replace(
+            "cmd: llama-server --port ${PORT}\n    name:", "cmd: llama-server -m other.gguf --port ${PORT}\n    name:"
+        )
+        self.assertNotEqual(changed, textwrap.dedent(CONFIG))
+        self.h.supervisor.reload(parse_config(changed, "config.yaml", {}))
+        _, body = self.h.call("GET", "/running")
+        running = json.loads(body)["running"]
+        self.assertEqual([(r["model"], r["state"], r["pid"], r.get("replaced")) for r in running],
+                         [("llama", "ready", old_pid, True)])
+        lease.release()
+        self.assertEqual(old.state, State.STOPPED)
+        _, body = self.h.call("GET", "/running")
+        self.assertEqual(json.loads(body), {"running": []})
 
     def test_running_shows_starting(self) -> None:
         """

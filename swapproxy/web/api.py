@@ -100,7 +100,8 @@ class Running(JSONResource):
     """
     ``GET /running``: each model that has a process: its state, pid, port, uptime, in-flight and
     queued requests, and while it is idle with a TTL, how long it has been idle (``idle``) and
-    how long until the TTL unloads it (``ttl_remaining``); both are ``null`` otherwise.
+    how long until the TTL unloads it (``ttl_remaining``); both are ``null`` otherwise. A process
+    that a config reload replaced or removed is listed with ``"replaced": true`` until it ends.
     """
 
     isLeaf = True
@@ -133,6 +134,17 @@ class Running(JSONResource):
             if model.name:
                 entry["name"] = model.name
             running.append(entry)
+        for upstream in self._supervisor.retiring_upstreams():
+            # A process a reload replaced or removed, finishing its requests in flight.
+            running.append(
+                {
+                    "model": upstream.model.id,
+                    "state": upstream.state.value,
+                    "pid": upstream.pid,
+                    "proxy": upstream.model.proxy,
+                    "replaced": True,
+                }
+            )
         return write_json(request, {"running": running})
 
 
