@@ -220,7 +220,7 @@ async def splice_upstream(
     except CancelledError:
         raise
     except Exception as e:
-        request.write(events.error(502, f"model {model_id!r} did not answer: {e}"))
+        request.write(events.error(502, f"model {model_id!r} did not answer: {describe_error(e)}"))
         return
     if 200 <= response.code < 300 and is_event_stream(response.headers):
         splice = MessagesSplice() if isinstance(events, MessagesEvents) else None
