@@ -29,10 +29,6 @@ from swapproxy.logs import proxy_logger
 from swapproxy.upstream import StartError, State, Upstream, needs_restart
 
 
-#: How long a start is put off so that the caller's first bytes reach the client before the fork.
-DEFERRED_START_DELAY = 0.001
-
-
 class Rejected(Exception):
     """
     A request that is refused before it waits for anything.
@@ -204,7 +200,6 @@ class Supervisor(Service):
         self._pumping = False
         self._pump_again = False
         self._shutting_down = False
-        self.deferred_start_delay = DEFERRED_START_DELAY
         self._preload: Deferred[None] | None = None
 
     def _add_upstream(self, model: ModelConfig) -> None:
@@ -232,9 +227,10 @@ class Supervisor(Service):
         Queue a request for a model.
 
         :param model_id: a configured model id (aliases are resolved by the caller).
-        :param defer_start: if this request is the one that starts the model, spawn it on the
-            next reactor turn, so that the caller can answer its client first (the loading
-            stream's first byte must not wait for a fork).
+        :param defer_start: if this request is the one that starts the model, or stops others
+            to make room for it, do that only after the reactor's next round of I/O, so that
+            the bytes the caller writes now reach its client first (the loading stream's first
+            byte must not wait for a fork, a signal or a walk of a process tree).
         :raises TooManyRequests: the model already has ``concurrencyLimit`` requests.
         :raises ShuttingDown: swapproxy is stopping.
         :raises UnknownModel: the model is not configured (a reload removed it).
@@ -348,6 +344,11 @@ class Supervisor(Service):
             if conflicts:
                 ticket.waiting_for = tuple(dict.fromkeys(other.model.id for other in conflicts))
                 busy = [c for c in conflicts if self._in_flight_of(c) or c in claimed]
+                ticket.stage = "queued" if busy else "stopping"
+                blocked.update(conflicts)
+                if ticket.defer_start:
+                    self._after_io(self._pump)
+                    continue
                 for other in conflicts:
                     if other not in busy and other.state is not State.STOPPING:
                         self.log.info(
@@ -359,18 +360,24 @@ class Supervisor(Service):
                             self._cancel_ttl(other.model.id)
                         # Its own unloadTimeout (llama-swap gives a swap healthCheckTimeout).
                         other.stop()
-                ticket.stage = "queued" if busy else "stopping"
-                blocked.update(conflicts)
                 continue
             ticket.waiting_for = ()
             ticket.stage = "starting"
             if ticket._start is None:
                 if ticket.defer_start:
-                    # Not callLater(0): the reactor runs due calls before it flushes writes.
-                    self._reactor.callLater(self.deferred_start_delay, self._pump)
+                    self._after_io(self._pump)
                     continue
                 ticket._start = upstream.start()
                 ticket._start.addErrback(self._start_failed, ticket)
+
+    def _after_io(self, call: Callable[[], None]) -> None:
+        """
+        Call ``call`` after the reactor's next round of I/O, which flushes what was written now.
+
+        A reactor runs the calls that are due before it polls its sockets: ``callLater(0)`` alone
+        would run first. The call it makes runs on the turn after the poll.
+        """
+        self._reactor.callLater(0, self._reactor.callLater, 0, call)
 
     def _grant(self, ticket: Ticket) -> None:
         self._queue.remove(ticket)

@@ -34,6 +34,7 @@ from swapproxy.config import parse_config
 from swapproxy.progress import LoadHistory
 from swapproxy.supervisor import Lease, Supervisor
 from swapproxy.upstream import State, Upstream
+from swapproxy.web import forward as forward_module
 from swapproxy.web.root import build_site
 from tests.fakes import FakeProcess, ProcessReactor
 
@@ -223,7 +224,11 @@ class Client:
                 f"Content-Length: {len(content)}"]
         head += [f"{name}: {value}" for name, value in (headers or {}).items()]
         self.channel.dataReceived(("\r\n".join(head) + "\r\n\r\n").encode("ascii") + content)
+        #: What the client had read, and the signals every child had received, when the
+        #: request's own handling was done (before the reactor's next turn).
         self.first_bytes = self.raw
+        self.signals_at_first_bytes = [signal for p in harness.reactor.spawned for signal in p.signals]
+        self.spawned_at_first_bytes = len(harness.reactor.spawned)
         # A request that starts a model with the loading stream spawns it only once its first
         # event is out, on a later reactor turn (the harness's supervisor puts it off by 0 s).
         harness.reactor.advance(0)
@@ -296,6 +301,9 @@ class Harness:
         self.upstream_requests: list[UpstreamRequest] = []
         testcase.patch(upstream_module, "make_http_client",
                        lambda reactor, max_idle: (UpstreamClient(self.upstream_requests), Pool()))
+        #: Fake processes that died and have not been reaped yet (`crash_unreaped`).
+        self.unreaped: set[FakeProcess] = set()
+        testcase.patch(forward_module, "process_gone", self._process_gone)
         self.config = parse_config(config, "test.yaml", {})
 
         def factory(model: Any) -> Upstream:
@@ -303,8 +311,20 @@ class Harness:
                             environ={"PATH": os.environ.get("PATH", os.defpath)}, health_probe=self._probe)
 
         self.supervisor = Supervisor(self.config, self.reactor, upstream_factory=factory)
-        self.supervisor.deferred_start_delay = 0
         self.site = build_site(self.supervisor, self.reactor, history)
+
+    def _process_gone(self, upstream: Upstream) -> bool:
+        mine = [p for p in self.reactor.spawned if p.pid is not None and p.pid == upstream.pid]
+        return not mine or mine[0].ended or mine[0] in self.unreaped
+
+    def crash_unreaped(self, model_id: str) -> FakeProcess:
+        """
+        The model's child dies, and swapproxy has not heard of it yet: the model still looks
+        ready, but nothing answers on its port.
+        """
+        process = self.process(model_id)
+        self.unreaped.add(process)
+        return process
 
     def _probe(self, upstream: Upstream) -> Deferred[int]:
         answer = self.health.get(upstream.model.id, "refused")
@@ -493,6 +513,8 @@ class ResponseStartTests(LoadingTestCase):
 
     def test_headers_and_first_event_before_any_time_passes(self) -> None:
         client = Client(self.harness, CHAT, chat_body())
+        self.assertIn(b"Starting qwen.", client.first_bytes)
+        self.assertEqual(client.spawned_at_first_bytes, 0)
         status, headers = client.head()
         self.assertEqual(status, 200)
         self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/event-stream; charset=utf-8"])
@@ -513,6 +535,22 @@ class ResponseStartTests(LoadingTestCase):
         client = Client(self.harness, CHAT, chat_body())
         self.harness.advance(1)
         self.assertEqual(loading_lines(client), [("starting", "\nStarting qwen."), ("starting", ".")])
+
+
+    def test_first_event_before_the_old_model_is_stopped(self) -> None:
+        """
+        A request that needs another model stopped (a swap) has its head and first event
+        written before that model is signalled, and before its own model is spawned.
+        """
+        harness = self.harness = Harness(self, config_text(llama="", qwen=""))
+        harness.lease("llama").release()
+        old = harness.process("llama")
+        client = Client(harness, CHAT, chat_body())
+        self.assertIn(b"Stopping llama to make room for qwen.", client.first_bytes)
+        self.assertEqual((client.signals_at_first_bytes, client.spawned_at_first_bytes), ([], 1))
+        self.assertEqual(old.signals, [15])
+        old.exit(0)
+        self.assertEqual(harness.process("qwen").command[-1], "/models/qwen.gguf")
 
 
 class EventSequenceTests(LoadingTestCase):
@@ -806,7 +844,7 @@ class UpstreamAnswerTests(LoadingTestCase):
         self.assertEqual(client.head()[0], 200)
         error, done = parse_events(after)
         self.assertEqual(error.json(), {"error": {"message": "model 'qwen' answered HTTP 500: out of memory",
-                                                  "type": "server_error", "code": 500}})
+                                                  "type": "server_error", "code": "internal_error"}})
         self.assertEqual(done.data, "[DONE]")
         self.assertNotIn(body, client.raw)
 
@@ -856,6 +894,141 @@ class UpstreamAnswerTests(LoadingTestCase):
         self.assertEqual(error.json(), {"type": "error", "error": {
             "type": "api_error", "message": "model 'qwen' answered HTTP 400: max_tokens is too large"}})
         self.assertNotIn(b"[DONE]", client.raw)
+
+
+class RestartTests(LoadingTestCase):
+    """
+    A model that died a moment ago, unnoticed, still looks ready: the request that finds its
+    port closed restarts it, and the client's loading stream carries on through the new load.
+    """
+
+    def crash_after_ready(self, client: Client) -> bytes:
+        """
+        Load the model; it dies before the request reaches it. Returns what the client read by
+        the time the model is started again.
+        """
+        harness = self.harness
+        harness.advance(1)
+        harness.become_ready("qwen")
+        first = harness.process("qwen")
+        harness.crash_unreaped("qwen")
+        harness.last_request().answer.errback(ConnectionRefusedError("connection refused"))
+        self.assertEqual(first.signals, [15])
+        self.assertFalse(client.finished)
+        first.exit(None, signum=9)
+        self.assertEqual(len(harness.reactor.spawned), 2)
+        return client.body()[0]
+
+    def test_chat_stream_resumes_through_the_restart(self) -> None:
+        harness = self.harness
+        client = Client(harness, CHAT, chat_body())
+        self.crash_after_ready(client)
+        self.assertEqual(harness.upstream("qwen").state, State.STARTING)
+        harness.advance(1)
+        harness.become_ready("qwen")
+        self.assertEqual(len(harness.upstream_requests), 2)
+        response = harness.last_request().stream()
+        upstream = upstream_chat_chunks(["Hello"])
+        for chunk in upstream:
+            response.send(chunk)
+        response.end()
+        self.assertTrue(client.finished)
+        body = client.body()[0]
+        self.assertTrue(body.endswith(b"".join(upstream)), body)
+        loading = parse_events(body[: -len(b"".join(upstream))])
+        self.assertCompleteChunks(loading, "qwen")
+        stages = [stage for stage, _ in loading_lines(client)]
+        self.assertEqual(stages[0], "starting")
+        self.assertEqual(stages.count("ready"), 2)
+        self.assertEqual(stages[-1], "ready")
+        restarted = [text for _, text in loading_lines(client) if "exited before it answered" in text]
+        self.assertEqual(restarted, ["\nModel qwen exited before it answered; starting it again."
+                                     "\nStarting qwen (it took 1.2 s last time)."])
+        self.assertEqual(harness.supervisor.in_flight["qwen"], 0)
+        self.assertEqual(harness.tickers(), [])
+
+    def test_messages_blocks_stay_consistent_through_the_restart(self) -> None:
+        """
+        The resumed loading text opens a second thinking block, and the model's own blocks are
+        numbered after both.
+        """
+        harness = self.harness
+        client = Client(harness, MESSAGES, messages_body())
+        self.crash_after_ready(client)
+        harness.become_ready("qwen")
+        response = harness.last_request().stream()
+        for event in upstream_messages_events(["Hi"]):
+            response.send(event)
+        response.end()
+        self.assertTrue(client.finished)
+        events = client.events()
+        self.assertEqual([event.name for event in events].count("message_start"), 1)
+        starts = [event.json() for event in events if event.name == "content_block_start"]
+        self.assertEqual([(e["index"], e["content_block"]["type"]) for e in starts],
+                         [(0, "thinking"), (1, "thinking"), (2, "text")])
+        opened: set[int] = set()
+        for event in events:
+            payload = event.json()
+            index = payload.get("index")
+            if event.name == "content_block_start":
+                self.assertNotIn(index, opened)
+                opened.add(index)
+            elif event.name in ("content_block_delta", "content_block_stop"):
+                self.assertIn(index, opened, event)
+                if event.name == "content_block_stop":
+                    opened.discard(index)
+        self.assertEqual(opened, set())
+        self.assertEqual(events[-1].name, "message_stop")
+
+    def test_a_second_failure_is_an_error_event(self) -> None:
+        """
+        One restart only: a model that cannot be reached again ends the stream with an error event.
+        """
+        harness = self.harness
+        client = Client(harness, CHAT, chat_body())
+        self.crash_after_ready(client)
+        harness.become_ready("qwen")
+        harness.crash_unreaped("qwen")
+        harness.last_request().answer.errback(ConnectionRefusedError("connection refused"))
+        self.assertTrue(client.finished)
+        *_, error, done = client.events()
+        self.assertIn("model 'qwen' did not answer", error.json()["error"]["message"])
+        self.assertEqual(done.data, "[DONE]")
+        self.assertEqual(len(harness.reactor.spawned), 2)
+
+
+class ErrorCodeTests(LoadingTestCase):
+    """
+    An error's ``code`` is a string (or null) wherever swapproxy writes one, as in OpenAI's API:
+    a JSON error, an error event of a loading stream, an error event after a model's stream.
+    """
+
+    def codes(self, *clients: Client) -> list[Any]:
+        found = []
+        for client in clients:
+            status, headers = client.head()
+            if headers.getRawHeaders(b"content-type") == [b"application/json"]:
+                found.append(json.loads(client.body()[0])["error"]["code"])
+            else:
+                found += [e.json()["error"]["code"] for e in client.events() if e.data and '"error"' in e.data]
+        return found
+
+    def test_every_error_code_is_a_string(self) -> None:
+        harness = self.harness = Harness(self, config_text(qwen="concurrencyLimit: 2", broken=""))
+        unknown = Client(harness, CHAT, chat_body("nope"))
+        failed = Client(harness, CHAT, chat_body("broken"))
+        harness.process("broken").exit(1)
+        first, second = Client(harness, CHAT, chat_body()), Client(harness, CHAT, chat_body())
+        refused = Client(harness, CHAT, chat_body())
+        harness.become_ready("qwen")
+        harness.upstream_requests[0].respond(UpstreamResponse(503, b"application/json", b'{"error": "busy"}'))
+        cut = harness.upstream_requests[1].stream()
+        cut.end(ConnectionLost("the model crashed"))
+        clients = [unknown, refused, failed, first, second]
+        self.assertTrue(all(client.finished for client in clients))
+        codes = self.codes(*clients)
+        self.assertEqual(len(codes), 5, codes)
+        self.assertEqual([type(code) for code in codes], [str] * 5, codes)
 
 
 class DisconnectTests(LoadingTestCase):

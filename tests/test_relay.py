@@ -1,5 +1,6 @@
 """
-Tests for L{swapproxy.web.relay}: what reaches the upstream, and how its answer reaches the client.
+Tests for L{swapproxy.web.forward} and L{swapproxy.web.relay}: what reaches the upstream, and how
+its answer reaches the client. (The same pipeline behind a loading stream: L{tests.test_loading}.)
 
 Most tests use L{tests.test_web.Harness} (a treq client, swapproxy's Resource tree, fake
 upstreams, all in memory). Tests about the bytes on the client's connection (hop-by-hop headers,
@@ -24,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.server import NOT_DONE_YET, Request
 
+from swapproxy.web import forward
 from swapproxy.web.root import build_site
 from tests.test_web import (
     ErrorAssertions,
@@ -325,9 +327,32 @@ class ResponseRelayTests(ErrorAssertions, SynchronousTestCase):
                 return fail(ConnectionRefusedError("127.0.0.1:5800"))
 
         self.h.upstreams["llama"].make_client = Refusing
+        self.patch(forward, "process_gone", lambda upstream: False)
         response, body = self.h.post_json("/v1/chat/completions", {"model": "llama"})
         error = self.assertJSONError(response, body, 502, "'llama'", "refused", error_type="server_error")
         self.assertEqual(error["code"], "bad_gateway")
+        self.assertEqual(self.h.supervisor.in_flight["llama"], 0)
+        self.assertEqual(self.h.upstreams["llama"].starts, 1)
+
+    def test_model_that_died_unnoticed_is_restarted(self) -> None:
+        """
+        A model whose process died a moment ago still looks ready; the request that finds its
+        port closed waits for it to stop, starts it again and is answered by the new process.
+        """
+        upstream = self.h.upstreams["llama"]
+        working = upstream.make_client
+
+        class Dead:
+            def request(self, *args: Any, **kwargs: Any) -> Any:
+                upstream.make_client = working
+                return fail(ConnectionRefusedError("127.0.0.1:5800"))
+
+        upstream.make_client = Dead
+        self.patch(forward, "process_gone", lambda candidate: candidate.client.__class__ is Dead)
+        response, body = self.h.post_json("/v1/chat/completions", {"model": "llama"})
+        self.assertEqual((response.code, json.loads(body)["served_by"]), (200, "llama"))
+        self.assertEqual((upstream.starts, upstream.stops), (2, 1))
+        self.assertEqual(len(self.h.received), 1)
         self.assertEqual(self.h.supervisor.in_flight["llama"], 0)
 
     def test_upstream_gone_before_forwarding(self) -> None:
@@ -413,12 +438,12 @@ class StreamingTests(SynchronousTestCase):
         upstream.request.loseConnection()
         self.h.flush()
         self.assertEqual(reader.chunks[:2], [b'data: {"n": 0}\n\n', b'data: {"n": 1}\n\n'])
-        tail = b"".join(reader.chunks[2:])
-        self.assertTrue(tail.startswith(b"data: "), tail)
-        self.assertTrue(tail.endswith(b"\n\n"), tail)
-        error = json.loads(tail[len(b"data: "):])["error"]
-        self.assertIn("llama", error["message"])
-        self.assertEqual(error["type"], "server_error")
+        error, done, end = b"".join(reader.chunks[2:]).split(b"\n\n")
+        self.assertTrue(error.startswith(b"data: "), error)
+        payload = json.loads(error[len(b"data: "):])["error"]
+        self.assertIn("llama", payload["message"])
+        self.assertEqual((payload["type"], payload["code"]), ("server_error", "bad_gateway"))
+        self.assertEqual((done, end), (b"data: [DONE]", b""))
         self.assertIsNotNone(reader.reason)
         self.assertTrue(reader.reason.check(ResponseDone), reader.reason)
         self.assertEqual(self.h.supervisor.in_flight["llama"], 0)

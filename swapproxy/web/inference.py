@@ -2,8 +2,8 @@
 """
 Where the model is chosen: the inference routes and ``/upstream/<model>/...``.
 
-Each request names its model (JSON ``model``, the multipart field ``model``, or the path), is
-queued with the `Supervisor` for that model, and once granted is forwarded by `proxy_request`.
+Each request names its model (JSON ``model``, the multipart field ``model``, or the path) and is
+handed, with its route's SSE dialect, to the forward pipeline (`swapproxy.web.forward.Forward`).
 """
 
 from __future__ import annotations
@@ -20,16 +20,19 @@ from swapproxy.config import ModelConfig
 from swapproxy.logs import proxy_logger
 from swapproxy.metrics import Metrics, request_meter
 from swapproxy.progress import LoadTracker
-from swapproxy.supervisor import Rejected, Supervisor, Ticket
-from swapproxy.upstream import StartError
+from swapproxy.supervisor import Supervisor
 from swapproxy.web.errors import NotFound, write_error
 from swapproxy.web.filters import encode_payload, rewrite_payload
-from swapproxy.web.loading import serve_with_loading
-from swapproxy.web.relay import UpstreamGone, forward_headers, proxy_request
+from swapproxy.web.forward import Forward
 from swapproxy.web.render import ClientState, render_async
-from swapproxy.web.sse import ChatEvents, MessagesEvents
+from swapproxy.web.sse import ChatEvents, MessagesEvents, PlainEvents
 
 log = proxy_logger("swapproxy.web")
+
+#: The SSE dialect of each route that has a loading stream, by the name `build_root` gives it.
+LOADING_DIALECTS = {"chat": ChatEvents, "messages": MessagesEvents}
+#: The dialect of every other route: it has no loading stream, and only needs an error event.
+PLAIN = PlainEvents()
 
 
 class BadRequest(Exception):
@@ -129,9 +132,9 @@ class ModelRoute(Resource):
         super().__init__()
         self.supervisor = supervisor
         self.clock = clock
-        self.trackers = trackers or {}
         self.loading_dialect = loading_dialect
         self.metrics = metrics
+        self.forward = Forward(supervisor, clock, trackers if trackers is not None else {})
 
     def resolve(self, name: str) -> ModelConfig:
         model = self.supervisor.config.resolve(name)
@@ -150,53 +153,19 @@ class ModelRoute(Resource):
         requested: str = "",
     ) -> None:
         """
-        Queue the request for ``model``, wait until it may run, and forward it.
+        Forward the request to ``model`` through the pipeline, in this route's dialect.
 
-        A model that crashed a moment ago may still look ready; a request that finds its port
-        closed and its process dead waits for the exit and is queued once more, so that it
-        restarts the model instead of failing.
+        :param requested: the model name the client used, echoed in loading events.
         """
         meter = request_meter(request)
         if meter is not None:
             meter.model = model.id
-        headers = forward_headers(request)
-        loading = bool(self.loading_dialect and stream and model.send_loading_state)
-        for attempt in (1, 2):
-            ticket = self._take_ticket(request, model, defer_start=loading and attempt == 1)
-            if ticket is None:
-                return
-            if attempt == 1 and loading and ticket.stage != "ready":
-                dialect = MessagesEvents if self.loading_dialect == "messages" else ChatEvents
-                events = dialect(requested or model.id, model.loading_state_field, int(self.clock.seconds()))
-                tracker = self.trackers[model.id]
-                await serve_with_loading(request, client, self.clock, ticket, tracker, events, path, body, headers)
-                return
-            try:
-                lease = await ticket.wait()
-            except StartError as e:
-                write_error(request, 502, str(e), code="model_start_failed")
-                return
-            except Rejected as e:
-                write_error(request, e.status, str(e), e.error_type, e.code)
-                return
-            try:
-                await proxy_request(lease.upstream, request, client, path, body, headers, retry_if_gone=attempt == 1)
-                return
-            except UpstreamGone:
-                log.info("model {model} died before the request was sent; restarting it", model=model.id)
-                await lease.upstream.stop()
-            finally:
-                lease.release()
-
-    def _take_ticket(self, request: Request, model: ModelConfig, defer_start: bool = False) -> Ticket | None:
-        try:
-            return self.supervisor.request(model.id, defer_start=defer_start)
-        except Rejected as e:
-            if e.status == 429:
-                # Before write_error: its write sends the headers.
-                request.setHeader(b"retry-after", b"1")
-            write_error(request, e.status, str(e), e.error_type, e.code)
-            return None
+        dialect_type = LOADING_DIALECTS.get(self.loading_dialect or "")
+        if dialect_type is None:
+            dialect = PLAIN
+        else:
+            dialect = dialect_type(requested or model.id, model.loading_state_field, int(self.clock.seconds()))
+        await self.forward(request, client, model, path, body, dialect, stream)
 
     def render(self, request: Request) -> bytes | int:
         if self.metrics is not None:

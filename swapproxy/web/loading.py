@@ -1,31 +1,26 @@
 # -*- test-case-name: tests.test_loading -*-
 """
-The loading stream: a streaming request for a model that is not ready is answered at once with
-a valid SSE stream that shows what is happening (queue, stopping another model, real load
-progress), and then the model's own stream is spliced into the same response.
+The loading stream's ticker: a streaming request for a model that is not ready is answered at
+once with a valid SSE stream that shows what is happening (queue, stopping another model, real
+load progress); the forward pipeline (`swapproxy.web.forward`) then splices the model's own
+stream into the same response.
 
-One writer at a time: the `LoadingStream` ticker writes until `LoadingStream.finish` stops it;
-only then does the relay of the upstream body begin.
+One writer at a time: the `LoadingStream` ticker writes until it is stopped; only then does the
+pipeline relay the upstream body.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from twisted.internet.defer import CancelledError
 from twisted.internet.task import LoopingCall
-from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from swapproxy.logs import proxy_logger
-from swapproxy.metrics import relay_tap
 from swapproxy.progress import LoadTracker
-from swapproxy.supervisor import Rejected, Ticket
+from swapproxy.supervisor import Ticket
 from swapproxy.upstream import StartError
-from swapproxy.web.relay import BodyRelay, describe_error, is_event_stream, send_upstream
-from swapproxy.web.render import ClientState
-from swapproxy.web.sse import SSE_HEADERS, ChatEvents, MessagesEvents, MessagesSplice
+from swapproxy.web.sse import SSE_HEADERS, ChatEvents, MessagesEvents
 
 log = proxy_logger("swapproxy.loading")
 
@@ -33,9 +28,6 @@ log = proxy_logger("swapproxy.loading")
 #: a dot once a second.
 TICK = 0.25
 DOT_INTERVAL = 1.0
-#: The most of a non-stream upstream answer that is read to report it as an error event.
-ERROR_BODY_LIMIT = 65536
-
 Events = ChatEvents | MessagesEvents
 
 
@@ -47,7 +39,7 @@ class LoadingStream:
     """
     Writes loading events for one request until its ticket is granted or fails.
 
-    :param request: the client's request; nothing else writes to it until `finish`.
+    :param request: the client's request; nothing else writes to it while the ticker runs.
     :param clock: provides ``seconds()`` and ``callLater`` (the ticker runs on it).
     :param ticket: the request's place in the queue.
     :param tracker: the load tracker of the ticket's model.
@@ -78,12 +70,27 @@ class LoadingStream:
         for name, value in SSE_HEADERS:
             request.setHeader(name, value)
         text, status, key = self._describe()
-        # The first tick must not repeat the line just sent.
+        self._said(key)
+        self._write(self.events.opening() + self.events.text(text, status))
+        self._loop.start(TICK, now=False)
+
+    def resume(self, ticket: Ticket) -> None:
+        """
+        Start ticking again for a new ticket: the model exited before it could answer, and is
+        being started once more.
+        """
+        self._ticket = ticket
+        text, status, key = self._describe()
+        self._said(key)
+        gone = f"\nModel {ticket.model_id} exited before it answered; starting it again."
+        self._write(self.events.text(gone + text, status))
+        self._loop.start(TICK, now=False)
+
+    def _said(self, key: tuple[Any, ...]) -> None:
+        # The next tick must not repeat the line just sent.
         self._last_key = key
         if key[0] == "loading" and key[2] is not None:
             self._last_percent = key[2]
-        self._write(self.events.opening() + self.events.text(text, status))
-        self._loop.start(TICK, now=False)
 
     def stop(self) -> None:
         """
@@ -107,18 +114,16 @@ class LoadingStream:
 
     def finish_failed(self, error: Exception) -> None:
         """
-        Stop the ticker, say why the model cannot be used, then an error event that ends the stream.
+        Stop the ticker and say why the model cannot be used; the caller ends the stream with
+        the dialect's error event.
         """
         self.stop()
         model_id = self._ticket.model_id
         if isinstance(error, StartError):
             reason = error.reason + (f". Last output: {error.last_lines[-1]}" if error.last_lines else "")
-            status_code = 502
         else:
             reason = str(error)
-            status_code = getattr(error, "status", 503)
         self._write(self.events.text(f"\nModel {model_id} could not be started: {reason}\n", self._status("failed", None, None)))
-        self._write(self.events.error(status_code, str(error)))
 
     # -- ticking ------------------------------------------------------------------------------
 
@@ -190,111 +195,7 @@ class LoadingStream:
                     self._last_percent = percent
                 self._write(self.events.text(text, status))
             elif since >= DOT_INTERVAL - TICK / 2:
-                # A dot in the text; Anthropic clients get their own keep-alive, a ping event.
-                dot = self.events.field != "none" and not isinstance(self.events, MessagesEvents)
-                self._write(self.events.text(".", status) if dot else self.events.keepalive())
+                self._write(self.events.idle(status))
         except Exception:
             log.failure("loading stream ticker for {model}", model=self._ticket.model_id)
             self.stop()
-
-
-async def splice_upstream(
-    loading: LoadingStream,
-    upstream: Any,
-    request: Request,
-    client: ClientState,
-    path: bytes,
-    body: bytes,
-    headers: Headers,
-) -> None:
-    """
-    Send the request upstream and relay its event stream into the already-open response.
-
-    A non-2xx answer, or one that is not an event stream, becomes one SSE error event that ends
-    the stream: never raw bytes on an SSE stream.
-    """
-    events = loading.events
-    model_id = upstream.model.id
-    try:
-        response = await send_upstream(upstream, request, path, body, headers)
-    except CancelledError:
-        raise
-    except Exception as e:
-        request.write(events.error(502, f"model {model_id!r} did not answer: {describe_error(e)}"))
-        return
-    if 200 <= response.code < 300 and is_event_stream(response.headers):
-        splice = MessagesSplice() if isinstance(events, MessagesEvents) else None
-        relay = BodyRelay(request, client, splice, tap=relay_tap(request))
-        response.deliverBody(relay)
-        reason = await relay.done
-        if reason is not None and not client.gone:
-            request.write(events.error(502, f"model {model_id!r} ended the stream early: {describe_error(reason)}"))
-        return
-    content = await _bounded_content(response)
-    message = _error_message(content)
-    if 200 <= response.code < 300:
-        message = f"model {model_id!r} answered with {response.headers.getRawHeaders(b'content-type', [b'?'])[0].decode('latin-1')} instead of an event stream"
-    else:
-        message = f"model {model_id!r} answered HTTP {response.code}: {message}"
-    request.write(events.error(response.code if response.code >= 400 else 502, message))
-
-
-async def _bounded_content(response: Any) -> bytes:
-    from treq import collect
-
-    chunks: list[bytes] = []
-    size = 0
-
-    def keep(data: bytes) -> None:
-        nonlocal size
-        if size < ERROR_BODY_LIMIT:
-            chunks.append(data[: ERROR_BODY_LIMIT - size])
-            size += len(data)
-
-    await collect(response, keep)
-    return b"".join(chunks)
-
-
-def _error_message(content: bytes) -> str:
-    text = content.decode("utf-8", "replace").strip()
-    try:
-        payload = json.loads(text)
-    except ValueError:
-        return text[:500] or "(empty body)"
-    if isinstance(payload, dict):
-        error = payload.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
-        if isinstance(error, str):
-            return error
-    return text[:500]
-
-
-async def serve_with_loading(
-    request: Request,
-    client: ClientState,
-    clock: Any,
-    ticket: Ticket,
-    tracker: LoadTracker,
-    events: Events,
-    path: bytes,
-    body: bytes,
-    headers: Headers,
-) -> None:
-    """
-    Answer with the loading stream until the ticket is granted, then splice the model's stream.
-    """
-    loading = LoadingStream(request, clock, ticket, tracker, events)
-    loading.begin()
-    try:
-        lease = await ticket.wait()
-    except (StartError, Rejected) as e:
-        loading.finish_failed(e)
-        return
-    finally:
-        loading.stop()
-    try:
-        loading.finish_ready()
-        await splice_upstream(loading, lease.upstream, request, client, path, body, headers)
-    finally:
-        lease.release()

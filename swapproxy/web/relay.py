@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_relay -*-
 """
-Where bytes are copied: forward a request to an upstream and relay its answer as it arrives.
+Where bytes are copied: the parts of the forward pipeline (`swapproxy.web.forward`) that send a
+request to an upstream and relay its answer as it arrives.
 
 The upstream body is relayed with flow control: the upstream connection is registered as the
 streaming producer of the client's response, so a slow client pauses the upstream socket instead
@@ -9,12 +10,11 @@ of making swapproxy buffer the stream, and a client that hangs up closes the ups
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 import psutil
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -23,13 +23,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import Request
 
-from swapproxy.logs import proxy_logger
-from swapproxy.metrics import relay_tap
 from swapproxy.upstream import Upstream
-from swapproxy.web.errors import error_object, write_error
 from swapproxy.web.render import ClientState
-
-log = proxy_logger("swapproxy.relay")
 
 #: Headers that describe one connection, never forwarded (RFC 9110 section 7.6.1).
 HOP_BY_HOP = frozenset(
@@ -140,14 +135,6 @@ class BodyRelay(Protocol):
             self.done.callback(None if reason.check(ResponseDone, PotentialDataLoss) else reason.value)
 
 
-def sse_error_event(status: int, message: str, error_type: str | None = None) -> bytes:
-    """
-    One SSE event carrying an OpenAI-style error object.
-    """
-    payload = json.dumps(error_object(status, message, error_type))
-    return b"data: " + payload.encode("utf-8") + b"\n\n"
-
-
 async def send_upstream(
     upstream: Upstream,
     request: Request,
@@ -217,52 +204,10 @@ def process_gone(upstream: Upstream) -> bool:
         return True
 
 
-async def proxy_request(
-    upstream: Upstream,
-    request: Request,
-    client: ClientState,
-    path: bytes,
-    body: bytes | None,
-    headers: Headers,
-    retry_if_gone: bool = False,
-) -> None:
-    """
-    Forward ``request`` to ``upstream`` and relay the answer as it arrives.
-
-    Before any byte is sent, an unreachable upstream is answered with a 502 JSON error. After
-    that, an upstream that dies ends an event stream with an SSE error event and a clean end,
-    and cuts any other body short so the client can tell it is incomplete.
-
-    :param retry_if_gone: raise `UpstreamGone` instead of answering 502 when the request could
-        not be sent because the upstream's process has died.
-    """
-    model_id = upstream.model.id
-    try:
-        response = await send_upstream(upstream, request, path, body, headers)
-    except CancelledError:
-        raise
-    except Exception as e:
-        if retry_if_gone and process_gone(upstream):
-            raise UpstreamGone(str(e)) from e
-        log.warn("model {model} did not answer: {error}", model=model_id, error=e)
-        write_error(request, 502, f"model {model_id!r} did not answer: {describe_error(e)}")
-        return
-    streaming = copy_response_head(request, response)
-    relay = BodyRelay(request, client, tap=relay_tap(request))
-    response.deliverBody(relay)
-    reason = await relay.done
-    if reason is None or client.gone:
-        return
-    log.warn("model {model} ended its response early: {error}", model=model_id, error=describe_error(reason))
-    if streaming:
-        request.write(sse_error_event(502, f"model {model_id!r} ended the stream early: {describe_error(reason)}"))
-    else:
-        # No terminating chunk: the client must see that the body is incomplete.
-        client.gone = True
-        request.loseConnection()
-
-
 def describe_error(error: BaseException) -> str:
+    """
+    What went wrong, in words: the reasons of a `ResponseFailed` (and its kin) or the error itself.
+    """
     reasons = getattr(error, "reasons", None)
     if reasons:
         return "; ".join(r.getErrorMessage() for r in reasons)

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_loading -*-
 """
-Server-sent events in the two dialects swapproxy speaks while a model loads: OpenAI chat
-completion chunks and Anthropic Messages events.
+The dialects of server-sent events swapproxy writes itself: OpenAI chat completion chunks and
+Anthropic Messages events while a model loads, and each dialect's error event once a stream has
+begun (`PlainEvents` for the routes that have no loading stream).
 
 Each formatter turns "this text, this machine-readable status" into complete, valid events for
 its dialect, so that every byte the client receives parses.
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from typing import Any
+
+from swapproxy.web.errors import error_object
 
 SSE_HEADERS = (
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -37,7 +41,34 @@ def comment(text: str) -> bytes:
     return b"".join(b": " + line.encode("utf-8") + b"\n" for line in lines) + b"\n"
 
 
-class ChatEvents:
+class PlainEvents:
+    """
+    The dialect of a route without a loading stream (``/v1/completions``, ``/upstream/...``):
+    all it says is an OpenAI-style error, once a model's event stream has begun.
+
+    Every dialect is one object per request, handed to the forward pipeline
+    (`swapproxy.web.forward`), which asks it what to write instead of asking what it is:
+
+    :ivar loading: whether a streaming request on this route gets the loading stream.
+    """
+
+    loading = False
+
+    def error(self, status: int, message: str, error_type: str | None = None) -> bytes:
+        """
+        An error event that ends the stream: the OpenAI-style error object (its ``code`` a
+        string, as in every error swapproxy sends), then ``data: [DONE]``.
+        """
+        return data_event(error_object(status, message, error_type)) + b"data: [DONE]\n\n"
+
+    def splice(self) -> Callable[[bytes], bytes] | None:
+        """
+        What rewrites the model's stream after the loading events, if anything must.
+        """
+        return None
+
+
+class ChatEvents(PlainEvents):
     """
     Loading events as ``chat.completion.chunk`` objects.
 
@@ -47,12 +78,21 @@ class ChatEvents:
     :param created: the Unix time of the response.
     """
 
+    loading = True
+
     def __init__(self, model: str, field: str, created: int) -> None:
         self.model = model
         self.field = field
         self.created = created
-        self.id = "chatcmpl-swapproxy-" + secrets.token_hex(12)
+        self._id: str | None = None
         self._first = True
+
+    @property
+    def id(self) -> str:
+        # Made when the first chunk needs it: most requests on this route never send one.
+        if self._id is None:
+            self._id = "chatcmpl-swapproxy-" + secrets.token_hex(12)
+        return self._id
 
     def opening(self) -> bytes:
         return b""
@@ -81,36 +121,43 @@ class ChatEvents:
     def keepalive(self) -> bytes:
         return comment("loading")
 
+    def idle(self, status: dict[str, Any]) -> bytes:
+        """
+        What is sent when nothing changed for a while: a dot in the text (a comment with
+        ``none``).
+        """
+        return self.keepalive() if self.field == "none" else self.text(".", status)
+
     def closing(self) -> bytes:
         """
         What ends the loading part before the model's own stream follows.
         """
         return b""
 
-    def error(self, status: int, message: str, error_type: str = "server_error") -> bytes:
-        """
-        An error event and the end of the stream.
-        """
-        error = {"error": {"message": message, "type": error_type, "code": status}}
-        return data_event(error) + b"data: [DONE]\n\n"
 
-
-class MessagesEvents:
+class MessagesEvents(PlainEvents):
     """
     Loading events as an Anthropic Messages stream: a ``thinking`` content block whose
     ``thinking_delta`` events carry the text, and ``ping`` events while nothing changes.
+
+    A loading stream that resumes (the model is started again) opens a new thinking block: the
+    model's own content blocks are numbered after all of them (`splice`).
     """
+
+    loading = True
 
     def __init__(self, model: str, field: str, created: int) -> None:
         self.model = model
         self.field = field
         self.created = created
-        self.id = "msg_swapproxy_" + secrets.token_hex(12)
+        self._started = False
         self._open = False
+        self._blocks = 0
 
     def opening(self) -> bytes:
+        self._started = True
         message = {
-            "id": self.id,
+            "id": "msg_swapproxy_" + secrets.token_hex(12),
             "type": "message",
             "role": "assistant",
             "model": self.model,
@@ -127,37 +174,48 @@ class MessagesEvents:
         out = b""
         if not self._open:
             self._open = True
+            self._blocks += 1
             block = {"type": "thinking", "thinking": "", "signature": ""}
-            out += data_event({"type": "content_block_start", "index": 0, "content_block": block}, "content_block_start")
-        delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": text}}
+            start = {"type": "content_block_start", "index": self._blocks - 1, "content_block": block}
+            out += data_event(start, "content_block_start")
+        delta = {"type": "content_block_delta", "index": self._blocks - 1,
+                 "delta": {"type": "thinking_delta", "thinking": text}}
         delta["swapproxy"] = status
         return out + data_event(delta, "content_block_delta")
 
     def keepalive(self) -> bytes:
         return data_event({"type": "ping"}, "ping")
 
+    def idle(self, status: dict[str, Any]) -> bytes:
+        # Anthropic clients have a keep-alive of their own: a ping event.
+        return self.keepalive()
+
     def closing(self) -> bytes:
         if not self._open:
             return b""
         self._open = False
-        return data_event({"type": "content_block_stop", "index": 0}, "content_block_stop")
+        return data_event({"type": "content_block_stop", "index": self._blocks - 1}, "content_block_stop")
 
-    def error(self, status: int, message: str, error_type: str = "api_error") -> bytes:
-        body = {"type": "error", "error": {"type": error_type, "message": message}}
+    def error(self, status: int, message: str, error_type: str | None = None) -> bytes:
+        body = {"type": "error", "error": {"type": error_type or "api_error", "message": message}}
         return self.closing() + data_event(body, "error")
+
+    def splice(self) -> Callable[[bytes], bytes] | None:
+        return MessagesSplice(self._blocks) if self._started else None
 
 
 class MessagesSplice:
     """
-    Fits an upstream Anthropic Messages stream after the loading stream's ``thinking`` block.
+    Fits an upstream Anthropic Messages stream after the loading stream's ``thinking`` blocks.
 
-    The loading stream already sent ``message_start`` and used content block 0, so the model's
-    own ``message_start`` is dropped and its content block indices move up by one; every other
-    event passes through byte for byte. Feed it the body as it arrives: it holds back only an
-    incomplete event.
+    The loading stream already sent ``message_start`` and used the first ``offset`` content
+    blocks, so the model's own ``message_start`` is dropped and its content block indices move
+    up by ``offset``; every other event passes through byte for byte. Feed it the body as it
+    arrives: it holds back only an incomplete event.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, offset: int = 1) -> None:
+        self._offset = offset
         self._pending = b""
 
     def __call__(self, data: bytes) -> bytes:
@@ -188,7 +246,7 @@ class MessagesSplice:
         if kind in ("content_block_start", "content_block_delta", "content_block_stop") and isinstance(
             payload.get("index"), int
         ):
-            payload["index"] += 1
+            payload["index"] += self._offset
             event = kind if any(line.startswith(b"event:") for line in lines) else None
             return data_event(payload, event)[:-2]
         return block
