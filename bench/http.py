@@ -38,11 +38,15 @@ class ResponseParser:
     An incremental parser of one HTTP/1.1 response delimited by ``Content-Length`` or chunked.
 
     :param keep_body: keep the body (otherwise only count its bytes).
+    :param parse_chunks: decode a chunked body; otherwise only look for its last chunk (the
+        client then costs the same however the server splits the body into chunks, and counts
+        the framing in ``body_bytes``; nothing may follow the response).
     :ivar rest: bytes received after the end of the response.
     """
 
-    def __init__(self, keep_body: bool = True) -> None:
+    def __init__(self, keep_body: bool = True, parse_chunks: bool = True) -> None:
         self.keep_body = keep_body
+        self.parse_chunks = parse_chunks
         self.status: int | None = None
         self.headers: dict[str, str] = {}
         self.body = bytearray()
@@ -72,7 +76,7 @@ class ResponseParser:
             if not self._chunked:
                 self._length = int(self.headers.get("content-length", "0"))
         if self._chunked:
-            return self._chunks()
+            return self._chunks() if self.parse_chunks else self._last_chunk()
         assert self._length is not None
         if len(self._buf) < self._length:
             return False
@@ -85,6 +89,14 @@ class ResponseParser:
         self.body_bytes += len(data)
         if self.keep_body:
             self.body += data
+
+    def _last_chunk(self) -> bool:
+        # Keeps the last 7 bytes, which may be the start of the end; counts each byte once.
+        self.done = self._buf.endswith(b"\r\n0\r\n\r\n")
+        keep = 0 if self.done else min(7, len(self._buf))
+        self.body_bytes += len(self._buf) - keep
+        del self._buf[: len(self._buf) - keep]
+        return self.done
 
     def _chunks(self) -> bool:
         buf = self._buf
@@ -147,7 +159,7 @@ class Connection:
         self._rest = b""
         return self.sock
 
-    def request(self, raw: bytes, keep_body: bool = True) -> Response:
+    def request(self, raw: bytes, keep_body: bool = True, parse_chunks: bool = True) -> Response:
         """
         Send one request (from `post` or `get`) and read its whole response.
 
@@ -158,15 +170,15 @@ class Connection:
         """
         reused = self.sock is not None
         try:
-            return self._exchange(raw, keep_body)
+            return self._exchange(raw, keep_body, parse_chunks)
         except _ClosedBeforeAnswer:
             if not reused:
                 raise
             self.close()
-            return self._exchange(raw, keep_body)
+            return self._exchange(raw, keep_body, parse_chunks)
 
-    def _exchange(self, raw: bytes, keep_body: bool) -> Response:
-        parser = ResponseParser(keep_body)
+    def _exchange(self, raw: bytes, keep_body: bool, parse_chunks: bool) -> Response:
+        parser = ResponseParser(keep_body, parse_chunks)
         sent = time.perf_counter()
         sock = self.sock or self._connect()
         first = None

@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import psutil
 
@@ -103,10 +103,13 @@ class Processes:
 class Swapproxy:
     """
     ``twistd -n --pidfile= swapproxy`` serving a config on a loopback port.
+
+    :param twistd_args: more options for twistd itself (``--profile``...).
     """
 
-    def __init__(self, processes: Processes, config_path: str, port: int, state_dir: str, log_path: str) -> None:
-        argv = [TWISTD, "-n", "--pidfile=", "swapproxy", "-c", config_path,
+    def __init__(self, processes: Processes, config_path: str, port: int, state_dir: str, log_path: str,
+                 twistd_args: Sequence[str] = ()) -> None:
+        argv = [TWISTD, "-n", "--pidfile=", *twistd_args, "swapproxy", "-c", config_path,
                 "-l", f"tcp:{port}:interface={LOOPBACK}", "--state-dir", state_dir]
         self.port = port
         self.log_path = log_path
