@@ -1032,8 +1032,8 @@ class RecordingAgent:
 
 class RelayClientTests(SynchronousTestCase):
     """
-    The upstream client: the relay's requests go straight to the connection pool's agent,
-    everything else through treq.
+    The upstream client: the relay's requests go straight to the pool's own relay client
+    (`swapproxy.relayclient`), everything else through treq.
     """
 
     def setUp(self) -> None:
@@ -1042,28 +1042,31 @@ class RelayClientTests(SynchronousTestCase):
 
         self.client, self.pool = make_http_client(MemoryReactorClock(), 4)
         self.agent = RecordingAgent()
-        self.client._direct = self.agent  # type: ignore[attr-defined]
         self.client._agent = self.agent
+        self.relayed: list[tuple[Any, ...]] = []
+        self.answer: Deferred[Any] = Deferred()
+        self.client._relay = lambda *args: (self.relayed.append(args), self.answer)[1]  # type: ignore[attr-defined]
         self.headers = Headers({b"content-type": [b"application/json"], b"x-forwarded-for": [b"127.0.0.1"]})
 
-    def test_relay_request_goes_straight_to_the_agent(self) -> None:
+    def test_relay_request_goes_straight_to_the_pool(self) -> None:
         """
-        Method, URL, headers and body reach the agent as given, nothing added (no
-        Accept-Encoding, no cookies), and the agent's own answer comes back, unwrapped.
+        Method, URL, headers and body reach the relay client as given, nothing added (no
+        Accept-Encoding, no cookies), and its own answer comes back, unwrapped.
         """
         d = self.client.request("POST", "http://127.0.0.1:5800/v1/chat/completions?x=1", headers=self.headers,
                                 data=b'{"model": "m"}', unbuffered=True, allow_redirects=False)
-        self.assertIs(d, self.agent.answers[0])
-        [(method, uri, headers, body)] = self.agent.requests
+        self.assertIs(d, self.answer)
+        [(method, uri, headers, body)] = self.relayed
         self.assertEqual((method, uri), (b"POST", b"http://127.0.0.1:5800/v1/chat/completions?x=1"))
         self.assertEqual(sorted(headers.getAllRawHeaders()), sorted(self.headers.getAllRawHeaders()))
-        self.assertEqual(body.length, len(b'{"model": "m"}'))
+        self.assertEqual(body, b'{"model": "m"}')
+        self.assertEqual(self.agent.requests, [])
 
     def test_request_without_body(self) -> None:
         d = self.client.request("GET", "http://127.0.0.1:5800/props", headers=self.headers, data=None,
                                 unbuffered=True, allow_redirects=False)
-        self.assertIs(d, self.agent.answers[0])
-        [(method, _, headers, body)] = self.agent.requests
+        self.assertIs(d, self.answer)
+        [(method, _, headers, body)] = self.relayed
         self.assertEqual(method, b"GET")
         self.assertIsNone(body)
         self.assertIsNone(headers.getRawHeaders(b"accept-encoding"))
