@@ -330,6 +330,8 @@ class Metrics:
         self.records: deque[dict[str, Any]] = deque(maxlen=self._records_limit())
         self._next_id = 0
         self._subscribers: list[EventSubscriber] = []
+        #: Labelled children of the per-request metrics (`_labelled`); as bounded as their labels.
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         Info("swapproxy", "swapproxy's version", registry=r).info({"version": __version__})
         self.requests = Counter(
@@ -458,15 +460,26 @@ class Metrics:
         request.notifyFinish().addBoth(meter._ended)
         return meter
 
+    def _labelled(self, metric: Any, *labels: str) -> Any:
+        """
+        ``metric.labels(*labels)``, remembered: prometheus_client looks the child up anew, with
+        a lock and a validation of every label, on each call.
+        """
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def _first_byte(self, meter: RequestMeter) -> None:
         assert meter.first_byte_at is not None
-        self.time_to_first_byte.labels(meter.model, meter.route).observe(meter.first_byte_at - meter.started_at)
+        self._labelled(self.time_to_first_byte, meter.model, meter.route).observe(meter.first_byte_at - meter.started_at)
 
     def _request_done(self, meter: RequestMeter, status: str, now: float) -> None:
         model, route = meter.model, meter.route
         duration = max(0.0, now - meter.started_at)
-        self.requests.labels(model, route, status).inc()
-        self.request_duration.labels(model, route).observe(duration)
+        self._labelled(self.requests, model, route, status).inc()
+        self._labelled(self.request_duration, model, route).observe(duration)
         event: dict[str, Any] = {
             "model": model,
             "route": route,
@@ -498,13 +511,13 @@ class Metrics:
             self.records = deque(self.records, maxlen=limit)
         self.records.append(record)
         if counts["input_tokens"] > 0:
-            self.prompt_tokens.labels(model).inc(counts["input_tokens"])
+            self._labelled(self.prompt_tokens, model).inc(counts["input_tokens"])
         if counts["output_tokens"] > 0:
-            self.generated_tokens.labels(model).inc(counts["output_tokens"])
+            self._labelled(self.generated_tokens, model).inc(counts["output_tokens"])
         if counts["cache_tokens"] > 0:
-            self.cached_tokens.labels(model).inc(counts["cache_tokens"])
+            self._labelled(self.cached_tokens, model).inc(counts["cache_tokens"])
         if counts["tokens_per_second"] > 0:
-            self.generation_rate.labels(model).observe(counts["tokens_per_second"])
+            self._labelled(self.generation_rate, model).observe(counts["tokens_per_second"])
         if counts["prompt_per_second"] > 0:
-            self.prompt_rate.labels(model).observe(counts["prompt_per_second"])
+            self._labelled(self.prompt_rate, model).observe(counts["prompt_per_second"])
         return record

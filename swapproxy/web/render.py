@@ -37,11 +37,6 @@ def render_async(request: Request, handler: Callable[[ClientState], Coroutine[An
     :returns: ``NOT_DONE_YET``, for ``render_*`` to return.
     """
     client = ClientState()
-    transport = getattr(request.channel, "transport", None)
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        # Small SSE events must leave at once, not wait for Nagle's algorithm.
-        set_no_delay(True)
     work = Deferred.fromCoroutine(handler(client))
 
     def client_left(reason: Failure) -> None:

@@ -160,6 +160,11 @@ class LimitedChannel(HTTPChannel):
         self.totalHeadersSize = self.MAX_LENGTH = self.limits.max_header_size
         self.site.connection_opened(self)
         super().connectionMade()
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            # Small SSE events, and whole answers, must leave at once, not wait for Nagle's
+            # algorithm. Once per connection: a system call per request adds up.
+            set_no_delay(True)
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancel_deadline()
