@@ -289,7 +289,8 @@ class LogHistory:
         prefix = self._prefix(event)
         model = event.get("model")
         if source == "upstream":
-            line = str(event.get("line", formatEvent(event)))
+            line = event.get("line")
+            line = formatEvent(event) if line is None else str(line)
             model_id = str(model) if model is not None else str(event.get("log_namespace", "")).partition(".")[2]
             text = f"{prefix}[{model_id}] {line}\n".encode("utf-8", "replace")
             self.upstream.write(text)

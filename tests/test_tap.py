@@ -279,3 +279,42 @@ class TwistdTests(ConfigFileMixin, SynchronousTestCase):
         result = self.twistd("--help")
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("swapproxy", result.stdout)
+
+
+class TLSTests(SynchronousTestCase):
+    """
+    pyOpenSSL (16 MB of memory) is loaded only when something needs TLS. Each check runs in a
+    fresh interpreter: in this one, Twisted's TCP module was loaded long ago.
+    """
+
+    def services_loaded(self, config: str, *listen: str) -> bool:
+        """
+        Whether pyOpenSSL is loaded once ``twistd swapproxy`` would have built its service.
+        """
+        path = os.path.join(self.mktemp() + ".yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(textwrap.dedent(config))
+        args = ["-c", path] + [arg for endpoint in listen for arg in ("-l", endpoint)]
+        script = (
+            "import sys\n"
+            "from swapproxy import tap\n"
+            f"options = tap.Options(); options.parseOptions({args!r})\n"
+            "import twisted.internet.tcp\n"
+            "print(sys.modules.get('OpenSSL') is not None)\n"
+        )
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                                env=dict(os.environ, SWAPPROXY_STATE_DIR=self.mktemp()))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return result.stdout.strip() == "True"
+
+    def test_left_out_without_tls(self) -> None:
+        self.assertFalse(self.services_loaded("models:\n  a:\n    cmd: llama-server --port ${PORT}\n",
+                                              "tcp:0:interface=127.0.0.1"))
+
+    def test_kept_for_a_tls_endpoint(self) -> None:
+        self.assertTrue(self.services_loaded("models:\n  a:\n    cmd: llama-server --port ${PORT}\n",
+                                             "tcp:0", "ssl:8443:privateKey=key.pem"))
+
+    def test_kept_for_an_https_model(self) -> None:
+        self.assertTrue(self.services_loaded(
+            "models:\n  a:\n    cmd: llama-server --port ${PORT}\n    proxy: https://127.0.0.1:${PORT}\n"))
