@@ -92,7 +92,6 @@ class Forward:
         :param dialect: the route's SSE dialect, one object for this request.
         :param stream: whether the client asked for a stream (a loading head needs one).
         """
-        headers = forward_headers(request)
         loading = dialect.loading and stream and model.send_loading_state
         head: LoadingStream | None = None
         for attempt in (1, 2):
@@ -120,6 +119,8 @@ class Forward:
             try:
                 if head is not None:
                     head.finish_ready()
+                # After the loading head's first bytes: they need none of this.
+                headers = forward_headers(request)
                 await _exchange(lease.upstream, request, client, path, body, headers, dialect, head, attempt == 1)
                 return
             except UpstreamGone:
