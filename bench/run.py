@@ -439,13 +439,7 @@ class Bench:
             loaded, model_id = ("tiny-a", "tiny-b") if index % 2 == 0 else ("tiny-b", "tiny-a")
             self.via_proxy(self.chat_body(loaded))  # A is loaded and has just served this connection
             times.append(self.loading_first_byte(model_id))
-        p = summary(times, 1000)
-        direct = self.direct_first_byte()
-        self.figures["swap_ttfb"] = {
-            "title": "5. swap A -> B, streaming, loading on: first byte (ms)",
-            "proxied": p, "direct": direct, "ratio": p["median"] / direct["median"],
-            "value": p["median"], "met": met("swap_ttfb", p["median"]),
-        }
+        self.first_byte_figure("swap_ttfb", "5. swap A -> B, streaming, loading on: first byte (ms)", times)
 
     def cold_ttfb(self) -> None:
         unload = post("/api/models/unload", {}, self.proxy_port)
@@ -455,12 +449,18 @@ class Bench:
             wait_for(lambda: not self.running(), 30, "every model to unload", 0.005)
             times.append(self.loading_first_byte("cold"))
         self.proxy.request(unload)
+        self.first_byte_figure("cold_ttfb", "5b. from idle, streaming, loading on: first byte (ms)", times)
+
+    def first_byte_figure(self, key: str, title: str, times: list[float]) -> None:
+        """
+        Record a loading stream's first bytes (seconds) as figure ``key``, against what a
+        client gets directly.
+        """
         p = summary(times, 1000)
         direct = self.direct_first_byte()
-        self.figures["cold_ttfb"] = {
-            "title": "5b. from idle, streaming, loading on: first byte (ms)",
-            "proxied": p, "direct": direct, "ratio": p["median"] / direct["median"],
-            "value": p["median"], "met": met("cold_ttfb", p["median"]),
+        self.figures[key] = {
+            "title": title, "proxied": p, "direct": direct, "ratio": p["median"] / direct["median"],
+            "value": p["median"], "met": met(key, p["median"]),
         }
 
     # -- 6. memory and CPU ----------------------------------------------------------------
