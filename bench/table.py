@@ -36,7 +36,7 @@ def markdown(runs: list[tuple[str, dict]]) -> str:
     """
     per_run = [{row[0]: row for row in table_rows(run["figures"])} for _, run in runs]
     names: list[str] = []
-    for rows in per_run:
+    for rows in sorted(per_run, key=len, reverse=True):
         names += [name for name in rows if name not in names]
     header = ["figure", "target", *[label for label, _ in runs], "met"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
