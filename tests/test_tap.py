@@ -19,9 +19,8 @@ from twisted.application.service import IService, IServiceMaker, MultiService, S
 from twisted.internet.defer import Deferred
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.plugin import getPlugins
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy import __version__, tap
@@ -194,6 +193,17 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
             self.make(GOOD + "    newerFeature: true\n")
         warnings = [e for e in events if e.get("log_level") == LogLevel.warn and "newerFeature" in str(e)]
         self.assertEqual(len(warnings), 1)
+
+    def test_start_up_line_counts_models(self) -> None:
+        """
+        The start-up line says how many models there are, in words that fit the number.
+        """
+        one = "models:\n  qwen:\n    cmd: llama-server --port ${PORT}\n"
+        for text, expected in ((one, "1 model from"), (GOOD, "2 models from")):
+            with capturedLogs() as events:
+                self.make(text)
+            (line,) = [formatEvent(e) for e in events if e.get("log_namespace") == "swapproxy.tap"]
+            self.assertIn(expected, line)
 
     def test_watch_config(self) -> None:
         """
