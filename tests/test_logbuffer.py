@@ -623,15 +623,22 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
     ``logTimeFormat``, from its start to its stop.
     """
 
-    def test_make_service_routes_and_serves_logs(self) -> None:
+    def start(self, config: str) -> tuple[MemoryReactorClock, Any]:
+        """
+        ``twistd swapproxy -c config -l tcp:9001`` built on a memory reactor, and started.
+        """
         self.addCleanup(set_log_level, "info")
-        config = self.write_config(GOOD + '    logToStdout: upstream\n    logTimeFormat: "%Y"\n')
         options = tap.Options()
         options.parseOptions(["-c", config, "--state-dir", self.mktemp(), "-l", "tcp:9001"])
         reactor = MemoryReactorClock()
         service = tap.makeService(options, reactor)
-        events = capture_global(self)
         service.startService()
+        return reactor, service
+
+    def test_make_service_routes_and_serves_logs(self) -> None:
+        events = capture_global(self)
+        reactor, service = self.start(
+            self.write_config(GOOD + '    logToStdout: upstream\n    logTimeFormat: "%Y"\n'))
         try:
             proxy_logger("tests.logbuffer").info("a proxy line")
             upstream_logger("qwen").info("[{model}] {line}", model="qwen", line="a model line")
@@ -668,13 +675,8 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         ``/logs`` begins with what was logged while the service was built (the config's
         warnings, the start-up line), and has a line for each model request as it ends.
         """
-        self.addCleanup(set_log_level, "info")
         config = self.write_config(GOOD + "    newerFeature: true\n")
-        options = tap.Options()
-        options.parseOptions(["-c", config, "--state-dir", self.mktemp(), "-l", "tcp:9001"])
-        reactor = MemoryReactorClock()
-        service = tap.makeService(options, reactor)
-        service.startService()
+        reactor, service = self.start(config)
         self.addCleanup(service.stopService)
         self.assertIn(b"HTTP/1.1 404 ", self.get(reactor, b"POST", b"/v1/chat/completions", b'{"model": "nope"}'))
         log = self.get(reactor, b"GET", b"/logs").partition(b"\r\n\r\n")[2].decode()
@@ -688,14 +690,8 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         Without ``logTimeFormat`` each line of ``/logs`` starts with the local date and time;
         ``logTimeFormat: ""`` turns them off.
         """
-        self.addCleanup(set_log_level, "info")
         for extra, stamped in (("", True), ('    logTimeFormat: ""\n', False)):
-            options = tap.Options()
-            options.parseOptions(["-c", self.write_config(GOOD + extra), "--state-dir", self.mktemp(),
-                                  "-l", "tcp:9001"])
-            reactor = MemoryReactorClock()
-            service = tap.makeService(options, reactor)
-            service.startService()
+            reactor, service = self.start(self.write_config(GOOD + extra))
             log = self.get(reactor, b"GET", b"/logs").partition(b"\r\n\r\n")[2].decode()
             self.successResultOf(service.stopService())
             first = log.splitlines()[0]
