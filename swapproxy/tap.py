@@ -160,6 +160,7 @@ class SwapproxyService(MultiService):
             pass  # already stopping
 
     def stopService(self) -> Deferred[None]:
+        # Service's, not MultiService's: that one would stop every part at the same moment.
         super(MultiService, self).stopService()
         return Deferred.fromCoroutine(self._stop_children())
 
