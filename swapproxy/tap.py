@@ -21,6 +21,7 @@ from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError, ReactorNotRunning
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import usage
 
 from swapproxy import __version__
@@ -96,17 +97,25 @@ class Options(usage.Options):
             raise SystemExit(str(e)) from None
 
 
+def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """
+    The endpoint of one ``--listen``.
+
+    :raises SystemExit: with one line naming it and the problem, when it is not an endpoint.
+    """
+    try:
+        return serverFromString(reactor, description)
+    except Exception as e:
+        raise SystemExit(f"--listen {description}: not a usable endpoint: {e}") from None
+
+
 class Listener(StreamServerEndpointService):
     """
     One ``--listen`` endpoint; one that cannot be listened on stops twistd with one line naming the
     endpoint and the cause (exit status 1), before any model starts.
     """
 
-    def __init__(self, description: str, factory: Any, reactor: Any) -> None:
-        try:
-            endpoint = serverFromString(reactor, description)
-        except Exception as e:
-            raise SystemExit(f"--listen {description}: not a usable endpoint: {e}") from None
+    def __init__(self, description: str, endpoint: IStreamServerEndpoint, factory: Any) -> None:
         super().__init__(endpoint, factory)
         # As strports.service does: a failure to listen is raised by privilegedStartService.
         self._raiseSynchronously = True
@@ -189,6 +198,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = global_reactor
     config = options.loaded if options.loaded is not None else load_config(options["config"])
+    endpoints = [(description, server_endpoint(reactor, description)) for description in options["listen"]]
     set_log_level(config.log_level)
     root = SwapproxyService(reactor)
     supervisor = Supervisor(config, reactor)
@@ -216,8 +226,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         metrics = Metrics(supervisor, reactor)
         log_requests(metrics)
         site = build_site(supervisor, reactor, history, logs=logs, metrics=metrics)
-        for endpoint in options["listen"]:
-            Listener(endpoint, site, reactor).setServiceParent(root)
+        for description, endpoint in endpoints:
+            Listener(description, endpoint, site).setServiceParent(root)
         count = len(config.models)
         log.info(
             "swapproxy {version}: {count} {models} from {source}",
