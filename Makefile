@@ -20,12 +20,23 @@ run: $(BIN)/twistd
 	@echo "       -d '{\"model\": \"demo-slow\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'"
 	$(BIN)/twistd -n --pidfile= swapproxy -c $(CONFIG) -l $(LISTEN)
 
+# The end-to-end tests run real llama-servers: `make test` finds one ($$LLAMA_SERVER, PATH, the
+# cache) or builds one into ~/.cache/swapproxy first (once: about 5 minutes on 2 cores), and
+# stops with what to do when it can do neither, rather than skip those tests.
 test: $(BIN)/twistd
-	$(BIN)/python -W error::RuntimeWarning -m twisted.trial --temp-directory=.trial-tmp $(TESTS)
+	@llama=$$(PYTHON=$(abspath $(BIN)/python) scripts/build_llama_server.sh) \
+	  && PYTHON=$(abspath $(BIN)/python) scripts/build_llama_server.sh --vocab-dir >/dev/null \
+	  || { echo "make test: the end-to-end tests need llama-server and llama.cpp's vocab files, and" \
+	            "scripts/build_llama_server.sh could not provide them (see above). Install what it names" \
+	            "(Debian: sudo apt-get install -y build-essential cmake) and run make test again, or set" \
+	            "LLAMA_SERVER to a llama-server binary." >&2; exit 1; }; \
+	llama=$$(printf '%s\n' "$$llama" | tail -n 1); \
+	echo "make test: end-to-end tests use $$llama"; \
+	LLAMA_SERVER=$$llama $(BIN)/python -W error::RuntimeWarning -m twisted.trial --temp-directory=.trial-tmp $(TESTS)
 
 # Builds (or finds) llama-server for the end-to-end tests; prints its path.
-llama-server:
-	@scripts/build_llama_server.sh
+llama-server: $(BIN)/twistd
+	@PYTHON=$(abspath $(BIN)/python) scripts/build_llama_server.sh
 
 bench: $(BIN)/twistd
 	$(BIN)/python -m bench

@@ -29,7 +29,8 @@
 #                              CACHE_DIR/llama-server/build.log, whose tail is shown on failure)
 #
 # Building needs cmake, a C++ compiler and make (Debian: apt-get install -y build-essential cmake).
-# It takes about 11 minutes on 2 cores (the server's own sources dominate).
+# It takes about 5 minutes on 2 cores (306 s measured, 273 s of it compiling; the server's own
+# sources dominate).
 
 set -euo pipefail
 
@@ -224,7 +225,7 @@ build_server() {
         -DLLAMA_BUILD_UI=OFF \
         -DLLAMA_USE_PREBUILT_UI=OFF \
         ${LLAMA_CMAKE_ARGS:-}
-    run_step "compile llama-server with $jobs jobs (about 11 minutes on 2 cores)" \
+    run_step "compile llama-server with $jobs jobs (about 5 minutes on 2 cores)" \
         cmake --build "$work/build" --target llama-server -j "$jobs"
 
     local built="$work/build/bin/llama-server"

@@ -38,6 +38,8 @@ import yaml
 DEFAULT_GROUP = "(default)"
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_TO_STDOUT = ("proxy", "upstream", "both", "none")
+#: The timestamp of /logs lines when ``logTimeFormat`` is not set ("" turns them off).
+DEFAULT_LOG_TIME_FORMAT = "datetime"
 LOADING_STATE_FIELDS = ("reasoning_content", "reasoning", "content", "none")
 DEFAULT_CONCURRENCY_LIMIT = 10
 #: Without ``healthCheckCeiling``, a start is given up after this many ``healthCheckTimeout``s
@@ -184,7 +186,7 @@ class Config:
     aliases: Mapping[str, str]
     preload: tuple[str, ...]
     warnings: tuple[str, ...]
-    log_time_format: str = ""
+    log_time_format: str = DEFAULT_LOG_TIME_FORMAT
     metrics_max_in_memory: int = 1000
     limits: Limits = attrs.Factory(Limits)
     #: Seconds a start may take in all, however much the model prints; 0 means
@@ -914,7 +916,7 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         aliases=aliases,
         preload=tuple(preload),
         warnings=tuple(ch.warnings),
-        log_time_format=ch.string(data.get("logTimeFormat"), "logTimeFormat").strip(),
+        log_time_format=ch.string(data.get("logTimeFormat"), "logTimeFormat", DEFAULT_LOG_TIME_FORMAT).strip(),
         metrics_max_in_memory=metrics_max if metrics_max > 0 else 1000,
         limits=limits,
         health_check_ceiling=ceiling,

@@ -4,13 +4,14 @@ The recent log, in memory: what ``GET /logs`` returns and ``/logs/stream...`` fo
 
 `LogHistory` keeps, as llama-swap does, a *proxy* history (swapproxy's own messages, as
 ``[LEVEL] text`` lines), an *upstream* history (every line a model printed, as ``[model] line``),
-a *combined* one (what ``logToStdout`` selects) and one per model (its output and swapproxy's
-messages about it). Each is a `LogStream`: bounded by bytes, dropping its oldest lines first, with
-subscribers that are told of each new line as it is written. A subscriber must not block: the web
-side (`swapproxy.web.live.LiveWriter`) queues a bounded amount per client and drops the rest.
+a *combined* one (both, each line tagged so) and one per model (its output and swapproxy's
+messages about it). ``logToStdout`` decides what reaches stdout, never what these histories keep.
+Each is a `LogStream`: bounded by bytes, dropping its oldest lines first, with subscribers that
+are told of each new line as it is written. A subscriber must not block: the web side
+(`swapproxy.web.live.LiveWriter`) queues a bounded amount per client and drops the rest.
 
 `LogRouting` is the service that attaches a history to the log routes of `swapproxy.logs` and
-applies ``logToStdout`` while swapproxy runs.
+applies ``logToStdout`` to twistd's log while swapproxy runs.
 """
 
 from __future__ import annotations
@@ -282,7 +283,7 @@ class LogHistory:
         when = event.get("log_time")
         return stamp(when if isinstance(when, (int, float)) else 0.0) + " "
 
-    def log_event(self, source: str, event: LogEvent, combined: bool) -> None:
+    def log_event(self, source: str, event: LogEvent) -> None:
         """
         Keep one event of ``source`` (``proxy`` or ``upstream``); see `swapproxy.logs.LogSink`.
         """
@@ -294,8 +295,7 @@ class LogHistory:
             model_id = str(model) if model is not None else str(event.get("log_namespace", "")).partition(".")[2]
             text = f"{prefix}[{model_id}] {line}\n".encode("utf-8", "replace")
             self.upstream.write(text)
-            if combined:
-                self.combined.write(text)
+            self.combined.write(text)
             if model_id:
                 self.model(model_id).write(f"{prefix}{line}\n".encode("utf-8", "replace"))
             return
@@ -308,16 +308,15 @@ class LogHistory:
                 message += f"\n{failure!r}"
         text = f"{prefix}[{_level_name(event)}] {message}\n".encode("utf-8", "replace")
         self.proxy.write(text)
-        if combined:
-            self.combined.write(text)
+        self.combined.write(text)
         if isinstance(model, str) and model:
             self.model(model).write(text)
 
 
 class LogRouting(Service):
     """
-    While running: ``logToStdout`` decides what reaches ``twistd``'s log, and ``history`` keeps
-    every proxy and upstream event.
+    While running: ``logToStdout`` decides what reaches ``twistd``'s log (its stdout), and
+    ``history`` keeps every proxy and upstream event.
 
     On stop the previous routing comes back, so a test that starts and stops it leaves nothing
     behind.

@@ -6,14 +6,15 @@ Two streams, as in llama-swap: *proxy* events (swapproxy's own messages, filtere
 configured ``logLevel``) and *upstream* events (each line a child printed, never filtered by
 level). ``logToStdout`` (`route_logs`) decides which of them reach Twisted's global log publisher,
 so that ``twistd`` writes them wherever it was told to; an event that carries a failure always
-does, so that no traceback is ever lost and trial still sees logged failures. Every event is also
-offered to the attached `LogSink`\ s (the in-memory history behind ``/logs``), with a flag that
-says whether it belongs in the combined history.
+does, so that no traceback is ever lost and trial still sees logged failures. Every event of
+either source is also offered to the attached `LogSink`\ s (the in-memory history behind
+``/logs``), whatever ``logToStdout`` says.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 from twisted.logger import (
@@ -35,7 +36,7 @@ _LEVELS = {
 }
 
 
-#: The values of ``logToStdout``: which sources reach the global publisher and the combined history.
+#: The values of ``logToStdout``: which sources reach the global publisher (twistd's log).
 LOG_SOURCES = {"proxy": ("proxy",), "upstream": ("upstream",), "both": ("proxy", "upstream"), "none": ()}
 
 
@@ -44,12 +45,11 @@ class LogSink(Protocol):
     Something that keeps log events, such as `swapproxy.logbuffer.LogHistory`.
     """
 
-    def log_event(self, source: str, event: LogEvent, combined: bool) -> None:
+    def log_event(self, source: str, event: LogEvent) -> None:
         """
         Keep one event.
 
         :param source: ``proxy`` or ``upstream``.
-        :param combined: whether ``logToStdout`` puts this source in the combined history.
         """
 
 
@@ -85,14 +85,13 @@ class _Route:
         self._source = source
 
     def __call__(self, event: LogEvent) -> None:
-        combined = self._source in LOG_SOURCES.get(_routing.to_stdout(), ("proxy",))
         for sink in _routing.sinks:
             try:
-                sink.log_event(self._source, event, combined)
+                sink.log_event(self._source, event)
             except Exception:
                 # A broken sink must never break the code that logged.
                 _own_log.failure("log sink {sink!r} failed", sink=sink)
-        if combined or "log_failure" in event:
+        if self._source in LOG_SOURCES.get(_routing.to_stdout(), ("proxy",)) or "log_failure" in event:
             globalLogPublisher(event)
 
 
@@ -103,7 +102,7 @@ upstream_observer = _Route("upstream")
 
 def route_logs(log_to_stdout: str | Callable[[], str]) -> Callable[[], str]:
     """
-    Set which sources reach the global publisher (``twistd``'s log) and the combined history.
+    Set which sources reach the global publisher (``twistd``'s log).
 
     :param log_to_stdout: ``proxy``, ``upstream``, ``both`` or ``none``, as ``logToStdout``; or a
         function that returns the current value (read at each event, so that a reloaded config
@@ -142,6 +141,20 @@ def remove_log_sink(sink: LogSink) -> None:
     Stop offering events to ``sink``; a sink that is not attached is ignored.
     """
     _routing.sinks = tuple(s for s in _routing.sinks if s is not sink)
+
+
+@contextmanager
+def log_sink(sink: LogSink) -> Iterator[LogSink]:
+    """
+    Offer events to ``sink`` for the duration of a ``with`` block (unless it was attached before).
+    """
+    attached = sink in _routing.sinks
+    add_log_sink(sink)
+    try:
+        yield sink
+    finally:
+        if not attached:
+            remove_log_sink(sink)
 
 
 def set_log_level(level: str) -> None:

@@ -58,7 +58,8 @@ class Progress:
     :ivar label: what the server is doing, in plain words (may be empty).
     :ivar fraction: 0..1, or ``None`` when it cannot be known.
     :ivar elapsed: seconds since the process was started.
-    :ivar eta: estimated seconds left, or ``None``.
+    :ivar eta: estimated seconds left, or ``None`` when there is no estimate: the model has no
+        load history yet (guessing from the first stages of a first load was wrong by half).
     :ivar expected: how long previous loads took (median), or ``None``.
     """
 
@@ -128,6 +129,11 @@ class LoadTracker:
     """
     Follows one upstream's loads: stage lines, tensor dots, health answers and durations.
 
+    What it reports is about the load under way: until the process has started (a start is put
+    off until the loading stream's first event has left) it says
+    ``starting``, never where the previous load ended. Within one load the fraction never goes
+    back: stages only move forward, and the share of last time's duration only grows.
+
     :param upstream: the upstream to follow (its observers are hooked here).
     :param clock: provides ``seconds()``.
     :param history: where load durations are remembered.
@@ -152,11 +158,12 @@ class LoadTracker:
         self._partial = ""
 
     def _state_changed(self, upstream: Upstream, old: State, new: State) -> None:
-        if new is State.STARTING:
-            self._reset()
-        elif new is State.READY and old is State.STARTING and upstream.started_at is not None:
+        if new is State.READY and old is State.STARTING and upstream.started_at is not None:
             assert upstream.ready_at is not None
             self._history.record(upstream.model.id, self._command, upstream.ready_at - upstream.started_at)
+        if new is State.STARTING or old is State.STARTING:
+            # A load begins or ends: nothing of it may show in the next one.
+            self._reset()
 
     def _line(self, upstream: Upstream, line: str) -> None:
         if upstream.state is not State.STARTING:
@@ -193,26 +200,18 @@ class LoadTracker:
 
     def snapshot(self) -> Progress:
         """
-        Where the current load stands.
+        Where the current load stands; a load requested but not yet under way is ``starting``.
         """
         upstream = self._upstream
-        now = self._clock.seconds()
-        starting = upstream.state is State.STARTING and upstream.started_at is not None
-        elapsed = now - upstream.started_at if starting else 0.0
         expected = self._history.expected(upstream.model.id, self._command)
+        if upstream.state is not State.STARTING or upstream.started_at is None:
+            return Progress("starting", "", None if expected is None else 0.0, 0.0, expected, expected)
+        elapsed = self._clock.seconds() - upstream.started_at
         fraction: float | None = self._fraction if self._seen_stage else None
         if expected is not None and expected > 0:
             by_time = min(0.95, elapsed / expected)
             fraction = by_time if fraction is None else max(fraction, by_time)
-        eta: float | None = None
-        if expected is not None:
-            eta = max(0.0, expected - elapsed)
-        elif fraction is not None and fraction >= 0.1 and elapsed > 0:
-            eta = elapsed * (1 - fraction) / fraction
-        stage = "loading" if (self._seen_stage or upstream.health_status == "loading") else "starting"
-        label = self._label
-        if not label and upstream.health_status == "loading":
-            label = "loading model"
-        return Progress(stage, label, fraction, elapsed, eta, expected)
-
-
+        eta = None if expected is None else max(0.0, expected - elapsed)
+        loading = self._seen_stage or upstream.health_status == "loading"
+        label = self._label or ("loading model" if loading else "")
+        return Progress("loading" if loading else "starting", label, fraction, elapsed, eta, expected)

@@ -5,7 +5,8 @@ Reloading the configuration file: on SIGHUP, and with ``--watch-config`` when th
 The new file is loaded and validated in full before anything changes; a file that fails is logged
 with the same one-line message a failed start shows, and the configuration in force stays. A valid
 one is handed to `Supervisor.reload`, which keeps unchanged models running and lets replaced
-ones finish their requests.
+ones finish their requests. Models the new file preloads (``hooks.on_startup.preload``) that the
+running config did not, or whose process the reload replaced, are then preloaded as at start-up.
 """
 
 from __future__ import annotations
@@ -155,6 +156,7 @@ class ConfigReloader(Service):
             self.rejected += 1
             log.error("config reload rejected, the running config stays in force: {error}", error=str(e))
             return None
+        preloaded = self._supervisor.config.preload
         try:
             result = self._supervisor.reload(config)
         except ShuttingDown:
@@ -171,6 +173,9 @@ class ConfigReloader(Service):
             changed=result.changed,
             removed=result.removed,
             updated=result.updated,
+        )
+        self._supervisor.preload(
+            [model_id for model_id in config.preload if model_id not in preloaded or model_id in result.changed]
         )
         return result
 

@@ -15,7 +15,7 @@ are done (it is "retiring"), and a new process is started only once that one has
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -200,7 +200,7 @@ class Supervisor(Service):
         self._pumping = False
         self._pump_again = False
         self._shutting_down = False
-        self._preload: Deferred[None] | None = None
+        self._preloads: list[Deferred[None]] = []
 
     def _add_upstream(self, model: ModelConfig) -> None:
         upstream = self._upstream_factory(model)
@@ -472,11 +472,25 @@ class Supervisor(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.config.preload:
-            self._preload = Deferred.fromCoroutine(self._run_preload())
+        self.preload(self.config.preload)
 
-    async def _run_preload(self) -> None:
-        for model_id in self.config.preload:
+    def preload(self, model_ids: Sequence[str]) -> None:
+        """
+        Start these models one after another in the background, as ``hooks.on_startup.preload``
+        does at start-up (a reload that adds preloaded models calls it too). A model that fails is
+        logged and skipped.
+        """
+        if model_ids:
+            run = Deferred.fromCoroutine(self._run_preload(tuple(model_ids)))
+            self._preloads.append(run)
+            run.addBoth(self._preload_done, run)
+
+    def _preload_done(self, result: object, run: Deferred[None]) -> object:
+        self._preloads.remove(run)
+        return result
+
+    async def _run_preload(self, model_ids: tuple[str, ...]) -> None:
+        for model_id in model_ids:
             if self._shutting_down:
                 return
             self.log.info("preloading model {model}", model=model_id)
@@ -493,9 +507,9 @@ class Supervisor(Service):
         """
         super().stopService()
         self._shutting_down = True
-        if self._preload is not None and not self._preload.called:
-            self._preload.cancel()
-            self._preload.addErrback(lambda failure: failure.trap(CancelledError))
+        for run in list(self._preloads):
+            run.addErrback(lambda failure: failure.trap(CancelledError))
+            run.cancel()
         for ticket in list(self._queue):
             self._fail_ticket(ticket, ShuttingDown("swapproxy is shutting down"))
         for model_id in list(self._ttl_calls):

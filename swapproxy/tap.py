@@ -3,24 +3,33 @@
 ``twistd swapproxy``: command-line options and the service tree.
 
 This is the only module that touches the global reactor.
+
+What a user reads when something is wrong is one line: a config error or an endpoint that cannot
+be listened on stops twistd with that line and exit status 1 (`Options.postOptions`,
+`Listener`), never a usage text or a traceback. A clean stop on SIGTERM exits 0 (`SwapproxyService`).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import CannotListenError, ReactorNotRunning
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import usage
 
 from swapproxy import __version__
 from swapproxy.config import Config, ConfigError, load_config
-from swapproxy.logs import proxy_logger, set_log_level
+from swapproxy.logs import log_sink, proxy_logger, set_log_level
 
-# The rest of swapproxy is imported by makeService: it imports Twisted's TCP module, which loads
-# pyOpenSSL if it is installed, and Options.postOptions decides first whether that is needed
-# (`leave_out_tls`).
+# The rest of swapproxy, and Twisted's endpoints, are imported by makeService: they import
+# Twisted's TCP module, which loads pyOpenSSL if it is installed, and Options.postOptions decides
+# first whether that is needed (`leave_out_tls`).
 
 DEFAULT_LISTEN = "tcp:8080"
 
@@ -68,12 +77,18 @@ class Options(usage.Options):
         sys.exit(0)
 
     def postOptions(self) -> None:
+        """
+        Load and check the config now, before anything starts.
+
+        :raises SystemExit: with the one line that names the file, the key and the problem (exit
+            status 1; not a usage error, after which twistd prints its whole usage text first).
+        """
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         try:
             self.loaded = load_config(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise SystemExit(str(e)) from None
         leave_out_tls(self["listen"], (model.proxy for model in self.loaded.models.values()))
 
 
@@ -100,6 +115,95 @@ def leave_out_tls(listen: list[str], proxies: Any) -> bool:
     return True
 
 
+def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """
+    The endpoint of one ``--listen``.
+
+    :raises SystemExit: with one line naming it and the problem, when it is not an endpoint.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        return serverFromString(reactor, description)
+    except Exception as e:
+        raise SystemExit(f"--listen {description}: not a usable endpoint: {e}") from None
+
+
+class Listener(StreamServerEndpointService):
+    """
+    One ``--listen`` endpoint; one that cannot be listened on stops twistd with one line naming the
+    endpoint and the cause (exit status 1), before any model starts.
+    """
+
+    def __init__(self, description: str, endpoint: IStreamServerEndpoint, factory: Any) -> None:
+        super().__init__(endpoint, factory)
+        # As strports.service does: a failure to listen is raised by privilegedStartService.
+        self._raiseSynchronously = True
+        self.description = description
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            cause = e.socketError
+            text = getattr(cause, "strerror", None) or str(cause)
+            raise SystemExit(f"cannot listen on {self.description}: {text}") from None
+
+
+class SwapproxyService(MultiService):
+    """
+    The whole of swapproxy: its parts start in order and stop one after another in reverse order,
+    each once the one after it has stopped, so that the log routing (the first part) still holds
+    while the models stop.
+
+    While it runs, SIGTERM stops the reactor as SIGINT does, but twistd then exits with status 0
+    (a clean stop) rather than killing itself with the signal (status 143, which supervisord and
+    systemd count as a failure).
+
+    :param reactor: the reactor twistd runs (``callWhenRunning``, ``callFromThread``, ``stop``).
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._previous_sigterm: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        # After the reactor has installed its own handlers, which it does as it starts running.
+        self._reactor.callWhenRunning(self._take_sigterm)
+
+    def _take_sigterm(self) -> None:
+        if self.running:
+            self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        # Between two bytecodes of whatever the main thread was doing: hand over to the reactor.
+        self._reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        log.info("received SIGTERM: stopping every model, then exiting")
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass  # already stopping
+
+    def stopService(self) -> Deferred[None]:
+        # Service's, not MultiService's: that one would stop every part at the same moment.
+        super(MultiService, self).stopService()
+        return Deferred.fromCoroutine(self._stop_children())
+
+    async def _stop_children(self) -> None:
+        for service in reversed(list(self)):
+            try:
+                await maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("stopping {service!r}", service=service)
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     """
     The swapproxy service: the model supervisor and one HTTP server per ``--listen``.
@@ -107,15 +211,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     The configuration was loaded and checked in `Options.postOptions`, before anything starts.
     Model processes that an earlier swapproxy with the same state directory left behind (it was
     killed with SIGKILL) are stopped here, before anything serves; this blocks for up to
-    ``unloadTimeout`` seconds when there are any.
+    ``unloadTimeout`` seconds when there are any. What is logged here is in ``/logs`` too.
     """
-    from twisted.application import strports
-
     from swapproxy.children import STATE_FILE, ChildRecord
     from swapproxy.logbuffer import LogHistory, LogRouting
     from swapproxy.metrics import Metrics
     from swapproxy.progress import LoadHistory
     from swapproxy.reload import WATCH_INTERVAL, ConfigReloader
+    from swapproxy.requestlog import log_requests
     from swapproxy.statefile import default_state_dir
     from swapproxy.supervisor import Supervisor
     from swapproxy.web.root import build_site
@@ -125,35 +228,42 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         reactor = global_reactor
     config = options.loaded if options.loaded is not None else load_config(options["config"])
+    endpoints = [(description, server_endpoint(reactor, description)) for description in options["listen"]]
     set_log_level(config.log_level)
-    for warning in config.warnings:
-        # Not "warning=": legacy observers (trial's among them) read that key as a Python warning.
-        log.warn("{config_warning}", config_warning=warning)
-    root = MultiService()
-    # First in, last out: the log history and logToStdout apply from the first start to the last
-    # stop. They read the supervisor's config at each event, so that a reload takes effect.
-    logs = LogHistory(lambda: supervisor.config.log_time_format)
-    LogRouting(logs, lambda: supervisor.config.log_to_stdout).setServiceParent(root)
+    root = SwapproxyService(reactor)
     supervisor = Supervisor(config, reactor)
-    supervisor.setServiceParent(root)
-    state_dir = options["state-dir"] or default_state_dir()
-    children = ChildRecord(os.path.join(state_dir, STATE_FILE))
-    children.clean_up(grace=config.unload_timeout)
-    supervisor.each_upstream(children.follow)
-    ConfigReloader(
-        options["config"],
-        supervisor,
-        reactor,
-        watch_interval=WATCH_INTERVAL if options["watch-config"] else None,
-    ).setServiceParent(root)
-    history = LoadHistory(os.path.join(state_dir, "load-times.json"))
-    site = build_site(supervisor, reactor, history, logs=logs, metrics=Metrics(supervisor, reactor))
-    for endpoint in options["listen"]:
-        strports.service(endpoint, site, reactor=reactor).setServiceParent(root)
-    log.info(
-        "swapproxy {version}: {count} models from {source}",
-        version=__version__,
-        count=len(config.models),
-        source=config.source,
-    )
+    # It reads the supervisor's config at each event, so that a reload takes effect.
+    logs = LogHistory(lambda: supervisor.config.log_time_format)
+    with log_sink(logs):
+        for warning in config.warnings:
+            # Not "warning=": legacy observers (trial's among them) read that key as a Python warning.
+            log.warn("{config_warning}", config_warning=warning)
+        # First in, last out: the log history and logToStdout apply from the first start to the
+        # last stop.
+        LogRouting(logs, lambda: supervisor.config.log_to_stdout).setServiceParent(root)
+        supervisor.setServiceParent(root)
+        state_dir = options["state-dir"] or default_state_dir()
+        children = ChildRecord(os.path.join(state_dir, STATE_FILE))
+        children.clean_up(grace=config.unload_timeout)
+        supervisor.each_upstream(children.follow)
+        ConfigReloader(
+            options["config"],
+            supervisor,
+            reactor,
+            watch_interval=WATCH_INTERVAL if options["watch-config"] else None,
+        ).setServiceParent(root)
+        history = LoadHistory(os.path.join(state_dir, "load-times.json"))
+        metrics = Metrics(supervisor, reactor)
+        log_requests(metrics)
+        site = build_site(supervisor, reactor, history, logs=logs, metrics=metrics)
+        for description, endpoint in endpoints:
+            Listener(description, endpoint, site).setServiceParent(root)
+        count = len(config.models)
+        log.info(
+            "swapproxy {version}: {count} {models} from {source}",
+            version=__version__,
+            count=count,
+            models="model" if count == 1 else "models",
+            source=config.source,
+        )
     return root

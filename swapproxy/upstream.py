@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import shutil
 import signal
 import sys
@@ -48,14 +49,32 @@ from swapproxy.relayclient import RelayPool
 #: First delay between health probes, and the most it backs off to.
 FIRST_PROBE_DELAY = 0.02
 MAX_PROBE_DELAY = 0.25
-#: Child output triggers a probe, at most this long after the previous one: a swap waits this
-#: long at worst for a llama-server that printed "model loaded" just after a probe. A loader that
-#: prints without pause is probed this often (a probe costs about half a millisecond of CPU).
+#: A line the child prints brings the next probe forward, to this long after the previous probe
+#: at the soonest: a swap waits about this long for a llama-server that printed "model loaded"
+#: just after a probe.
 MIN_PROBE_INTERVAL = 0.005
+#: Output brings a probe forward at most this many times per window: a child that prints without
+#: pause is probed at most 40 times a second on top of the backoff (a probe costs about half a
+#: millisecond of CPU), while the few lines a server prints as it becomes ready are each followed
+#: by a probe within MIN_PROBE_INTERVAL.
+OUTPUT_PROBE_BURST = 4
+OUTPUT_PROBE_WINDOW = 0.1
 #: How many of the child's last output lines a start error quotes.
 ERROR_TAIL_LINES = 5
 
 _SESSION_SHIM = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
+
+
+def probe_echo(check_endpoint: str) -> re.Pattern[str]:
+    """
+    What a server's log line about one of our health probes looks like: a GET of the health path
+    (``GET /health 127.0.0.1 503``, ``"GET /health HTTP/1.1" 503``, ``GET "/health"``).
+
+    Such a line is no sign that anything changed: it must not bring on another probe (each probe
+    would print a line that asks for the next one) nor count as a sign of life.
+    """
+    path = check_endpoint.split("?", 1)[0]
+    return re.compile(r"\bGET\s+[\"']?" + re.escape(path) + r"(?=[\s\"'?]|$)")
 
 
 def needs_restart(old: ModelConfig, new: ModelConfig) -> bool:
@@ -356,6 +375,13 @@ class Upstream:
         self._probe_request: Deferred[int] | None = None
         self._probe_delay = FIRST_PROBE_DELAY
         self._last_probe_at = 0.0
+        #: Whether the scheduled probe was brought forward by output, and when the last such
+        #: probes went out (at most OUTPUT_PROBE_BURST are remembered).
+        self._probe_call_hastened = False
+        self._hastened_at: deque[float] = deque(maxlen=OUTPUT_PROBE_BURST)
+        #: When the child last printed a line that may mean it is ready (not a probe's echo).
+        self._hint_at: float | None = None
+        self._probe_echo = probe_echo(model.check_endpoint or "/health")
         self._timeout_call: IDelayedCall | None = None
         self._kill_call: IDelayedCall | None = None
         self._descendants: list[psutil.Process] = []
@@ -512,21 +538,37 @@ class Upstream:
             self._became_ready()
             return
         self._probe_delay = FIRST_PROBE_DELAY
+        self._hastened_at.clear()
+        self._hint_at = None
         self._schedule_probe(FIRST_PROBE_DELAY)
         self._arm_start_deadline()
 
-    def _schedule_probe(self, delay: float) -> None:
+    def _schedule_probe(self, delay: float, hastened: bool = False) -> None:
         if self._probe_call is not None and self._probe_call.active():
             if self._probe_call.getTime() <= self._reactor.seconds() + delay:
                 return
             self._probe_call.cancel()
         self._probe_call = self._reactor.callLater(delay, self._probe)
+        self._probe_call_hastened = hastened
+
+    def _hasten_probe(self) -> None:
+        """
+        Probe soon: the child printed something that may mean it is ready. As soon as
+        MIN_PROBE_INTERVAL has passed since the last probe, unless output already brought
+        OUTPUT_PROBE_BURST probes forward within OUTPUT_PROBE_WINDOW.
+        """
+        at = self._last_probe_at + MIN_PROBE_INTERVAL
+        if len(self._hastened_at) == self._hastened_at.maxlen:
+            at = max(at, self._hastened_at[0] + OUTPUT_PROBE_WINDOW)
+        self._schedule_probe(max(0.0, at - self._reactor.seconds()), hastened=True)
 
     def _probe(self) -> None:
         self._probe_call = None
         if self.state is not State.STARTING or self._probe_request is not None:
             return
         self._last_probe_at = self._reactor.seconds()
+        if self._probe_call_hastened:
+            self._hastened_at.append(self._last_probe_at)
         generation = self._generation
         request = self._probe_request = self._health_probe(self)
         request.addBoth(self._probe_done, generation, request)
@@ -563,11 +605,10 @@ class Upstream:
             # The first answer is where the server starts from; a new one is progress.
             self.last_sign_of_life = self._reactor.seconds()
         self._probe_delay = min(self._probe_delay * 2, MAX_PROBE_DELAY)
-        delay = self._probe_delay
-        if self.last_output_at is not None and self.last_output_at > self._last_probe_at:
+        self._schedule_probe(self._probe_delay)
+        if self._hint_at is not None and self._hint_at > self._last_probe_at:
             # The child printed while this probe was out: it may be ready by now.
-            delay = max(0.0, self._last_probe_at + MIN_PROBE_INTERVAL - self._reactor.seconds())
-        self._schedule_probe(delay)
+            self._hasten_probe()
 
     def _became_ready(self) -> None:
         self._cancel_start_timers()
@@ -655,23 +696,27 @@ class Upstream:
 
     def _child_output(self, data: bytes) -> None:
         self.output_bytes += len(data)
-        self.last_output_at = self.last_sign_of_life = self._reactor.seconds()
+        self.last_output_at = self._reactor.seconds()
+        if b"\n" not in data:
+            # Part of a line, such as llama.cpp's loading dots: the load moves on.
+            self.last_sign_of_life = self.last_output_at
         for observer in list(self.output_observers):
             observer(self, data)
-        if self.state is State.STARTING and self.model.check_endpoint is not None:
-            # A child that prints is doing something; it may just have become ready (llama-server
-            # prints "model loaded" as it does). Look now, or once MIN_PROBE_INTERVAL has passed
-            # since the last probe (a probe in flight looks again when it is done), and often
-            # from then on: the backoff starts over.
-            self._probe_delay = FIRST_PROBE_DELAY
-            if self._probe_request is None:
-                self._schedule_probe(max(0.0, self._last_probe_at + MIN_PROBE_INTERVAL - self.last_output_at))
 
     def _child_line(self, stream: str, line: str) -> None:
         self.recent_lines.append(line)
         self._output_log.info("[{model}] {line}", model=self.model.id, line=line, stream=stream)
         for observer in list(self.line_observers):
             observer(self, line)
+        if self.state is not State.STARTING or self.model.check_endpoint is None:
+            return
+        if self._probe_echo.search(line):
+            return  # the server logging our own probe: nothing new
+        # A child that prints is doing something; it may just have become ready (llama-server
+        # prints "model loaded" as it does). A probe in flight looks again when it is done.
+        self._hint_at = self.last_sign_of_life = self._reactor.seconds()
+        if self._probe_request is None:
+            self._hasten_probe()
 
     # -- stop ---------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ It speaks HTTP/1.1 with keep-alive on ``--host:--port`` and answers the endpoint
 forwards: ``/health`` (503 "Loading model" while ``--load-time`` runs, exactly like
 llama-server), ``/v1/models``, ``/props``, the OpenAI, llama.cpp and Anthropic inference routes
 (streaming and not), ``/slow-respond``, and an echo of anything else so a test can see what the
-proxy forwarded. The HTTP layer is a small one on ``socketserver`` with a daemon thread per
+proxy forwarded (an inference answer carries that echo too when asked, with ``fake_echo``). The HTTP layer is a small one on ``socketserver`` with a daemon thread per
 connection: importing ``http.server`` alone would add about 40 ms to every start.
 
 Per-request controls are read from the JSON body, which the proxy forwards unchanged, and from the
@@ -23,6 +23,8 @@ query string when the body is not JSON (a JSON field wins):
                       ``max_tokens`` / ``max_completion_tokens`` / ``n_predict`` /
                       ``max_output_tokens`` cap it
 ``fake_token_delay``  seconds before each token (overrides ``--token-delay``)
+``fake_echo``         add an ``echo`` object (method, path, headers, body received) to a
+                      non-streaming answer; without it answers stay as small as llama-server's
 
 Lines on stderr that tests wait for: ``fake upstream pid=N listening on HOST:PORT`` (not with
 ``--quiet``), ``grandchild pid=N``, ``ignoring SIGTERM``, ``client went away after K chunks``,
@@ -855,7 +857,8 @@ class FakeUpstreamHandler(socketserver.StreamRequestHandler):
 
         return {"status": get("fake_status", int), "delay": get("fake_delay", float),
                 "crash_after": get("fake_crash_after", int), "tokens": get("fake_tokens", int),
-                "token_delay": get("fake_token_delay", float)}
+                "token_delay": get("fake_token_delay", float),
+                "echo": _truthy(request.get("fake_echo", self.query.get("fake_echo", False)))}
 
     def _tokens(self, request: dict[str, Any], requested: int | None) -> list[str]:
         settings = self.server.settings
@@ -916,7 +919,8 @@ class FakeUpstreamHandler(socketserver.StreamRequestHandler):
             status, answer = answer
         else:
             status = 200
-        answer["echo"] = self._echo()
+        if controls["echo"]:
+            answer["echo"] = self._echo()
         self._send_json(status, answer)
 
     def _answer_chat(self, request: dict[str, Any], model: str, text: str, prompt_n: int, n: int,

@@ -28,7 +28,7 @@ BUILD_LLAMA_SERVER = os.path.join(SCRIPTS, "build_llama_server.sh")
 #: What to do when no llama-server is found.
 HOW_TO_GET_ONE = (
     "no llama-server found: set LLAMA_SERVER, put llama-server on PATH, or build one into the "
-    "cache with `make llama-server` (scripts/build_llama_server.sh, about 11 minutes)"
+    "cache with `make llama-server` (scripts/build_llama_server.sh, about 5 minutes)"
 )
 
 #: Flags every llama-server of the tests runs with: loopback only, a small context, CPU only.

@@ -150,11 +150,26 @@ class FakeUpstreamTests(TestCase):
         self.assertEqual((chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens), (3, 5))
         self.assertEqual({c.model for c in chunks}, {"qwen"})
 
-    async def test_non_streaming_chat_echoes_the_request(self) -> None:
-        """The answer carries the model asked for, max_tokens applied, and what the fake received."""
+    async def test_non_streaming_chat_is_small(self) -> None:
+        """A plain answer is as small as llama-server's: no echo of the request, which the demo shows."""
         process, url = self.spawn()
         await process.wait_for(b"listening on")
-        body = json.dumps({"model": "alias-1", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+        response = await self.http().post(url + "/v1/chat/completions", headers={"X-Test": "yes"},
+                                          json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+        raw = await response.content()
+        self.assertEqual(sorted(json.loads(raw)), ["choices", "created", "id", "model", "object",
+                                                   "system_fingerprint", "timings", "usage"])
+        self.assertLess(len(raw), 800)
+
+    async def test_non_streaming_chat_echoes_the_request(self) -> None:
+        """
+        The answer carries the model asked for, max_tokens applied, and, with ``fake_echo``,
+        what the fake received.
+        """
+        process, url = self.spawn()
+        await process.wait_for(b"listening on")
+        body = json.dumps({"model": "alias-1", "max_tokens": 3, "fake_echo": True,
+                           "messages": [{"role": "user", "content": "hi"}]})
 
         response = await self.http().post(url + "/v1/chat/completions", data=body.encode(),
                                           headers={"X-Test": "yes", "Content-Type": "application/json"})

@@ -5,6 +5,7 @@ the C{/logs} endpoints.
 
 from __future__ import annotations
 
+import re
 import textwrap
 import time
 from datetime import timezone
@@ -18,9 +19,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
-from swapproxy import tap
+from swapproxy import __version__, tap
 from swapproxy.logbuffer import LogHistory, LogRouting, LogStream, timestamp_formatter
 from swapproxy.logs import proxy_logger, set_log_level, upstream_logger
+from swapproxy.requestlog import log_request
 from swapproxy.web.live import LiveWriter, dropped_log_marker
 from tests.test_tap import GOOD, ConfigFileMixin
 from tests.test_web import Harness, header
@@ -179,7 +181,7 @@ class TimestampTests(SynchronousTestCase):
         warnings = capture_global(self)
         history = LogHistory("yesterday")
         for _ in range(3):
-            history.log_event("proxy", {"log_format": "hello", "log_level": LogLevel.info, "log_time": WHEN}, True)
+            history.log_event("proxy", {"log_format": "hello", "log_level": LogLevel.info, "log_time": WHEN})
         self.assertEqual(history.proxy.history(), b"[INFO] hello\n" * 3)
         self.assertEqual(len([e for e in warnings if "yesterday" in str(e.get("problem"))]), 1)
 
@@ -198,14 +200,11 @@ class LogHistoryTests(SynchronousTestCase):
         history.log_event(
             "proxy",
             {"log_format": "model {model} ready", "model": "qwen", "log_level": LogLevel.info, "log_time": WHEN},
-            True,
         )
-        history.log_event("proxy", {"log_format": "careful", "log_level": LogLevel.warn, "log_time": WHEN}, False)
-        self.assertEqual(
-            history.proxy.history(),
-            b"2023-11-14T22:13:20Z [INFO] model qwen ready\n2023-11-14T22:13:20Z [WARN] careful\n",
-        )
-        self.assertEqual(history.combined.history(), b"2023-11-14T22:13:20Z [INFO] model qwen ready\n")
+        history.log_event("proxy", {"log_format": "careful", "log_level": LogLevel.warn, "log_time": WHEN})
+        lines = b"2023-11-14T22:13:20Z [INFO] model qwen ready\n2023-11-14T22:13:20Z [WARN] careful\n"
+        self.assertEqual(history.proxy.history(), lines)
+        self.assertEqual(history.combined.history(), lines)
         self.assertEqual(history.model("qwen").history(), b"2023-11-14T22:13:20Z [INFO] model qwen ready\n")
         self.assertEqual(history.upstream.history(), b"")
 
@@ -216,7 +215,7 @@ class LogHistoryTests(SynchronousTestCase):
         except ZeroDivisionError:
             failure = Failure()
         history.log_event(
-            "proxy", {"log_format": "while doing it", "log_level": LogLevel.critical, "log_failure": failure}, True
+            "proxy", {"log_format": "while doing it", "log_level": LogLevel.critical, "log_failure": failure}
         )
         text = history.proxy.history().decode()
         self.assertTrue(text.startswith("[CRITICAL] while doing it\nTraceback"), text)
@@ -224,15 +223,15 @@ class LogHistoryTests(SynchronousTestCase):
 
     def test_upstream_lines(self) -> None:
         """
-        A model's output line is ``[model] line`` in the upstream history and the line alone in
-        the model's own.
+        A model's output line is ``[model] line`` in the upstream and combined histories and the
+        line alone in the model's own.
         """
         history = LogHistory()
         event = {"log_format": "[{model}] {line}", "model": "llama", "line": "loading 50%", "log_time": WHEN}
-        history.log_event("upstream", event, False)
+        history.log_event("upstream", event)
         self.assertEqual(history.upstream.history(), b"[llama] loading 50%\n")
         self.assertEqual(history.model("llama").history(), b"loading 50%\n")
-        self.assertEqual(history.combined.history(), b"")
+        self.assertEqual(history.combined.history(), b"[llama] loading 50%\n")
         self.assertEqual(history.proxy.history(), b"")
 
     def test_time_format_follows_config(self) -> None:
@@ -242,15 +241,16 @@ class LogHistoryTests(SynchronousTestCase):
         current = {"format": ""}
         history = LogHistory(lambda: current["format"], tz=timezone.utc)
         event = {"log_format": "x", "log_level": LogLevel.info, "log_time": WHEN}
-        history.log_event("proxy", event, False)
+        history.log_event("proxy", event)
         current["format"] = "kitchen"
-        history.log_event("proxy", event, False)
+        history.log_event("proxy", event)
         self.assertEqual(history.proxy.history(), b"[INFO] x\n10:13PM [INFO] x\n")
 
 
 class LogRoutingTests(SynchronousTestCase):
     """
-    ``logToStdout`` decides what reaches twistd's log and the combined history, as in llama-swap.
+    ``logToStdout`` decides what reaches twistd's log; the histories behind ``/logs`` keep
+    everything, as llama-swap's do.
     """
 
     def setUp(self) -> None:
@@ -275,10 +275,8 @@ class LogRoutingTests(SynchronousTestCase):
         history = routed(self, log_to_stdout)
         self.emit()
         self.assertEqual(self.sources(events), expected, log_to_stdout)
-        combined = history.combined.history()
-        self.assertEqual(b"a proxy message" in combined, "proxy" in expected)
-        self.assertEqual(b"a model line" in combined, "upstream" in expected)
-        # Whatever the setting, the separate histories have everything.
+        # Whatever the setting, the histories have everything, each line tagged.
+        self.assertEqual(history.combined.history(), b"[INFO] a proxy message\n[llama] a model line\n")
         self.assertIn(b"[INFO] a proxy message\n", history.proxy.history())
         self.assertIn(b"[llama] a model line\n", history.upstream.history())
         self.assertEqual(history.model("llama").history(), b"a model line\n")
@@ -307,7 +305,6 @@ class LogRoutingTests(SynchronousTestCase):
             self.proxy_log.failure("it broke")
         self.assertEqual([e["log_format"] for e in events if "log_failure" in e], ["it broke"])
         self.assertIn(b"ValueError: kaput", history.proxy.history())
-        self.assertEqual(history.combined.history(), b"")
         self.flushLoggedErrors(ValueError)
 
     def test_log_level_applies_to_the_history(self) -> None:
@@ -353,7 +350,7 @@ class LogRoutingTests(SynchronousTestCase):
         """
 
         class Broken:
-            def log_event(self, source: str, event: LogEvent, combined: bool) -> None:
+            def log_event(self, source: str, event: LogEvent) -> None:
                 raise RuntimeError("sink down")
 
         events = capture_global(self)
@@ -528,13 +525,17 @@ class LogEndpointTests(SynchronousTestCase):
         return client
 
     def test_logs_returns_the_combined_history(self) -> None:
+        """
+        ``/logs`` has swapproxy's messages and the models' output, each tagged, although
+        ``logToStdout: proxy`` keeps the models' output off stdout.
+        """
         self.log.info("first")
-        self.model_log.info("[{model}] {line}", model="llama", line="not in the combined log")
+        self.model_log.info("[{model}] {line}", model="llama", line="a model line")
         self.log.warn("second")
         response, body = self.h.call("GET", "/logs")
         self.assertEqual(response.code, 200)
         self.assertEqual(header(response, b"content-type"), [b"text/plain; charset=utf-8"])
-        self.assertEqual(body, b"[INFO] first\n[WARN] second\n")
+        self.assertEqual(body, b"[INFO] first\n[llama] a model line\n[WARN] second\n")
 
     def test_stream_history_then_live(self) -> None:
         """
@@ -622,29 +623,31 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
     ``logTimeFormat``, from its start to its stop.
     """
 
-    def test_make_service_routes_and_serves_logs(self) -> None:
+    def start(self, config: str) -> tuple[MemoryReactorClock, Any]:
+        """
+        ``twistd swapproxy -c config -l tcp:9001`` built on a memory reactor, and started.
+        """
         self.addCleanup(set_log_level, "info")
-        config = self.write_config(GOOD + '    logToStdout: upstream\n    logTimeFormat: "%Y"\n')
         options = tap.Options()
         options.parseOptions(["-c", config, "--state-dir", self.mktemp(), "-l", "tcp:9001"])
         reactor = MemoryReactorClock()
         service = tap.makeService(options, reactor)
-        events = capture_global(self)
         service.startService()
+        return reactor, service
+
+    def test_make_service_routes_and_serves_logs(self) -> None:
+        events = capture_global(self)
+        reactor, service = self.start(
+            self.write_config(GOOD + '    logToStdout: upstream\n    logTimeFormat: "%Y"\n'))
         try:
             proxy_logger("tests.logbuffer").info("a proxy line")
             upstream_logger("qwen").info("[{model}] {line}", model="qwen", line="a model line")
             self.assertEqual([e.get("line") for e in events if e.get("log_namespace") == "upstream.qwen"],
                              ["a model line"])
             self.assertNotIn("tests.logbuffer", [e.get("log_namespace") for e in events])
-            _, factory, _, _ = reactor.tcpServers[0]
             year = time.strftime("%Y").encode()
             for path, expected in ((b"/logs", year + b" [qwen] a model line\n"), (b"/metrics", b"swapproxy_model_state")):
-                protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-                transport = StringTransport()
-                protocol.makeConnection(transport)
-                protocol.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
-                response = transport.value()
+                response = self.get(reactor, b"GET", path)
                 self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response)
                 self.assertIn(expected, response)
         finally:
@@ -654,3 +657,64 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         del events[:]
         proxy_logger("tests.logbuffer").info("after")
         self.assertIn("tests.logbuffer", [e.get("log_namespace") for e in events])
+
+    def get(self, reactor: MemoryReactorClock, method: bytes, path: bytes, body: bytes = b"") -> bytes:
+        """
+        The raw response to one request to the first ``--listen`` of a service started on ``reactor``.
+        """
+        _, factory, _, _ = reactor.tcpServers[0]
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        head = b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n" % (method, path, len(body))
+        protocol.dataReceived(head + b"Content-Type: application/json\r\n\r\n" + body)
+        return transport.value()
+
+    def test_start_up_messages_and_requests_are_in_the_log(self) -> None:
+        """
+        ``/logs`` begins with what was logged while the service was built (the config's
+        warnings, the start-up line), and has a line for each model request as it ends.
+        """
+        config = self.write_config(GOOD + "    newerFeature: true\n")
+        reactor, service = self.start(config)
+        self.addCleanup(service.stopService)
+        self.assertIn(b"HTTP/1.1 404 ", self.get(reactor, b"POST", b"/v1/chat/completions", b'{"model": "nope"}'))
+        log = self.get(reactor, b"GET", b"/logs").partition(b"\r\n\r\n")[2].decode()
+        lines = [line.partition(" [")[2] for line in log.splitlines()]
+        self.assertEqual(lines[0], f"WARN] {config}: unsupported keys ignored: newerFeature")
+        self.assertEqual(lines[1], f"INFO] swapproxy {__version__}: 2 models from {config}")
+        self.assertIn("INFO] /v1/chat/completions (no model): 404 in 0 ms", lines)
+
+    def test_timestamps_by_default(self) -> None:
+        """
+        Without ``logTimeFormat`` each line of ``/logs`` starts with the local date and time;
+        ``logTimeFormat: ""`` turns them off.
+        """
+        for extra, stamped in (("", True), ('    logTimeFormat: ""\n', False)):
+            reactor, service = self.start(self.write_config(GOOD + extra))
+            log = self.get(reactor, b"GET", b"/logs").partition(b"\r\n\r\n")[2].decode()
+            self.successResultOf(service.stopService())
+            first = log.splitlines()[0]
+            self.assertEqual(bool(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[INFO\] swapproxy ", first)), stamped,
+                             first)
+            self.assertEqual(first.startswith("[INFO] swapproxy "), not stamped, first)
+
+
+class RequestLogTests(SynchronousTestCase):
+    """
+    The line each finished model request adds to the log.
+    """
+
+    def test_line_names_model_route_status_and_durations(self) -> None:
+        """
+        The line says the route, the model, the status and how long the request took; it is in
+        the model's own log too. A client that hung up first is said to have.
+        """
+        history = routed(self, "proxy")
+        log_request({"model": "qwen", "route": "/v1/chat/completions", "status": 200, "duration_ms": 1234,
+                     "ttfb_ms": 1200})
+        log_request({"model": "qwen", "route": "/upstream", "status": 499, "duration_ms": 80, "ttfb_ms": None})
+        expected = (b"[INFO] /v1/chat/completions qwen: 200 in 1234 ms (first byte after 1200 ms)\n"
+                    b"[INFO] /upstream qwen: 499 (the client hung up) in 80 ms\n")
+        self.assertEqual(history.combined.history(), expected)
+        self.assertEqual(history.model("qwen").history(), expected)

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy.config import ModelConfig, parse_config
 from swapproxy.progress import HISTORY_LENGTH, LoadHistory, LoadTracker, Progress
-from swapproxy.upstream import State
+from swapproxy.supervisor import Supervisor
+from swapproxy.upstream import State, Upstream
+from tests.fakes import ProcessReactor
 
 COMMAND = "llama-server --port 5800 -m /models/qwen.gguf"
 
@@ -174,13 +178,31 @@ class StageLineTests(TrackerTestCase):
         """
         self.upstream.start()
         self.upstream.emit(METADATA_LINES + TENSOR_LINES)
+        self.assertEqual(self.snapshot().fraction, 0.10)
         self.upstream.ready()
         self.upstream.emit(CONTEXT_LINES + "." * 40 + "\n")
-        self.assertEqual(self.snapshot().fraction, 0.10)
         self.upstream.stop()
         self.upstream.start()
         self.assertEqual(self.snapshot().fraction, None)
         self.assertEqual(self.snapshot().stage, "starting")
+
+    def test_a_requested_load_shows_nothing_of_the_previous_one(self) -> None:
+        """
+        Between the request that starts a model and the start itself (put off until the reactor has flushed the loading stream's first bytes),
+        the model is still stopped: the tracker says "starting", with last time's duration, and
+        never where the previous load ended (it said 98%, then dropped back to 0%).
+        """
+        self.upstream.start()
+        self.clock.advance(5.3)
+        self.upstream.emit(METADATA_LINES + LOADER_LINES + TENSOR_LINES + CONTEXT_LINES + LOADED_LINES
+                           + LISTENING_LINES)
+        self.assertEqual(self.snapshot().fraction, 0.98)
+        self.upstream.ready()
+        self.upstream.stop()
+
+        progress = self.snapshot()
+        self.assertEqual((progress.stage, progress.label, progress.fraction), ("starting", "", 0.0))
+        self.assertEqual((progress.expected, progress.eta, progress.elapsed), (5.3, 5.3, 0.0))
 
     def test_health_answer_loading_without_lines(self) -> None:
         """
@@ -306,28 +328,22 @@ class EstimateTests(TrackerTestCase):
         progress = self.snapshot()
         self.assertEqual((progress.fraction, progress.eta), (0.95, 0.0))
 
-    def test_eta_from_the_fraction_without_history(self) -> None:
+    def test_no_estimate_without_history(self) -> None:
         """
-        Without history, the estimate extrapolates the fraction: half of the weights after
-        4.75 s leaves 5.25 s at the same pace.
-        """
-        self.upstream.start()
-        self.upstream.emit(METADATA_LINES + TENSOR_LINES)
-        self.clock.advance(4.75)
-        self.upstream.emit("." * 50)
-        progress = self.snapshot()
-        self.assertAlmostEqual(progress.fraction, 0.475)
-        self.assertAlmostEqual(progress.eta, 4.75 * (1 - 0.475) / 0.475)
-
-    def test_no_eta_from_a_tiny_fraction(self) -> None:
-        """
-        Below 10% the extrapolation would be wild, so no estimate is shown.
+        A model's first load has no estimate of the time left, however far its stages have got:
+        the stages of llama-server take very different times, so any extrapolation is invented
+        (half of the weights after 4.75 s said 5.25 s left; the load took 5 s in all).
         """
         self.upstream.start()
         self.upstream.emit(METADATA_LINES)
         self.clock.advance(1)
-        self.assertEqual(self.snapshot().fraction, 0.03)
-        self.assertIsNone(self.snapshot().eta)
+        self.assertEqual((self.snapshot().fraction, self.snapshot().eta), (0.03, None))
+        self.upstream.emit(TENSOR_LINES)
+        self.clock.advance(3.75)
+        self.upstream.emit("." * 50)
+        progress = self.snapshot()
+        self.assertAlmostEqual(progress.fraction, 0.475)
+        self.assertIsNone(progress.eta)
 
 
 class RecordingTests(TrackerTestCase):
@@ -364,6 +380,70 @@ class RecordingTests(TrackerTestCase):
         self.assertEqual(progress.expected, 8.0)
         self.assertAlmostEqual(progress.eta, 6.0)
         self.assertAlmostEqual(progress.fraction, 0.25)
+
+
+class SecondLoadTests(SynchronousTestCase):
+    """
+    What the loading stream reads from the tracker through a whole second load of a model, with
+    the real `Supervisor` and `Upstream` (fake child processes) and the production deferred start.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = ProcessReactor().install(self)
+        self.reactor.advance(1_700_000_000)
+        self.health = 503
+        text = f"models:\n  qwen:\n    cmd: {sys.executable} -m llama_server --port ${{PORT}}\n"
+        config = parse_config(text, "test.yaml", {})
+
+        def factory(model: ModelConfig) -> Upstream:
+            return Upstream(model, self.reactor, 120, environ={"PATH": os.environ.get("PATH", os.defpath)},
+                            health_probe=lambda upstream: succeed(self.health))
+
+        self.supervisor = Supervisor(config, self.reactor, upstream_factory=factory)
+        self.tracker = LoadTracker(self.supervisor.upstreams["qwen"], self.reactor, LoadHistory(None))
+
+    def load(self, seconds: float, seen: list[Progress]) -> Deferred[object]:
+        """
+        Request qwen as a loading stream does, and take it through a llama-server load of
+        ``seconds``, keeping a snapshot after each step (the first before any time passes).
+        """
+        self.health = 503
+        ticket = self.supervisor.request("qwen", defer_start=True)
+        seen.append(self.tracker.snapshot())
+        # The deferred start waits for the reactor's next round of I/O: two turns.
+        self.reactor.advance(0)
+        self.reactor.advance(0)
+        child = self.reactor.spawned[-1]
+        for text in (METADATA_LINES, LOADER_LINES, TENSOR_LINES, "." * 50, "." * 50 + "\n", CONTEXT_LINES,
+                     WARMUP_LINES, LOADED_LINES + LISTENING_LINES):
+            self.reactor.advance(seconds / 10)
+            child.output(text.encode(), fd=2)
+            seen.append(self.tracker.snapshot())
+        self.health = 200
+        self.reactor.advance(seconds / 10)
+        return ticket.wait()
+
+    def test_first_event_of_the_next_load_is_not_the_end_of_the_last(self) -> None:
+        """
+        After a load that reached 98%, the next load's first snapshot, taken before the deferred
+        start, says "starting" at 0% with last time's duration; from there the fraction only
+        grows.
+        """
+        first: list[Progress] = []
+        self.successResultOf(self.load(5.0, first)).release()
+        self.assertEqual(first[-1].fraction, 0.98)
+        self.supervisor.unload("qwen")
+        self.reactor.spawned[-1].exit(0)
+
+        second: list[Progress] = []
+        self.successResultOf(self.load(5.0, second)).release()
+        self.assertEqual((second[0].stage, second[0].fraction, second[0].elapsed), ("starting", 0.0, 0.0))
+        # The first load took 9 steps of 0.5 s from its spawn to its ready answer.
+        self.assertAlmostEqual(second[0].expected, 4.5, places=3)
+        self.assertEqual(second[0].eta, second[0].expected)
+        fractions = [progress.fraction for progress in second]
+        self.assertEqual(fractions, sorted(fractions))
+        self.assertEqual(fractions[-1], 0.98)
 
 
 class LoadHistoryTests(SynchronousTestCase):

@@ -129,6 +129,40 @@ class ReloaderTests(SynchronousTestCase):
         (done,) = [e for e in events if e.get("log_format", "").startswith("config reloaded")]
         self.assertEqual(done["summary"], "added: c; replaced: b; unchanged: 1")
 
+    def test_reload_preloads_what_it_adds_to_preload(self) -> None:
+        """
+        ``hooks.on_startup.preload`` runs again for the models a reload adds to it (a new model,
+        a model newly listed) and for a preloaded model whose process it replaced; a model that
+        was preloaded and is unchanged is left as it is (here: unloaded meanwhile).
+        """
+        preloads = lambda *ids: f"    hooks:\n      on_startup:\n        preload: [{', '.join(ids)}]\n"  # noqa: E731
+        self.write(GOOD + preloads("a"))
+        self.supervisor = Supervisor(load_config(self.path), self.clock, upstream_factory=self.ups)
+        self.supervisor.startService()
+        self.addCleanup(self.supervisor.stopService)
+        self.ups["a"].become_ready()
+        self.supervisor.unload("a")
+        self.ups["a"].exited()
+        reloader = self.make()
+
+        self.write(CHANGED + preloads("a", "b", "c"))
+        reloader.reload("test")
+        # One model at a time (the default group swaps): b loads, then makes room for c.
+        self.assertEqual((self.ups["a"].start_count, self.ups["b"].start_count), (1, 1))
+        self.ups["b"].become_ready()
+        self.ups["b"].exited()
+        self.ups["c"].become_ready()
+        self.assertEqual(self.ups.running(), ["c"])
+        self.assertEqual(self.ups["a"].start_count, 1)
+
+        self.write(CHANGED.replace("b-v2", "b-v3") + preloads("a", "b", "c"))
+        reloader.reload("test")
+        self.ups["c"].exited()
+        self.assertEqual(self.ups["b"].start_count, 1, "the new process of b")
+        self.ups["b"].become_ready()
+        self.assertEqual(self.ups.running(), ["b"])
+        self.assertEqual((self.ups["a"].start_count, self.ups["c"].start_count), (1, 1))
+
     def test_invalid_file_is_rejected_and_old_config_stays(self) -> None:
         """
         A file that fails validation is rejected with the same one-line message as at start-up,

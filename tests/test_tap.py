@@ -12,14 +12,15 @@ import socket
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import IService, IServiceMaker, MultiService
+from twisted.application.service import IService, IServiceMaker, MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.plugin import getPlugins
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy import __version__, tap
@@ -87,22 +88,23 @@ class OptionsTests(ConfigFileMixin, SynchronousTestCase):
 
     def test_bad_config(self) -> None:
         """
-        A config error is a usage error naming the file, the key path and the problem.
+        A config error ends the program with one line naming the file, the key path and the
+        problem (Python prints a string exit code on stderr and exits 1).
         """
         path = self.write_config(BAD)
-        with self.assertRaises(usage.UsageError) as raised:
+        with self.assertRaises(SystemExit) as raised:
             tap.Options().parseOptions(["-c", path])
-        self.assertEqual(str(raised.exception), f'{path}: models.qwen.ttl: must be an integer >= 0, got "ten"')
+        self.assertEqual(raised.exception.code, f'{path}: models.qwen.ttl: must be an integer >= 0, got "ten"')
 
     def test_missing_config(self) -> None:
         """
-        A config file that does not exist is a usage error naming it.
+        A config file that does not exist ends the program with one line naming it.
         """
         path = os.path.abspath(os.path.join(self.mktemp(), "nope.yaml"))
-        with self.assertRaises(usage.UsageError) as raised:
+        with self.assertRaises(SystemExit) as raised:
             tap.Options().parseOptions(["--config", path])
-        self.assertIn(path, str(raised.exception))
-        self.assertIn("cannot read", str(raised.exception))
+        self.assertIn(path, raised.exception.code)
+        self.assertIn("cannot read", raised.exception.code)
 
     def test_version(self) -> None:
         """
@@ -192,6 +194,17 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
         warnings = [e for e in events if e.get("log_level") == LogLevel.warn and "newerFeature" in str(e)]
         self.assertEqual(len(warnings), 1)
 
+    def test_start_up_line_counts_models(self) -> None:
+        """
+        The start-up line says how many models there are, in words that fit the number.
+        """
+        one = "models:\n  qwen:\n    cmd: llama-server --port ${PORT}\n"
+        for text, expected in ((one, "1 model from"), (GOOD, "2 models from")):
+            with capturedLogs() as events:
+                self.make(text)
+            (line,) = [formatEvent(e) for e in events if e.get("log_namespace") == "swapproxy.tap"]
+            self.assertIn(expected, line)
+
     def test_watch_config(self) -> None:
         """
         --watch-config checks the config file every 2 s while the service runs; without it
@@ -218,6 +231,104 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
         with open(os.path.join(self.state_dir, "children.json"), encoding="utf-8") as f:
             state = json.load(f)
         self.assertEqual((state["owner"]["pid"], state["children"]), (os.getpid(), []))
+
+
+class ThreadedMemoryReactor(MemoryReactorClock):
+    """
+    A memory reactor that also takes calls "from a thread" (a signal handler), on its clock.
+    """
+
+    def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
+        self.callLater(0, f, *args, **kwargs)
+
+    def run_hooks(self) -> None:
+        """
+        Run what was given to ``callWhenRunning``, as the reactor does once it runs.
+        """
+        self.running = True
+        for f, args, kwargs in self.whenRunningHooks:
+            f(*args, **kwargs)
+
+
+class Part(Service):
+    """
+    A part of the service tree that records when it is told to stop; the test ends the stop.
+    """
+
+    def __init__(self, name: str, stops: list[str]) -> None:
+        self.name = name
+        self._stops = stops
+        self.stopped: Deferred[None] = Deferred()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._stops.append(self.name)
+        return self.stopped
+
+
+class SwapproxyServiceTests(SynchronousTestCase):
+    """
+    The root of the service tree: stop order and SIGTERM.
+    """
+
+    def test_parts_stop_one_after_another_in_reverse_order(self) -> None:
+        """
+        The last part stops first, and each part only once the one after it has stopped: the
+        log routing (the first part) holds until the models (the supervisor) are gone.
+        """
+        stops: list[str] = []
+        root = tap.SwapproxyService(ThreadedMemoryReactor())
+        parts = [Part(name, stops) for name in ("logs", "supervisor", "listener")]
+        for part in parts:
+            part.setServiceParent(root)
+        root.startService()
+        stopped = root.stopService()
+        self.assertEqual(stops, ["listener"])
+        parts[2].stopped.callback(None)
+        self.assertEqual(stops, ["listener", "supervisor"])
+        self.assertNoResult(stopped)
+        parts[1].stopped.callback(None)
+        self.assertEqual(stops, ["listener", "supervisor", "logs"])
+        parts[0].stopped.callback(None)
+        self.successResultOf(stopped)
+
+    def test_a_part_that_fails_to_stop_does_not_keep_the_others_running(self) -> None:
+        stops: list[str] = []
+        root = tap.SwapproxyService(ThreadedMemoryReactor())
+        first, second = Part("first", stops), Part("second", stops)
+        first.setServiceParent(root)
+        second.setServiceParent(root)
+        root.startService()
+        stopped = root.stopService()
+        second.stopped.errback(RuntimeError("stuck"))
+        first.stopped.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(stops, ["second", "first"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_sigterm_stops_the_reactor_and_is_given_back(self) -> None:
+        """
+        Once the reactor runs, SIGTERM stops it through swapproxy's own handler (so that twistd
+        exits 0 rather than with the signal); after the stop the previous handler is back.
+        """
+        before = signal.getsignal(signal.SIGTERM)
+        reactor = ThreadedMemoryReactor()
+        root = tap.SwapproxyService(reactor)
+        root.startService()
+        self.assertIs(signal.getsignal(signal.SIGTERM), before, "not before the reactor runs")
+        reactor.run_hooks()
+        handler = signal.getsignal(signal.SIGTERM)
+        self.assertIsNot(handler, before)
+        assert callable(handler)
+        with capturedLogs() as events:
+            handler(signal.SIGTERM, None)
+            reactor.advance(0)
+            handler(signal.SIGTERM, None)  # a second one while stopping changes nothing
+            reactor.advance(0)
+        self.assertTrue(reactor.hasStopped)
+        self.assertEqual(len([e for e in events if "received SIGTERM" in e.get("log_format", "")]), 2)
+        self.successResultOf(root.stopService())
+        self.assertIs(signal.getsignal(signal.SIGTERM), before)
 
 
 class PluginTests(SynchronousTestCase):
@@ -251,8 +362,8 @@ class TwistdTests(ConfigFileMixin, SynchronousTestCase):
 
     def test_bad_config_stops_startup(self) -> None:
         """
-        A bad config makes twistd exit non-zero with the config error, before it binds the port:
-        with the port already taken, nothing complains about it.
+        A bad config makes twistd exit 1 with the config error as its only output (no usage
+        text), before it binds the port: with the port already taken, nothing complains about it.
         """
         path = self.write_config(BAD)
         with socket.socket() as taken:
@@ -260,12 +371,38 @@ class TwistdTests(ConfigFileMixin, SynchronousTestCase):
             taken.listen(1)
             port = taken.getsockname()[1]
             result = self.twistd("-n", "--pidfile=", "swapproxy", "-c", path, "-l", f"tcp:{port}:interface=127.0.0.1")
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(result.stderr, f'{path}: models.qwen.ttl: must be an integer >= 0, got "ten"\n')
+
+    def test_port_in_use(self) -> None:
+        """
+        An address already in use stops twistd with exit status 1 and one line that names the
+        endpoint and the cause, not a traceback.
+        """
+        path = self.write_config(GOOD)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            endpoint = f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"
+            result = self.twistd("-n", "--pidfile=", "swapproxy", "-c", path, "-l", endpoint)
         output = result.stdout + result.stderr
-        self.assertNotEqual(result.returncode, 0, output)
-        self.assertIn(f'{path}: models.qwen.ttl: must be an integer >= 0, got "ten"', output)
-        self.assertNotIn("Address already in use", output)
-        self.assertNotIn("starting on", output)
+        self.assertEqual(result.returncode, 1, output)
+        # twistd has started logging by then, and logs what is written on stderr.
+        errors = [line for line in output.splitlines() if "error]" in line]
+        self.assertEqual(len(errors), 1, output)
+        self.assertTrue(errors[0].endswith(f" cannot listen on {endpoint}: Address already in use"), output)
         self.assertNotIn("Traceback", output)
+        self.assertNotIn("starting model", output)
+
+    def test_unusable_endpoint(self) -> None:
+        """
+        A ``--listen`` that is no endpoint is named in one line, exit status 1.
+        """
+        result = self.twistd("-n", "--pidfile=", "swapproxy", "-c", self.write_config(GOOD), "-l", "tcp:eighty")
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertEqual(result.stderr.splitlines(), ["--listen tcp:eighty: not a usable endpoint: "
+                                                      "invalid literal for int() with base 10: 'eighty'"])
 
     def test_version(self) -> None:
         """

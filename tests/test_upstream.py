@@ -24,7 +24,18 @@ from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from swapproxy.config import ModelConfig, parse_config
-from swapproxy.upstream import MIN_PROBE_INTERVAL, StartError, State, Upstream, make_http_client, needs_restart
+from swapproxy.upstream import (
+    MAX_PROBE_DELAY,
+    MIN_PROBE_INTERVAL,
+    OUTPUT_PROBE_BURST,
+    OUTPUT_PROBE_WINDOW,
+    StartError,
+    State,
+    Upstream,
+    make_http_client,
+    needs_restart,
+    probe_echo,
+)
 from tests.fakes import ProcessReactor
 from tests.helpers import FAKE_UPSTREAM, alive, free_port, process_pipes_open, wait_until
 
@@ -998,21 +1009,105 @@ class ProbeOnOutputTests(UpstreamTestMixin, SynchronousTestCase):
         self.probe.pending_calls[1].callback(200)
         self.assertIsNone(self.successResultOf(d))
 
-    def test_chatty_child_is_not_probed_more_often_than_the_interval(self) -> None:
+    def test_chatty_child_is_probed_a_bounded_number_of_times(self) -> None:
         """
-        A child that prints a line every millisecond is probed at most once per
-        MIN_PROBE_INTERVAL.
+        A child that prints a line every millisecond for 10 s is probed at most
+        OUTPUT_PROBE_BURST times per OUTPUT_PROBE_WINDOW on top of the backoff (40 times a
+        second, not the 200 of one probe per MIN_PROBE_INTERVAL), never two probes closer than
+        MIN_PROBE_INTERVAL; and it is still seen ready within MIN_PROBE_INTERVAL of a line.
+        """
+        upstream = self.make_upstream()
+        d = upstream.start()
+        process = self.reactor.spawned[0]
+        for _ in range(10_000):
+            process.output(b"llama_model_loader: - tensor\n", fd=2)
+            self.reactor.advance(0.001)
+        gaps = [b - a for a, b in zip(self.probe.calls, self.probe.calls[1:])]
+        self.assertGreaterEqual(min(gaps), MIN_PROBE_INTERVAL - 1e-9)
+        backoff = 10 / MAX_PROBE_DELAY + 5
+        self.assertLessEqual(len(self.probe.calls), 10 / OUTPUT_PROBE_WINDOW * OUTPUT_PROBE_BURST + backoff)
+        self.assertGreater(len(self.probe.calls), backoff, "output brings probes forward")
+
+        run_clock(self.reactor, self.reactor.seconds() + OUTPUT_PROBE_WINDOW)
+        printed_at = self.reactor.seconds()
+        self.probe.healthy_at = printed_at
+        process.output(b"srv  llama_server: model loaded\n", fd=2)
+        run_clock(self.reactor, printed_at + MIN_PROBE_INTERVAL, step=0.001)
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_a_logged_probe_does_not_bring_on_the_next(self) -> None:
+        """
+        A server that logs each health check it answers (as the demo's fake and vLLM-style
+        servers do) is probed on the backoff alone: 14 times in 3 s rather than 500 times, each
+        probe's log line asking for the next one. Its other lines still bring a probe forward.
         """
         upstream = self.make_upstream()
         upstream.start()
         process = self.reactor.spawned[0]
-        for _ in range(1000):
-            process.output(b"llama_model_loader: - tensor\n", fd=2)
-            self.reactor.advance(0.001)
-        gaps = [b - a for a, b in zip(self.probe.calls, self.probe.calls[1:])]
-        self.assertTrue(gaps)
-        self.assertGreaterEqual(min(gaps), MIN_PROBE_INTERVAL - 1e-9)
-        self.assertLessEqual(len(self.probe.calls), 1 / MIN_PROBE_INTERVAL + 1)
+        answer = self.probe.__call__
+
+        def logged_probe(upstream: Upstream) -> Deferred[int]:
+            result = answer(upstream)
+            process.output(b'fake upstream: 127.0.0.1 "GET /health HTTP/1.1" 503\n', fd=2)
+            return result
+
+        upstream._health_probe = logged_probe
+        run_clock(self.reactor, 3, step=0.001)
+        # At 20, 60, 140 and 300 ms (the backoff doubles), then every 250 ms.
+        self.assertEqual(len(self.probe.calls), 4 + int((3 - 0.3) / MAX_PROBE_DELAY))
+        process.output(b"main: model loaded\n", fd=2)
+        before = len(self.probe.calls)
+        run_clock(self.reactor, 3 + MIN_PROBE_INTERVAL, step=0.001)
+        self.assertEqual(len(self.probe.calls), before + 1)
+
+    def test_a_logged_probe_is_no_sign_of_life(self) -> None:
+        """
+        A hung server that still answers 503 and logs each health check is given up after
+        healthCheckTimeout, as a silent one is: its log lines about our probes show nothing new.
+        """
+        upstream = self.make_upstream(health_check_timeout=15)
+        d = upstream.start()
+        process = self.reactor.spawned[0]
+        answer = self.probe.__call__
+
+        def logged_probe(upstream: Upstream) -> Deferred[int]:
+            process.output(b"srv  log_server_r: request: GET /health 127.0.0.1 503\n", fd=2)
+            return answer(upstream)
+
+        upstream._health_probe = logged_probe
+        run_clock(self.reactor, 15.3)
+        error = str(self.failureResultOf(d, StartError).value)
+        self.assertIn("no output and no new health answer for 15s", error)
+
+
+class ProbeEchoTests(SynchronousTestCase):
+    """
+    Which log lines are a server's record of our own health probe.
+    """
+
+    def test_access_log_formats(self) -> None:
+        """
+        llama-server's, uvicorn's (vLLM) and Go-style access log lines for the health path match;
+        other requests and loading lines do not.
+        """
+        echo = probe_echo("/health")
+        for line in ("srv  log_server_r: request: GET /health 127.0.0.1 503",
+                     'INFO:     127.0.0.1:51000 - "GET /health HTTP/1.1" 503 Service Unavailable',
+                     '[GIN] 2025/01/01 - 12:00:00 | 503 |  12.1µs | 127.0.0.1 | GET      "/health"',
+                     "GET /health?full=1 200"):
+            self.assertTrue(echo.search(line), line)
+        for line in ('"GET /healthz HTTP/1.1" 200', '"POST /health HTTP/1.1" 200', "main: model loaded",
+                     '"GET /v1/models HTTP/1.1" 200', "load_tensors: loading model tensors"):
+            self.assertFalse(echo.search(line), line)
+
+    def test_root_path(self) -> None:
+        """
+        With ``checkEndpoint: /`` only requests for ``/`` itself match.
+        """
+        echo = probe_echo("/")
+        self.assertTrue(echo.search('"GET / HTTP/1.1" 503'))
+        self.assertFalse(echo.search('"GET /v1/models HTTP/1.1" 200'))
+        self.assertFalse(echo.search("loading /models/qwen.gguf"))
 
 
 class RecordingAgent:

@@ -177,6 +177,8 @@ class LoadingStream:
         details.append(f"{_seconds(progress.elapsed)} elapsed")
         if progress.eta is not None:
             details.append(f"about {_seconds(progress.eta)} left" if progress.eta > 0 else "should be ready any moment")
+        else:
+            details.append("no estimate yet")  # the first load of this model
         text = parts[0] + " (" + ", ".join(details) + ")"
         status = self._status("loading", progress.fraction, progress.eta, label=progress.label)
         return "\n" + text, status, ("loading", progress.label, percent)

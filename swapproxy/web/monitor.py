@@ -56,7 +56,7 @@ async def _until_client_leaves() -> None:
 
 class LogPage(JSONResource):
     """
-    ``GET /logs``: the combined log history (what ``logToStdout`` selects) as plain text.
+    ``GET /logs``: the combined log history (proxy messages and model output) as plain text.
     """
 
     def __init__(self, logs: LogHistory) -> None:
