@@ -280,10 +280,10 @@ class RouterModels(JSONResource):
         return _json(self._status.listing(int(self._clock.seconds())))
 
 
-class RouterLoad(Resource):
+class _ModelAction(Resource):
     """
-    ``POST /models/load`` ``{"model": ...}``: start loading the model; ``{"success": true}`` at
-    once.
+    A ``POST`` of ``{"model": ...}`` on the router API: the method and the body are checked
+    here, the action is the subclass's `act`.
     """
 
     isLeaf = True
@@ -292,7 +292,7 @@ class RouterLoad(Resource):
         super().__init__()
         self._supervisor = supervisor
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> bytes | int:
         if request.method != b"POST":
             request.setHeader(b"allow", b"POST")
             return llama_error(request, 405, f"{request.method.decode('ascii', 'replace')} is not allowed here; use POST")
@@ -300,6 +300,19 @@ class RouterLoad(Resource):
             name, model = _model_named(request, self._supervisor)
         except ValueError as e:
             return llama_error(request, 400, str(e))
+        return self.act(request, name, model)
+
+    def act(self, request: Request, name: str, model: ModelConfig | None) -> bytes | int:
+        raise NotImplementedError  # pragma: no cover
+
+
+class RouterLoad(_ModelAction):
+    """
+    ``POST /models/load`` ``{"model": ...}``: start loading the model; ``{"success": true}`` at
+    once.
+    """
+
+    def act(self, request: Request, name: str, model: ModelConfig | None) -> bytes:
         if model is None:
             listed = ", ".join(m.id for m in self._supervisor.config.models.values() if not m.unlisted)
             return llama_error(request, 404, f"model {name!r} is not found; available models: {listed or '(none)'}",
@@ -324,26 +337,13 @@ class RouterLoad(Resource):
             log.failure("loading {model} for POST /models/load", failure, model=model_id)
 
 
-class RouterUnload(Resource):
+class RouterUnload(_ModelAction):
     """
     ``POST /models/unload`` ``{"model": ...}``: stop the model; ``{"success": true}`` once it
     has stopped.
     """
 
-    isLeaf = True
-
-    def __init__(self, supervisor: Supervisor) -> None:
-        super().__init__()
-        self._supervisor = supervisor
-
-    def render(self, request: Request) -> bytes | int:
-        if request.method != b"POST":
-            request.setHeader(b"allow", b"POST")
-            return llama_error(request, 405, f"{request.method.decode('ascii', 'replace')} is not allowed here; use POST")
-        try:
-            name, model = _model_named(request, self._supervisor)
-        except ValueError as e:
-            return llama_error(request, 400, str(e))
+    def act(self, request: Request, name: str, model: ModelConfig | None) -> bytes | int:
         if model is None:
             return llama_error(request, 400, "model is not found")
         if self._supervisor.upstreams[model.id].state in (State.STOPPED, State.FAILED):
