@@ -9,6 +9,8 @@ import json
 import textwrap
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy.config import ConfigError, parse_config
@@ -476,3 +478,70 @@ class StripLoadingTextTests(SynchronousTestCase):
             self.assertEqual(json.loads(received.body)["messages"][1], {"role": "assistant", "content": "Hello."})
             self.assertNotIn(START.encode(), received.body)
             self.assertEqual(received.headers.getRawHeaders(b"content-length"), [str(len(received.body)).encode()])
+
+
+def _reference_strip(payload: Any) -> Any:
+    """
+    What stripping does, written the simple way on the parsed body (for the property test).
+    """
+
+    def cut(text: str) -> str:
+        while START in text:
+            head, _, rest = text.partition(START)
+            _, found, tail = rest.partition(END)
+            text = head + (tail if found else "")
+        return text
+
+    if not isinstance(payload, dict) or not isinstance(payload.get("messages"), list):
+        return payload
+    for message in payload["messages"]:
+        if not isinstance(message, dict) or message.get("role") != "assistant":
+            continue
+        for field in ("reasoning_content", "reasoning"):
+            if isinstance(message.get(field), str) and START in message[field]:
+                message[field] = cut(message[field])
+                if not message[field]:
+                    del message[field]
+        content = message.get("content")
+        if isinstance(content, str):
+            message["content"] = cut(content)
+        elif isinstance(content, list):
+            kept = []
+            for part in content:
+                key = {"text": "text", "thinking": "thinking"}.get(part.get("type")) if isinstance(part, dict) else None
+                if key is not None and isinstance(part.get(key), str) and START in part[key]:
+                    part[key] = cut(part[key])
+                    if not part[key]:
+                        continue
+                kept.append(part)
+            message["content"] = kept
+    return payload
+
+
+_texts = st.lists(st.sampled_from(["a", "é", "\U0001F600", "\n", '"', "\\", START, END, LOADING, "\u2060"]),
+                  max_size=6).map("".join)
+_parts = st.fixed_dictionaries({"type": st.sampled_from(["text", "thinking", "image_url"])},
+                               optional={"text": _texts, "thinking": _texts, "signature": st.just("")})
+_messages = st.fixed_dictionaries(
+    {"role": st.sampled_from(["assistant", "assistant", "user", "system"])},
+    optional={"content": _texts | st.lists(_parts, max_size=4) | st.none(), "reasoning_content": _texts,
+              "reasoning": _texts, "tool_calls": st.just([])},
+)
+_bodies = st.fixed_dictionaries({"messages": st.lists(_messages, max_size=4)},
+                                optional={"model": st.just("qwen"), "temperature": st.floats(0, 2)})
+
+
+class StripPropertyTests(SynchronousTestCase):
+    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_bodies, st.booleans(), st.sampled_from([None, 0, 2]))
+    def test_any_conversation(self, payload: dict[str, Any], ensure_ascii: bool, indent: int | None) -> None:
+        """
+        Any conversation, however the client encodes it: the result is valid JSON equal to the
+        simple reference, and a body with nothing to strip comes back as it was.
+        """
+        body = json.dumps(payload, ensure_ascii=ensure_ascii, indent=indent).encode("utf-8")
+        stripped = strip_loading_text(body)
+        expected = _reference_strip(json.loads(body))
+        self.assertEqual(json.loads(stripped), expected)
+        if expected == json.loads(body):
+            self.assertEqual(stripped, body)

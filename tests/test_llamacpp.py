@@ -11,11 +11,12 @@ import textwrap
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Request
 
 from swapproxy.web.modelchoice import NO_MODEL
 from swapproxy.web.root import INFERENCE_ROUTES
 from tests.test_metrics import sample
-from tests.test_web import CONFIG, ErrorAssertions, Harness
+from tests.test_web import CONFIG, ErrorAssertions, Harness, Received
 
 ONE_MODEL = """
     models:
@@ -65,6 +66,34 @@ class AliasTests(ErrorAssertions, SynchronousTestCase):
                                   {"Content-Type": "multipart/form-data; boundary=" + boundary.decode()})
         self.assertEqual(response.code, 200)
         self.assertEqual((self.h.received[-1].model, self.h.received[-1].uri), ("whisper", b"/audio/transcriptions"))
+
+
+class LoadingStreamAliasTests(SynchronousTestCase):
+    def test_chat_alias_has_the_loading_stream(self) -> None:
+        """
+        A streaming ``/chat/completions`` that names no model, for a model that is not ready,
+        gets the loading stream as ``/v1/chat/completions`` does, then the model's own stream.
+        """
+        h = Harness(self, textwrap.dedent(ONE_MODEL) + "sendLoadingState: true\n")
+        h.upstreams["only"].auto_ready = False
+
+        def stream(request: Request, received: Received) -> bytes:
+            request.setHeader(b"content-type", b"text/event-stream")
+            return b"data: {\"choices\": []}\n\ndata: [DONE]\n\n"
+
+        h.server.respond = stream
+        pending = h.request("POST", "/chat/completions", json.dumps({"stream": True, "messages": []}).encode(),
+                            {"Content-Type": "application/json"})
+        response = self.successResultOf(pending)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"text/event-stream; charset=utf-8"])
+        h.clock.advance(1)
+        h.upstreams["only"].become_ready()
+        h.flush()
+        events = [line[6:] for line in h.read(response).decode().split("\n") if line.startswith("data: ")]
+        self.assertEqual(json.loads(events[0])["swapproxy"]["stage"], "starting")
+        self.assertEqual(json.loads(events[-3])["swapproxy"]["stage"], "ready")
+        self.assertEqual(events[-2:], ['{"choices": []}', "[DONE]"])
+        self.assertEqual(h.received[-1].uri, b"/chat/completions")
 
 
 class DefaultModelTests(ErrorAssertions, SynchronousTestCase):
