@@ -219,6 +219,13 @@ class RouterClientTests(TestCase):
     def entry(self, answer: Answer, model_id: str) -> dict[str, Any]:
         return next(e for e in answer.json()["data"] if e["id"] == model_id)
 
+    async def wait_for_event(self, readers: list[Any], status: str) -> None:
+        def seen() -> bool:
+            return all(any(e["model"] == "tiny" and e["data"].get("status") == status and e["event"] == "status_change"
+                           for e in reader.answer().events()) for reader in readers)
+
+        await wait_until(seen, timeout=30, what=f"a status_change {status} event on both streams")
+
     async def wait_for_status(self, differential: Differential, value: str) -> None:
         async def both_there() -> bool:
             direct, proxied = await differential.both("GET", "/models")
@@ -266,6 +273,7 @@ class RouterClientTests(TestCase):
         differential.assertSame(direct, proxied, "POST /models/load")
         self.assertEqual(proxied.json(), {"success": True})
         await self.wait_for_status(differential, "loaded")
+        await self.wait_for_event([direct_events, proxied_events], "loaded")
         loaded_events = {}
         for name, reader in (("direct", direct_events), ("proxied", proxied_events)):
             events = [e for e in reader.answer().events() if e["model"] == "tiny"]
@@ -295,6 +303,7 @@ class RouterClientTests(TestCase):
         direct, proxied = await differential.both("POST", "/models/unload", {"model": "tiny"})
         differential.assertSame(direct, proxied, "POST /models/unload")
         await self.wait_for_status(differential, "unloaded")
+        await self.wait_for_event([direct_events, proxied_events], "unloaded")
         for name, reader in (("direct", direct_events), ("proxied", proxied_events)):
             last = [e for e in reader.answer().events() if e["model"] == "tiny"][-1]
             self.assertEqual((last["event"], last["data"]), ("status_change", {"status": "unloaded", "exit_code": 0}),

@@ -233,8 +233,21 @@ class LlamaServerEndpointTests(ErrorAssertions, SynchronousTestCase):
 
 class RouterPropsTests(SynchronousTestCase):
     def test_props_without_a_default_is_the_routers(self) -> None:
+        """
+        Whatever runs: a client that asks ``/props`` to tell a router from a single server gets
+        the same answer as models come and go.
+        """
         h = Harness(self, textwrap.dedent(CONFIG))
-        response, body = h.call("GET", "/props")
+        for running in (None, "qwen"):
+            if running is not None:
+                h.post_json("/v1/chat/completions", {"model": running})
+            response, body = h.call("GET", "/props")
+            self.assertEqual(response.code, 200)
+            self.assertEqual(json.loads(body)["role"], "router")
+        self.assertEqual([r.uri for r in h.received], [b"/v1/chat/completions"])
+
+    def test_props_with_default_model_is_the_models(self) -> None:
+        h = Harness(self, textwrap.dedent(CONFIG) + "defaultModel: qwen\n")
+        response, _ = h.call("GET", "/props")
         self.assertEqual(response.code, 200)
-        self.assertEqual(json.loads(body)["role"], "router")
-        self.assertEqual(h.received, [])
+        self.assertEqual((h.received[-1].model, h.received[-1].uri), ("qwen", b"/props"))

@@ -8,9 +8,10 @@ the JSON body or, for a GET, as ``?model=``. So the model is the body's ``model`
 ``model`` query parameter, else the default model (`swapproxy.web.modelchoice`). As in the
 router, ``?autoload=false`` asks not to start a model that is not loaded.
 
-``GET /props`` that names no model, when there is no default model, answers for swapproxy itself
-in the router's shape (``"role": "router"``), which is how llama.cpp's web UI and other clients
-tell a router from a single server.
+``GET /props`` that names no model, unless ``defaultModel`` is set or only one model is
+configured, answers for swapproxy itself in the router's shape (``"role": "router"``), which is
+how llama.cpp's web UI and other clients tell a router from a single server; which model happens
+to be running does not change that answer.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ class LlamaServerRoute(ModelRoute):
 
     :param numbered: whether one more path segment of digits is part of the route
         (``/slots/<id>``).
-    :param unnamed: answers a request that names no model when there is no default model,
-        instead of the usual 400 (``GET /props``).
+    :param unnamed: answers a request that names no model when no default model is configured
+        (``defaultModel``, or a single model), instead of going to the only model running or
+        the usual 400 (``GET /props``).
     """
 
     isLeaf = False
@@ -103,7 +105,7 @@ class LlamaServerRoute(ModelRoute):
         if body:
             body = strip_loading_text(body)
         requested = _body_model(body) or query_value(request, b"model")
-        if not requested and self._unnamed is not None and default_model(self.supervisor) is None:
+        if not requested and self._unnamed is not None and default_model(self.supervisor, running=False) is None:
             request.write(self._unnamed(request))
             return
         model = self.resolve(requested)

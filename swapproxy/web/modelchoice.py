@@ -25,18 +25,23 @@ NO_MODEL = (
 )
 
 
-def default_model(supervisor: Supervisor) -> ModelConfig | None:
+def default_model(supervisor: Supervisor, running: bool = True) -> ModelConfig | None:
     """
     The model a request that names none is for, or ``None`` when there is no single answer.
+
+    :param running: whether the only model running counts (rule 3); not for an answer that
+        should not change as models come and go.
     """
     config = supervisor.config
     if config.default_model:
         return config.models.get(config.default_model)
     if len(config.models) == 1:
         return next(iter(config.models.values()))
-    running = [
+    if not running:
+        return None
+    running_models = [
         upstream.model
         for upstream in supervisor.upstreams.values()
         if upstream.state in (State.STARTING, State.READY)
     ]
-    return running[0] if len(running) == 1 else None
+    return running_models[0] if len(running_models) == 1 else None

@@ -79,6 +79,10 @@ def _json(payload: Any) -> bytes:
 
 
 def _exit_code(upstream: Upstream) -> int:
+    """
+    The router's ``exit_code``: 0 for a model that stopped, never 0 for one whose start failed
+    (even if its process exited with 0, or was killed), since clients tell the two apart by it.
+    """
     error = upstream.last_error
     if upstream.state is State.FAILED:
         return error.exit_code if error is not None and error.exit_code else 1
