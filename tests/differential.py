@@ -214,7 +214,8 @@ class Differential:
         Same status, same media type, and (for JSON) the same body shape.
         """
         test: Any = self.testcase
-        context = f"{what}:\ndirect  {direct.status} {direct.body[:300]!r}\nproxied {proxied.status} {proxied.body[:300]!r}"
+        context = (f"{what}:\ndirect  {direct.status} {direct.body[:300]!r}"
+                   f"\nproxied {proxied.status} {proxied.body[:300]!r}")
         test.assertEqual(proxied.status, direct.status, context)
         test.assertEqual(proxied.media_type, direct.media_type, context)
         if body_shape and direct.media_type == "application/json":

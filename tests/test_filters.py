@@ -409,7 +409,8 @@ class StripLoadingTextTests(SynchronousTestCase):
             history({"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}),
         )
         self.assertStripped(
-            history({"role": "assistant", "content": [{"type": "text", "text": LOADING}, {"type": "text", "text": "Hi"}]}),
+            history({"role": "assistant",
+                     "content": [{"type": "text", "text": LOADING}, {"type": "text", "text": "Hi"}]}),
             history({"role": "assistant", "content": [{"type": "text", "text": "Hi"}]}),
         )
 
@@ -442,7 +443,8 @@ class StripLoadingTextTests(SynchronousTestCase):
         self.assertNotIn(START, escaped)
         for marker_text in (raw, escaped):
             before = ('{ "messages" : [ {"role":"user","content":"caf\\u00e9 \\ud83d\\ude00"} ,\n'
-                      '  {"content": "ok", "reasoning_content" : "' + marker_text + 'Th\\u00e9 \\"quoted\\" \U0001F600",'
+                      '  {"content": "ok", "reasoning_content" : "' + marker_text
+                      + 'Th\\u00e9 \\"quoted\\" \U0001F600",'
                       ' "role": "assistant"}], "temperature": 1.50, "top_k": 4e1 }')
             after = ('{ "messages" : [ {"role":"user","content":"caf\\u00e9 \\ud83d\\ude00"} ,\n'
                      '  {"content": "ok", "reasoning_content" : "Th\\u00e9 \\"quoted\\" \U0001F600",'
@@ -471,7 +473,8 @@ class StripLoadingTextTests(SynchronousTestCase):
         body = history({"role": "user", "content": "hi"},
                        {"role": "assistant", "reasoning_content": LOADING, "content": "Hello."},
                        {"role": "user", "content": "and?"}).replace(b'"qwen"', b'"plain"')
-        for path in ["/v1/chat/completions", "/chat/completions", "/apply-template", "/v1/chat/completions/input_tokens"]:
+        for path in ["/v1/chat/completions", "/chat/completions", "/apply-template",
+                     "/v1/chat/completions/input_tokens"]:
             response, _ = h.call("POST", path, body, {"Content-Type": "application/json"})
             self.assertEqual(response.code, 200)
             received = h.received[-1]

@@ -168,6 +168,29 @@ class LlamaServerClientTests(TestCase):
         self.assertTrue(cors_allows(proxied, origin, credentials=False))
         self.assertFalse(cors_allows(proxied, origin, credentials=True))
 
+    async def test_loading_text_in_the_history_never_reaches_the_model(self) -> None:
+        """
+        A history that carries swapproxy's loading text (here in ``content``, which every chat
+        template renders) makes the same prompt through swapproxy as the history without it
+        makes with llama-server directly; sent directly, the loading text would be in the prompt.
+        """
+        differential = await self.setup()
+        loading = LOADING_TEXT_START + "\nStarting tiny.\nModel tiny is ready (waited 0.2 s).\n\n" + LOADING_TEXT_END
+
+        def conversation(answer: str) -> dict[str, Any]:
+            return {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer},
+                                 {"role": "user", "content": "and then?"}]}
+
+        proxied = await differential.send(differential.proxied + "/apply-template", "POST",
+                                          conversation(loading + "Hello."))
+        clean = await differential.send(differential.direct + "/apply-template", "POST", conversation("Hello."))
+        marked = await differential.send(differential.direct + "/apply-template", "POST",
+                                         conversation(loading + "Hello."))
+        self.assertEqual(proxied.status, 200, proxied.body)
+        self.assertEqual(proxied.json(), clean.json())
+        self.assertIn("Starting tiny", marked.json()["prompt"])
+        self.assertNotIn("Starting tiny", proxied.json()["prompt"])
+
     async def test_the_models_own_metrics_and_health(self) -> None:
         """
         swapproxy's ``/metrics`` and ``/health`` are its own; the model's are at
@@ -229,7 +252,8 @@ class RouterClientTests(TestCase):
     async def wait_for_status(self, differential: Differential, value: str) -> None:
         async def both_there() -> bool:
             direct, proxied = await differential.both("GET", "/models")
-            return self.entry(direct, "tiny")["status"]["value"] == value == self.entry(proxied, "tiny")["status"]["value"]
+            values = {self.entry(answer, "tiny")["status"]["value"] for answer in (direct, proxied)}
+            return values == {value}
 
         await wait_until(both_there, timeout=30, what=f"tiny to be {value} in both")
 

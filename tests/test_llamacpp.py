@@ -142,7 +142,8 @@ class DefaultModelTests(ErrorAssertions, SynchronousTestCase):
     def test_multipart_without_model(self) -> None:
         h = Harness(self, textwrap.dedent(ONE_MODEL))
         form = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--b--\r\n"
-        response, _ = h.call("POST", "/v1/audio/transcriptions", form, {"Content-Type": "multipart/form-data; boundary=b"})
+        response, _ = h.call("POST", "/v1/audio/transcriptions", form,
+                             {"Content-Type": "multipart/form-data; boundary=b"})
         self.assertEqual(response.code, 200)
         self.assertEqual(h.received[-1].body, form)
 
@@ -187,7 +188,8 @@ class LlamaServerEndpointTests(ErrorAssertions, SynchronousTestCase):
 
     def test_bodies_that_are_not_json_objects_go_as_they_are(self) -> None:
         for body in [b'[{"id": 0, "scale": 0.5}]', b"not json", b""]:
-            self.assertEqual(self.forwarded("POST", "/lora-adapters?model=qwen", body), ("qwen", "/lora-adapters?model=qwen", body))
+            self.assertEqual(self.forwarded("POST", "/lora-adapters?model=qwen", body),
+                             ("qwen", "/lora-adapters?model=qwen", body))
 
     def test_no_model(self) -> None:
         response, body = self.h.post_json("/tokenize", {"content": "hi"})

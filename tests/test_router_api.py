@@ -92,10 +92,12 @@ class ModelListTests(RouterApiCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(header(response, b"content-type"), [b"application/json; charset=utf-8"])
         self.assertEqual(listing["object"], "list")
-        self.assertEqual([entry["id"] for entry in listing["data"]], ["llama", "qwen"], "unlisted models are not listed")
+        self.assertEqual([entry["id"] for entry in listing["data"]], ["llama", "qwen"],
+                         "unlisted models are not listed")
         llama = listing["data"][0]
         self.assertEqual(
-            {key: llama[key] for key in ("id", "aliases", "tags", "object", "created", "source", "can_remove", "name")},
+            {key: llama[key]
+             for key in ("id", "aliases", "tags", "object", "created", "source", "can_remove", "name")},
             {"id": "llama", "aliases": ["fast"], "tags": [], "object": "model", "created": 1_700_000_000,
              "source": "preset", "can_remove": False, "name": "Llama 3.2"},
         )
@@ -169,7 +171,8 @@ class LoadUnloadTests(RouterApiCase):
 
     def test_load_errors(self) -> None:
         response, body = self.post_json("/models/load", {"model": "nope"})
-        self.assertLlamaError(response, body, 404, "not_found_error", "model 'nope' is not found; available models: llama, qwen")
+        self.assertLlamaError(response, body, 404, "not_found_error",
+                              "model 'nope' is not found; available models: llama, qwen")
         response, body = self.post_json("/models/load", {"nothing": 1})
         self.assertLlamaError(response, body, 400, "invalid_request_error", 'a "model" field')
         response, raw = self.h.call("POST", "/models/load", b"{oops", {"Content-Type": "application/json"})

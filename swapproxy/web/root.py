@@ -22,7 +22,14 @@ from swapproxy.web.errors import NotFound
 from swapproxy.web.inference import InferenceRoute, UpstreamPassthrough
 from swapproxy.web.llamacpp import LLAMA_SERVER_ROUTES, LlamaServerRoute
 from swapproxy.web.monitor import EventStream, LogFollow, LogPage, MetricsPage, TokenMetrics
-from swapproxy.web.router_api import RouterEvents, RouterLoad, RouterModels, RouterStatus, RouterUnload, props_for_swapproxy
+from swapproxy.web.router_api import (
+    RouterEvents,
+    RouterLoad,
+    RouterModels,
+    RouterStatus,
+    RouterUnload,
+    props_for_swapproxy,
+)
 from swapproxy.web.site import SwapproxySite
 
 #: Routes whose model is named in the request body, forwarded to the same path upstream.
@@ -69,7 +76,7 @@ class Root(Directory):
     is looked up.
 
     :param api_keys: who may use which route (everyone, when ``None``).
-    :param cors: the CORS policy (llama-server's default policy when ``None``).
+    :param cors: the CORS policy (the default ``cors`` section's when ``None``).
     """
 
     def __init__(self, api_keys: ApiKeys | None = None, cors: CorsPolicy | None = None) -> None:

@@ -299,7 +299,8 @@ class _ModelAction(Resource):
     def render(self, request: Request) -> bytes | int:
         if request.method != b"POST":
             request.setHeader(b"allow", b"POST")
-            return llama_error(request, 405, f"{request.method.decode('ascii', 'replace')} is not allowed here; use POST")
+            method = request.method.decode("ascii", "replace")
+            return llama_error(request, 405, f"{method} is not allowed here; use POST")
         try:
             name, model = _model_named(request, self._supervisor)
         except ValueError as e:
