@@ -58,7 +58,8 @@ def start_ceiling(health_check_timeout: float, health_check_ceiling: float | Non
 _TOP_KEYS = frozenset({
     "healthCheckTimeout", "healthCheckCeiling", "logLevel", "logToStdout", "logTimeFormat", "startPort", "macros",
     "models", "groups", "hooks", "sendLoadingState", "loadingStateField", "globalTTL",
-    "unloadTimeout", "apiKeys", "metricsMaxInMemory", "logRequests", "profiles", "limits"})
+    "unloadTimeout", "apiKeys", "metricsMaxInMemory", "logRequests", "profiles", "limits",
+    "defaultModel", "cors"})
 _MODEL_KEYS = frozenset({
     "cmd", "cmdStop", "proxy", "checkEndpoint", "ttl", "aliases", "useModelName", "env",
     "unlisted", "name", "description", "metadata", "concurrencyLimit", "sendLoadingState",
@@ -161,6 +162,30 @@ class Limits:
     max_connections: int = 512
 
 
+_CORS_KEYS = frozenset({"allowedOrigins", "allowCredentials", "allowedHeaders", "maxAge"})
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://(\[[0-9a-f:.]+\]|[a-z0-9._~%!$&'()*+,;=-]+)(:[0-9]{1,5})?", re.IGNORECASE)
+_HEADER_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+@attrs.frozen
+class CorsConfig:
+    """
+    The CORS policy (``cors`` in the config), applied to preflights and responses alike.
+
+    :ivar allowed_origins: origins a browser page may call swapproxy from: ``*`` (any),
+        ``localhost`` (any page served from localhost, 127.0.0.1 or [::1]), or exact origins
+        such as ``https://chat.example.com``; empty allows none.
+    :ivar allow_credentials: whether pages may send cookies and HTTP authentication.
+    :ivar allowed_headers: request headers a page may send; ``*`` allows whatever it asks for.
+    :ivar max_age: seconds a browser may cache a preflight answer.
+    """
+
+    allowed_origins: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    allowed_headers: tuple[str, ...] = ("*",)
+    max_age: int = 86400
+
+
 @attrs.frozen
 class Config:
     """
@@ -192,6 +217,9 @@ class Config:
     #: Seconds a start may take in all, however much the model prints; 0 means
     #: ``HEALTH_CHECK_CEILING_FACTOR`` times ``health_check_timeout``.
     health_check_ceiling: int = 0
+    #: The model id a request that names no model is for (``defaultModel``); "" for none.
+    default_model: str = ""
+    cors: CorsConfig = attrs.Factory(CorsConfig)
 
     @property
     def start_ceiling(self) -> int:
@@ -778,6 +806,44 @@ def _build_limits(ch: _Checker, raw: Any) -> Limits:
     )
 
 
+def _build_cors(ch: _Checker, raw: Any) -> CorsConfig:
+    cors = ch.mapping(raw, "cors")
+    ch.known(cors, "cors", _CORS_KEYS)
+    default = CorsConfig()
+    origins = default.allowed_origins
+    if cors.get("allowedOrigins") is not None:
+        origins = tuple(o.strip().rstrip("/") for o in ch.strings(cors["allowedOrigins"], "cors.allowedOrigins"))
+        for i, origin in enumerate(origins):
+            if origin not in ("*", "localhost") and not _ORIGIN.fullmatch(origin):
+                raise ch.error(f"cors.allowedOrigins[{i}]", "must be \"*\", \"localhost\" or an origin such as"
+                               f" https://chat.example.com or http://localhost:3000 (no path), got {_show(origin)}")
+    headers = default.allowed_headers
+    if cors.get("allowedHeaders") is not None:
+        headers = tuple(h.strip() for h in ch.strings(cors["allowedHeaders"], "cors.allowedHeaders"))
+        for i, name in enumerate(headers):
+            if name != "*" and not _HEADER_TOKEN.fullmatch(name):
+                raise ch.error(f"cors.allowedHeaders[{i}]", f"must be \"*\" or a header name, got {_show(name)}")
+    return CorsConfig(
+        allowed_origins=origins,
+        allow_credentials=ch.boolean(cors.get("allowCredentials"), "cors.allowCredentials",
+                                     default.allow_credentials),
+        allowed_headers=headers,
+        max_age=ch.integer(cors.get("maxAge"), "cors.maxAge", default.max_age, minimum=0),
+    )
+
+
+def _build_default_model(ch: _Checker, raw: Any, models: dict[str, ModelConfig],
+                         aliases: dict[str, str]) -> str:
+    name = ch.string(raw, "defaultModel").strip()
+    if not name:
+        return ""
+    if name in models:
+        return name
+    if name in aliases:
+        return aliases[name]
+    raise ch.error("defaultModel", f"unknown model {_show(name)}; models are: {', '.join(models) or '(none)'}")
+
+
 def _build_aliases(ch: _Checker, models: dict[str, ModelConfig]) -> dict[str, str]:
     aliases: dict[str, str] = {}
     for mid, model in models.items():
@@ -884,6 +950,8 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         next_port += models[mid].port is not None
     aliases = _build_aliases(ch, models)
     groups = _build_groups(ch, data.get("groups"), models, aliases)
+    default_model = _build_default_model(ch, data.get("defaultModel"), models, aliases)
+    cors = _build_cors(ch, data.get("cors"))
 
     hooks = ch.mapping(data.get("hooks"), "hooks")
     ch.known(hooks, "hooks", frozenset({"on_startup"}))
@@ -920,4 +988,6 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         metrics_max_in_memory=metrics_max if metrics_max > 0 else 1000,
         limits=limits,
         health_check_ceiling=ceiling,
+        default_model=default_model,
+        cors=cors,
     )

@@ -26,6 +26,8 @@ query string when the body is not JSON (a JSON field wins):
 ``fake_echo``         add an ``echo`` object (method, path, headers, body received) to a
                       non-streaming answer; without it answers stay as small as llama-server's
 
+With ``--echo-body``, every answer's text is the request body exactly as it arrived.
+
 Lines on stderr that tests wait for: ``fake upstream pid=N listening on HOST:PORT`` (not with
 ``--quiet``), ``grandchild pid=N``, ``ignoring SIGTERM``, ``client went away after K chunks``,
 ``error: failed to load model 'fake.gguf'``, and with ``--stage-lines`` the llama-server loading
@@ -144,6 +146,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="start a sleeping grandchild process and print its pid")
     parser.add_argument("--stage-lines", action="store_true",
                         help="print llama-server-like loading lines on stderr during the load time")
+    parser.add_argument("--echo-body", action="store_true",
+                        help="answer the request body itself, as one token, so a test sees what arrived")
     parser.add_argument("--tokens", type=int, default=10, metavar="N", help="tokens per answer")
     parser.add_argument("--token-delay", type=float, default=0.0, metavar="SECONDS",
                         help="delay before each generated token")
@@ -862,6 +866,8 @@ class FakeUpstreamHandler(socketserver.StreamRequestHandler):
 
     def _tokens(self, request: dict[str, Any], requested: int | None) -> list[str]:
         settings = self.server.settings
+        if settings.echo_body:
+            return [self.body.decode("utf-8", "replace")]
         if requested is None and settings.respond is not None:
             words = settings.respond.split(" ")
             tokens = [w + " " for w in words[:-1]] + [words[-1]]

@@ -37,6 +37,7 @@ from zope.interface import implementer
 from swapproxy.config import Config
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.root import build_site
+from swapproxy.web.sse import LOADING_TEXT_END, LOADING_TEXT_START
 
 if TYPE_CHECKING:
     import openai
@@ -447,6 +448,13 @@ def openai_client(url: str) -> openai.OpenAI:
     import openai
 
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def visible(text: str) -> str:
+    """
+    ``text`` without the invisible markers around swapproxy's loading text.
+    """
+    return text.replace(LOADING_TEXT_START, "").replace(LOADING_TEXT_END, "")
 
 
 def loading_status(chunk: Any) -> dict[str, Any] | None:

@@ -164,6 +164,18 @@ class ProtectedRouteTests(ErrorAssertions, SynchronousTestCase):
         response, body = self.h.call("GET", f"/v1/models?api_key={KEY}")
         self.assertUnauthorized(response, body)
 
+    def test_key_is_checked_before_the_model(self) -> None:
+        """
+        A request without a key and without a model is a 401, not a 400 about the model: a
+        client learns first that it needs a key. With a key, the same request is the 400.
+        """
+        for path in ["/v1/chat/completions", "/chat/completions", "/tokenize", "/props", "/models/load"]:
+            response, body = self.h.call("POST", path, b'{"messages": []}', {"Content-Type": "application/json"})
+            self.assertUnauthorized(response, body)
+        response, body = self.h.call("POST", "/v1/chat/completions", b'{"messages": []}',
+                                     {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+        self.assertJSONError(response, body, 400, "missing or invalid 'model' field")
+
     def test_key_not_forwarded(self) -> None:
         """
         The header that carried the key does not reach the upstream, on inference routes and

@@ -17,6 +17,7 @@ from swapproxy.config import (
     DEFAULT_GROUP,
     Config,
     ConfigError,
+    CorsConfig,
     load_config,
     parse_config,
     split_command,
@@ -706,6 +707,61 @@ class WarningTests(SynchronousTestCase):
         self.assertEqual(config.preload, ("b", "a"))
         self.assertEqual(config.warnings,
                          ("config.yaml: hooks.on_startup.preload: unknown model 'ghost' ignored",))
+
+
+class CompatibilityKeyTests(ErrorAssertions):
+    """
+    ``defaultModel`` and ``cors``.
+    """
+
+    MODELS = textwrap.dedent("""
+        models:
+          a:
+            cmd: run ${PORT}
+            aliases: [alpha]
+          b:
+            cmd: run ${PORT}
+    """)
+
+    def test_defaults(self) -> None:
+        config = parse(self.MODELS)
+        self.assertEqual(config.default_model, "")
+        self.assertEqual(config.cors, CorsConfig(("*",), False, ("*",), 86400))
+
+    def test_default_model_by_id_or_alias(self) -> None:
+        self.assertEqual(parse(self.MODELS + "defaultModel: b\n").default_model, "b")
+        self.assertEqual(parse(self.MODELS + "defaultModel: alpha\n").default_model, "a")
+        self.assertEqual(parse(self.MODELS + "defaultModel: ''\n").default_model, "")
+
+    def test_unknown_default_model(self) -> None:
+        message = self.assertConfigError(self.MODELS + "defaultModel: c\n", "defaultModel: unknown model")
+        self.assertIn("models are: a, b", message)
+        self.assertConfigError(self.MODELS + "defaultModel: [a]\n", "defaultModel: must be a string")
+
+    def test_cors(self) -> None:
+        config = parse(self.MODELS + textwrap.dedent("""
+            cors:
+              allowedOrigins: ["https://chat.example/", localhost, "http://10.0.0.2:3000", "*"]
+              allowCredentials: true
+              allowedHeaders: [Authorization, x-api-key]
+              maxAge: 0
+        """))
+        self.assertEqual(config.cors, CorsConfig(("https://chat.example", "localhost", "http://10.0.0.2:3000", "*"),
+                                                 True, ("Authorization", "x-api-key"), 0))
+        self.assertEqual(parse(self.MODELS + "cors: {allowedOrigins: []}\n").cors.allowed_origins, ())
+
+    def test_bad_cors(self) -> None:
+        for section, expected in [
+            ("cors: {allowedOrigins: ['https://a.example/path']}", "cors.allowedOrigins[0]: must be"),
+            ("cors: {allowedOrigins: ['chat.example']}", 'got "chat.example"'),
+            ("cors: {allowedOrigins: '*'}", "cors.allowedOrigins: must be a list of strings"),
+            ("cors: {allowCredentials: maybe}", "cors.allowCredentials"),
+            ("cors: {allowedHeaders: ['bad header']}", "cors.allowedHeaders[0]: must be"),
+            ("cors: {maxAge: -1}", "cors.maxAge: must be an integer >= 0"),
+            ("cors: [1]", "cors: must be a mapping"),
+        ]:
+            self.assertConfigError(self.MODELS + section + "\n", expected)
+        self.assertIn("cors.origins", parse(self.MODELS + "cors: {origins: ['*']}\n").warnings[0])
 
 
 class ExampleTests(SynchronousTestCase):

@@ -9,10 +9,20 @@ import json
 import textwrap
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy.config import ConfigError, parse_config
-from swapproxy.web.filters import encode_payload, rewrite_payload, set_path, split_path, strip_path
+from swapproxy.web.filters import (
+    encode_payload,
+    rewrite_payload,
+    set_path,
+    split_path,
+    strip_loading_text,
+    strip_path,
+)
+from swapproxy.web.sse import LOADING_TEXT_END, LOADING_TEXT_START
 from tests.test_web import ErrorAssertions, Harness, header
 
 CONFIG = """
@@ -333,3 +343,208 @@ class UpstreamSeesTests(ErrorAssertions, SynchronousTestCase):
         response = self.successResultOf(pending)
         self.assertEqual(header(response, b"content-type"), [b"application/json"])
         self.assertNotIn(b"stream", self.h.received[-1].body)
+
+
+START, END = LOADING_TEXT_START, LOADING_TEXT_END
+LOADING = START + "\nStarting qwen.\nLoading qwen: 40% (loading weights)\nModel qwen is ready (waited 2.0 s).\n\n" + END
+
+
+def history(*messages: dict[str, Any], ensure_ascii: bool = False) -> bytes:
+    return json.dumps({"model": "qwen", "messages": list(messages)}, ensure_ascii=ensure_ascii).encode("utf-8")
+
+
+class StripLoadingTextTests(SynchronousTestCase):
+    """
+    L{strip_loading_text}: swapproxy's loading text leaves a conversation's history, and nothing
+    else changes.
+    """
+
+    def assertStripped(self, before: bytes, after: bytes) -> None:
+        self.assertEqual(strip_loading_text(before).decode("utf-8"), after.decode("utf-8"))
+
+    def test_nothing_to_strip_is_the_same_bytes(self) -> None:
+        for body in [
+            history({"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}),
+            history({"role": "assistant", "content": "a word\u2060joiner"}),
+            b'{"messages": "\\u2060"}',
+            b"not json \xe2\x81\xa0",
+            b"[1, \"\\u2060\"]",
+        ]:
+            self.assertIs(strip_loading_text(body), body)
+
+    def test_reasoning_content(self) -> None:
+        """
+        The model's own reasoning after the loading text stays; a field that held only loading
+        text goes as a whole.
+        """
+        self.assertStripped(
+            history({"role": "user", "content": "hi"},
+                    {"role": "assistant", "reasoning_content": LOADING + "I think.", "content": "Hello."},
+                    {"role": "user", "content": "more"}),
+            history({"role": "user", "content": "hi"},
+                    {"role": "assistant", "reasoning_content": "I think.", "content": "Hello."},
+                    {"role": "user", "content": "more"}),
+        )
+        for field in ("reasoning_content", "reasoning"):
+            self.assertStripped(
+                history({"role": "assistant", "content": "Hello.", field: LOADING}),
+                history({"role": "assistant", "content": "Hello."}),
+            )
+            self.assertStripped(
+                history({"role": "assistant", field: LOADING, "content": "Hello."}),
+                history({"role": "assistant", "content": "Hello."}),
+            )
+            self.assertStripped(
+                history({"role": "assistant", field: LOADING}),
+                history({"role": "assistant"}),
+            )
+
+    def test_content_mode(self) -> None:
+        self.assertStripped(
+            history({"role": "assistant", "content": LOADING + "Hello."}),
+            history({"role": "assistant", "content": "Hello."}),
+        )
+        self.assertStripped(
+            history({"role": "assistant", "content": [{"type": "text", "text": LOADING + "Hello."}]}),
+            history({"role": "assistant", "content": [{"type": "text", "text": "Hello."}]}),
+        )
+        self.assertStripped(
+            history({"role": "assistant",
+                     "content": [{"type": "text", "text": LOADING}, {"type": "text", "text": "Hi"}]}),
+            history({"role": "assistant", "content": [{"type": "text", "text": "Hi"}]}),
+        )
+
+    def test_anthropic_thinking_blocks(self) -> None:
+        """
+        The loading stream's thinking block goes; the model's own blocks stay, with their
+        signatures.
+        """
+        own = {"type": "thinking", "thinking": "Let me see.", "signature": "c2ln"}
+        text = {"type": "text", "text": "Hello."}
+        ours = {"type": "thinking", "thinking": LOADING, "signature": ""}
+        for before, after in [([ours, own, text], [own, text]), ([own, ours, text], [own, text]),
+                              ([text, ours], [text]), ([ours, ours, text], [text]), ([text, ours, ours], [text]),
+                              ([ours], [])]:
+            self.assertStripped(history({"role": "assistant", "content": before}),
+                                history({"role": "assistant", "content": after}))
+
+    def test_only_assistant_messages(self) -> None:
+        body = history({"role": "user", "content": LOADING}, {"role": "system", "content": LOADING})
+        self.assertIs(strip_loading_text(body), body)
+
+    def test_every_other_byte_as_sent(self) -> None:
+        """
+        Escapes, spacing, key order and number spellings around the loading text, and in the
+        model's text next to it, stay as the client wrote them, whichever way the client wrote
+        the markers.
+        """
+        raw, escaped = json.dumps(LOADING, ensure_ascii=False)[1:-1], json.dumps(LOADING)[1:-1]
+        self.assertIn(START, raw)
+        self.assertNotIn(START, escaped)
+        for marker_text in (raw, escaped):
+            before = ('{ "messages" : [ {"role":"user","content":"caf\\u00e9 \\ud83d\\ude00"} ,\n'
+                      '  {"content": "ok", "reasoning_content" : "' + marker_text
+                      + 'Th\\u00e9 \\"quoted\\" \U0001F600",'
+                      ' "role": "assistant"}], "temperature": 1.50, "top_k": 4e1 }')
+            after = ('{ "messages" : [ {"role":"user","content":"caf\\u00e9 \\ud83d\\ude00"} ,\n'
+                     '  {"content": "ok", "reasoning_content" : "Th\\u00e9 \\"quoted\\" \U0001F600",'
+                     ' "role": "assistant"}], "temperature": 1.50, "top_k": 4e1 }')
+            self.assertStripped(before.encode("utf-8"), after.encode("utf-8"))
+
+    def test_restarted_load_and_unfinished_load(self) -> None:
+        """
+        A load that restarted wrote two stretches of loading text; one whose stream was cut has
+        no end marker: everything after its start is loading text.
+        """
+        self.assertStripped(
+            history({"role": "assistant", "reasoning_content": LOADING + START + "\nStarting again." + END + "Mine."}),
+            history({"role": "assistant", "reasoning_content": "Mine."}),
+        )
+        self.assertStripped(
+            history({"role": "assistant", "content": "Mine.", "reasoning_content": START + "\nStarting qwen."}),
+            history({"role": "assistant", "content": "Mine."}),
+        )
+
+    def test_through_the_route(self) -> None:
+        """
+        What a chat route sends upstream: the stripped body, with its own Content-Length.
+        """
+        h = Harness(self, CONFIG)
+        body = history({"role": "user", "content": "hi"},
+                       {"role": "assistant", "reasoning_content": LOADING, "content": "Hello."},
+                       {"role": "user", "content": "and?"}).replace(b'"qwen"', b'"plain"')
+        for path in ["/v1/chat/completions", "/chat/completions", "/apply-template",
+                     "/v1/chat/completions/input_tokens"]:
+            response, _ = h.call("POST", path, body, {"Content-Type": "application/json"})
+            self.assertEqual(response.code, 200)
+            received = h.received[-1]
+            self.assertEqual(json.loads(received.body)["messages"][1], {"role": "assistant", "content": "Hello."})
+            self.assertNotIn(START.encode(), received.body)
+            self.assertEqual(received.headers.getRawHeaders(b"content-length"), [str(len(received.body)).encode()])
+
+
+def _reference_strip(payload: Any) -> Any:
+    """
+    What stripping does, written the simple way on the parsed body (for the property test).
+    """
+
+    def cut(text: str) -> str:
+        while START in text:
+            head, _, rest = text.partition(START)
+            _, found, tail = rest.partition(END)
+            text = head + (tail if found else "")
+        return text
+
+    if not isinstance(payload, dict) or not isinstance(payload.get("messages"), list):
+        return payload
+    for message in payload["messages"]:
+        if not isinstance(message, dict) or message.get("role") != "assistant":
+            continue
+        for field in ("reasoning_content", "reasoning"):
+            if isinstance(message.get(field), str) and START in message[field]:
+                message[field] = cut(message[field])
+                if not message[field]:
+                    del message[field]
+        content = message.get("content")
+        if isinstance(content, str):
+            message["content"] = cut(content)
+        elif isinstance(content, list):
+            kept = []
+            for part in content:
+                key = {"text": "text", "thinking": "thinking"}.get(part.get("type")) if isinstance(part, dict) else None
+                if key is not None and isinstance(part.get(key), str) and START in part[key]:
+                    part[key] = cut(part[key])
+                    if not part[key]:
+                        continue
+                kept.append(part)
+            message["content"] = kept
+    return payload
+
+
+_texts = st.lists(st.sampled_from(["a", "é", "\U0001F600", "\n", '"', "\\", START, END, LOADING, "\u2060"]),
+                  max_size=6).map("".join)
+_parts = st.fixed_dictionaries({"type": st.sampled_from(["text", "thinking", "image_url"])},
+                               optional={"text": _texts, "thinking": _texts, "signature": st.just("")})
+_messages = st.fixed_dictionaries(
+    {"role": st.sampled_from(["assistant", "assistant", "user", "system"])},
+    optional={"content": _texts | st.lists(_parts, max_size=4) | st.none(), "reasoning_content": _texts,
+              "reasoning": _texts, "tool_calls": st.just([])},
+)
+_bodies = st.fixed_dictionaries({"messages": st.lists(_messages, max_size=4)},
+                                optional={"model": st.just("qwen"), "temperature": st.floats(0, 2)})
+
+
+class StripPropertyTests(SynchronousTestCase):
+    @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(_bodies, st.booleans(), st.sampled_from([None, 0, 2]))
+    def test_any_conversation(self, payload: dict[str, Any], ensure_ascii: bool, indent: int | None) -> None:
+        """
+        Any conversation, however the client encodes it: the result is valid JSON equal to the
+        simple reference, and a body with nothing to strip comes back as it was.
+        """
+        body = json.dumps(payload, ensure_ascii=ensure_ascii, indent=indent).encode("utf-8")
+        stripped = strip_loading_text(body)
+        expected = _reference_strip(json.loads(body))
+        self.assertEqual(json.loads(stripped), expected)
+        if expected == json.loads(body):
+            self.assertEqual(stripped, body)

@@ -35,8 +35,11 @@ from swapproxy.progress import LoadHistory
 from swapproxy.supervisor import Lease, Supervisor
 from swapproxy.upstream import State, Upstream
 from swapproxy.web import forward as forward_module
+from swapproxy.web.filters import strip_loading_text
 from swapproxy.web.root import build_site
+from swapproxy.web.sse import LOADING_TEXT_END, LOADING_TEXT_START
 from tests.fakes import FakeProcess, ProcessReactor
+from tests.helpers import visible
 
 #: The clock starts at a realistic Unix time, so that ``created`` is checkable.
 EPOCH = 1_750_000_000
@@ -447,7 +450,7 @@ def loading_lines(client: Client) -> list[tuple[str, str]]:
             chunk = event.json()
             delta = chunk["choices"][0]["delta"]
             text = next(value for key, value in delta.items() if key != "role")
-            lines.append((chunk["swapproxy"]["stage"], text))
+            lines.append((chunk["swapproxy"]["stage"], visible(text)))
     return lines
 
 
@@ -697,7 +700,7 @@ class EventSequenceTests(LoadingTestCase):
         client = Client(harness, CHAT, chat_body())
         harness.advance(2)
         chunks = [event.json() for event in client.events()]
-        self.assertEqual(chunks[0]["choices"][0]["delta"]["reasoning_content"],
+        self.assertEqual(visible(chunks[0]["choices"][0]["delta"]["reasoning_content"]),
                          "\nStarting qwen (it took 6.2 s last time).")
         self.assertEqual(chunks[0]["swapproxy"]["eta"], 6.2)
         self.assertEqual(chunks[-1]["swapproxy"]["eta"], 4.2)
@@ -731,7 +734,7 @@ class FieldModeTests(LoadingTestCase):
     def assertTextIn(self, loading: bytes, field: str) -> None:
         events = parse_events(loading)
         self.assertCompleteChunks(events, "qwen", field)
-        texts = [event.json()["choices"][0]["delta"][field] for event in events]
+        texts = [visible(event.json()["choices"][0]["delta"][field]) for event in events]
         self.assertEqual(texts[0], "\nStarting qwen.")
         self.assertIn("\nLoading qwen: 10% (loading weights, 1.2 s elapsed, no estimate yet)", texts)
         self.assertTrue(texts[-1].startswith("\nModel qwen is ready"))
@@ -766,6 +769,42 @@ class FieldModeTests(LoadingTestCase):
         self.assertIn("loading", comments)
         self.assertIn("Loading qwen: 10% (loading weights, 1.2 s elapsed, no estimate yet)", comments)
         self.assertEqual(comments[-1], "Model qwen is ready (waited 3.2 s).")
+
+
+class MarkerTests(LoadingTestCase):
+    """
+    The loading text is wrapped in invisible markers, so that swapproxy can take it out of the
+    history a client sends back (`swapproxy.web.filters.strip_loading_text`).
+    """
+
+    run_load = FieldModeTests.run_load
+
+    def marked_text(self, loading: bytes, field: str) -> str:
+        return "".join(event.json()["choices"][0]["delta"][field] for event in parse_events(loading))
+
+    def test_whole_text_between_the_markers(self) -> None:
+        for field in ("reasoning_content", "reasoning", "content"):
+            _, _, loading = self.run_load(config_text(f"loadingStateField: {field}", qwen=""))
+            text = self.marked_text(loading, field)
+            self.assertTrue(text.startswith(LOADING_TEXT_START + "\nStarting qwen."), text)
+            self.assertTrue(text.endswith("ready (waited 3.2 s).\n\n" + LOADING_TEXT_END), text)
+            self.assertEqual(strip_loading_text(json.dumps(
+                {"messages": [{"role": "assistant", field: text + "Hi"}]}).encode()),
+                json.dumps({"messages": [{"role": "assistant", field: "Hi"}]}).encode())
+
+    def test_no_marker_in_comments(self) -> None:
+        _, _, loading = self.run_load(config_text(qwen="loadingStateField: none"))
+        self.assertNotIn(LOADING_TEXT_START.encode(), loading)
+        self.assertNotIn(LOADING_TEXT_END.encode(), loading)
+
+    def test_failed_load_closes_the_text(self) -> None:
+        client = Client(self.harness, CHAT, chat_body("qwen"))
+        self.harness.prints("qwen", FAILURE_LINES)
+        self.harness.process("qwen").exit(3)
+        texts = [event.json()["choices"][0]["delta"]["reasoning_content"] for event in client.events()
+                 if is_loading_chunk(event)]
+        self.assertTrue(texts[0].startswith(LOADING_TEXT_START))
+        self.assertTrue(texts[-1].endswith(LOADING_TEXT_END))
 
 
 class FailureTests(LoadingTestCase):
@@ -1141,7 +1180,7 @@ class MessagesTests(LoadingTestCase):
         self.assertEqual([delta["index"] for delta in deltas], [0, 0, 0])
         self.assertEqual([delta["delta"]["type"] for delta in deltas], ["thinking_delta"] * 3)
         self.assertEqual(
-            [(delta["swapproxy"]["stage"], delta["delta"]["thinking"]) for delta in deltas],
+            [(delta["swapproxy"]["stage"], visible(delta["delta"]["thinking"])) for delta in deltas],
             [
                 ("starting", "\nStarting qwen."),
                 ("loading", "\nLoading qwen: 10% (loading weights, 2.2 s elapsed, no estimate yet)"),

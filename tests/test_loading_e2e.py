@@ -25,7 +25,7 @@ from swapproxy.config import parse_config
 from swapproxy.progress import LoadHistory
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.root import build_site
-from tests.helpers import TrackingFactory, config_yaml, fake_command, loading_status, openai_client
+from tests.helpers import TrackingFactory, config_yaml, fake_command, loading_status, openai_client, visible
 
 LOAD_TIME = "1.5"
 TOKENS = 6
@@ -177,7 +177,7 @@ class ChatEndToEndTests(ServingTestCase):
         """
         proxy, _ = self.serve({"qwen": model(loadingStateField="content")})
         chunks = await deferToThread(chat_stream, proxy.url, "qwen")
-        content = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+        content = visible("".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices))
         self.assertTrue(content.startswith("\nStarting qwen"), content)
         before, _, after = content.partition(").\n\n")
         self.assertIn("\nModel qwen is ready (waited ", before)
@@ -244,7 +244,7 @@ class ChatEndToEndTests(ServingTestCase):
         first = loading_status(chunks[0])
         assert first is not None
         self.assertIsNone(first["eta"])
-        self.assertEqual((chunks[0].choices[0].delta.model_extra or {})["reasoning_content"], "\nStarting qwen.")
+        self.assertEqual(visible((chunks[0].choices[0].delta.model_extra or {})["reasoning_content"]), "\nStarting qwen.")
         await proxy.supervisor.stopService()
         with open(proxy.history_path, encoding="utf-8") as f:
             (took,) = json.load(f)["qwen"]["durations"]
@@ -256,7 +256,7 @@ class ChatEndToEndTests(ServingTestCase):
         assert first is not None
         # The estimate counts down from the last duration as soon as the process is spawned.
         self.assertLessEqual(abs(first["eta"] - took), 0.2, (first, took))
-        self.assertEqual((chunks[0].choices[0].delta.model_extra or {})["reasoning_content"],
+        self.assertEqual(visible((chunks[0].choices[0].delta.model_extra or {})["reasoning_content"]),
                          f"\nStarting qwen (it took {took:.1f} s last time).")
         self.assertLoadThenAnswer(chunks, "reasoning_content", "qwen")
 

@@ -170,6 +170,7 @@ class FakeUpstream:
         self.make_client: Callable[[], Any] = lambda: HTTPClient(self.agent, data_to_body_producer=_body_producer)
         self.auto_ready = True
         self.start_error: StartError | None = None
+        self.last_error: StartError | None = None
         self.starts = 0
         self.stops = 0
         self._waiters: list[Deferred[None]] = []
@@ -217,6 +218,7 @@ class FakeUpstream:
         self.model = model
 
     def fail_start(self, error: StartError) -> None:
+        self.last_error = error
         self.client = None
         self.pid = None
         self._set_state(State.FAILED)
@@ -728,8 +730,8 @@ class RoutingTests(ErrorAssertions, SynchronousTestCase):
 
     def test_preflight(self) -> None:
         """
-        OPTIONS on any path is a 204 preflight allowing the headers asked for, minus any name
-        that is not a valid header token.
+        OPTIONS on any path is a 204 preflight allowing the page's origin (the default policy
+        allows any) and the headers asked for, minus any name that is not a valid header token.
         """
         for path in ["/v1/chat/completions", "/upstream/llama/x", "/nothing"]:
             response, body = self.h.call(
@@ -744,7 +746,7 @@ class RoutingTests(ErrorAssertions, SynchronousTestCase):
             self.assertEqual(response.code, 204, path)
             self.assertEqual(body, b"")
             self.assertEqual(header(response, b"access-control-allow-headers"), [b"Content-Type, X-Api-Key"])
-            self.assertEqual(header(response, b"access-control-allow-origin"), [b"*"])
+            self.assertEqual(header(response, b"access-control-allow-origin"), [b"https://app.example"])
             self.assertIn(b"POST", header(response, b"access-control-allow-methods")[0])
         self.assertEqual(self.h.received, [])
 

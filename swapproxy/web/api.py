@@ -78,9 +78,6 @@ class ModelList(JSONResource):
             if model.aliases:
                 record["aliases"] = list(model.aliases)
             data.append(record)
-        origin = request.getHeader(b"origin")
-        if origin:
-            request.setHeader(b"access-control-allow-origin", origin)
         return write_json(request, {"object": "list", "data": data})
 
 

@@ -22,8 +22,9 @@ from swapproxy.metrics import Metrics, request_meter
 from swapproxy.progress import LoadTracker
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.errors import NotFound, write_error
-from swapproxy.web.filters import encode_payload, rewrite_payload
+from swapproxy.web.filters import encode_payload, rewrite_payload, strip_loading_text
 from swapproxy.web.forward import Forward
+from swapproxy.web.modelchoice import NO_MODEL, default_model
 from swapproxy.web.render import ClientState, render_async
 from swapproxy.web.sse import ChatEvents, MessagesEvents, PlainEvents
 
@@ -55,9 +56,9 @@ def unknown_model(supervisor: Supervisor, name: str) -> BadRequest:
 
 def parse_json_model(body: bytes) -> tuple[str, dict[str, Any]]:
     """
-    The ``model`` named by a JSON request body, and the parsed body.
+    The ``model`` named by a JSON request body ("" when it names none), and the parsed body.
 
-    :raises BadRequest: the body is not a JSON object with a non-empty string ``model``.
+    :raises BadRequest: the body is not a JSON object, or its ``model`` is not a string.
     """
     if not body.strip():
         raise BadRequest(400, "request body is empty: expected a JSON object with a 'model' field")
@@ -72,7 +73,9 @@ def parse_json_model(body: bytes) -> tuple[str, dict[str, Any]]:
     model = payload.get("model")
     if isinstance(model, (int, float)) and not isinstance(model, bool):
         model = str(model)
-    if not isinstance(model, str) or not model:
+    if model is None:
+        model = ""
+    if not isinstance(model, str):
         raise BadRequest(400, "missing or invalid 'model' field: it must name a model (see GET /v1/models)")
     return model, payload
 
@@ -137,6 +140,15 @@ class ModelRoute(Resource):
         self.forward = Forward(supervisor, clock, trackers if trackers is not None else {})
 
     def resolve(self, name: str) -> ModelConfig:
+        """
+        The model ``name`` names; a request that names none gets the default model
+        (`swapproxy.web.modelchoice`).
+        """
+        if not name:
+            model = default_model(self.supervisor)
+            if model is None:
+                raise BadRequest(400, NO_MODEL)
+            return model
         model = self.supervisor.config.resolve(name)
         if model is None:
             raise unknown_model(self.supervisor, name)
@@ -167,11 +179,15 @@ class ModelRoute(Resource):
             dialect = dialect_type(requested or model.id, model.loading_state_field, int(self.clock.seconds()))
         await self.forward(request, client, model, path, body, dialect, stream)
 
+    def route_label(self, request: Request) -> str:
+        """
+        The route's label in the metrics: the path it is mounted at, as traversed (a fixed set).
+        """
+        return "/" + "/".join(s.decode("utf-8", "replace") for s in request.prepath if s)
+
     def render(self, request: Request) -> bytes | int:
         if self.metrics is not None:
-            # The path this route is mounted at, as traversed: a fixed set of labels.
-            segments = [s.decode("utf-8", "replace") for s in request.prepath if s]
-            self.metrics.track(request, "/" + "/".join(segments))
+            self.metrics.track(request, self.route_label(request))
         return render_async(request, lambda client: self.handle(request, client))
 
     async def handle(self, request: Request, client: ClientState) -> None:
@@ -209,12 +225,11 @@ class InferenceRoute(ModelRoute):
         if boundary is not None:
             values = request.args.get(b"model") or [b""]
             requested = values[0].decode("utf-8", "replace").strip()
-            if not requested:
-                raise BadRequest(400, "missing 'model' form field: it must name a model (see GET /v1/models)")
             model = self.resolve(requested)
             if model.use_model_name:
                 body = replace_multipart_field(body, boundary, b"model", model.use_model_name.encode("utf-8"))
         else:
+            body = strip_loading_text(body)
             requested, payload = parse_json_model(body)
             model = self.resolve(requested)
             if rewrite_payload(model, requested, payload):

@@ -20,7 +20,7 @@ from swapproxy.logs import proxy_logger
 from swapproxy.progress import LoadTracker
 from swapproxy.supervisor import Ticket
 from swapproxy.upstream import StartError
-from swapproxy.web.sse import SSE_HEADERS, ChatEvents, MessagesEvents
+from swapproxy.web.sse import LOADING_TEXT_END, LOADING_TEXT_START, SSE_HEADERS, ChatEvents, MessagesEvents
 
 log = proxy_logger("swapproxy.loading")
 
@@ -71,7 +71,7 @@ class LoadingStream:
             request.setHeader(name, value)
         text, status, key = self._describe()
         self._said(key)
-        self._write(self.events.opening() + self.events.text(text, status))
+        self._write(self.events.opening() + self.events.text(LOADING_TEXT_START + text, status))
         self._loop.start(TICK, now=False)
 
     def resume(self, ticket: Ticket) -> None:
@@ -83,7 +83,7 @@ class LoadingStream:
         text, status, key = self._describe()
         self._said(key)
         gone = f"\nModel {ticket.model_id} exited before it answered; starting it again."
-        self._write(self.events.text(gone + text, status))
+        self._write(self.events.text(LOADING_TEXT_START + gone + text, status))
         self._loop.start(TICK, now=False)
 
     def _said(self, key: tuple[Any, ...]) -> None:
@@ -108,7 +108,7 @@ class LoadingStream:
         model_id = self._ticket.model_id
         status = self._status("ready", 1.0, None)
         self._write(
-            self.events.text(f"\nModel {model_id} is ready (waited {_seconds(waited)}).\n\n", status)
+            self.events.text(f"\nModel {model_id} is ready (waited {_seconds(waited)}).\n\n{LOADING_TEXT_END}", status)
             + self.events.closing()
         )
 
@@ -123,7 +123,8 @@ class LoadingStream:
             reason = error.reason + (f". Last output: {error.last_lines[-1]}" if error.last_lines else "")
         else:
             reason = str(error)
-        self._write(self.events.text(f"\nModel {model_id} could not be started: {reason}\n", self._status("failed", None, None)))
+        text = f"\nModel {model_id} could not be started: {reason}\n{LOADING_TEXT_END}"
+        self._write(self.events.text(text, self._status("failed", None, None)))
 
     # -- ticking ------------------------------------------------------------------------------
 

@@ -175,7 +175,8 @@ def copy_response_head(request: Request, response: Any) -> bool:
     skip = HOP_BY_HOP | _connection_tokens(headers) | {b"content-length"}
     request.defaultContentType = None
     for name, values in headers.getAllRawHeaders():
-        if name.lower() not in skip:
+        # The CORS policy is swapproxy's (swapproxy.web.cors), not each model's.
+        if name.lower() not in skip and not name.lower().startswith(b"access-control-"):
             request.responseHeaders.setRawHeaders(name, values)
     if response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
         request.setHeader(b"content-length", str(response.length).encode("ascii"))

@@ -10,15 +10,26 @@ from typing import Any
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from swapproxy.config import CorsConfig
 from swapproxy.logbuffer import LogHistory
 from swapproxy.metrics import Metrics
 from swapproxy.progress import LoadHistory, LoadTracker
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.api import ApiUnload, Health, ModelList, Running, UnloadAll
 from swapproxy.web.auth import ApiKeys, Unauthorized
+from swapproxy.web.cors import CorsPolicy, Preflight
 from swapproxy.web.errors import NotFound
 from swapproxy.web.inference import InferenceRoute, UpstreamPassthrough
+from swapproxy.web.llamacpp import LLAMA_SERVER_ROUTES, LlamaServerRoute
 from swapproxy.web.monitor import EventStream, LogFollow, LogPage, MetricsPage, TokenMetrics
+from swapproxy.web.router_api import (
+    RouterEvents,
+    RouterLoad,
+    RouterModels,
+    RouterStatus,
+    RouterUnload,
+    props_for_swapproxy,
+)
 from swapproxy.web.site import SwapproxySite
 
 #: Routes whose model is named in the request body, forwarded to the same path upstream.
@@ -37,32 +48,14 @@ INFERENCE_ROUTES = (
     "/v1/responses",
     "/completion",
     "/infill",
+    # llama-server's aliases of the routes above
+    "/chat/completions",
+    "/completions",
+    "/responses",
+    "/embeddings",
+    "/embedding",
+    "/audio/transcriptions",
 )
-
-_DEFAULT_CORS_HEADERS = b"Content-Type, Authorization, Accept, X-Requested-With"
-_TOKEN_CHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-
-
-class Preflight(Resource):
-    """
-    Answers every CORS preflight (``OPTIONS``) as llama-swap does.
-    """
-
-    isLeaf = True
-
-    def render(self, request: Request) -> bytes:
-        request.setResponseCode(204)
-        request.setHeader(b"access-control-allow-origin", b"*")
-        request.setHeader(b"access-control-allow-methods", b"GET, POST, PUT, PATCH, DELETE, OPTIONS")
-        asked = request.getHeader(b"access-control-request-headers")
-        allowed = _DEFAULT_CORS_HEADERS
-        if asked is not None:
-            names = [n.strip() for n in asked.split(b",")]
-            allowed = b", ".join(n for n in names if n and set(n) <= _TOKEN_CHARS)
-        request.setHeader(b"access-control-allow-headers", allowed)
-        request.setHeader(b"access-control-max-age", b"86400")
-        return b""
-
 
 class Directory(Resource):
     """
@@ -79,25 +72,29 @@ class Directory(Resource):
 class Root(Directory):
     """
     The root; every ``OPTIONS`` request is a CORS preflight, whatever its path, and every other
-    request passes the ``apiKeys`` check before any route is looked up.
+    request gets the CORS policy's headers, then passes the ``apiKeys`` check, before any route
+    is looked up.
 
     :param api_keys: who may use which route (everyone, when ``None``).
+    :param cors: the CORS policy (the default ``cors`` section's when ``None``).
     """
 
-    def __init__(self, api_keys: ApiKeys | None = None) -> None:
+    def __init__(self, api_keys: ApiKeys | None = None, cors: CorsPolicy | None = None) -> None:
         super().__init__()
         self.api_keys = api_keys
+        self.cors = cors if cors is not None else CorsPolicy(CorsConfig)
 
     def getChildWithDefault(self, path: bytes, request: Request) -> Resource:
         if request.method == b"OPTIONS":
-            return Preflight()
+            return Preflight(self.cors)
+        self.cors.apply(request)
         if self.api_keys is not None and not self.api_keys.admit(request, path):
             return Unauthorized()
         return super().getChildWithDefault(path, request)
 
     def render(self, request: Request) -> bytes:
         if request.method == b"OPTIONS":
-            return Preflight().render(request)
+            return Preflight(self.cors).render(request)
         return NotFound().render(request)
 
 
@@ -121,7 +118,7 @@ def mount(root: Resource, path: str, resource: Resource) -> None:
 
 
 #: The routes that answer a streaming request for a loading model with the loading stream.
-LOADING_DIALECTS = {"/v1/chat/completions": "chat", "/v1/messages": "messages"}
+LOADING_DIALECTS = {"/v1/chat/completions": "chat", "/chat/completions": "chat", "/v1/messages": "messages"}
 
 
 def build_root(
@@ -150,10 +147,20 @@ def build_root(
         trackers[upstream.model.id] = LoadTracker(upstream, reactor, history)
 
     supervisor.each_upstream(track)
-    root = Root(ApiKeys(lambda: supervisor.config.api_keys))
+    root = Root(ApiKeys(lambda: supervisor.config.api_keys), CorsPolicy(lambda: supervisor.config.cors))
     for path in INFERENCE_ROUTES:
         mount(root, path, InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path), metrics))
+    for path in LLAMA_SERVER_ROUTES:
+        unnamed = props_for_swapproxy(supervisor) if path == "/props" else None
+        route = LlamaServerRoute(supervisor, reactor, trackers, metrics=metrics, numbered=path == "/slots",
+                                 unnamed=unnamed)
+        mount(root, path, route)
     mount(root, "/upstream", UpstreamPassthrough(supervisor, reactor, trackers, metrics=metrics))
+    status = RouterStatus(supervisor, trackers, reactor)
+    mount(root, "/models", RouterModels(status, reactor))
+    mount(root, "/models/load", RouterLoad(supervisor))
+    mount(root, "/models/unload", RouterUnload(supervisor))
+    mount(root, "/models/sse", RouterEvents(status, reactor))
     mount(root, "/v1/models", ModelList(supervisor, reactor))
     mount(root, "/health", Health())
     mount(root, "/running", Running(supervisor, reactor))

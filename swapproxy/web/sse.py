@@ -17,6 +17,13 @@ from typing import Any
 
 from swapproxy.web.errors import error_object
 
+#: What the loading text starts and ends with, wherever it goes (``reasoning_content``,
+#: ``reasoning``, ``content``, an Anthropic ``thinking`` block): two runs of zero-width characters
+#: that no model writes, invisible in a client and kept by any client that sends the text back,
+#: so that `swapproxy.web.filters.strip_loading_text` finds it in the next request's history.
+LOADING_TEXT_START = "\u200b\u2060\u200c\u2060\u200d"
+LOADING_TEXT_END = "\u200d\u2060\u200c\u2060\u200b"
+
 SSE_HEADERS = (
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -37,6 +44,7 @@ def comment(text: str) -> bytes:
     """
     An SSE comment line per line of ``text`` (clients must ignore them), ending the event block.
     """
+    text = text.replace(LOADING_TEXT_START, "").replace(LOADING_TEXT_END, "")
     lines = [line for line in text.splitlines() if line.strip()] or [""]
     return b"".join(b": " + line.encode("utf-8") + b"\n" for line in lines) + b"\n"
 

@@ -1,0 +1,429 @@
+# -*- test-case-name: tests.test_router_api -*-
+"""
+llama.cpp's router-mode API, served with swapproxy's models: ``GET /models``,
+``POST /models/load``, ``POST /models/unload``, ``GET /models/sse`` and the router's ``/props``.
+
+Clients build model pickers and progress bars on this API (llama.cpp's web UI, Open WebUI,
+pocketpal, agent plugins). The shapes are those of llama.cpp's ``tools/server/README.md`` and its
+``server-models.cpp``:
+
+* a model's ``status`` is ``{"value": "unloaded" | "loading" | "loaded", "args": [...]}``; a
+  model whose last start failed is ``"unloaded"`` with ``"failed": true`` and its ``exit_code``;
+  while it loads, ``progress`` is ``{"stages": ["text_model"], "current": "text_model", "value":
+  0..1}``, the same numbers the loading stream shows (`swapproxy.progress.LoadTracker`);
+* each ``/models/sse`` event is one ``data:`` line of ``{"model", "event", "data"}``:
+  ``model_status`` ``{"status": "loading"}`` when a start begins, ``status_change`` with
+  ``{"status": "loading", "progress": ...}`` as the load moves, ``{"status": "loaded", "info":
+  ...}`` when it is ready, and ``{"status": "unloaded", "exit_code": N}`` when it ends (N is not
+  0 when the start failed);
+* errors are llama.cpp's ``{"error": {"code": <status>, "message", "type"}}``.
+
+``POST /models/load`` answers at once, as the router does, and the load goes on (watch
+``/models/sse``); it goes through the supervisor's queue like any request, so it swaps other
+models out as a request would. ``POST /models/unload`` answers once the model has stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from swapproxy import __version__
+from swapproxy.config import ModelConfig
+from swapproxy.logs import proxy_logger
+from swapproxy.progress import LoadTracker
+from swapproxy.supervisor import Rejected, Supervisor
+from swapproxy.upstream import StartError, State, Upstream
+from swapproxy.web.api import JSONResource
+from swapproxy.web.errors import NotFound
+from swapproxy.web.live import LiveWriter, dropped_event_marker
+from swapproxy.web.render import ClientState, render_async
+from swapproxy.web.sse import SSE_HEADERS, comment
+
+log = proxy_logger("swapproxy.router_api")
+
+#: Seconds between progress checks while a model loads and someone watches ``/models/sse``, for
+#: the part of the progress that comes from the time previous loads took (output moves it at once).
+PROGRESS_TICK = 1.0
+#: Seconds between the ``: ping`` comments of ``/models/sse``, which keep proxies from closing it.
+HEARTBEAT = 15.0
+
+_VALUES = {
+    State.STOPPED: "unloaded",
+    State.FAILED: "unloaded",
+    State.STARTING: "loading",
+    State.READY: "loaded",
+    State.STOPPING: "loaded",  # the router too says "loaded" until the process has exited
+}
+_STAGES = ["text_model"]
+
+
+def llama_error(request: Request, status: int, message: str, error_type: str = "invalid_request_error") -> bytes:
+    """
+    Set ``request``'s status; return llama.cpp's error body.
+    """
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json; charset=utf-8")
+    return _json({"error": {"code": status, "message": message, "type": error_type}})
+
+
+def _json(payload: Any) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _exit_code(upstream: Upstream) -> int:
+    """
+    The router's ``exit_code``: 0 for a model that stopped, never 0 for one whose start failed
+    (even if its process exited with 0, or was killed), since clients tell the two apart by it.
+    """
+    error = upstream.last_error
+    if upstream.state is State.FAILED:
+        return error.exit_code if error is not None and error.exit_code else 1
+    return 0
+
+
+class RouterStatus:
+    """
+    Every listed model's status in the router's terms, and the ``/models/sse`` events of its
+    changes.
+
+    :param supervisor: whose models, followed through reloads.
+    :param trackers: each model's `LoadTracker`, whose numbers become ``progress``.
+    :param clock: drives the progress check of a load that prints nothing for a while.
+    """
+
+    def __init__(self, supervisor: Supervisor, trackers: Mapping[str, LoadTracker], clock: Any) -> None:
+        self._supervisor = supervisor
+        self._trackers = trackers
+        self._subscribers: list[Callable[[bytes], None]] = []
+        self._sent_progress: dict[str, float] = {}
+        self._ticker = LoopingCall(self._tick)
+        self._ticker.clock = clock
+        supervisor.each_upstream(self._watch)
+
+    def _watch(self, upstream: Upstream) -> None:
+        upstream.state_observers.append(self._state_changed)
+        upstream.line_observers.append(self._output)
+        upstream.output_observers.append(self._output)
+
+    def _current(self, upstream: Upstream) -> bool:
+        # A process a reload replaced still reports; its model's status is the new one's.
+        return self._supervisor.upstreams.get(upstream.model.id) is upstream and not upstream.model.unlisted
+
+    # -- the status of GET /models ------------------------------------------------------------
+
+    def progress(self, model_id: str) -> dict[str, Any]:
+        """
+        How far the model's load has got, as the router reports it.
+        """
+        tracker = self._trackers.get(model_id)
+        fraction = tracker.snapshot().fraction if tracker is not None else None
+        return {"stages": _STAGES, "current": _STAGES[0], "value": round(fraction or 0.0, 3)}
+
+    def status(self, upstream: Upstream) -> dict[str, Any]:
+        """
+        The ``status`` object of one model in ``GET /models``.
+        """
+        status: dict[str, Any] = {"value": _VALUES[upstream.state], "args": list(upstream.model.cmd)}
+        if upstream.state is State.STARTING:
+            status["progress"] = self.progress(upstream.model.id)
+        elif upstream.state is State.FAILED:
+            status["failed"] = True
+            status["exit_code"] = _exit_code(upstream)
+        return status
+
+    def listing(self, created: int) -> dict[str, Any]:
+        """
+        The body of ``GET /models``: every listed model, in id order.
+        """
+        data = []
+        for model_id, upstream in sorted(self._supervisor.upstreams.items()):
+            model = upstream.model
+            if model.unlisted:
+                continue
+            entry: dict[str, Any] = {
+                "id": model_id,
+                "aliases": list(model.aliases),
+                "tags": [],
+                "object": "model",
+                "owned_by": "swapproxy",
+                "created": created,
+                "status": self.status(upstream),
+                "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
+                "source": "preset",
+                "can_remove": False,
+            }
+            if model.name.strip():
+                entry["name"] = model.name.strip()
+            if model.description.strip():
+                entry["description"] = model.description.strip()
+            data.append(entry)
+        return {"data": data, "object": "list"}
+
+    # -- events -------------------------------------------------------------------------------
+
+    def subscribe(self, send: Callable[[bytes], None]) -> Callable[[], None]:
+        """
+        Call ``send`` with each event, framed (``data: {...}\\n\\n``), until the returned function
+        is called.
+        """
+        self._subscribers.append(send)
+        self._keep_ticking()
+
+        def unsubscribe() -> None:
+            if send in self._subscribers:
+                self._subscribers.remove(send)
+            self._keep_ticking()
+
+        return unsubscribe
+
+    def _publish(self, model_id: str, event: str, data: dict[str, Any]) -> None:
+        frame = b"data: " + _json({"model": model_id, "event": event, "data": data}) + b"\n\n"
+        for send in list(self._subscribers):
+            try:
+                send(frame)
+            except Exception:
+                log.failure("sending a /models/sse event")
+
+    def _state_changed(self, upstream: Upstream, old: State, new: State) -> None:
+        if not self._current(upstream):
+            return
+        model_id = upstream.model.id
+        if new is State.STARTING:
+            self._sent_progress.pop(model_id, None)
+            self._publish(model_id, "model_status", {"status": "loading"})
+            self._progress_moved(upstream)
+        elif new is State.READY:
+            self._sent_progress.pop(model_id, None)
+            model = upstream.model
+            self._publish(model_id, "status_change",
+                          {"status": "loading", "progress": {"stages": _STAGES, "current": _STAGES[0], "value": 1.0}})
+            info = {"id": model_id, "aliases": list(model.aliases), "tags": [], "object": "model",
+                    "created": int(upstream.ready_at or 0), "owned_by": "swapproxy"}
+            self._publish(model_id, "status_change", {"status": "loaded", "info": info})
+        elif new in (State.STOPPED, State.FAILED) and old is not State.STOPPED:
+            self._sent_progress.pop(model_id, None)
+            self._publish(model_id, "status_change", {"status": "unloaded", "exit_code": _exit_code(upstream)})
+        self._keep_ticking()
+
+    def _output(self, upstream: Upstream, _: Any) -> None:
+        if upstream.state is State.STARTING and self._subscribers and self._current(upstream):
+            self._progress_moved(upstream)
+
+    def _progress_moved(self, upstream: Upstream) -> None:
+        """
+        Send the load's progress if it moved by a percent or more since it was last sent.
+        """
+        model_id = upstream.model.id
+        progress = self.progress(model_id)
+        last = self._sent_progress.get(model_id)
+        if last is not None and abs(progress["value"] - last) < 0.01:
+            return
+        self._sent_progress[model_id] = progress["value"]
+        self._publish(model_id, "status_change", {"status": "loading", "progress": progress})
+
+    def _loading(self) -> list[Upstream]:
+        return [u for u in self._supervisor.upstreams.values() if u.state is State.STARTING and self._current(u)]
+
+    def _keep_ticking(self) -> None:
+        # Only while someone listens and something loads: nothing runs when all is quiet.
+        wanted = bool(self._subscribers) and bool(self._loading())
+        if wanted and not self._ticker.running:
+            self._ticker.start(PROGRESS_TICK, now=False)
+        elif not wanted and self._ticker.running:
+            self._ticker.stop()
+
+    def _tick(self) -> None:
+        for upstream in self._loading():
+            self._progress_moved(upstream)
+        self._keep_ticking()
+
+
+def _model_named(request: Request, supervisor: Supervisor) -> tuple[str, ModelConfig | None]:
+    """
+    The ``model`` of a JSON request body, and the model it names (``None`` when it names none).
+
+    :raises ValueError: the body is not a JSON object naming a model; the message says why.
+    """
+    body = request.content.read()
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"request body is not valid JSON: {e}") from None
+    name = payload.get("model") if isinstance(payload, dict) else None
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError('request body must be a JSON object with a "model" field naming a model (see GET /models)')
+    return name.strip(), supervisor.config.resolve(name.strip())
+
+
+class RouterModels(JSONResource):
+    """
+    ``GET /models``: every listed model with its router status (``?reload`` is accepted and
+    ignored: swapproxy reloads its config on SIGHUP or with ``--watch-config``).
+    """
+
+    def __init__(self, status: RouterStatus, clock: Any) -> None:
+        super().__init__()
+        self._status = status
+        self._clock = clock
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        if path == b"":
+            return self
+        return NotFound()
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        return _json(self._status.listing(int(self._clock.seconds())))
+
+
+class _ModelAction(Resource):
+    """
+    A ``POST`` of ``{"model": ...}`` on the router API: the method and the body are checked
+    here, the action is the subclass's `act`.
+    """
+
+    isLeaf = True
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        super().__init__()
+        self._supervisor = supervisor
+
+    def render(self, request: Request) -> bytes | int:
+        if request.method != b"POST":
+            request.setHeader(b"allow", b"POST")
+            method = request.method.decode("ascii", "replace")
+            return llama_error(request, 405, f"{method} is not allowed here; use POST")
+        try:
+            name, model = _model_named(request, self._supervisor)
+        except ValueError as e:
+            return llama_error(request, 400, str(e))
+        return self.act(request, name, model)
+
+    def act(self, request: Request, name: str, model: ModelConfig | None) -> bytes | int:
+        raise NotImplementedError  # pragma: no cover
+
+
+class RouterLoad(_ModelAction):
+    """
+    ``POST /models/load`` ``{"model": ...}``: start loading the model; ``{"success": true}`` at
+    once.
+    """
+
+    def act(self, request: Request, name: str, model: ModelConfig | None) -> bytes:
+        if model is None:
+            listed = ", ".join(m.id for m in self._supervisor.config.models.values() if not m.unlisted)
+            return llama_error(request, 404, f"model {name!r} is not found; available models: {listed or '(none)'}",
+                               "not_found_error")
+        if self._supervisor.upstreams[model.id].state in (State.STARTING, State.READY):
+            return llama_error(request, 400, "model is already running")
+        try:
+            ticket = self._supervisor.request(model.id)
+        except Rejected as e:
+            return llama_error(request, e.status, str(e), e.error_type)
+        ticket.wait().addCallbacks(lambda lease: lease.release(), self._failed, errbackArgs=(model.id,))
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        return _json({"success": True})
+
+    @staticmethod
+    def _failed(failure: Failure, model_id: str) -> None:
+        # The client has its answer; /models and /models/sse report the failure.
+        if failure.check(StartError, Rejected):
+            log.info("loading {model} for POST /models/load failed: {error}", model=model_id,
+                     error=failure.getErrorMessage())
+        else:
+            log.failure("loading {model} for POST /models/load", failure, model=model_id)
+
+
+class RouterUnload(_ModelAction):
+    """
+    ``POST /models/unload`` ``{"model": ...}``: stop the model; ``{"success": true}`` once it
+    has stopped.
+    """
+
+    def act(self, request: Request, name: str, model: ModelConfig | None) -> bytes | int:
+        if model is None:
+            return llama_error(request, 400, "model is not found")
+        if self._supervisor.upstreams[model.id].state in (State.STOPPED, State.FAILED):
+            return llama_error(request, 400, "model is not running")
+        model_id = model.id
+        return render_async(request, lambda client: self._unload(request, model_id))
+
+    async def _unload(self, request: Request, model_id: str) -> None:
+        await self._supervisor.unload(model_id)
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        request.write(_json({"success": True}))
+
+
+class RouterEvents(JSONResource):
+    """
+    ``GET /models/sse``: each model's status changes and load progress, as they happen, until
+    the client leaves; a ``: ping`` comment every 15 s keeps proxies from closing it. A reader
+    that does not keep up loses whole events, never swapproxy's memory (`LiveWriter`).
+    """
+
+    isLeaf = True
+
+    def __init__(self, status: RouterStatus, clock: Any) -> None:
+        super().__init__()
+        self._status = status
+        self._clock = clock
+
+    def render_GET(self, request: Request) -> int:
+        return render_async(request, lambda client: self._events(request, client))
+
+    async def _events(self, request: Request, client: ClientState) -> None:
+        request.setResponseCode(200)
+        request.defaultContentType = None
+        for name, value in SSE_HEADERS:
+            request.setHeader(name, value)
+        request.write(b"")  # the head goes out now: the first event may be a long way off
+        writer = LiveWriter(request, dropped_event_marker)
+        unsubscribe = self._status.subscribe(writer.write)
+        heartbeat = LoopingCall(writer.write, comment("ping"))
+        heartbeat.clock = self._clock
+        heartbeat.start(HEARTBEAT, now=False)
+        try:
+            await Deferred()  # render_async cancels it when the client hangs up
+        finally:
+            heartbeat.stop()
+            unsubscribe()
+            writer.close(client.gone)
+
+
+def router_props(supervisor: Supervisor) -> dict[str, Any]:
+    """
+    ``GET /props`` for swapproxy itself, in the router's shape: ``role`` ``router`` tells a
+    client to look at ``/models``.
+    """
+    config = supervisor.config
+    # The most models that can run side by side: one per swapping group, all the others.
+    most = sum(1 if group.swap else len(group.members) for group in config.groups.values() if group.members)
+    return {
+        "role": "router",
+        "max_instances": most,
+        "models_autoload": True,
+        "model_alias": "swapproxy",
+        "model_path": "none",
+        "default_generation_settings": {"params": None, "n_ctx": 0},
+        "build_info": f"swapproxy {__version__}",
+    }
+
+
+def props_for_swapproxy(supervisor: Supervisor) -> Callable[[Request], bytes]:
+    """
+    What ``GET /props`` answers when it names no model and there is no default model.
+    """
+
+    def answer(request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        return _json(router_props(supervisor))
+
+    return answer
