@@ -152,11 +152,12 @@ class LoadTracker:
         self._partial = ""
 
     def _state_changed(self, upstream: Upstream, old: State, new: State) -> None:
-        if new is State.STARTING:
-            self._reset()
-        elif new is State.READY and old is State.STARTING and upstream.started_at is not None:
+        if new is State.READY and old is State.STARTING and upstream.started_at is not None:
             assert upstream.ready_at is not None
             self._history.record(upstream.model.id, self._command, upstream.ready_at - upstream.started_at)
+        if new is State.STARTING or old is State.STARTING:
+            # Also when a load ends, so that whoever looks first at the next load sees no stale stage.
+            self._reset()
 
     def _line(self, upstream: Upstream, line: str) -> None:
         if upstream.state is not State.STARTING:

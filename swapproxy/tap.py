@@ -24,6 +24,7 @@ from swapproxy.metrics import Metrics
 from swapproxy.progress import LoadHistory
 from swapproxy.reload import WATCH_INTERVAL, ConfigReloader
 from swapproxy.statefile import default_state_dir
+from swapproxy.store import DEFAULT_FILE, ActivityStore
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.root import build_site
 
@@ -117,7 +118,14 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         watch_interval=WATCH_INTERVAL if options["watch-config"] else None,
     ).setServiceParent(root)
     history = LoadHistory(os.path.join(state_dir, "load-times.json"))
-    site = build_site(supervisor, reactor, history, logs=logs, metrics=Metrics(supervisor, reactor))
+    # Before the listeners: it stops after them, once the last requests are written.
+    activity = ActivityStore(
+        config.store_path or os.path.join(state_dir, DEFAULT_FILE), reactor, lambda: supervisor.config.store_max_rows
+    )
+    activity.setServiceParent(root)
+    site = build_site(
+        supervisor, reactor, history, logs=logs, metrics=Metrics(supervisor, reactor), activity=activity
+    )
     for endpoint in options["listen"]:
         strports.service(endpoint, site, reactor=reactor).setServiceParent(root)
     log.info(

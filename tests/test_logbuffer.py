@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -22,6 +22,7 @@ from swapproxy import tap
 from swapproxy.logbuffer import LogHistory, LogRouting, LogStream, timestamp_formatter
 from swapproxy.logs import proxy_logger, set_log_level, upstream_logger
 from swapproxy.web.live import LiveWriter, dropped_log_marker
+from tests.fakes import ThreadedMemoryReactor
 from tests.test_tap import GOOD, ConfigFileMixin
 from tests.test_web import Harness, header
 
@@ -627,7 +628,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         config = self.write_config(GOOD + '    logToStdout: upstream\n    logTimeFormat: "%Y"\n')
         options = tap.Options()
         options.parseOptions(["-c", config, "--state-dir", self.mktemp(), "-l", "tcp:9001"])
-        reactor = MemoryReactorClock()
+        reactor = ThreadedMemoryReactor()
         service = tap.makeService(options, reactor)
         events = capture_global(self)
         service.startService()

@@ -16,7 +16,7 @@ import textwrap
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, IServiceMaker, MultiService
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, capturedLogs
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -26,7 +26,9 @@ from swapproxy import __version__, tap
 from swapproxy.logbuffer import LogRouting
 from swapproxy.logs import set_log_level
 from swapproxy.reload import ConfigReloader
+from swapproxy.store import ActivityStore
 from swapproxy.supervisor import Supervisor
+from tests.fakes import ThreadedMemoryReactor
 from tests.helpers import TWISTD
 
 GOOD = """
@@ -123,7 +125,7 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
 
     def setUp(self) -> None:
         self.addCleanup(set_log_level, "info")
-        self.reactor = MemoryReactorClock()
+        self.reactor = ThreadedMemoryReactor()
         self.state_dir = self.mktemp()
 
     def make(self, config_text: str, *listen: str) -> MultiService:
@@ -138,8 +140,8 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
 
     def test_services(self) -> None:
         """
-        The log routing first, one supervisor, one config reloader and one listening service per
-        --listen.
+        The log routing first, one supervisor, one config reloader, the activity store and one
+        listening service per --listen.
         """
         service = self.make(GOOD, "tcp:9001", "tcp:9002:interface=127.0.0.1")
         children = list(service)
@@ -150,7 +152,8 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(len(servers), 2)
         self.assertEqual(len(reloaders), 1)
         self.assertIsInstance(children[0], LogRouting)
-        self.assertEqual(len(children), 5)
+        self.assertEqual(len([c for c in children if isinstance(c, ActivityStore)]), 1)
+        self.assertEqual(len(children), 6)
         self.assertEqual(sorted(supervisors[0].config.models), ["llama", "qwen"])
         for child in children:
             self.assertTrue(IService.providedBy(child))
@@ -200,7 +203,7 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
         for flag, polls in (([], 0), (["--watch-config"], 1)):
             options = tap.Options()
             options.parseOptions(["-c", self.write_config(GOOD), "--state-dir", self.state_dir, *flag])
-            reactor = MemoryReactorClock()
+            reactor = ThreadedMemoryReactor()
             service = tap.makeService(options, reactor)
             before = signal.getsignal(signal.SIGHUP)
             service.startService()

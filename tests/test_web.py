@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -164,6 +165,8 @@ class FakeUpstream:
         self.started_at: float | None = None
         self.ready_at: float | None = None
         self.health_status = ""
+        self.last_error: StartError | None = None
+        self.recent_lines: deque[str] = deque(maxlen=50)
         self.client: Any = None
         self.agent = RequestTraversalAgent(server.resource(model.id))
         #: What C{client} becomes when the model is ready; tests may replace it.
@@ -219,6 +222,7 @@ class FakeUpstream:
     def fail_start(self, error: StartError) -> None:
         self.client = None
         self.pid = None
+        self.last_error = error
         self._set_state(State.FAILED)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -228,6 +232,7 @@ class FakeUpstream:
         if self.running:
             self.stops += 1
             self.client = None
+            self._set_state(State.STOPPING)
             self.pid = None
             self._set_state(State.STOPPED)
         return succeed(None)
@@ -692,7 +697,7 @@ class RoutingTests(ErrorAssertions, SynchronousTestCase):
         A path swapproxy does not serve is a JSON 404 naming it.
         """
         for path in [
-            "/v2/chat/completions", "/nothing", "/", "/v1", "/api/models",
+            "/v2/chat/completions", "/nothing", "/v1", "/api/models",
             "/v1/chat/completions/extra", "/v1/messages/count_tokens/x",
         ]:
             for method in ["GET", "POST"]:
