@@ -221,25 +221,25 @@ class ActivityStore(Service):
 
         Without a database, from the rows kept in memory.
         """
-        if self._database is None:
-            rows = [
-                row
-                for row in reversed(self.recent)
-                if (before is None or row["time"] < before) and (model is None or row["model"] == model)
-            ]
-            return succeed(rows[:limit])
-        database = self._database
 
-        def query(_: object) -> Deferred[list[Row]]:
-            return self._in_thread(database.newest, limit, before, model)
+        def query(_: object) -> list[Row] | Deferred[list[Row]]:
+            if self._database is None:
+                rows = [
+                    row
+                    for row in reversed(self.recent)
+                    if (before is None or row["time"] < before) and (model is None or row["model"] == model)
+                ]
+                return rows[:limit]
+            return self._in_thread(self._database.newest, limit, before, model)
 
         return self.flush().addCallback(query)
 
     def flush(self) -> Deferred[None]:
         """
-        A Deferred that fires once every row recorded so far is written (or given up on).
+        A Deferred that fires once the database is open and every row recorded so far is written
+        (or given up on).
         """
-        if self._database is None or (not self._pending and self._busy is None):
+        if self.path is None or (not self._pending and self._busy is None):
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._flushed.append(waiter)
@@ -265,9 +265,6 @@ class ActivityStore(Service):
 
     def _opened(self, result: tuple[_Database, list[Row]]) -> None:
         self._busy = None
-        if not self.running:
-            result[0].close()
-            return
         self._database, rows = result
         # Oldest first, then whatever was recorded while the database opened.
         earlier = list(reversed(rows))

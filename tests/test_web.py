@@ -206,6 +206,25 @@ class FakeUpstream:
                 self.become_ready()
         return waiter
 
+    def emit(self, text: str) -> None:
+        """
+        The "process" prints ``text``: output observers see it as it is, line observers line by line.
+        """
+        for observer in list(self.output_observers):
+            observer(self, text.encode())
+        for line in text.splitlines():
+            self.recent_lines.append(line)
+            for line_observer in list(self.line_observers):
+                line_observer(self, line)
+
+    def crash(self) -> None:
+        """
+        The process of a ready model dies by itself.
+        """
+        self.client = None
+        self.pid = None
+        self._set_state(State.STOPPED)
+
     def become_ready(self) -> None:
         self.ready_at = self.clock.seconds()
         self.client = self.make_client()
