@@ -223,6 +223,9 @@ class EventStream(JSONResource):
         return [({"source": "proxy"}, self._logs.proxy), ({"source": "upstream"}, self._logs.upstream)]
 
     async def _events(self, request: Request, client: ClientState, logs: bytes | None, with_activity: bool) -> None:
+        if with_activity:
+            # Just after a start, the history is still being read from the database.
+            await self._activity.flush()
         request.setResponseCode(200)
         request.defaultContentType = None
         for name, value in SSE_HEADERS:
