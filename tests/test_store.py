@@ -189,3 +189,35 @@ class ThreadTests(TestCase):
         again.startService()
         self.addCleanup(again.stopService)
         self.assertEqual(await again.older(10), [row(2), row(1), row(0)])
+
+
+class StoreConfigTests(SynchronousTestCase):
+    """
+    The ``store`` keys of the configuration (llama-swap's ``store.path``, and ``maxRows``).
+    """
+
+    def parse(self, store: str) -> Any:
+        from swapproxy.config import parse_config
+
+        return parse_config("models:\n  m:\n    cmd: server --port ${PORT}\n" + store, "config.yaml", {})
+
+    def test_defaults(self) -> None:
+        config = self.parse("")
+        self.assertEqual((config.store_path, config.store_max_rows), ("", 10000))
+        self.assertEqual(config.warnings, ())
+
+    def test_keys(self) -> None:
+        config = self.parse("store:\n  path: ~/activity.db\n  maxRows: 50\n")
+        self.assertEqual((config.store_path, config.store_max_rows), (os.path.expanduser("~/activity.db"), 50))
+
+    def test_bad_values(self) -> None:
+        from swapproxy.config import ConfigError
+
+        for store, message in [
+            ("store:\n  maxRows: 0\n", "config.yaml: store.maxRows: must be an integer >= 1, got 0"),
+            ("store:\n  path: 3\n", "config.yaml: store.path: must be a string, got 3"),
+            ("store: here\n", "config.yaml: store: must be a mapping"),
+        ]:
+            with self.assertRaises(ConfigError) as raised:
+                self.parse(store)
+            self.assertTrue(str(raised.exception).startswith(message), str(raised.exception))
