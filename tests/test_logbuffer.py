@@ -632,6 +632,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         service = tap.makeService(options, reactor)
         events = capture_global(self)
         service.startService()
+        reactor.run_from_threads()  # the activity database is open
         try:
             proxy_logger("tests.logbuffer").info("a proxy line")
             upstream_logger("qwen").info("[{model}] {line}", model="qwen", line="a model line")

@@ -161,6 +161,7 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
     def test_default_listen(self) -> None:
         service = self.make(GOOD)
         service.startService()
+        self.reactor.run_from_threads()  # the activity database is open
         self.addCleanup(service.stopService)
         self.assertEqual([port for port, *_ in self.reactor.tcpServers], [8080])
 
@@ -171,6 +172,7 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
         """
         service = self.make(GOOD, "tcp:9001", "tcp:9002:interface=127.0.0.1")
         service.startService()
+        self.reactor.run_from_threads()  # the activity database is open
         ports = [(port, interface) for port, _, _, interface in self.reactor.tcpServers]
         self.assertEqual(ports, [(9001, ""), (9002, "127.0.0.1")])
         for _, factory, _, _ in self.reactor.tcpServers:
@@ -207,6 +209,7 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
             service = tap.makeService(options, reactor)
             before = signal.getsignal(signal.SIGHUP)
             service.startService()
+            reactor.run_from_threads()  # the activity database is open
             self.assertNotEqual(signal.getsignal(signal.SIGHUP), before)
             self.assertEqual([call.getTime() for call in reactor.getDelayedCalls()], [2.0] * polls)
             self.successResultOf(service.stopService())

@@ -10,6 +10,7 @@ in its temporary directory (``_trial_temp/.../failure.png``).
 
 from __future__ import annotations
 
+import base64
 import functools
 import os
 import signal
@@ -325,8 +326,6 @@ class KeyTests(DashboardTestCase):
         )
         self.assertEqual([status for status, _ in answers], [401, 401, 401, 401])
         self.assertFalse(any(model_id in body for _, body in answers for model_id in MODELS))
-
-        import base64
 
         credentials = base64.b64encode(f"me:{KEY}".encode()).decode()
         await in_thread(browser.send_header, "Authorization", f"Basic {credentials}")

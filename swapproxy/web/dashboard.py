@@ -100,14 +100,15 @@ class Dashboard(JSONResource):
 
 class Redirect(JSONResource):
     """
-    ``GET /``: a redirect to the dashboard.
+    ``GET /``: a redirect to the dashboard; nothing below it (``//host/path`` is no route).
     """
-
-    isLeaf = True
 
     def __init__(self, location: bytes) -> None:
         super().__init__()
         self._location = location
+
+    def getChild(self, path: bytes, request: Request) -> Resource:
+        return NotFound()
 
     def render_GET(self, request: Request) -> bytes:
         return redirect(request, self._location)

@@ -27,6 +27,7 @@ export class LogsView {
     this.seq = 0;
     this.shownUpTo = 0;
     this.frameRequested = false;
+    this.modelsShown = null;
     select.addEventListener("change", () => {
       this.view = select.value;
       this.redraw();
@@ -62,6 +63,9 @@ export class LogsView {
 
   /** The configured models, for the choice of log. */
   setModels(ids) {
+    const key = ids.join("\n");
+    if (key === this.modelsShown) return; // a redrawn list would close it under the reader's pointer
+    this.modelsShown = key;
     const choices = [
       [PROXY, "swapproxy"],
       [ALL_MODELS, "All models"],
