@@ -24,18 +24,17 @@ from typing import Any
 
 from twisted.internet.task import LoopingCall
 
-from swapproxy.logs import proxy_logger
 from swapproxy.progress import LoadTracker
+from swapproxy.subscribers import Subscribers
 from swapproxy.supervisor import Supervisor
 from swapproxy.upstream import State, Upstream
-
-log = proxy_logger("swapproxy.board")
 
 #: Seconds between two looks at the progress of a loading model (the loading stream's tick).
 TICK = 0.25
 #: How many of a model's last output lines are kept with its last failure.
 FAILURE_LINES = 10
 
+#: Called with the kind of change (``modelStatus`` or ``model``) and its payload.
 Subscriber = Callable[[str, Any], None]
 
 
@@ -57,7 +56,7 @@ class ModelBoard:
         self._supervisor = supervisor
         self._clock = clock
         self._trackers = trackers
-        self._subscribers: list[Subscriber] = []
+        self._subscribers = Subscribers("model board")
         self._sent: dict[str, tuple[Any, ...]] = {}
         self._last_load: dict[str, float] = {}
         self._last_failure: dict[str, dict[str, Any]] = {}
@@ -76,27 +75,18 @@ class ModelBoard:
         """
         if not self._subscribers:
             self._sent = {model_id: self._key(model_id) for model_id in self._supervisor.upstreams}
-        self._subscribers.append(subscriber)
+        remove = self._subscribers.add(subscriber)
         self._update_ticker()
 
         def unsubscribe() -> None:
-            if subscriber in self._subscribers:
-                self._subscribers.remove(subscriber)
-                self._update_ticker()
+            remove()
+            self._update_ticker()
 
         return unsubscribe
 
-    def _publish(self, kind: str, payload: Any) -> None:
-        for subscriber in list(self._subscribers):
-            try:
-                subscriber(kind, payload)
-            except Exception:
-                self._subscribers.remove(subscriber)
-                log.failure("model board subscriber {subscriber!r} failed; removed", subscriber=subscriber)
-
     def _publish_all(self) -> None:
         self._sent = {model_id: self._key(model_id) for model_id in self._supervisor.upstreams}
-        self._publish("modelStatus", self.entries())
+        self._subscribers.publish("modelStatus", self.entries())
 
     def _update_ticker(self) -> None:
         loading = any(up.state is State.STARTING for up in self._supervisor.upstreams.values())
@@ -159,7 +149,7 @@ class ModelBoard:
             key = self._key(model_id)
             if key != self._sent[model_id]:
                 self._sent[model_id] = key
-                self._publish("model", self.entry(model_id))
+                self._subscribers.publish("model", self.entry(model_id))
 
     # -- entries ----------------------------------------------------------------------------------
 

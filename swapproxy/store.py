@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from swapproxy.logs import proxy_logger
+from swapproxy.subscribers import Subscribers
 
 log = proxy_logger("swapproxy.store")
 
@@ -174,7 +175,7 @@ class ActivityStore(Service):
         self._max_rows = max_rows if callable(max_rows) else (lambda: max_rows)
         self.recent: deque[Row] = deque(maxlen=recent)
         self._pending: deque[Row] = deque(maxlen=PENDING_LIMIT)
-        self._subscribers: list[Subscriber] = []
+        self._subscribers = Subscribers("activity")
         self._database: _Database | None = None
         self._busy: Deferred[Any] | None = None
         self._flushed: list[Deferred[None]] = []
@@ -189,8 +190,7 @@ class ActivityStore(Service):
 
         :returns: a function that unsubscribes (calling it twice is harmless).
         """
-        self._subscribers.append(subscriber)
-        return lambda: self._subscribers.remove(subscriber) if subscriber in self._subscribers else None
+        return self._subscribers.add(subscriber)
 
     def metrics_event(self, kind: str, payload: Any) -> None:
         """
@@ -207,12 +207,7 @@ class ActivityStore(Service):
         if self.path is not None:
             self._pending.append(row)
             self._write_pending()
-        for subscriber in list(self._subscribers):
-            try:
-                subscriber(row)
-            except Exception:
-                self._subscribers.remove(subscriber)
-                log.failure("activity subscriber {subscriber!r} failed; removed", subscriber=subscriber)
+        self._subscribers.publish(row)
 
     def older(self, limit: int, before: float | None = None, model: str | None = None) -> Deferred[list[Row]]:
         """
