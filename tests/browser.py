@@ -90,6 +90,7 @@ class Browser:
             options.add_argument(flag)
         options.add_argument(f"--user-data-dir={os.path.join(profile, 'chromium')}")
         options.add_argument(f"--window-size={width},{height}")
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         self.service = Service(chromedriver() or "chromedriver", log_output=os.path.join(profile, "chromedriver.log"))
         self.driver = webdriver.Chrome(options=options, service=self.service)
         self._driver_pid = self.service.process.pid
@@ -118,6 +119,12 @@ class Browser:
             return WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(condition)
         except TimeoutException:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}") from None
+
+    def errors(self) -> list[str]:
+        """
+        The errors the page's console showed since the last call (failed loads, uncaught exceptions).
+        """
+        return [entry["message"] for entry in self.driver.get_log("browser") if entry["level"] == "SEVERE"]
 
     def screenshot(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -177,6 +177,7 @@ class ModelsViewTests(DashboardTestCase):
         self.assertIn("Slow Poke 7B", row)
         self.assertIn("takes its time", row)
         self.assertIn("fast", await in_thread(lambda: self.row(self.browser.driver, "quick").text))
+        self.assertEqual(await in_thread(self.browser.errors), [])
 
     @screenshot_on_failure
     async def test_load_shows_progress_then_unload(self) -> None:
@@ -296,6 +297,44 @@ class LogsAndActivityTests(DashboardTestCase):
         self.assertEqual(await in_thread(self.text, self.browser.driver, "lost"), "")
         row = await self.until(quick_row, "the request's row after the restart")
         self.assertIn("/v1/chat/completions", row)
+
+
+    @screenshot_on_failure
+    async def test_logs_are_bounded(self) -> None:
+        """
+        A log that grows by 20,000 lines at once, then by hundreds a frame, keeps the page at its
+        bound: the newest lines, the oldest dropped.
+        """
+        await self.start_swapproxy()
+        browser = await self.open_browser("/ui/#logs")
+        await self.page_is_live()
+        shown = await in_thread(
+            browser.driver.execute_async_script,
+            """
+            const done = arguments[arguments.length - 1];
+            (async () => {
+              const { LogsView, MAX_LINES } = await import("./logs.js");
+              const container = document.createElement("div");
+              const view = new LogsView({
+                container, select: document.createElement("select"),
+                follow: document.createElement("input"), clear: document.createElement("button"),
+              });
+              const frame = () => new Promise((next) => requestAnimationFrame(() => requestAnimationFrame(next)));
+              let i = 0;
+              for (; i < 20000; i++) view.add({ source: "proxy", data: `line ${i}\n` });
+              await frame();
+              // Then as a fast printer does: a few hundred lines a frame.
+              for (let batch = 0; batch < 5; batch++) {
+                for (const end = i + 400; i < end; i++) view.add({ source: "proxy", data: `line ${i}\n` });
+                await frame();
+              }
+              const lines = [...container.children].map((line) => line.textContent);
+              done([MAX_LINES, lines.length, lines[0], lines.at(-1)]);
+            })().catch((error) => done(String(error)));
+            """,
+        )
+        limit, count, first, last = shown
+        self.assertEqual((count, first, last), (limit, f"line {22000 - limit}", "line 21999"))
 
 
 class KeyTests(DashboardTestCase):
