@@ -59,12 +59,13 @@ _TOP_KEYS = frozenset({
     "healthCheckTimeout", "healthCheckCeiling", "logLevel", "logToStdout", "logTimeFormat", "startPort", "macros",
     "models", "groups", "hooks", "sendLoadingState", "loadingStateField", "globalTTL",
     "unloadTimeout", "apiKeys", "metricsMaxInMemory", "logRequests", "profiles", "limits",
-    "defaultModel", "cors"})
+    "defaultModel", "cors", "store"})
 _MODEL_KEYS = frozenset({
     "cmd", "cmdStop", "proxy", "checkEndpoint", "ttl", "aliases", "useModelName", "env",
     "unlisted", "name", "description", "metadata", "concurrencyLimit", "sendLoadingState",
     "loadingStateField", "macros", "filters", "unloadTimeout"})
 _GROUP_KEYS = frozenset({"swap", "exclusive", "persistent", "members"})
+_STORE_KEYS = frozenset({"path", "maxRows"})
 _FILTER_KEYS = frozenset({"stripParams", "strip_params", "setParams", "setParamsByID"})
 _RESERVED_MACROS = frozenset({"PORT", "MODEL_ID", "PID"})
 _MACRO_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
@@ -220,6 +221,10 @@ class Config:
     #: The model id a request that names no model is for (``defaultModel``); "" for none.
     default_model: str = ""
     cors: CorsConfig = attrs.Factory(CorsConfig)
+    #: ``store.path``: the activity database; ``""`` means ``activity.sqlite`` in the state directory.
+    store_path: str = ""
+    #: ``store.maxRows``: the most requests the activity database keeps (the oldest go first).
+    store_max_rows: int = 10000
 
     @property
     def start_ceiling(self) -> int:
@@ -924,6 +929,8 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         ch.warn("profiles: not supported (llama-swap replaced them with groups), ignored")
     metrics_max = ch.integer(data.get("metricsMaxInMemory"), "metricsMaxInMemory", 1000)
     limits = _build_limits(ch, data.get("limits"))
+    store = ch.mapping(data.get("store"), "store")
+    ch.known(store, "store", _STORE_KEYS)
     api_keys = ch.strings(data.get("apiKeys"), "apiKeys")
     for i, key in enumerate(api_keys):
         if any(c.isspace() for c in key):
@@ -990,4 +997,6 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         health_check_ceiling=ceiling,
         default_model=default_model,
         cors=cors,
+        store_path=os.path.expanduser(ch.string(store.get("path"), "store.path").strip()),
+        store_max_rows=ch.integer(store.get("maxRows"), "store.maxRows", 10000, minimum=1),
     )

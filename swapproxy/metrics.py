@@ -390,9 +390,9 @@ class Metrics:
 
     def subscribe(self, subscriber: EventSubscriber) -> Callable[[], None]:
         """
-        Call ``subscriber(kind, payload)`` for each event: ``modelStatus`` (the list of
-        `model_status`), ``metrics`` (a list of one new token-metric record) and ``request`` (one
-        finished model request).
+        Call ``subscriber(kind, payload)`` for each event: ``metrics`` (a list of one new
+        token-metric record) and ``request`` (one finished model request: its model, route,
+        status, ``time``, ``duration_ms``, ``ttfb_ms`` and, when the answer said, its ``tokens``).
 
         :returns: a function that unsubscribes.
         """
@@ -407,32 +407,12 @@ class Metrics:
                 self._subscribers.remove(subscriber)
                 log.failure("event subscriber {subscriber!r} failed; removed", subscriber=subscriber)
 
-    def model_status(self) -> list[dict[str, Any]]:
-        """
-        Every configured model and its state, sorted by id (llama-swap's ``modelStatus``).
-        """
-        result = []
-        for model_id, upstream in sorted(self.supervisor.upstreams.items()):
-            model = upstream.model
-            result.append(
-                {
-                    "id": model_id,
-                    "name": model.name,
-                    "description": model.description,
-                    "state": upstream.state.value,
-                    "unlisted": model.unlisted,
-                }
-            )
-        return result
-
     # -- models -------------------------------------------------------------------------------
 
     def _watch_upstream(self, upstream: Any) -> None:
         # First in line: the change is reported before the supervisor acts on it (and, say,
         # grants a request that ends before the next observer would hear of the change).
         upstream.state_observers.insert(0, self._state_changed)
-        if self._subscribers:
-            self._publish("modelStatus", self.model_status())
 
     def _state_changed(self, upstream: Any, old: State, new: State) -> None:
         model_id = upstream.model.id
@@ -441,7 +421,6 @@ class Metrics:
             self.load_duration.labels(model_id).observe(max(0.0, ready_at - upstream.started_at))
         if new is State.FAILED:
             self.load_failures.labels(model_id).inc()
-        self._publish("modelStatus", self.model_status())
 
     def _swapped(self, stopped: str, model_id: str) -> None:
         self.swaps.labels(model_id, stopped).inc()
@@ -484,6 +463,7 @@ class Metrics:
             "model": model,
             "route": route,
             "status": int(status),
+            "time": round(now, 3),
             "duration_ms": int(round(duration * 1000)),
             "ttfb_ms": None if meter.first_byte_at is None else int(round((meter.first_byte_at - meter.started_at) * 1000)),
         }
@@ -494,6 +474,7 @@ class Metrics:
         if counts is not None:
             record = self._record(model, now, counts)
             event["metrics_id"] = record["id"]
+            event["tokens"] = counts
         self._publish("request", event)
         if counts is not None:
             self._publish("metrics", [record])

@@ -190,6 +190,8 @@ class Supervisor(Service):
         self._upstream_watchers: list[Callable[[Upstream], None]] = []
         #: Called with (stopped model id, model id it made room for) each time a swap stops a model.
         self.swap_observers: list[Callable[[str, str], None]] = []
+        #: Called after each scheduling pass: requests in flight or queued may have changed.
+        self.change_observers: list[Callable[[], None]] = []
         self.upstreams: dict[str, Upstream] = {}
         self.in_flight: dict[str, int] = {}
         self._retiring: dict[Upstream, _Retiree] = {}
@@ -320,6 +322,8 @@ class Supervisor(Service):
                 self._schedule()
         finally:
             self._pumping = False
+        for observer in list(self.change_observers):
+            observer()
 
     def _schedule(self) -> None:
         blocked: set[Upstream] = set()

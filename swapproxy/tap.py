@@ -220,6 +220,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from swapproxy.reload import WATCH_INTERVAL, ConfigReloader
     from swapproxy.requestlog import log_requests
     from swapproxy.statefile import default_state_dir
+    from swapproxy.store import DEFAULT_FILE, ActivityStore
     from swapproxy.supervisor import Supervisor
     from swapproxy.web.root import build_site
 
@@ -253,9 +254,16 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             watch_interval=WATCH_INTERVAL if options["watch-config"] else None,
         ).setServiceParent(root)
         history = LoadHistory(os.path.join(state_dir, "load-times.json"))
+        # Before the listeners: it stops after them, once the last requests are written.
+        activity = ActivityStore(
+            config.store_path or os.path.join(state_dir, DEFAULT_FILE),
+            reactor,
+            lambda: supervisor.config.store_max_rows,
+        )
+        activity.setServiceParent(root)
         metrics = Metrics(supervisor, reactor)
         log_requests(metrics)
-        site = build_site(supervisor, reactor, history, logs=logs, metrics=metrics)
+        site = build_site(supervisor, reactor, history, logs=logs, metrics=metrics, activity=activity)
         for description, endpoint in endpoints:
             Listener(description, endpoint, site).setServiceParent(root)
         count = len(config.models)

@@ -10,6 +10,7 @@ has exited.
 
 from __future__ import annotations
 
+import queue
 import signal
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -131,6 +132,46 @@ class FakeProcess:
         if len(self.args) > 3 and self.args[1] == "-c" and "setsid" in self.args[2]:
             return self.args[3:]
         return self.args
+
+
+class ThreadedMemoryReactor(MemoryReactorClock):
+    """
+    A `MemoryReactorClock` that threads may hand calls to (``callFromThread``), for services that
+    run a thread pool of their own (the activity store). The calls wait until `run_from_threads`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._from_threads: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]] = (
+            queue.SimpleQueue()
+        )
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self._from_threads.put((f, args, kwargs))
+
+    def run_from_threads(self, timeout: float = 10.0) -> None:
+        """
+        Wait for one call from a thread (up to ``timeout`` seconds), then run it and any others
+        waiting.
+        """
+        calls = [self._from_threads.get(timeout=timeout)]
+        while not self._from_threads.empty():
+            calls.append(self._from_threads.get())
+        for f, args, kwargs in calls:
+            f(*args, **kwargs)
+
+    def stop_service(self, service: Any, timeout: float = 10.0) -> None:
+        """
+        Stop ``service`` and run the calls its threads hand back until the stop is done (a
+        service with a thread pool, such as the activity store, ends its threads only then).
+        """
+        stopped = service.stopService()
+        done: list[object] = []
+        stopped.addBoth(done.append)
+        while not done:
+            self.run_from_threads(timeout)
+        if isinstance(done[0], Failure):
+            done[0].raiseException()
 
 
 class ProcessReactor(MemoryReactorClock):

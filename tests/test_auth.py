@@ -105,7 +105,8 @@ class ProtectedRouteTests(ErrorAssertions, SynchronousTestCase):
         below it, and paths that match no route answer 401 without a key, whatever the method,
         and nothing reaches an upstream.
         """
-        paths = [p for p in routes(self.h.root) if p not in (b"/health",)]
+        paths = [p for p in routes(self.h.root) if p not in (b"/health", b"/")]
+        self.assertIn(b"/ui", paths)
         self.assertIn(b"/v1/chat/completions", paths)
         paths += [b"/upstream/llama/health", b"/no/such/route", b"/health/extra", b"/v1/models?x=1"]
         for path in paths:
@@ -117,13 +118,17 @@ class ProtectedRouteTests(ErrorAssertions, SynchronousTestCase):
 
     def test_open_routes(self) -> None:
         """
-        /health, /, /favicon.ico and CORS preflight need no key.
+        /health, /, /favicon.ico and CORS preflight need no key; / only says where the
+        dashboard is, which needs one.
         """
         response, body = self.h.call("GET", "/health")
         self.assertEqual((response.code, body), (200, b"OK"))
-        for path in ["/", "/favicon.ico"]:
-            response, body = self.h.call("GET", path)
-            self.assertJSONError(response, body, 404)
+        response, body = self.h.call("GET", "/")
+        self.assertEqual((response.code, header(response, b"location")), (302, [b"/ui/"]))
+        response, body = self.h.call("GET", "/ui/")
+        self.assertUnauthorized(response, body)
+        response, body = self.h.call("GET", "/favicon.ico")
+        self.assertJSONError(response, body, 404)
         response, _ = self.h.call(
             "OPTIONS", "/v1/chat/completions", headers={"Access-Control-Request-Headers": "authorization"}
         )

@@ -28,6 +28,10 @@ CONFIG = """
 """
 
 
+#: What llama-swap's modelStatus says of a model; swapproxy says it first, and then more.
+LLAMA_SWAP_FIELDS = ("id", "name", "description", "state", "unlisted")
+
+
 class EventStreamTests(SynchronousTestCase):
     """
     What a dashboard sees on ``/api/events``.
@@ -67,7 +71,8 @@ class EventStreamTests(SynchronousTestCase):
 
     def test_headers_and_snapshot(self) -> None:
         """
-        The stream opens with SSE headers, every model's state and the recent token metrics.
+        The stream opens with SSE headers, every model's state (llama-swap's fields first, then
+        the dashboard's) and the recent token metrics.
         """
         client = self.connect()
         status, headers = client.head()
@@ -75,18 +80,20 @@ class EventStreamTests(SynchronousTestCase):
         self.assertEqual(headers[b"content-type"], b"text/event-stream; charset=utf-8")
         self.assertEqual(headers[b"cache-control"], b"no-cache")
         self.assertEqual(headers[b"x-accel-buffering"], b"no")
+        (kind, models), metrics = self.messages(client)
+        self.assertEqual((kind, metrics), ("modelStatus", ("metrics", [])))
         self.assertEqual(
-            self.messages(client),
+            [{key: model[key] for key in LLAMA_SWAP_FIELDS} for model in models],
             [
-                (
-                    "modelStatus",
-                    [
-                        {"id": "llama", "name": "Llama", "description": "", "state": "stopped", "unlisted": False},
-                        {"id": "qwen", "name": "", "description": "", "state": "stopped", "unlisted": True},
-                    ],
-                ),
-                ("metrics", []),
+                {"id": "llama", "name": "Llama", "description": "", "state": "stopped", "unlisted": False},
+                {"id": "qwen", "name": "", "description": "", "state": "stopped", "unlisted": True},
             ],
+        )
+        self.assertEqual(list(models[0])[: len(LLAMA_SWAP_FIELDS)], list(LLAMA_SWAP_FIELDS))
+        self.assertEqual(
+            {key: models[0][key] for key in ("status", "group", "in_flight", "queued", "progress", "last_failure")},
+            {"status": "stopped", "group": "(default)", "in_flight": 0, "queued": 0, "progress": None,
+             "last_failure": None},
         )
 
     def test_sequence_on_a_load(self) -> None:
@@ -102,19 +109,29 @@ class EventStreamTests(SynchronousTestCase):
         self.h.flush()
         self.h.read(self.successResultOf(pending))
         kinds = [kind for kind, _ in self.messages(client)]
-        self.assertEqual(kinds, ["modelStatus", "metrics", "modelStatus", "modelStatus", "request", "metrics"])
+        self.assertEqual(
+            kinds, ["modelStatus", "metrics", "modelStatus", "modelStatus", "request", "metrics", "model"]
+        )
         self.assertEqual(
             [states["llama"] for states in self.states(client)], ["stopped", "starting", "ready"]
         )
         messages = self.messages(client)
+        starting = messages[2][1][0]
+        self.assertEqual((starting["status"], starting["queued"], starting["uptime"]), ("starting", 1, 0.0))
+        request = messages[4][1]
+        tokens = request.pop("tokens")
         self.assertEqual(
-            messages[4][1],
-            {"model": "llama", "route": "/v1/chat/completions", "status": 200, "duration_ms": 2000,
-             "ttfb_ms": 2000, "metrics_id": 0},
+            request,
+            {"model": "llama", "route": "/v1/chat/completions", "status": 200, "time": 1_700_000_002.0,
+             "duration_ms": 2000, "ttfb_ms": 2000, "metrics_id": 0},
         )
+        self.assertEqual((tokens["input_tokens"], tokens["output_tokens"]), (11, 7))
         (record,) = messages[5][1]
         self.assertEqual((record["id"], record["model"], record["input_tokens"], record["output_tokens"]),
                          (0, "llama", 11, 7))
+        # The request it waited for has gone: nothing queued or in flight any more.
+        done = messages[6][1]
+        self.assertEqual((done["id"], done["status"], done["queued"], done["in_flight"]), ("llama", "ready", 0, 0))
 
     def test_swap_and_failed_request(self) -> None:
         """
@@ -129,6 +146,7 @@ class EventStreamTests(SynchronousTestCase):
             self.states(client),
             [
                 {"llama": "ready", "qwen": "stopped"},
+                {"llama": "stopping", "qwen": "stopped"},
                 {"llama": "stopped", "qwen": "stopped"},
                 {"llama": "stopped", "qwen": "starting"},
                 {"llama": "stopped", "qwen": "ready"},

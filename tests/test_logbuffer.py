@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -24,6 +24,7 @@ from swapproxy.logbuffer import LogHistory, LogRouting, LogStream, timestamp_for
 from swapproxy.logs import proxy_logger, set_log_level, upstream_logger
 from swapproxy.requestlog import log_request
 from swapproxy.web.live import LiveWriter, dropped_log_marker
+from tests.fakes import ThreadedMemoryReactor
 from tests.test_tap import GOOD, ConfigFileMixin
 from tests.test_web import Harness, header
 
@@ -630,9 +631,10 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         self.addCleanup(set_log_level, "info")
         options = tap.Options()
         options.parseOptions(["-c", config, "--state-dir", self.mktemp(), "-l", "tcp:9001"])
-        reactor = MemoryReactorClock()
+        reactor = ThreadedMemoryReactor()
         service = tap.makeService(options, reactor)
         service.startService()
+        reactor.run_from_threads()  # the activity database is open
         return reactor, service
 
     def test_make_service_routes_and_serves_logs(self) -> None:
@@ -651,7 +653,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
                 self.assertTrue(response.startswith(b"HTTP/1.1 200 "), response)
                 self.assertIn(expected, response)
         finally:
-            self.successResultOf(service.stopService())
+            reactor.stop_service(service)
         # Stopped, the routing is back to what it was: upstream lines and proxy lines both reach
         # the global publisher.
         del events[:]
@@ -677,7 +679,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         """
         config = self.write_config(GOOD + "    newerFeature: true\n")
         reactor, service = self.start(config)
-        self.addCleanup(service.stopService)
+        self.addCleanup(reactor.stop_service, service)
         self.assertIn(b"HTTP/1.1 404 ", self.get(reactor, b"POST", b"/v1/chat/completions", b'{"model": "nope"}'))
         log = self.get(reactor, b"GET", b"/logs").partition(b"\r\n\r\n")[2].decode()
         lines = [line.partition(" [")[2] for line in log.splitlines()]
@@ -693,7 +695,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         for extra, stamped in (("", True), ('    logTimeFormat: ""\n', False)):
             reactor, service = self.start(self.write_config(GOOD + extra))
             log = self.get(reactor, b"GET", b"/logs").partition(b"\r\n\r\n")[2].decode()
-            self.successResultOf(service.stopService())
+            reactor.stop_service(service)
             first = log.splitlines()[0]
             self.assertEqual(bool(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[INFO\] swapproxy ", first)), stamped,
                              first)

@@ -27,7 +27,9 @@ from swapproxy import __version__, tap
 from swapproxy.logbuffer import LogRouting
 from swapproxy.logs import set_log_level
 from swapproxy.reload import ConfigReloader
+from swapproxy.store import ActivityStore
 from swapproxy.supervisor import Supervisor
+from tests.fakes import ThreadedMemoryReactor
 from tests.helpers import TWISTD
 
 GOOD = """
@@ -125,7 +127,7 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
 
     def setUp(self) -> None:
         self.addCleanup(set_log_level, "info")
-        self.reactor = MemoryReactorClock()
+        self.reactor = ThreadedMemoryReactor()
         self.state_dir = self.mktemp()
 
     def make(self, config_text: str, *listen: str) -> MultiService:
@@ -140,8 +142,8 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
 
     def test_services(self) -> None:
         """
-        The log routing first, one supervisor, one config reloader and one listening service per
-        --listen.
+        The log routing first, one supervisor, one config reloader, the activity store and one
+        listening service per --listen.
         """
         service = self.make(GOOD, "tcp:9001", "tcp:9002:interface=127.0.0.1")
         children = list(service)
@@ -152,7 +154,8 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(len(servers), 2)
         self.assertEqual(len(reloaders), 1)
         self.assertIsInstance(children[0], LogRouting)
-        self.assertEqual(len(children), 5)
+        self.assertEqual(len([c for c in children if isinstance(c, ActivityStore)]), 1)
+        self.assertEqual(len(children), 6)
         self.assertEqual(sorted(supervisors[0].config.models), ["llama", "qwen"])
         for child in children:
             self.assertTrue(IService.providedBy(child))
@@ -160,7 +163,8 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
     def test_default_listen(self) -> None:
         service = self.make(GOOD)
         service.startService()
-        self.addCleanup(service.stopService)
+        self.reactor.run_from_threads()  # the activity database is open
+        self.addCleanup(self.reactor.stop_service, service)
         self.assertEqual([port for port, *_ in self.reactor.tcpServers], [8080])
 
     def test_listening_serves_swapproxy(self) -> None:
@@ -170,6 +174,7 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
         """
         service = self.make(GOOD, "tcp:9001", "tcp:9002:interface=127.0.0.1")
         service.startService()
+        self.reactor.run_from_threads()  # the activity database is open
         ports = [(port, interface) for port, _, _, interface in self.reactor.tcpServers]
         self.assertEqual(ports, [(9001, ""), (9002, "127.0.0.1")])
         for _, factory, _, _ in self.reactor.tcpServers:
@@ -183,7 +188,7 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
             self.assertIn(b'"id": "llama"', response)
         supervisor = next(c for c in service if isinstance(c, Supervisor))
         self.assertEqual(supervisor.running_upstreams(), [])
-        self.successResultOf(service.stopService())
+        self.reactor.stop_service(service)
 
     def test_unsupported_keys_warned(self) -> None:
         """
@@ -213,13 +218,14 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
         for flag, polls in (([], 0), (["--watch-config"], 1)):
             options = tap.Options()
             options.parseOptions(["-c", self.write_config(GOOD), "--state-dir", self.state_dir, *flag])
-            reactor = MemoryReactorClock()
+            reactor = ThreadedMemoryReactor()
             service = tap.makeService(options, reactor)
             before = signal.getsignal(signal.SIGHUP)
             service.startService()
+            reactor.run_from_threads()  # the activity database is open
             self.assertNotEqual(signal.getsignal(signal.SIGHUP), before)
             self.assertEqual([call.getTime() for call in reactor.getDelayedCalls()], [2.0] * polls)
-            self.successResultOf(service.stopService())
+            reactor.stop_service(service)
             self.assertEqual(signal.getsignal(signal.SIGHUP), before)
 
     def test_state_file_names_this_process(self) -> None:
@@ -233,9 +239,10 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual((state["owner"]["pid"], state["children"]), (os.getpid(), []))
 
 
-class ThreadedMemoryReactor(MemoryReactorClock):
+class SignalReactor(MemoryReactorClock):
     """
-    A memory reactor that also takes calls "from a thread" (a signal handler), on its clock.
+    A memory reactor that takes calls "from a thread" (a signal handler) on its clock, and runs
+    its ``callWhenRunning`` hooks when told.
     """
 
     def callFromThread(self, f: Any, *args: Any, **kwargs: Any) -> None:
@@ -277,7 +284,7 @@ class SwapproxyServiceTests(SynchronousTestCase):
         log routing (the first part) holds until the models (the supervisor) are gone.
         """
         stops: list[str] = []
-        root = tap.SwapproxyService(ThreadedMemoryReactor())
+        root = tap.SwapproxyService(SignalReactor())
         parts = [Part(name, stops) for name in ("logs", "supervisor", "listener")]
         for part in parts:
             part.setServiceParent(root)
@@ -294,7 +301,7 @@ class SwapproxyServiceTests(SynchronousTestCase):
 
     def test_a_part_that_fails_to_stop_does_not_keep_the_others_running(self) -> None:
         stops: list[str] = []
-        root = tap.SwapproxyService(ThreadedMemoryReactor())
+        root = tap.SwapproxyService(SignalReactor())
         first, second = Part("first", stops), Part("second", stops)
         first.setServiceParent(root)
         second.setServiceParent(root)
@@ -312,7 +319,7 @@ class SwapproxyServiceTests(SynchronousTestCase):
         exits 0 rather than with the signal); after the stop the previous handler is back.
         """
         before = signal.getsignal(signal.SIGTERM)
-        reactor = ThreadedMemoryReactor()
+        reactor = SignalReactor()
         root = tap.SwapproxyService(reactor)
         root.startService()
         self.assertIs(signal.getsignal(signal.SIGTERM), before, "not before the reactor runs")

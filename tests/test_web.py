@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -164,6 +165,8 @@ class FakeUpstream:
         self.started_at: float | None = None
         self.ready_at: float | None = None
         self.health_status = ""
+        self.last_error: StartError | None = None
+        self.recent_lines: deque[str] = deque(maxlen=50)
         self.client: Any = None
         self.agent = RequestTraversalAgent(server.resource(model.id))
         #: What C{client} becomes when the model is ready; tests may replace it.
@@ -204,6 +207,25 @@ class FakeUpstream:
                 self.become_ready()
         return waiter
 
+    def emit(self, text: str) -> None:
+        """
+        The "process" prints ``text``: output observers see it as it is, line observers line by line.
+        """
+        for observer in list(self.output_observers):
+            observer(self, text.encode())
+        for line in text.splitlines():
+            self.recent_lines.append(line)
+            for line_observer in list(self.line_observers):
+                line_observer(self, line)
+
+    def crash(self) -> None:
+        """
+        The process of a ready model dies by itself.
+        """
+        self.client = None
+        self.pid = None
+        self._set_state(State.STOPPED)
+
     def become_ready(self) -> None:
         self.ready_at = self.clock.seconds()
         self.client = self.make_client()
@@ -221,6 +243,7 @@ class FakeUpstream:
         self.last_error = error
         self.client = None
         self.pid = None
+        self.last_error = error
         self._set_state(State.FAILED)
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -230,6 +253,7 @@ class FakeUpstream:
         if self.running:
             self.stops += 1
             self.client = None
+            self._set_state(State.STOPPING)
             self.pid = None
             self._set_state(State.STOPPED)
         return succeed(None)
@@ -694,7 +718,7 @@ class RoutingTests(ErrorAssertions, SynchronousTestCase):
         A path swapproxy does not serve is a JSON 404 naming it.
         """
         for path in [
-            "/v2/chat/completions", "/nothing", "/", "/v1", "/api/models",
+            "/v2/chat/completions", "/nothing", "/v1", "/api/models",
             "/v1/chat/completions/extra", "/v1/messages/count_tokens/x",
         ]:
             for method in ["GET", "POST"]:

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_web -*-
 """
-swapproxy's own endpoints: ``/v1/models``, ``/health``, ``/running`` and unloading.
+swapproxy's own endpoints: ``/v1/models``, ``/health``, ``/running``, loading and unloading.
 """
 
 from __future__ import annotations
@@ -9,21 +9,32 @@ import json
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
 from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from swapproxy.supervisor import Supervisor
+from swapproxy.board import ModelBoard
+from swapproxy.logs import proxy_logger
+from swapproxy.supervisor import Lease, Rejected, Supervisor
+from swapproxy.upstream import StartError, State
 from swapproxy.web.errors import error_response
 from swapproxy.web.render import ClientState, render_async
+
+
+log = proxy_logger("swapproxy.web")
 
 
 def write_json(request: Request, payload: Any, status: int = 200) -> bytes:
     """
     Set the status and JSON headers; return the encoded body for ``render_*`` to return.
+
+    The answer is live state, possibly behind an API key: no cache keeps it.
     """
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
     return json.dumps(payload).encode("utf-8")
 
 
@@ -44,17 +55,31 @@ class JSONResource(Resource):
             return _method_not_allowed(request, b", ".join(e.allowedMethods))
 
 
+def _model_status(board: ModelBoard, model_id: str) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "value": "unloaded" if board.status(model_id) in ("stopped", "queued", "failed") else "loaded",
+        "state": board.status(model_id),
+    }
+    progress = board.progress(model_id)
+    if progress is not None:
+        status["progress"] = progress
+    return status
+
+
 class ModelList(JSONResource):
     """
-    ``GET /v1/models``: the OpenAI model list, with llama-swap's name, description and metadata.
+    ``GET /v1/models``: the OpenAI model list, with llama-swap's name, description and metadata,
+    and each model's ``status``: ``value`` (``loaded`` or ``unloaded``, as llama-swap says),
+    ``state`` (the word of `ModelBoard.status`) and, while it loads, ``progress``.
     """
 
     isLeaf = True
 
-    def __init__(self, supervisor: Supervisor, reactor: Any) -> None:
+    def __init__(self, supervisor: Supervisor, reactor: Any, board: ModelBoard) -> None:
         super().__init__()
         self._supervisor = supervisor
         self._reactor = reactor
+        self._board = board
 
     def render_GET(self, request: Request) -> bytes:
         created = int(self._reactor.seconds())
@@ -68,6 +93,7 @@ class ModelList(JSONResource):
                 "created": created,
                 "owned_by": "swapproxy",
                 "state": self._supervisor.upstreams[model_id].state.value,
+                "status": _model_status(self._board, model_id),
             }
             if model.name.strip():
                 record["name"] = model.name.strip()
@@ -95,18 +121,20 @@ class Health(JSONResource):
 
 class Running(JSONResource):
     """
-    ``GET /running``: each model that has a process: its state, pid, port, uptime, in-flight and
-    queued requests, and while it is idle with a TTL, how long it has been idle (``idle``) and
-    how long until the TTL unloads it (``ttl_remaining``); both are ``null`` otherwise. A process
-    that a config reload replaced or removed is listed with ``"replaced": true`` until it ends.
+    ``GET /running``: each model that has a process: its state, ``status`` (`ModelBoard.status`),
+    pid, port, uptime, in-flight and queued requests, while it loads its ``progress``, and while
+    it is idle with a TTL, how long it has been idle (``idle``) and how long until the TTL
+    unloads it (``ttl_remaining``); both are ``null`` otherwise. A process that a config reload
+    replaced or removed is listed with ``"replaced": true`` until it ends.
     """
 
     isLeaf = True
 
-    def __init__(self, supervisor: Supervisor, reactor: Any) -> None:
+    def __init__(self, supervisor: Supervisor, reactor: Any, board: ModelBoard) -> None:
         super().__init__()
         self._supervisor = supervisor
         self._reactor = reactor
+        self._board = board
 
     def render_GET(self, request: Request) -> bytes:
         now = self._reactor.seconds()
@@ -116,6 +144,7 @@ class Running(JSONResource):
             entry: dict[str, Any] = {
                 "model": model.id,
                 "state": upstream.state.value,
+                "status": self._board.status(model.id),
                 "pid": upstream.pid,
                 "port": model.port if model.port is not None else urlsplit(model.proxy).port,
                 "proxy": model.proxy,
@@ -125,6 +154,9 @@ class Running(JSONResource):
             }
             if upstream.started_at is not None:
                 entry["uptime"] = round(now - upstream.started_at, 3)
+            progress = self._board.progress(model.id)
+            if progress is not None:
+                entry["progress"] = progress
             due = self._supervisor.unload_due(model.id)
             entry["ttl_remaining"] = None if due is None else round(max(0.0, due - now), 3)
             entry["idle"] = None if due is None else round(max(0.0, model.ttl - (due - now)), 3)
@@ -194,3 +226,57 @@ class ApiUnload(Resource):
         await self._supervisor.unload(model_id)
         request.setHeader(b"content-type", b"application/json")
         request.write(json.dumps({"msg": "ok", "unloaded": model_id or "all"}).encode("utf-8"))
+
+
+class ApiLoad(Resource):
+    """
+    ``POST /api/models/load/<model>``: load a model now, as a request for it would (it waits its
+    turn, stops what its group says must stop, and then stays loaded until its TTL or an unload).
+
+    Answers at once: ``200 {"msg": "ok", "state": "ready"}`` when the model is ready already,
+    else ``202 {"msg": "loading", ...}``; how the load goes is on ``/api/events`` and ``/running``.
+    """
+
+    isLeaf = True
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        super().__init__()
+        self._supervisor = supervisor
+        self._loads: set[Deferred[Lease]] = set()
+
+    def render(self, request: Request) -> bytes:
+        if request.method != b"POST":
+            return _method_not_allowed(request, b"POST")
+        name = unquote("/".join(s.decode("utf-8", "replace") for s in request.postpath)).strip("/")
+        if not name:
+            return error_response(request, 400, "name the model to load: POST /api/models/load/<model>")
+        model = self._supervisor.config.resolve(name)
+        if model is None:
+            return error_response(request, 404, f"model {name!r} not found; see GET /v1/models")
+        if self._supervisor.upstreams[model.id].state is State.READY:
+            return write_json(request, {"msg": "ok", "model": model.id, "state": "ready"})
+        try:
+            ticket = self._supervisor.request(model.id)
+        except Rejected as e:
+            return error_response(request, e.status, str(e), e.error_type, e.code)
+        # Not tied to this request: the load goes on when the client has its answer.
+        load = ticket.wait()
+        self._loads.add(load)
+        load.addCallbacks(self._loaded, self._failed, errbackArgs=(model.id,))
+        load.addBoth(lambda _: self._loads.discard(load))
+        return write_json(request, {"msg": "loading", "model": model.id, "state": ticket.stage}, 202)
+
+    @staticmethod
+    def _loaded(lease: Lease) -> None:
+        lease.release()
+
+    @staticmethod
+    def _failed(failure: Failure, model_id: str) -> None:
+        if failure.check(CancelledError):
+            return
+        if failure.check(StartError):
+            return  # logged where it happened, and shown on the board
+        if failure.check(Rejected):
+            log.info("loading model {model} was refused: {error}", model=model_id, error=failure.getErrorMessage())
+            return
+        log.failure("while loading model {model}", failure, model=model_id)

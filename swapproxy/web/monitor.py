@@ -20,8 +20,10 @@ from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from swapproxy.board import ModelBoard
 from swapproxy.logbuffer import LogHistory, LogStream
 from swapproxy.metrics import Metrics
+from swapproxy.store import ActivityStore
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.api import JSONResource, write_json
 from swapproxy.web.errors import NotFound, error_response
@@ -173,48 +175,82 @@ class EventStream(JSONResource):
     """
     ``GET /api/events``: an SSE stream for dashboards, in llama-swap's framing.
 
-    It opens with a ``modelStatus`` snapshot of every model and a ``metrics`` message with the
-    recent token metrics, then sends ``modelStatus`` on every state change, ``request`` when a
-    model request ends, ``metrics`` for each new token-metric record, and a ``: ping`` comment
-    every 15 s. With ``?logs`` it also sends the log histories and then each new log text as
-    ``logData`` (``{"source": "proxy" | "upstream", "data": text}``).
+    It opens with a ``modelStatus`` snapshot of every model (`ModelBoard.entry`: state, progress,
+    requests, TTL, last load and failure) and a ``metrics`` message with the recent token
+    metrics, then sends ``modelStatus`` on every state change, ``model`` (one entry) when
+    anything else of a model changes (load progress among it), ``request`` when a model request
+    ends, ``metrics`` for each new token-metric record, and a ``: ping`` comment every 15 s.
+
+    ``?logs`` adds the log histories and then each new log text as ``logData``
+    (``{"source": "proxy" | "upstream", "data": text}``); ``?logs=models`` does so for the proxy
+    log and each model's own log instead (``{"source": "model", "model": id, "data": text}``).
+    ``?activity`` adds the recent requests (`swapproxy.store.activity_row`, oldest first) as one
+    ``activity`` message, then each new one as an ``activity`` message of one row.
     """
 
     isLeaf = True
 
-    def __init__(self, metrics: Metrics, logs: LogHistory, clock: Any) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        logs: LogHistory,
+        clock: Any,
+        board: ModelBoard,
+        activity: ActivityStore,
+        supervisor: Supervisor,
+    ) -> None:
         super().__init__()
         self._metrics = metrics
         self._logs = logs
         self._clock = clock
+        self._board = board
+        self._activity = activity
+        self._supervisor = supervisor
 
     def render_GET(self, request: Request) -> int:
-        with_logs = query_has(request, b"logs")
-        return render_async(request, lambda client: self._events(request, client, with_logs))
+        logs = request.args.get(b"logs", [b""])[0] if query_has(request, b"logs") else None
+        if logs not in (None, b"", b"models"):
+            return error_response(request, 400, "logs: use ?logs (proxy and upstream) or ?logs=models")
+        with_activity = query_has(request, b"activity")
+        return render_async(request, lambda client: self._events(request, client, logs, with_activity))
 
-    async def _events(self, request: Request, client: ClientState, with_logs: bool) -> None:
+    def _log_sources(self, logs: bytes) -> list[tuple[dict[str, str], LogStream]]:
+        if logs == b"models":
+            sources = [({"source": "proxy"}, self._logs.proxy)]
+            for model_id in sorted(self._supervisor.upstreams):
+                sources.append(({"source": "model", "model": model_id}, self._logs.model(model_id)))
+            return sources
+        return [({"source": "proxy"}, self._logs.proxy), ({"source": "upstream"}, self._logs.upstream)]
+
+    async def _events(self, request: Request, client: ClientState, logs: bytes | None, with_activity: bool) -> None:
+        if with_activity:
+            # Just after a start, the history is still being read from the database.
+            await self._activity.flush()
         request.setResponseCode(200)
         request.defaultContentType = None
         for name, value in SSE_HEADERS:
             request.setHeader(name, value)
         request.setHeader(b"x-content-type-options", b"nosniff")
         writer = LiveWriter(request, dropped_event_marker)
-        writer.write(event_message("modelStatus", self._metrics.model_status()))
-        writer.write(event_message("metrics", list(self._metrics.records)))
-        unsubscribes = [self._metrics.subscribe(lambda kind, data: writer.write(event_message(kind, data)))]
-        if with_logs:
-            for source in ("proxy", "upstream"):
-                stream = self._logs.stream(source)
-                assert stream is not None
 
-                def send(data: bytes, source: str = source) -> None:
-                    text = data.decode("utf-8", "replace")
-                    writer.write(event_message("logData", {"source": source, "data": text}))
+        def send(kind: str, data: Any) -> None:
+            writer.write(event_message(kind, data))
 
-                history = stream.history()
-                if history:
-                    send(history)
-                unsubscribes.append(stream.subscribe(send))
+        send("modelStatus", self._board.entries())
+        send("metrics", list(self._metrics.records))
+        unsubscribes = [self._board.subscribe(send), self._metrics.subscribe(send)]
+        if with_activity:
+            send("activity", list(self._activity.recent))
+            unsubscribes.append(self._activity.subscribe(lambda row: send("activity", [row])))
+        for fields, stream in self._log_sources(logs) if logs is not None else []:
+
+            def send_log(data: bytes, fields: dict[str, str] = fields) -> None:
+                send("logData", {**fields, "data": data.decode("utf-8", "replace")})
+
+            history = stream.history()
+            if history:
+                send_log(history)
+            unsubscribes.append(stream.subscribe(send_log))
         heartbeat = LoopingCall(writer.write, comment("ping"))
         heartbeat.clock = self._clock
         heartbeat.start(HEARTBEAT, now=False)
@@ -225,3 +261,39 @@ class EventStream(JSONResource):
             for unsubscribe in unsubscribes:
                 unsubscribe()
             writer.close(client.gone)
+
+
+class ActivityPage(JSONResource):
+    """
+    ``GET /api/activity``: the model requests swapproxy answered, newest first, from the activity
+    history (`swapproxy.store`): ``{"data": [rows]}``.
+
+    ``?limit=N`` (1 to 1000, default 100), ``?before=T`` (only requests that ended before Unix
+    time ``T``, to page back), ``?model=ID``.
+    """
+
+    isLeaf = True
+
+    def __init__(self, activity: ActivityStore) -> None:
+        super().__init__()
+        self._activity = activity
+
+    def render_GET(self, request: Request) -> bytes | int:
+        def argument(name: bytes) -> str | None:
+            values = request.args.get(name)
+            return values[0].decode("utf-8", "replace") if values else None
+
+        try:
+            limit = int(argument(b"limit") or 100)
+            before = argument(b"before")
+            before_time = float(before) if before is not None else None
+        except ValueError:
+            return error_response(request, 400, "limit must be an integer and before a Unix time in seconds")
+        if not 1 <= limit <= 1000:
+            return error_response(request, 400, f"limit must be between 1 and 1000, got {limit}")
+        model = argument(b"model")
+        return render_async(request, lambda client: self._answer(request, limit, before_time, model))
+
+    async def _answer(self, request: Request, limit: int, before: float | None, model: str | None) -> None:
+        rows = await self._activity.older(limit, before, model)
+        request.write(write_json(request, {"data": rows}))

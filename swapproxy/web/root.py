@@ -11,17 +11,20 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from swapproxy.config import CorsConfig
+from swapproxy.board import ModelBoard
 from swapproxy.logbuffer import LogHistory
 from swapproxy.metrics import Metrics
 from swapproxy.progress import LoadHistory, LoadTracker
+from swapproxy.store import ActivityStore
 from swapproxy.supervisor import Supervisor
-from swapproxy.web.api import ApiUnload, Health, ModelList, Running, UnloadAll
+from swapproxy.web.api import ApiLoad, ApiUnload, Health, ModelList, Running, UnloadAll
 from swapproxy.web.auth import ApiKeys, Unauthorized
 from swapproxy.web.cors import CorsPolicy, Preflight
+from swapproxy.web.dashboard import Dashboard, Redirect
 from swapproxy.web.errors import NotFound
 from swapproxy.web.inference import InferenceRoute, UpstreamPassthrough
 from swapproxy.web.llamacpp import LLAMA_SERVER_ROUTES, LlamaServerRoute
-from swapproxy.web.monitor import EventStream, LogFollow, LogPage, MetricsPage, TokenMetrics
+from swapproxy.web.monitor import ActivityPage, EventStream, LogFollow, LogPage, MetricsPage, TokenMetrics
 from swapproxy.web.router_api import (
     RouterEvents,
     RouterLoad,
@@ -128,6 +131,7 @@ def build_root(
     *,
     logs: LogHistory | None = None,
     metrics: Metrics | None = None,
+    activity: ActivityStore | None = None,
 ) -> Resource:
     """
     The whole Resource tree of swapproxy.
@@ -136,10 +140,14 @@ def build_root(
     :param logs: the log history behind ``/logs`` (an empty one, fed by nothing, by default:
         `swapproxy.logbuffer.LogRouting` is what feeds it).
     :param metrics: what ``/metrics`` and ``/api/*`` report (new, with its own registry, by default).
+    :param activity: the history of model requests, which ``metrics`` feeds (in memory only by
+        default).
     """
     history = history if history is not None else LoadHistory(None)
     logs = logs if logs is not None else LogHistory()
     metrics = metrics if metrics is not None else Metrics(supervisor, reactor)
+    activity = activity if activity is not None else ActivityStore(None, reactor)
+    metrics.subscribe(activity.metrics_event)
     trackers: dict[str, LoadTracker] = {}
 
     def track(upstream: Any) -> None:
@@ -147,6 +155,7 @@ def build_root(
         trackers[upstream.model.id] = LoadTracker(upstream, reactor, history)
 
     supervisor.each_upstream(track)
+    board = ModelBoard(supervisor, reactor, trackers)
     root = Root(ApiKeys(lambda: supervisor.config.api_keys), CorsPolicy(lambda: supervisor.config.cors))
     for path in INFERENCE_ROUTES:
         mount(root, path, InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path), metrics))
@@ -161,16 +170,20 @@ def build_root(
     mount(root, "/models/load", RouterLoad(supervisor))
     mount(root, "/models/unload", RouterUnload(supervisor))
     mount(root, "/models/sse", RouterEvents(status, reactor))
-    mount(root, "/v1/models", ModelList(supervisor, reactor))
+    mount(root, "/v1/models", ModelList(supervisor, reactor, board))
     mount(root, "/health", Health())
-    mount(root, "/running", Running(supervisor, reactor))
+    mount(root, "/running", Running(supervisor, reactor, board))
     mount(root, "/unload", UnloadAll(supervisor))
     mount(root, "/api/models/unload", ApiUnload(supervisor))
+    mount(root, "/api/models/load", ApiLoad(supervisor))
     mount(root, "/logs", LogPage(logs))
     mount(root, "/logs/stream", LogFollow(supervisor, logs))
     mount(root, "/metrics", MetricsPage(metrics))
     mount(root, "/api/metrics", TokenMetrics(metrics))
-    mount(root, "/api/events", EventStream(metrics, logs, reactor))
+    mount(root, "/api/events", EventStream(metrics, logs, reactor, board, activity, supervisor))
+    mount(root, "/api/activity", ActivityPage(activity))
+    mount(root, "/ui", Dashboard())
+    root.putChild(b"", Redirect(b"/ui/"))
     return root
 
 
@@ -181,11 +194,12 @@ def build_site(
     *,
     logs: LogHistory | None = None,
     metrics: Metrics | None = None,
+    activity: ActivityStore | None = None,
 ) -> SwapproxySite:
     """
     The HTTP factory serving swapproxy's Resource tree, with the configuration's ``limits``.
 
-    ``logs`` and ``metrics`` as for `build_root`.
+    ``logs``, ``metrics`` and ``activity`` as for `build_root`.
     """
-    root = build_root(supervisor, reactor, history, logs=logs, metrics=metrics)
+    root = build_root(supervisor, reactor, history, logs=logs, metrics=metrics, activity=activity)
     return SwapproxySite(root, lambda: supervisor.config.limits, reactor)

@@ -1,0 +1,301 @@
+"""
+Tests for L{swapproxy.board}: what ``/api/events``, ``/running`` and ``/v1/models`` say about each
+model (its state, load progress, requests, TTL, last load and failure), with real L{Upstream}s
+whose children are fake processes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from swapproxy.board import TICK
+from tests.test_events import LLAMA_SWAP_FIELDS
+from tests.test_loading import (
+    CHAT,
+    EPOCH,
+    FAILURE_LINES,
+    STAGE_LINES,
+    Client,
+    Harness,
+    UpstreamResponse,
+    chat_body,
+    config_text,
+    parse_events,
+)
+from tests.test_logbuffer import StreamClient
+
+
+def get_json(harness: Harness, path: str) -> Any:
+    """
+    ``GET path`` from swapproxy's site; the decoded JSON answer (which must be a 200).
+    """
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    channel = harness.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    channel.makeConnection(transport)
+    channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: swapproxy.test\r\n\r\n".encode("ascii"))
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), transport.value()
+    return json.loads(body)
+
+
+class Dashboard:
+    """
+    A dashboard following ``/api/events``.
+    """
+
+    def __init__(self, testcase: SynchronousTestCase, harness: Harness) -> None:
+        self.stream = StreamClient(harness.site.resource, "/api/events")
+        testcase.addCleanup(self.stream.disconnect)
+
+    def messages(self) -> list[tuple[str, Any]]:
+        result = []
+        for event in parse_events(self.stream.body()):
+            if event.data is not None:
+                envelope = event.json()
+                result.append((envelope["type"], json.loads(envelope["data"])))
+        return result
+
+    def entries(self, model_id: str) -> list[dict[str, Any]]:
+        """
+        Every entry of ``model_id`` the dashboard was sent, whole lists and single ones, in order.
+        """
+        found = []
+        for kind, data in self.messages():
+            if kind == "modelStatus":
+                found += [entry for entry in data if entry["id"] == model_id]
+            elif kind == "model" and data["id"] == model_id:
+                found.append(data)
+        return found
+
+    def latest(self, model_id: str) -> dict[str, Any]:
+        return self.entries(model_id)[-1]
+
+
+class ProgressTests(SynchronousTestCase):
+    """
+    A load's progress, as programs and the dashboard see it.
+    """
+
+    def setUp(self) -> None:
+        self.harness = Harness(self, config_text(qwen="ttl: 60"))
+
+    def test_same_numbers_as_the_loading_stream(self) -> None:
+        """
+        While a model loads, ``/running``, ``/v1/models`` and ``/api/events`` report the fraction,
+        stage label and time left that the chat request's loading stream shows at that moment.
+        """
+        harness = self.harness
+        dashboard = Dashboard(self, harness)
+        chat = Client(harness, CHAT, chat_body())
+        harness.prints("qwen", STAGE_LINES + "." * 30)
+        harness.advance(TICK)  # the stream sends the new stage at this tick
+        shown = [event.json()["swapproxy"] for event in chat.events()][-1]
+        self.assertEqual(shown["stage"], "loading")
+        (running,) = get_json(harness, "/running")["running"]
+        (listed,) = get_json(harness, "/v1/models")["data"]
+        for progress in (running["progress"], listed["status"]["progress"], dashboard.latest("qwen")["progress"]):
+            self.assertEqual(
+                (progress["stage"], progress["fraction"], progress["label"], progress["eta"]),
+                (shown["stage"], shown["progress"], shown["label"], shown["eta"]),
+            )
+            self.assertEqual(progress["percent"], int(shown["progress"] * 100))
+        self.assertEqual((running["status"], listed["status"]["state"], listed["status"]["value"]),
+                         ("loading", "loading", "loaded"))
+
+    def test_progress_moves_on_the_event_stream(self) -> None:
+        """
+        The dashboard hears of each new percentage while the tensors load, then of the model
+        ready, with how long the load took and no progress any more.
+        """
+        harness = self.harness
+        dashboard = Dashboard(self, harness)
+        Client(harness, CHAT, chat_body())
+        harness.prints("qwen", STAGE_LINES)
+        for _ in range(10):
+            harness.prints("qwen", "......")
+            harness.advance(TICK)
+        percents = [e["progress"]["percent"] for e in dashboard.entries("qwen") if e["progress"]
+                    and e["progress"]["percent"] is not None]
+        self.assertGreaterEqual(len(set(percents)), 8)
+        self.assertEqual(percents, sorted(percents))
+        self.assertEqual([e["status"] for e in dashboard.entries("qwen")][:3], ["stopped", "queued", "starting"])
+        self.assertEqual({e["status"] for e in dashboard.entries("qwen") if e["progress"] and e["progress"]["percent"]},
+                         {"loading"})
+        harness.become_ready("qwen")
+        ready = dashboard.latest("qwen")
+        self.assertEqual((ready["status"], ready["state"], ready["progress"]), ("ready", "ready", None))
+        self.assertEqual(ready["last_load"], 2.75)
+        self.assertEqual(get_json(harness, "/v1/models")["data"][0]["status"], {"value": "loaded", "state": "ready"})
+
+    def test_a_new_load_starts_from_nothing(self) -> None:
+        """
+        A model loaded once (to 95 %), unloaded, and loaded again, shows no stale stage or
+        percentage at the start of its second load, on the dashboard or in a chat stream.
+        """
+        harness = self.harness
+        Client(harness, CHAT, chat_body(stream=False))
+        harness.prints("qwen", STAGE_LINES + "." * 100 + "\nllama_context: constructing\nmain: model loaded\n")
+        harness.become_ready("qwen")
+        harness.last_request().respond(UpstreamResponse(200, b"application/json", b"{}"))
+        harness.supervisor.unload("qwen")
+        harness.process("qwen").exit(0)
+        harness.health["qwen"] = "refused"
+        dashboard = Dashboard(self, harness)
+        chat = Client(harness, CHAT, chat_body())
+        starting = dashboard.latest("qwen")["progress"]
+        # Only what the time taken by the first load says: nothing done yet.
+        self.assertEqual((starting["stage"], starting["fraction"], starting["label"]), ("starting", 0.0, ""))
+        self.assertEqual(starting["eta"], starting["expected"])
+        first = chat.events()[0].json()
+        self.assertEqual(first["swapproxy"]["stage"], "starting")
+
+
+class EntryTests(SynchronousTestCase):
+    """
+    The rest of a model's entry: requests, TTL, failures.
+    """
+
+    def setUp(self) -> None:
+        self.harness = Harness(
+            self,
+            config_text(
+                "groups:\n  pair:\n    members: [qwen, llama]",
+                qwen="ttl: 60\naliases: [q]\nname: Qwen\ndescription: chat",
+                llama="",
+            ),
+        )
+
+    def test_snapshot(self) -> None:
+        """
+        The first message lists every model with llama-swap's fields and the dashboard's.
+        """
+        dashboard = Dashboard(self, self.harness)
+        kind, entries = dashboard.messages()[0]
+        self.assertEqual(kind, "modelStatus")
+        self.assertEqual([e["id"] for e in entries], ["llama", "qwen"])
+        qwen = entries[1]
+        self.assertEqual({key: qwen[key] for key in LLAMA_SWAP_FIELDS},
+                         {"id": "qwen", "name": "Qwen", "description": "chat", "state": "stopped", "unlisted": False})
+        self.assertEqual(
+            {key: qwen[key] for key in ("status", "aliases", "group", "in_flight", "queued", "pid", "uptime", "ttl",
+                                        "ttl_remaining", "progress", "last_load", "last_failure")},
+            {"status": "stopped", "aliases": ["q"], "group": "pair", "in_flight": 0, "queued": 0, "pid": None,
+             "uptime": None, "ttl": 60, "ttl_remaining": None, "progress": None, "last_load": None,
+             "last_failure": None},
+        )
+
+    def test_requests_and_ttl(self) -> None:
+        """
+        A request in flight is counted; once it ends the TTL countdown starts, and its deadline
+        is sent again when the next request resets it.
+        """
+        harness = self.harness
+        lease = harness.lease("qwen")
+        dashboard = Dashboard(self, harness)
+        self.assertEqual(dashboard.latest("qwen")["in_flight"], 1)
+        harness.advance(5)
+        lease.release()
+        idle = dashboard.latest("qwen")
+        self.assertEqual((idle["in_flight"], idle["ttl_remaining"], idle["uptime"]), (0, 60.0, 5.2))
+        sent = len(dashboard.messages())
+        harness.advance(10)
+        self.assertEqual(len(dashboard.messages()), sent, "the countdown is the reader's to count")
+        self.assertEqual(get_json(harness, "/running")["running"][0]["ttl_remaining"], 50.0)
+        harness.lease("qwen").release()
+        self.assertEqual(dashboard.latest("qwen")["ttl_remaining"], 60.0)
+
+    def test_queued_behind_another_model(self) -> None:
+        """
+        A model whose request waits for another model of its group to finish is ``queued``;
+        when its turn comes it starts.
+        """
+        harness = self.harness
+        lease = harness.lease("qwen")
+        dashboard = Dashboard(self, harness)
+        harness.supervisor.request("llama")
+        llama = dashboard.latest("llama")
+        self.assertEqual((llama["status"], llama["queued"]), ("queued", 1))
+        lease.release()
+        self.assertEqual(dashboard.latest("qwen")["status"], "stopping")
+        harness.process("qwen").exit(0)
+        self.assertEqual(dashboard.latest("llama")["status"], "starting")
+
+    def test_failed_load(self) -> None:
+        """
+        A model whose process dies while loading is ``failed``, with the reason and its last
+        output lines; they stay in its entry, no longer current, once a later load succeeds.
+        """
+        harness = self.harness
+        dashboard = Dashboard(self, harness)
+        harness.supervisor.request("llama").wait().addErrback(lambda _: None)
+        harness.reactor.advance(0)
+        harness.prints("llama", FAILURE_LINES)
+        harness.process("llama").exit(3)
+        failed = dashboard.latest("llama")
+        self.assertEqual((failed["status"], failed["state"]), ("failed", "failed"))
+        failure = failed["last_failure"]
+        self.assertEqual(failure["reason"], "process exited with exit code 3 while starting")
+        self.assertEqual(failure["exit_code"], 3)
+        self.assertEqual(failure["last_lines"][-1], "error: failed to load model '/models/qwen.gguf'")
+        self.assertEqual(failure["time"], EPOCH)
+        self.assertEqual(get_json(harness, "/v1/models")["data"][0]["status"], {"value": "unloaded", "state": "failed"})
+        harness.advance(1)
+        harness.lease("llama").release()
+        ready = dashboard.latest("llama")
+        self.assertEqual((ready["status"], ready["last_failure"]), ("ready", failure))
+
+    def test_crash_while_ready(self) -> None:
+        """
+        A ready model whose process dies by itself is stopped, and its entry says so with the
+        last lines it printed.
+        """
+        harness = self.harness
+        harness.lease("qwen").release()
+        dashboard = Dashboard(self, harness)
+        harness.prints("qwen", "GGML_ASSERT(n_tokens <= n_batch) failed\n")
+        harness.process("qwen").exit(None, signum=6)
+        stopped = dashboard.latest("qwen")
+        self.assertEqual(stopped["status"], "stopped")
+        self.assertEqual(stopped["last_failure"]["reason"], "the process exited unexpectedly while ready")
+        self.assertEqual(stopped["last_failure"]["last_lines"][-1], "GGML_ASSERT(n_tokens <= n_batch) failed")
+
+    def test_unload_is_no_failure(self) -> None:
+        harness = self.harness
+        harness.lease("qwen").release()
+        dashboard = Dashboard(self, harness)
+        harness.supervisor.unload("qwen")
+        harness.process("qwen").exit(0)
+        self.assertEqual([e["status"] for e in dashboard.entries("qwen")], ["ready", "stopping", "stopped"])
+        self.assertIsNone(dashboard.latest("qwen")["last_failure"])
+
+    def test_ticker_only_while_loading_and_watched(self) -> None:
+        """
+        The progress of a load is looked at only while someone watches and a model loads.
+        """
+        harness = self.harness
+
+        def board_tickers() -> list[Any]:
+            return [
+                call for call in harness.reactor.getDelayedCalls()
+                if getattr(getattr(call.func, "f", None), "__qualname__", "") == "ModelBoard.refresh"
+            ]
+
+        harness.supervisor.request("qwen")
+        harness.reactor.advance(0)
+        self.assertEqual(board_tickers(), [])
+        dashboard = Dashboard(self, harness)
+        self.assertEqual(len(board_tickers()), 1)
+        harness.become_ready("qwen")
+        self.assertEqual(board_tickers(), [])
+        harness.supervisor.unload("qwen")
+        harness.process("qwen").exit(0)
+        harness.supervisor.request("llama")
+        harness.reactor.advance(0)
+        self.assertEqual(len(board_tickers()), 1)
+        dashboard.stream.disconnect()
+        self.assertEqual(board_tickers(), [])
