@@ -13,8 +13,11 @@ from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from swapproxy.peers import PeerSet
 from swapproxy.supervisor import Supervisor
+from swapproxy.targets import ActiveProfile
 from swapproxy.web.errors import error_response
+from swapproxy.web.listing import alias_records, peer_records, profile_records, selector_records, with_capabilities
 from swapproxy.web.render import ClientState, render_async
 
 
@@ -46,18 +49,47 @@ class JSONResource(Resource):
 
 class ModelList(JSONResource):
     """
-    ``GET /v1/models``: the OpenAI model list, with llama-swap's name, description and metadata.
+    ``GET /v1/models``: the OpenAI model list, with llama-swap's name, description and metadata,
+    capabilities, and the records of aliases, peer models (with their live state), selectors
+    and the active profile's pins (`swapproxy.web.listing`).
+
+    :param peers: the peers; their state is refreshed, if stale, before the list is made.
+    :param profile: the active profile.
     """
 
     isLeaf = True
 
-    def __init__(self, supervisor: Supervisor, reactor: Any) -> None:
+    def __init__(self, supervisor: Supervisor, reactor: Any, peers: PeerSet | None = None,
+                 profile: ActiveProfile | None = None) -> None:
         super().__init__()
         self._supervisor = supervisor
         self._reactor = reactor
+        self._peers = peers
+        self._profile = profile
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> int:
+        return render_async(request, lambda client: self._list(request))
+
+    async def _list(self, request: Request) -> None:
+        config = self._supervisor.config
+        if self._peers is not None and config.peers:
+            await self._peers.refresh()
         created = int(self._reactor.seconds())
+        data = self._local_records(created)
+        data += alias_records(config, data)
+        states = {mid: upstream.state for mid, upstream in self._supervisor.upstreams.items()}
+        data += peer_records(config, self._peers.health if self._peers is not None else {}, created)
+        data += selector_records(config, states, created)
+        if self._profile is not None:
+            taken = set(config.models) | set(config.aliases) | set(config.peer_routes) | set(config.selectors)
+            data += profile_records(config, self._profile.pins(), taken, created)
+        data.sort(key=lambda record: record["id"])
+        origin = request.getHeader(b"origin")
+        if origin:
+            request.setHeader(b"access-control-allow-origin", origin)
+        request.write(write_json(request, {"object": "list", "data": data}))
+
+    def _local_records(self, created: int) -> list[dict[str, Any]]:
         data = []
         for model_id, model in sorted(self._supervisor.config.models.items()):
             if model.unlisted:
@@ -77,11 +109,8 @@ class ModelList(JSONResource):
                 record["meta"] = {"llamaswap": model.metadata}
             if model.aliases:
                 record["aliases"] = list(model.aliases)
-            data.append(record)
-        origin = request.getHeader(b"origin")
-        if origin:
-            request.setHeader(b"access-control-allow-origin", origin)
-        return write_json(request, {"object": "list", "data": data})
+            data.append(with_capabilities(record, model.capabilities))
+        return data
 
 
 class Health(JSONResource):

@@ -12,12 +12,16 @@ from twisted.web.server import Request
 
 from swapproxy.logbuffer import LogHistory
 from swapproxy.metrics import Metrics
+from swapproxy.peers import PeerSet
 from swapproxy.progress import LoadHistory, LoadTracker
 from swapproxy.supervisor import Supervisor
+from swapproxy.targets import Targets, state_of
 from swapproxy.web.api import ApiUnload, Health, ModelList, Running, UnloadAll
 from swapproxy.web.auth import ApiKeys, Unauthorized
 from swapproxy.web.errors import NotFound
 from swapproxy.web.inference import InferenceRoute, UpstreamPassthrough
+from swapproxy.web.peer_forward import PeerForward
+from swapproxy.web.profiles import Profiles
 from swapproxy.web.monitor import EventStream, LogFollow, LogPage, MetricsPage, TokenMetrics
 from swapproxy.web.site import SwapproxySite
 
@@ -131,6 +135,7 @@ def build_root(
     *,
     logs: LogHistory | None = None,
     metrics: Metrics | None = None,
+    peers: PeerSet | None = None,
 ) -> Resource:
     """
     The whole Resource tree of swapproxy.
@@ -139,6 +144,8 @@ def build_root(
     :param logs: the log history behind ``/logs`` (an empty one, fed by nothing, by default:
         `swapproxy.logbuffer.LogRouting` is what feeds it).
     :param metrics: what ``/metrics`` and ``/api/*`` report (new, with its own registry, by default).
+    :param peers: the peers' clients and health (`swapproxy.peers.PeerSet`); a service that must
+        be stopped to close its connections (one that is never started nor stopped by default).
     """
     history = history if history is not None else LoadHistory(None)
     logs = logs if logs is not None else LogHistory()
@@ -150,11 +157,17 @@ def build_root(
         trackers[upstream.model.id] = LoadTracker(upstream, reactor, history)
 
     supervisor.each_upstream(track)
+    peers = peers if peers is not None else PeerSet(lambda: supervisor.config, reactor)
+    targets = Targets(lambda: supervisor.config, state_of(supervisor))
+    peer_forward = PeerForward(peers)
     root = Root(ApiKeys(lambda: supervisor.config.api_keys))
     for path in INFERENCE_ROUTES:
-        mount(root, path, InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path), metrics))
-    mount(root, "/upstream", UpstreamPassthrough(supervisor, reactor, trackers, metrics=metrics))
-    mount(root, "/v1/models", ModelList(supervisor, reactor))
+        route = InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path), metrics, targets, peer_forward)
+        mount(root, path, route)
+    mount(root, "/upstream", UpstreamPassthrough(supervisor, reactor, trackers, metrics=metrics, targets=targets,
+                                                 peer_forward=peer_forward))
+    mount(root, "/v1/models", ModelList(supervisor, reactor, peers, targets.profile))
+    mount(root, "/api/profiles", Profiles(targets.profile, lambda: supervisor.config))
     mount(root, "/health", Health())
     mount(root, "/running", Running(supervisor, reactor))
     mount(root, "/unload", UnloadAll(supervisor))
@@ -174,11 +187,12 @@ def build_site(
     *,
     logs: LogHistory | None = None,
     metrics: Metrics | None = None,
+    peers: PeerSet | None = None,
 ) -> SwapproxySite:
     """
     The HTTP factory serving swapproxy's Resource tree, with the configuration's ``limits``.
 
-    ``logs`` and ``metrics`` as for `build_root`.
+    ``logs``, ``metrics`` and ``peers`` as for `build_root`.
     """
-    root = build_root(supervisor, reactor, history, logs=logs, metrics=metrics)
+    root = build_root(supervisor, reactor, history, logs=logs, metrics=metrics, peers=peers)
     return SwapproxySite(root, lambda: supervisor.config.limits, reactor)
