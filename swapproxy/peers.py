@@ -306,8 +306,8 @@ class PeerSet(Service):
         if current is None or current.peer != peer:
             if current is not None:
                 current.close()
+                self.health[peer.id] = PeerHealth()
             current = self._clients[peer.id] = self._client_factory(peer, self._reactor)
-            self.health[peer.id] = PeerHealth()
         return current
 
     def _health(self, peer_id: str) -> PeerHealth:
@@ -345,6 +345,7 @@ class PeerSet(Service):
         now = self._reactor.seconds()
         pending = []
         for peer in self.peers.values():
+            self.client(peer)
             health = self._health(peer.id)
             poll = self._polls.get(peer.id)
             if poll is None and (health.asked_at is None or now - health.asked_at >= FRESH_SECONDS):
