@@ -26,7 +26,10 @@ from swapproxy.web.errors import NotFound, write_error
 from swapproxy.web.filters import encode_payload, rewrite_payload
 from swapproxy.targets import NoTarget, Target, Targets, state_of
 from swapproxy.web.forward import Forward
+from swapproxy.peers import auth_headers
 from swapproxy.web.peer_forward import PeerForward, rewrite_for_peer
+from swapproxy.web.relay import forward_headers
+from swapproxy.web.websocket import is_websocket_upgrade, relay_websocket, websocket_to_model
 from swapproxy.web.render import ClientState, render_async
 from swapproxy.web.sse import ChatEvents, MessagesEvents, PlainEvents
 
@@ -330,9 +333,29 @@ class UpstreamPassthrough(ModelRoute):
             if target.model is not None and self._ignored(target.model, "/" + "/".join(rest)):
                 raise BadRequest(409, f"model {target.model.id!r} is not loaded, and the path matches"
                                       " upstream.ignorePaths, so it does not start the model")
-            await self.serve_target(request, client, target, path, body)
+            if is_websocket_upgrade(request):
+                await self._websocket(request, client, target, path)
+            else:
+                await self.serve_target(request, client, target, path, body)
         finally:
             target.release()
+
+    async def _websocket(self, request: Request, client: ClientState, target: Target, path: bytes) -> None:
+        """
+        Relay a websocket upgrade to the target's server (`swapproxy.web.websocket`).
+        """
+        if target.model is not None:
+            headers = forward_headers(request)
+            await websocket_to_model(self.supervisor, self.clock, request, client, target.model, path, headers)
+            return
+        assert target.peer is not None
+        peer = target.peer.peer
+        own = auth_headers(peer)
+        headers = forward_headers(request, frozenset({b"authorization", b"x-api-key"}) if own else frozenset())
+        for key, values in own.items():
+            headers.setRawHeaders(key, values)
+        await relay_websocket(request, client, self.clock, peer.proxy, path, headers, f"peer {peer.id!r}",
+                              peer.timeouts.connect)
 
     def _ignored(self, model: ModelConfig, rest: str) -> bool:
         """
