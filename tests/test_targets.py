@@ -149,3 +149,20 @@ class ProfileApiTests(TestCase):
         self.assertEqual((await put(b'{"nome": 1}'))[0], 400)
         self.assertEqual((await put(b'{"name": 3}'))[0], 400)
         self.assertEqual((await put(b"{"))[0], 400)
+
+    async def test_selector_requests(self) -> None:
+        """
+        A request for a selector reaches the target it chose, under the target's name.
+        """
+        text = textwrap.dedent(CONFIG).replace('"a ${PORT}"', json.dumps(fake_command("--respond", "from a")))
+        text = text.replace('"b ${PORT}"', json.dumps(fake_command("--respond", "from b")))
+        proxy = start_proxy(self, parse_config(text, "test.yaml", {}))
+        code, answer = await proxy.chat("pinned")
+        self.assertEqual((code, answer["model"]), (200, "b"))
+        self.assertEqual(answer["choices"][0]["message"]["content"].split()[:2], ["from", "b"])
+        # warm: b is the one ready now.
+        code, answer = await proxy.chat("warm")
+        self.assertEqual(answer["model"], "b")
+        # spillover: a running target with room comes before one that would have to start.
+        code, answer = await proxy.chat("spill")
+        self.assertEqual((code, answer["model"]), (200, "b"))
