@@ -801,15 +801,7 @@ def _build_model(ch: _Checker, mid: str, raw: Any, global_macros: dict[str, Any]
 
     stop_text = scope.text(_drop_comment_lines(ch.string(m.get("cmdStop"), f"{path}.cmdStop")),
                            f"{path}.cmdStop")
-    proxy = final(f"{path}.proxy", proxy)
-    try:
-        url = urlsplit(proxy)
-        valid = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
-    except ValueError:
-        valid = False
-    if not valid:
-        raise ch.error(f"{path}.proxy",
-                       f"must be an http:// or https:// URL with a host, got {_show(proxy)}")
+    proxy = _check_url(ch, f"{path}.proxy", final(f"{path}.proxy", proxy))
     check = final(f"{path}.checkEndpoint", text("checkEndpoint", "/health")).strip() or "/health"
 
     env = []
@@ -926,6 +918,20 @@ def _build_compat(ch: _Checker, raw: Any, path: str) -> bool:
     compat = ch.mapping(raw, path)
     ch.known(compat, path, frozenset({"ignoreWebsockets"}))
     return ch.boolean(compat.get("ignoreWebsockets"), f"{path}.ignoreWebsockets", False)
+
+
+def _check_url(ch: _Checker, where: str, proxy: str) -> str:
+    """
+    ``proxy`` if it is an ``http://`` or ``https://`` URL with a host (and no port 0).
+    """
+    try:
+        url = urlsplit(proxy)
+        valid = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ch.error(where, f"must be an http:// or https:// URL with a host, got {_show(proxy)}")
+    return proxy
 
 
 def _check_params(ch: _Checker, params: dict[Any, Any], where: str) -> None:
@@ -1235,14 +1241,7 @@ def _build_peers(ch: _Checker, raw: Any, global_macros: dict[str, Any]) -> dict[
 
         if p.get("proxy") is None:
             raise ch.error(f"{path}.proxy", "missing: every peer needs the base URL of its server")
-        proxy = text("proxy").strip()
-        try:
-            url = urlsplit(proxy)
-            valid = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
-        except ValueError:
-            valid = False
-        if not valid:
-            raise ch.error(f"{path}.proxy", f"must be an http:// or https:// URL with a host, got {_show(proxy)}")
+        proxy = _check_url(ch, f"{path}.proxy", text("proxy").strip())
         names: list[str] = []
         for i, name in enumerate(ch.strings(p.get("models"), f"{path}.models")):
             name = final(f"{path}.models[{i}]", scope.text(name, f"{path}.models[{i}]")).strip()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import textwrap
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -24,8 +25,18 @@ FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama_swap_h
 FIXTURE_ENV = {"HOME": "/home/user", "OPENROUTER_KEY": "sk-or-1", "API_KEY_1": "sk-1", "API_KEY_2": "sk-2"}
 
 
-def parse(text: str) -> object:
+def parse(text: str) -> Any:
     return parse_config(textwrap.dedent(text), "config.yaml", {})
+
+
+def assert_errors(test: SynchronousTestCase, cases: dict[str, str], prefix: str = "") -> None:
+    """
+    Each config text (after ``prefix``) fails to load with exactly its message.
+    """
+    for text, message in cases.items():
+        with test.assertRaises(ConfigError, msg=text) as caught:
+            parse(prefix + text)
+        test.assertEqual(str(caught.exception), message)
 
 
 class HeadExampleTests(SynchronousTestCase):
@@ -133,10 +144,7 @@ class PeerConfigTests(SynchronousTestCase):
             'models: {p/m: {cmd: "x ${PORT}"}}\npeers: {p: {proxy: "http://h", models: [m]}}':
                 "config.yaml: peers.p.models: peer model name 'p/m' is also a local model id",
         }
-        for text, message in cases.items():
-            with self.assertRaises(ConfigError, msg=text) as caught:
-                parse(text)
-            self.assertEqual(str(caught.exception), message)
+        assert_errors(self, cases)
 
 
 class SelectorConfigTests(SynchronousTestCase):
@@ -181,10 +189,7 @@ class SelectorConfigTests(SynchronousTestCase):
             "s: {strategy: spillover, targets: [a], settings: {spillover: 0}}":
                 "config.yaml: selectors.s.settings.spillover: must be an integer >= 1, got 0",
         }
-        for text, message in cases.items():
-            with self.assertRaises(ConfigError, msg=text) as caught:
-                parse(self.BASE + "\n        selectors:\n          " + text)
-            self.assertEqual(str(caught.exception), message)
+        assert_errors(self, cases, self.BASE + "\n        selectors:\n          ")
 
 
 class ProfileConfigTests(SynchronousTestCase):
@@ -214,10 +219,7 @@ class ProfileConfigTests(SynchronousTestCase):
             "one: {pins: {p/m: a}}":
                 "config.yaml: profiles.one.pins.p/m: 'p/m' is the name of a peer model; it cannot be pinned",
         }
-        for text, message in cases.items():
-            with self.assertRaises(ConfigError, msg=text) as caught:
-                parse(self.BASE + "\n        profiles:\n          " + text)
-            self.assertEqual(str(caught.exception), message)
+        assert_errors(self, cases, self.BASE + "\n        profiles:\n          ")
 
 
 class ModelKeysTests(SynchronousTestCase):
@@ -246,10 +248,7 @@ class ModelKeysTests(SynchronousTestCase):
             "includeAliasesInList: yes please":
                 'config.yaml: includeAliasesInList: must be true or false, got "yes please"',
         }
-        for text, message in cases.items():
-            with self.assertRaises(ConfigError, msg=text) as caught:
-                parse(text)
-            self.assertEqual(str(caught.exception), message)
+        assert_errors(self, cases)
 
     def test_preload_of_a_peer_model_warns(self) -> None:
         config = parse("""
