@@ -42,6 +42,7 @@ CONFIG = """
         cmd: "a ${PORT}"
         name: Model A
         aliases: [alpha]
+        filters: {setParamsByID: {"a:hot": {temperature: 1.5}}}
         metadata: {context_length: 1, note: kept}
         capabilities: {in: [text], out: [text], tools: true, context: 8192}
       b: {cmd: "b ${PORT}", unlisted: true, aliases: [beta]}
@@ -59,7 +60,7 @@ class ModelListTests(TestCase):
     async def test_records(self) -> None:
         proxy = start_proxy(self, parse_config(textwrap.dedent(CONFIG), "test.yaml", {}))
         records = {r["id"]: r for r in (await proxy.get_json("/v1/models"))["data"]}
-        self.assertEqual(sorted(records), ["a", "alpha", "sel"])
+        self.assertEqual(sorted(records), ["a", "a:hot", "alpha", "sel"])
         a = records["a"]
         self.assertEqual(a["meta"], {"llamaswap": {"note": "kept"}, "n_ctx": 8192})
         self.assertEqual(a["context_length"], 8192)
@@ -77,5 +78,5 @@ class ModelListTests(TestCase):
         self.assertEqual(response.code, 200)
         records = {r["id"]: r for r in (await proxy.get_json("/v1/models"))["data"]}
         # A pin that shadows a listed name adds no record of its own.
-        self.assertEqual(sorted(records), ["a", "alpha", "newname", "sel"])
+        self.assertEqual(sorted(records), ["a", "a:hot", "alpha", "newname", "sel"])
         self.assertEqual(records["newname"]["meta"]["llamaswap"], {"type": "profile", "target": "a"})

@@ -101,7 +101,8 @@ def alias_records(config: Config, listed: list[dict[str, Any]]) -> list[dict[str
         model = config.models.get(record["id"])
         if model is None:
             continue
-        for alias in model.aliases:
+        # Its aliases, and (as in llama-swap) the setParamsByID names that act as aliases.
+        for alias in [name for name, target in config.aliases.items() if target == model.id]:
             copy = {k: v for k, v in record.items() if k != "aliases"}
             copy["id"] = alias
             meta = dict(copy.get("meta") or {})
