@@ -12,7 +12,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from swapproxy.config import Config, parse_config
-from swapproxy.targets import ActiveProfile, NoTarget, Targets
+from swapproxy.targets import NoTarget, Targets
 from swapproxy.upstream import State
 from tests.helpers import fake_command, start_proxy
 
