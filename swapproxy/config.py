@@ -28,7 +28,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -59,11 +59,16 @@ _TOP_KEYS = frozenset({
     "healthCheckTimeout", "healthCheckCeiling", "logLevel", "logToStdout", "logTimeFormat", "startPort", "macros",
     "models", "groups", "hooks", "sendLoadingState", "loadingStateField", "globalTTL",
     "unloadTimeout", "apiKeys", "metricsMaxInMemory", "logRequests", "profiles", "limits",
-    "defaultModel", "cors", "store"})
+    "defaultModel", "cors", "store",
+    # llama-swap head's keys of issue 14: see _build_head_keys.
+    "peers", "selectors", "includeAliasesInList", "upstream",
+    # Parsed by the scheduling work (issue 12): accepted here so that a llama-swap head config
+    # starts without a warning.
+    "routing"})
 _MODEL_KEYS = frozenset({
     "cmd", "cmdStop", "proxy", "checkEndpoint", "ttl", "aliases", "useModelName", "env",
     "unlisted", "name", "description", "metadata", "concurrencyLimit", "sendLoadingState",
-    "loadingStateField", "macros", "filters", "unloadTimeout"})
+    "loadingStateField", "macros", "filters", "unloadTimeout", "timeouts", "capabilities", "compat"})
 _GROUP_KEYS = frozenset({"swap", "exclusive", "persistent", "members"})
 _STORE_KEYS = frozenset({"path", "maxRows"})
 _FILTER_KEYS = frozenset({"stripParams", "strip_params", "setParams", "setParamsByID"})
@@ -118,6 +123,13 @@ class ModelConfig:
     strip_params: tuple[str, ...]
     set_params: Mapping[str, Any]
     set_params_by_id: Mapping[str, Mapping[str, Any]]
+    #: The connection timeouts of requests to the model (``timeouts``).
+    timeouts: Timeouts = attrs.Factory(lambda: Timeouts())
+    #: What the model can do, shown in ``/v1/models`` (``capabilities``).
+    capabilities: Capabilities = attrs.Factory(lambda: Capabilities())
+    #: ``compat.ignoreWebsockets``: a websocket upgrade neither starts the model nor counts as a
+    #: request in flight (for TTL, swaps and ``concurrencyLimit``).
+    ignore_websockets: bool = False
 
 
 @attrs.frozen
@@ -132,6 +144,140 @@ class GroupConfig:
     exclusive: bool
     persistent: bool
     members: tuple[str, ...]
+
+
+@attrs.frozen
+class Timeouts:
+    """
+    The timeouts of requests to a model or a peer (``timeouts``), in seconds; 0 disables one.
+
+    :ivar connect: to open the TCP connection.
+    :ivar keepalive: TCP keep-alive probe interval of the connection (0: no keep-alive probes).
+    :ivar response_header: from sending the request to the answer's status line and headers.
+    :ivar tls_handshake: to finish the TLS handshake (``https://``).
+    :ivar expect_continue: accepted for llama-swap compatibility; swapproxy never sends
+        ``Expect: 100-continue``.
+    :ivar idle_conn: how long an idle keep-alive connection is kept for reuse.
+    """
+
+    connect: float = 30.0
+    keepalive: float = 30.0
+    response_header: float = 0.0
+    tls_handshake: float = 10.0
+    expect_continue: float = 1.0
+    idle_conn: float = 90.0
+
+
+#: A peer's timeouts when its config sets none: llama-swap's, with a 60 s ``responseHeader``.
+PEER_TIMEOUTS = Timeouts(response_header=60.0)
+_TIMEOUT_KEYS = {"connect": "connect", "keepalive": "keepalive", "responseHeader": "response_header",
+                 "tlsHandshake": "tls_handshake", "expectContinue": "expect_continue",
+                 "idleConn": "idle_conn"}
+
+MODALITIES = ("text", "audio", "image")
+
+
+@attrs.frozen
+class Capabilities:
+    """
+    What a model accepts and produces (``capabilities``), rendered into ``/v1/models`` as
+    llama-swap does (`swapproxy.listing.capability_fields`).
+    """
+
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    tools: bool = False
+    reranker: bool = False
+    context: int = 0
+
+    @property
+    def empty(self) -> bool:
+        """
+        Whether nothing is declared (then nothing is rendered).
+        """
+        return not (self.inputs or self.outputs or self.tools or self.reranker or self.context)
+
+
+@attrs.frozen
+class PeerConfig:
+    """
+    Another server whose models swapproxy relays to (``peers.<id>``): another swapproxy, a
+    llama-swap, or any OpenAI-compatible API.
+
+    :ivar proxy: the base URL; a request's path is appended to it.
+    :ivar api_key: sent as ``Authorization: Bearer`` and ``x-api-key`` instead of the client's
+        key; empty for none.
+    :ivar models: the model ids the peer serves, in config order, without repeats.
+    :ivar strip_params: like a model's ``filters.stripParams``, for requests to this peer.
+    :ivar set_params: like a model's ``filters.setParams``.
+    :ivar set_params_by_id: like a model's ``filters.setParamsByID``, by the name the client used.
+    """
+
+    id: str
+    proxy: str
+    api_key: str
+    models: tuple[str, ...]
+    strip_params: tuple[str, ...] = ()
+    set_params: Mapping[str, Any] = attrs.Factory(dict)
+    set_params_by_id: Mapping[str, Mapping[str, Any]] = attrs.Factory(dict)
+    timeouts: Timeouts = PEER_TIMEOUTS
+
+
+@attrs.frozen
+class PeerModel:
+    """
+    One model of one peer: what a peer model name resolves to.
+    """
+
+    peer: PeerConfig
+    model: str
+
+    @property
+    def fqn(self) -> str:
+        """
+        The fully qualified name, ``<peer id>/<model id>``, always routed to this peer.
+        """
+        return f"{self.peer.id}/{self.model}"
+
+
+SELECTOR_STRATEGIES = ("pin", "warm", "spillover")
+
+
+@attrs.frozen
+class SelectorConfig:
+    """
+    A virtual model id resolved to one of its targets for each request (``selectors.<id>``).
+
+    :ivar strategy: ``pin`` (always the first target), ``warm`` (the first ready target, else
+        the first starting one, else the first) or ``spillover`` (fill each target up to
+        ``spillover`` requests in flight, in order, before the next is used).
+    :ivar targets: model ids, aliases or peer model names (never other selectors).
+    """
+
+    id: str
+    strategy: str
+    targets: tuple[str, ...]
+    spillover: int = 1
+    name: str = ""
+    description: str = ""
+    unlisted: bool = False
+    metadata: Mapping[str, Any] = attrs.Factory(dict)
+
+
+@attrs.frozen
+class ProfileConfig:
+    """
+    A named set of pins (``profiles.<id>``): while it is active, a request for a pinned name
+    goes to the pin's target; a pin to ``""`` (or null) makes that name unavailable (404).
+    """
+
+    id: str
+    description: str
+    pins: Mapping[str, str]
+
+
+#: ``upstream.ignorePaths`` when the config sets none: static files never start a model.
+DEFAULT_UPSTREAM_IGNORE_PATHS = (r".*\.(js|json|css|png|gif|jpg|jpeg|ico|txt)$",)
 
 
 _LIMIT_KEYS = frozenset({"maxBodySize", "maxHeaderSize", "requestTimeout", "idleTimeout",
@@ -225,6 +371,21 @@ class Config:
     store_path: str = ""
     #: ``store.maxRows``: the most requests the activity database keeps (the oldest go first).
     store_max_rows: int = 10000
+    #: ``peers`` by peer id.
+    peers: Mapping[str, PeerConfig] = attrs.Factory(dict)
+    #: Every name that routes to a peer: each ``peer/model``, and each bare model id that
+    #: exactly one peer serves and that is not a local model id or alias.
+    peer_routes: Mapping[str, PeerModel] = attrs.Factory(dict)
+    selectors: Mapping[str, SelectorConfig] = attrs.Factory(dict)
+    profiles: Mapping[str, ProfileConfig] = attrs.Factory(dict)
+    #: ``includeAliasesInList``: ``/v1/models`` also lists each alias of a listed model.
+    include_aliases_in_list: bool = False
+    #: ``upstream.ignorePaths``, compiled: ``/upstream/<model>/<path>`` requests whose path
+    #: matches one of them do not start a model that is not ready (409).
+    upstream_ignore_paths: tuple[re.Pattern[str], ...] = attrs.Factory(
+        lambda: tuple(re.compile(p) for p in DEFAULT_UPSTREAM_IGNORE_PATHS))
+    #: Lines to log at info level: keys accepted from llama-swap that have no effect here.
+    notices: tuple[str, ...] = ()
 
     @property
     def start_ceiling(self) -> int:
@@ -241,6 +402,14 @@ class Config:
         if model is None and name in self.aliases:
             model = self.models.get(self.aliases[name])
         return model
+
+    def resolve_peer(self, name: str) -> PeerModel | None:
+        """
+        The peer model ``name`` routes to: a ``peer/model`` name, or a bare model id that one
+        peer alone serves. ``None`` otherwise, and always for local model ids and aliases
+        (local wins).
+        """
+        return self.peer_routes.get(name)
 
     def group_of(self, model_id: str) -> GroupConfig:
         """
@@ -383,6 +552,7 @@ class _Checker:
     def __init__(self, source: str) -> None:
         self.source = source
         self.warnings: list[str] = []
+        self.notices: list[str] = []
         self.unsupported: list[str] = []
 
     def error(self, path: str, problem: str) -> ConfigError:
@@ -664,15 +834,7 @@ def _build_model(ch: _Checker, mid: str, raw: Any, global_macros: dict[str, Any]
 
     stop_text = scope.text(_drop_comment_lines(ch.string(m.get("cmdStop"), f"{path}.cmdStop")),
                            f"{path}.cmdStop")
-    proxy = final(f"{path}.proxy", proxy)
-    try:
-        url = urlsplit(proxy)
-        valid = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
-    except ValueError:
-        valid = False
-    if not valid:
-        raise ch.error(f"{path}.proxy",
-                       f"must be an http:// or https:// URL with a host, got {_show(proxy)}")
+    proxy = _check_url(ch, f"{path}.proxy", final(f"{path}.proxy", proxy))
     check = final(f"{path}.checkEndpoint", text("checkEndpoint", "/health")).strip() or "/health"
 
     env = []
@@ -686,29 +848,7 @@ def _build_model(ch: _Checker, mid: str, raw: Any, global_macros: dict[str, Any]
     ttl = m.get("ttl")
     if type(ttl) is int and ttl == -1:  # llama-swap's default: "use globalTTL"
         ttl = None
-    fpath = f"{path}.filters"
-    filters = ch.mapping(m.get("filters"), fpath)
-    ch.known(filters, fpath, _FILTER_KEYS)
-    strip: set[str] = set()
-    for key in ("stripParams", "strip_params"):
-        where = f"{fpath}.{key}"
-        raw_strip = filters.get(key)
-        parts = (ch.strings(raw_strip, where) if isinstance(raw_strip, list)
-                 else [ch.string(raw_strip, where)])
-        for part in parts:
-            strip.update(p.strip() for p in final(where, scope.text(part, where)).split(","))
-    where = f"{fpath}.setParams"
-    set_params = final(where, scope.typed(ch.mapping(filters.get("setParams"), where), where))
-    _check_params(ch, set_params, where)
-    by_id = {}
-    for key, params in ch.mapping(filters.get("setParamsByID"), f"{fpath}.setParamsByID").items():
-        where = _join(f"{fpath}.setParamsByID", key)
-        name = final(where, scope.text(ch.string(key, where), where)).strip()
-        if not name:
-            raise ch.error(where, "keys must be non-empty model names")
-        params = final(where, scope.typed(ch.mapping(params, where), where))
-        _check_params(ch, params, where)
-        by_id[name] = params
+    strip, set_params, by_id = _build_filters(ch, m.get("filters"), f"{path}.filters", scope, final)
 
     metadata = ch.mapping(m.get("metadata"), f"{path}.metadata")
     concurrency = ch.integer(m.get("concurrencyLimit"), f"{path}.concurrencyLimit", 0, minimum=0)
@@ -734,10 +874,97 @@ def _build_model(ch: _Checker, mid: str, raw: Any, global_macros: dict[str, Any]
         loading_state_field=ch.choice(m.get("loadingStateField"), f"{path}.loadingStateField",
                                       top["loading_state_field"], LOADING_STATE_FIELDS),
         port=port,
-        strip_params=tuple(sorted(strip - {"", "model"})),
+        strip_params=strip,
         set_params=set_params,
         set_params_by_id=by_id,
+        timeouts=_build_timeouts(ch, m.get("timeouts"), f"{path}.timeouts", Timeouts()),
+        capabilities=_build_capabilities(ch, m.get("capabilities"), f"{path}.capabilities"),
+        ignore_websockets=_build_compat(ch, m.get("compat"), f"{path}.compat"),
     )
+
+
+def _build_filters(
+    ch: _Checker, raw: Any, fpath: str, scope: _MacroScope, final: Callable[[str, Any], Any]
+) -> tuple[tuple[str, ...], dict[str, Any], dict[str, dict[str, Any]]]:
+    """
+    A ``filters`` mapping (of a model or a peer): ``stripParams`` (sorted, without ``model``),
+    ``setParams`` and ``setParamsByID``, macros expanded.
+    """
+    filters = ch.mapping(raw, fpath)
+    ch.known(filters, fpath, _FILTER_KEYS)
+    strip: set[str] = set()
+    for key in ("stripParams", "strip_params"):
+        where = f"{fpath}.{key}"
+        raw_strip = filters.get(key)
+        parts = (ch.strings(raw_strip, where) if isinstance(raw_strip, list)
+                 else [ch.string(raw_strip, where)])
+        for part in parts:
+            strip.update(p.strip() for p in final(where, scope.text(part, where)).split(","))
+    where = f"{fpath}.setParams"
+    set_params = final(where, scope.typed(ch.mapping(filters.get("setParams"), where), where))
+    _check_params(ch, set_params, where)
+    by_id = {}
+    for key, params in ch.mapping(filters.get("setParamsByID"), f"{fpath}.setParamsByID").items():
+        where = _join(f"{fpath}.setParamsByID", key)
+        name = final(where, scope.text(ch.string(key, where), where)).strip()
+        if not name:
+            raise ch.error(where, "keys must be non-empty model names")
+        params = final(where, scope.typed(ch.mapping(params, where), where))
+        _check_params(ch, params, where)
+        by_id[name] = params
+    return tuple(sorted(strip - {"", "model"})), set_params, by_id
+
+
+def _build_timeouts(ch: _Checker, raw: Any, path: str, default: Timeouts) -> Timeouts:
+    """
+    A ``timeouts`` mapping (of a model or a peer): seconds, 0 to disable; unset keys keep
+    ``default``'s.
+    """
+    timeouts = ch.mapping(raw, path)
+    ch.known(timeouts, path, frozenset(_TIMEOUT_KEYS))
+    values = {attr: ch.number(timeouts.get(key), f"{path}.{key}", getattr(default, attr))
+              for key, attr in _TIMEOUT_KEYS.items()}
+    return Timeouts(**values)
+
+
+def _build_capabilities(ch: _Checker, raw: Any, path: str) -> Capabilities:
+    caps = ch.mapping(raw, path)
+    ch.known(caps, path, frozenset({"in", "out", "tools", "reranker", "context"}))
+    modalities = {}
+    for key in ("in", "out"):
+        values = ch.strings(caps.get(key), f"{path}.{key}")
+        for i, value in enumerate(values):
+            if value not in MODALITIES:
+                raise ch.error(f"{path}.{key}[{i}]",
+                               f"unknown modality {_show(value)}; use {', '.join(MODALITIES)}")
+        modalities[key] = tuple(values)
+    return Capabilities(
+        inputs=modalities["in"],
+        outputs=modalities["out"],
+        tools=ch.boolean(caps.get("tools"), f"{path}.tools", False),
+        reranker=ch.boolean(caps.get("reranker"), f"{path}.reranker", False),
+        context=ch.integer(caps.get("context"), f"{path}.context", 0, minimum=0),
+    )
+
+
+def _build_compat(ch: _Checker, raw: Any, path: str) -> bool:
+    compat = ch.mapping(raw, path)
+    ch.known(compat, path, frozenset({"ignoreWebsockets"}))
+    return ch.boolean(compat.get("ignoreWebsockets"), f"{path}.ignoreWebsockets", False)
+
+
+def _check_url(ch: _Checker, where: str, proxy: str) -> str:
+    """
+    ``proxy`` if it is an ``http://`` or ``https://`` URL with a host (and no port 0).
+    """
+    try:
+        url = urlsplit(proxy)
+        valid = url.scheme in ("http", "https") and bool(url.hostname) and url.port != 0
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ch.error(where, f"must be an http:// or https:// URL with a host, got {_show(proxy)}")
+    return proxy
 
 
 def _check_params(ch: _Checker, params: dict[Any, Any], where: str) -> None:
@@ -867,12 +1094,31 @@ def _build_aliases(ch: _Checker, models: dict[str, ModelConfig]) -> dict[str, st
     return aliases
 
 
-def _build_groups(ch: _Checker, raw: Any, models: dict[str, ModelConfig],
+def _groups_source(ch: _Checker, data: dict[Any, Any]) -> tuple[Any, str]:
+    """
+    The raw groups and their key path: the top-level ``groups``, or llama-swap head's
+    ``routing.router.settings.groups``.
+
+    Only the group router's part of ``routing``; the scheduling work (issue 12) parses the rest
+    of ``routing`` (``router.use: matrix``, ``scheduler``), and replaces this.
+    """
+    routing = ch.mapping(data.get("routing"), "routing")
+    router = ch.mapping(routing.get("router"), "routing.router")
+    settings = ch.mapping(router.get("settings"), "routing.router.settings")
+    if settings.get("groups"):
+        if data.get("groups"):
+            raise ch.error("groups", "cannot be used together with routing.router; move it to"
+                                     " routing.router.settings.groups")
+        return settings["groups"], "routing.router.settings.groups"
+    return data.get("groups"), "groups"
+
+
+def _build_groups(ch: _Checker, raw: Any, where: str, models: dict[str, ModelConfig],
                   aliases: dict[str, str]) -> dict[str, GroupConfig]:
     groups: dict[str, GroupConfig] = {}
     owner: dict[str, str] = {}
-    for gid, graw in ch.mapping(raw, "groups").items():
-        path = _join("groups", gid)
+    for gid, graw in ch.mapping(raw, where).items():
+        path = _join(where, gid)
         if not isinstance(gid, str) or not gid.strip():
             raise ch.error(path, "group ids must be non-empty strings")
         if gid == DEFAULT_GROUP:
@@ -909,7 +1155,7 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ch.error("(top level)", f"must be a mapping of settings, got {_show(data)}")
-    ch.known(data, "", _TOP_KEYS)
+    ch.known(data, "", _TOP_KEYS | frozenset(_NO_EFFECT_KEYS))
 
     health = ch.integer(data.get("healthCheckTimeout"), "healthCheckTimeout", 120)
     if health < 15:
@@ -925,8 +1171,6 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         level = "info"
     if "logRequests" in data:
         ch.warn("logRequests: deprecated and ignored")
-    if data.get("profiles"):
-        ch.warn("profiles: not supported (llama-swap replaced them with groups), ignored")
     metrics_max = ch.integer(data.get("metricsMaxInMemory"), "metricsMaxInMemory", 1000)
     limits = _build_limits(ch, data.get("limits"))
     store = ch.mapping(data.get("store"), "store")
@@ -956,7 +1200,7 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         models[mid] = _build_model(ch, mid, raw_models[mid], global_macros, top, next_port)
         next_port += models[mid].port is not None
     aliases = _build_aliases(ch, models)
-    groups = _build_groups(ch, data.get("groups"), models, aliases)
+    groups = _build_groups(ch, *_groups_source(ch, data), models, aliases)
     default_model = _build_default_model(ch, data.get("defaultModel"), models, aliases)
     cors = _build_cors(ch, data.get("cors"))
 
@@ -964,11 +1208,18 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
     ch.known(hooks, "hooks", frozenset({"on_startup"}))
     on_startup = ch.mapping(hooks.get("on_startup"), "hooks.on_startup")
     ch.known(on_startup, "hooks.on_startup", frozenset({"preload"}))
+    head = _build_head_keys(ch, data, models, aliases, groups, global_macros)
     preload: list[str] = []
     for name in ch.strings(on_startup.get("preload"), "hooks.on_startup.preload", blank_ok=True):
         name = name.strip()
+        selector = head["selectors"].get(name)
+        if selector is not None:
+            # A selector preloads the first of its targets that is a local model.
+            name = next((t for t in selector.targets if t in models or t in aliases), name)
         target = models.get(name) or models.get(aliases.get(name, ""))
-        if target is None and name:
+        if target is None and name in head["peer_routes"]:
+            ch.warn(f"hooks.on_startup.preload: '{name}' is a peer model; only local models are preloaded")
+        elif target is None and name:
             ch.warn(f"hooks.on_startup.preload: unknown model '{name}' ignored")
         elif target is not None and target.id not in preload:
             preload.append(target.id)
@@ -999,4 +1250,233 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         cors=cors,
         store_path=os.path.expanduser(ch.string(store.get("path"), "store.path").strip()),
         store_max_rows=ch.integer(store.get("maxRows"), "store.maxRows", 10000, minimum=1),
+        notices=tuple(ch.notices),
+        **head,
     )
+
+
+# -- the keys of llama-swap head (issue 14) ---------------------------------------------------
+
+#: Top-level llama-swap keys that configure what swapproxy does not have (request captures, a
+#: performance monitor, the llama-swap web UI): accepted, checked for their type, and named in
+#: one notice, so that a llama-swap config starts unchanged.
+_NO_EFFECT_KEYS = {
+    "captureBuffer": "request/response captures",
+    "performance": "CPU/GPU sampling",
+    "ui": "llama-swap's web UI settings",
+}
+_PEER_KEYS = frozenset({"proxy", "apiKey", "models", "filters", "timeouts"})
+_SELECTOR_KEYS = frozenset({"strategy", "targets", "settings", "name", "description", "unlisted", "metadata"})
+
+
+def _build_head_keys(ch: _Checker, data: dict[Any, Any], models: dict[str, ModelConfig],
+                     aliases: dict[str, str], groups: dict[str, GroupConfig],
+                     global_macros: dict[str, Any]) -> dict[str, Any]:
+    """
+    ``peers``, ``selectors``, ``profiles``, ``includeAliasesInList``, ``upstream`` and the keys
+    without effect: the `Config` fields they make, by name.
+    """
+    for key, what in _NO_EFFECT_KEYS.items():
+        if key in data:
+            if key == "captureBuffer":
+                ch.integer(data[key], key, 0, minimum=0)
+            else:
+                ch.mapping(data[key], key)
+    present = [key for key in _NO_EFFECT_KEYS if key in data]
+    if present:
+        ch.notices.append(f"{ch.source}: accepted without effect (swapproxy has no "
+                          + ", ".join(_NO_EFFECT_KEYS[k] for k in present) + "): " + ", ".join(present))
+    peers = _build_peers(ch, data.get("peers"), global_macros)
+    routes = _peer_routes(ch, peers, models, aliases)
+    selectors = _build_selectors(ch, data.get("selectors"), models, aliases, groups, routes)
+    profiles = _build_profiles(ch, data.get("profiles"), models, aliases, routes, selectors)
+    return dict(
+        peers=peers,
+        peer_routes=routes,
+        selectors=selectors,
+        profiles=profiles,
+        include_aliases_in_list=ch.boolean(data.get("includeAliasesInList"), "includeAliasesInList", False),
+        upstream_ignore_paths=_build_upstream(ch, data.get("upstream")),
+    )
+
+
+def _build_peers(ch: _Checker, raw: Any, global_macros: dict[str, Any]) -> dict[str, PeerConfig]:
+    peers: dict[str, PeerConfig] = {}
+    for pid, praw in ch.mapping(raw, "peers").items():
+        path = _join("peers", pid)
+        if not isinstance(pid, str) or not pid.strip():
+            raise ch.error(path, "peer ids must be non-empty strings (quote it)")
+        p = ch.mapping(praw, path)
+        ch.known(p, path, _PEER_KEYS)
+        scope = _MacroScope(ch, pid, dict(global_macros))
+
+        def final(where: str, value: Any) -> Any:
+            return _place_port(ch, value, where, None)
+
+        def text(key: str) -> str:
+            return str(final(f"{path}.{key}", scope.text(ch.string(p.get(key), f"{path}.{key}"), f"{path}.{key}")))
+
+        if p.get("proxy") is None:
+            raise ch.error(f"{path}.proxy", "missing: every peer needs the base URL of its server")
+        proxy = _check_url(ch, f"{path}.proxy", text("proxy").strip())
+        names: list[str] = []
+        for i, name in enumerate(ch.strings(p.get("models"), f"{path}.models")):
+            name = final(f"{path}.models[{i}]", scope.text(name, f"{path}.models[{i}]")).strip()
+            if name not in names:
+                names.append(name)
+        if not names:
+            raise ch.error(f"{path}.models", "missing: list the model ids this peer serves")
+        api_key = text("apiKey").strip()
+        if any(c.isspace() for c in api_key):
+            raise ch.error(f"{path}.apiKey", "must not contain whitespace")
+        strip, set_params, by_id = _build_filters(ch, p.get("filters"), f"{path}.filters", scope, final)
+        peers[pid] = PeerConfig(
+            id=pid,
+            proxy=proxy,
+            api_key=api_key,
+            models=tuple(names),
+            strip_params=strip,
+            set_params=set_params,
+            set_params_by_id=by_id,
+            timeouts=_build_timeouts(ch, p.get("timeouts"), f"{path}.timeouts", PEER_TIMEOUTS),
+        )
+    return peers
+
+
+def _peer_routes(ch: _Checker, peers: dict[str, PeerConfig], models: dict[str, ModelConfig],
+                 aliases: dict[str, str]) -> dict[str, PeerModel]:
+    """
+    Every name that reaches a peer: ``peer/model`` always; a bare model id when one peer alone
+    serves it and no local model, alias or ``peer/model`` name has it.
+    """
+    routes: dict[str, PeerModel] = {}
+    bare: dict[str, list[PeerModel]] = {}
+    for pid in sorted(peers):
+        for name in peers[pid].models:
+            target = PeerModel(peers[pid], name)
+            fqn = target.fqn
+            where = f"peers.{pid}.models"
+            if fqn in routes:
+                other = routes[fqn]
+                raise ch.error(where, f"peer model name '{fqn}' is ambiguous: also model"
+                                      f" '{other.model}' of peer '{other.peer.id}'")
+            if fqn in models:
+                raise ch.error(where, f"peer model name '{fqn}' is also a local model id")
+            if fqn in aliases:
+                raise ch.error(where, f"peer model name '{fqn}' is also an alias of model '{aliases[fqn]}'")
+            routes[fqn] = target
+            bare.setdefault(name, []).append(target)
+    for name, targets in bare.items():
+        if len(targets) == 1 and name not in routes and name not in models and name not in aliases:
+            routes[name] = targets[0]
+    return routes
+
+
+def _build_selectors(ch: _Checker, raw: Any, models: dict[str, ModelConfig], aliases: dict[str, str],
+                     groups: dict[str, GroupConfig], routes: dict[str, PeerModel]) -> dict[str, SelectorConfig]:
+    raw_selectors = ch.mapping(raw, "selectors")
+    selectors: dict[str, SelectorConfig] = {}
+    for sid, sraw in raw_selectors.items():
+        path = _join("selectors", sid)
+        if not isinstance(sid, str) or not sid.strip():
+            raise ch.error(path, "selector ids must be non-empty strings (quote it)")
+        if sid in models:
+            raise ch.error(path, f"'{sid}' is also a model id")
+        if sid in aliases:
+            raise ch.error(path, f"'{sid}' is also an alias of model '{aliases[sid]}'")
+        if sid in routes and routes[sid].fqn == sid:
+            raise ch.error(path, f"'{sid}' is also the name of a peer model")
+        s = ch.mapping(sraw, path)
+        ch.known(s, path, _SELECTOR_KEYS)
+        if s.get("strategy") is None:
+            raise ch.error(f"{path}.strategy", "missing: use " + ", ".join(SELECTOR_STRATEGIES))
+        strategy = ch.choice(s.get("strategy"), f"{path}.strategy", "", SELECTOR_STRATEGIES)
+        targets = ch.strings(s.get("targets"), f"{path}.targets")
+        if not targets:
+            raise ch.error(f"{path}.targets", "missing: list at least one model")
+        resolved: list[str] = []
+        for i, target in enumerate(targets):
+            where = f"{path}.targets[{i}]"
+            if target in raw_selectors:
+                raise ch.error(where, f"'{target}' is a selector; a selector cannot target another")
+            local = target if target in models else aliases.get(target)
+            if local is None and target not in routes:
+                raise ch.error(where, f"unknown model '{target}'")
+            if strategy == "warm" and local is None:
+                raise ch.error(where, f"'{target}' is a peer model; warm selectors need local models")
+            real = local or routes[target].fqn
+            if strategy == "spillover" and real in resolved:
+                raise ch.error(where, f"'{target}' is model '{real}' again")
+            resolved.append(real)
+        settings = ch.mapping(s.get("settings"), f"{path}.settings")
+        ch.known(settings, f"{path}.settings", frozenset({"spillover"}))
+        spillover = ch.integer(settings.get("spillover"), f"{path}.settings.spillover", 1, minimum=1)
+        if strategy == "spillover":
+            _check_coexist(ch, path, [r for r in resolved if r in models], groups)
+        selectors[sid] = SelectorConfig(
+            id=sid,
+            strategy=strategy,
+            targets=tuple(targets),
+            spillover=spillover,
+            name=ch.string(s.get("name"), f"{path}.name").strip(),
+            description=ch.string(s.get("description"), f"{path}.description").strip(),
+            unlisted=ch.boolean(s.get("unlisted"), f"{path}.unlisted", False),
+            metadata=ch.mapping(s.get("metadata"), f"{path}.metadata"),
+        )
+    return selectors
+
+
+def _check_coexist(ch: _Checker, path: str, local: list[str], groups: dict[str, GroupConfig]) -> None:
+    """
+    A spillover selector's local targets must be able to run together: all members of one
+    group with ``swap: false``.
+    """
+    if len(local) <= 1:
+        return
+    owner = {m: g for g in groups.values() for m in g.members}
+    group = owner[local[0]]
+    if group.swap or any(owner[m].id != group.id for m in local[1:]):
+        raise ch.error(f"{path}.targets", "spillover targets that are local models must run together:"
+                       " put them in one group with swap: false")
+
+
+def _build_profiles(ch: _Checker, raw: Any, models: dict[str, ModelConfig], aliases: dict[str, str],
+                    routes: dict[str, PeerModel], selectors: dict[str, SelectorConfig]) -> dict[str, ProfileConfig]:
+    profiles: dict[str, ProfileConfig] = {}
+    for name, praw in ch.mapping(raw, "profiles").items():
+        path = _join("profiles", name)
+        if not isinstance(name, str) or not name.strip():
+            raise ch.error(path, "profile names must be non-empty strings (quote it)")
+        if isinstance(praw, list):
+            raise ch.error(path, "must be a mapping with description and pins; the old list of"
+                                 " models is gone (llama-swap replaced it with groups)")
+        p = ch.mapping(praw, path)
+        ch.known(p, path, frozenset({"description", "pins"}))
+        pins: dict[str, str] = {}
+        for pin, target in ch.mapping(p.get("pins"), f"{path}.pins").items():
+            where = _join(f"{path}.pins", pin)
+            if not isinstance(pin, str) or not pin.strip():
+                raise ch.error(where, "pin names must be non-empty model names (quote it)")
+            if pin in routes and routes[pin].fqn == pin:
+                raise ch.error(where, f"'{pin}' is the name of a peer model; it cannot be pinned")
+            target = ch.string(target, where).strip()
+            if target and not (target in models or target in aliases or target in routes or target in selectors):
+                raise ch.error(where, f"unknown model '{target}' (use \"\" or ~ to make '{pin}' unavailable)")
+            pins[pin] = target
+        if not pins:
+            raise ch.error(f"{path}.pins", "missing: pin at least one name to a model")
+        profiles[name] = ProfileConfig(name, ch.string(p.get("description"), f"{path}.description").strip(), pins)
+    return profiles
+
+
+def _build_upstream(ch: _Checker, raw: Any) -> tuple[re.Pattern[str], ...]:
+    upstream = ch.mapping(raw, "upstream")
+    ch.known(upstream, "upstream", frozenset({"ignorePaths"}))
+    patterns = ch.strings(upstream.get("ignorePaths"), "upstream.ignorePaths") or list(DEFAULT_UPSTREAM_IGNORE_PATHS)
+    compiled = []
+    for i, pattern in enumerate(patterns):
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as e:
+            raise ch.error(f"upstream.ignorePaths[{i}]", f"not a regular expression: {e}") from None
+    return tuple(compiled)

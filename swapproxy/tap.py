@@ -89,7 +89,8 @@ class Options(usage.Options):
             self.loaded = load_config(self["config"])
         except ConfigError as e:
             raise SystemExit(str(e)) from None
-        leave_out_tls(self["listen"], (model.proxy for model in self.loaded.models.values()))
+        proxies = [model.proxy for model in self.loaded.models.values()]
+        leave_out_tls(self["listen"], proxies + [peer.proxy for peer in self.loaded.peers.values()])
 
 
 def leave_out_tls(listen: list[str], proxies: Any) -> bool:
@@ -102,6 +103,7 @@ def leave_out_tls(listen: list[str], proxies: Any) -> bool:
     parsed); after, it does nothing. A model with an ``https://`` proxy that a reload adds then
     needs a restart of swapproxy.
 
+    :param proxies: the URLs of the models and peers.
     :returns: whether TLS was left out.
     """
     wants_tls = any(endpoint.split(":", 1)[0].lower() in ("ssl", "tls") for endpoint in listen) or any(
@@ -216,6 +218,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from swapproxy.children import STATE_FILE, ChildRecord
     from swapproxy.logbuffer import LogHistory, LogRouting
     from swapproxy.metrics import Metrics
+    from swapproxy.peers import PeerSet
     from swapproxy.progress import LoadHistory
     from swapproxy.reload import WATCH_INTERVAL, ConfigReloader
     from swapproxy.requestlog import log_requests
@@ -239,6 +242,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         for warning in config.warnings:
             # Not "warning=": legacy observers (trial's among them) read that key as a Python warning.
             log.warn("{config_warning}", config_warning=warning)
+        for notice in config.notices:
+            log.info("{config_notice}", config_notice=notice)
         # First in, last out: the log history and logToStdout apply from the first start to the
         # last stop.
         LogRouting(logs, lambda: supervisor.config.log_to_stdout).setServiceParent(root)
@@ -254,6 +259,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             watch_interval=WATCH_INTERVAL if options["watch-config"] else None,
         ).setServiceParent(root)
         history = LoadHistory(os.path.join(state_dir, "load-times.json"))
+        metrics = Metrics(supervisor, reactor)
+        log_requests(metrics)
+        peers = PeerSet(lambda: supervisor.config, reactor)
+        peers.setServiceParent(root)
         # Before the listeners: it stops after them, once the last requests are written.
         activity = ActivityStore(
             config.store_path or os.path.join(state_dir, DEFAULT_FILE),
@@ -261,9 +270,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             lambda: supervisor.config.store_max_rows,
         )
         activity.setServiceParent(root)
-        metrics = Metrics(supervisor, reactor)
-        log_requests(metrics)
-        site = build_site(supervisor, reactor, history, logs=logs, metrics=metrics, activity=activity)
+        site = build_site(supervisor, reactor, history, logs=logs, metrics=metrics, activity=activity, peers=peers)
         for description, endpoint in endpoints:
             Listener(description, endpoint, site).setServiceParent(root)
         count = len(config.models)

@@ -5,7 +5,7 @@ Test doubles shared by the upstream and supervisor tests.
 as a `FakeProcess`, a process transport whose output, exit and received signals the test
 controls and inspects. `FakeUpstreams` makes `FakeUpstream` objects for a `Supervisor`: they
 record start and stop calls, and the test says when a start succeeds or fails and when a child
-has exited.
+has exited. `FakePeerClient` stands in for a peer's client: the test answers what it sent.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseDone
 
 from swapproxy import upstream as upstream_module
 from swapproxy.config import ModelConfig
@@ -389,3 +390,54 @@ class FakeUpstreams:
         The models that have a process, sorted.
         """
         return sorted(m for m, up in self.by_id.items() if up.running)
+
+
+class FakePeerResponse:
+    """
+    A peer's answer: a status, and a body delivered at once to whoever asks for it.
+    """
+
+    def __init__(self, code: int, body: bytes) -> None:
+        self.code = code
+        self.body = body
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(None)
+        protocol.dataReceived(self.body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+class FakePeerClient:
+    """
+    Stands in for `swapproxy.peers.PeerClient`: records what is sent; the test answers.
+
+    :ivar sent: ``(method, path, headers, answer)`` for each request; fire ``answer`` with a
+        `FakePeerResponse` (or fail it).
+    """
+
+    def __init__(self, peer: Any, reactor: Any) -> None:
+        self.peer = peer
+        self.sent: list[tuple[bytes, bytes, Any, Deferred[Any]]] = []
+        self.closed = False
+
+    @classmethod
+    def factory(cls, made: list[FakePeerClient]) -> Any:
+        """
+        A ``client_factory`` for `swapproxy.peers.PeerSet` that appends each client to ``made``.
+        """
+
+        def make(peer: Any, reactor: Any) -> FakePeerClient:
+            client = cls(peer, reactor)
+            made.append(client)
+            return client
+
+        return make
+
+    def send(self, method: bytes, path: bytes, headers: Any, body: bytes | None) -> Deferred[Any]:
+        answer: Deferred[Any] = Deferred()
+        self.sent.append((method, path, headers, answer))
+        return answer
+
+    def close(self) -> Deferred[None]:
+        self.closed = True
+        return succeed(None)

@@ -35,6 +35,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
 from swapproxy.config import Config
+from swapproxy.peers import PeerSet
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.root import build_site
 from swapproxy.web.sse import LOADING_TEXT_END, LOADING_TEXT_START
@@ -332,14 +333,17 @@ def start_proxy(testcase: TestCase, config: Config) -> RunningProxy:
     """
     Serve ``config`` with a real `Supervisor` on a loopback port.
 
-    The cleanups close the client pool and every server connection, stop listening, and stop
-    the supervisor, which waits until every child has exited.
+    The cleanups close the client pool and every server connection, stop listening, close the
+    connections to peers, and stop the supervisor, which waits until every child has exited.
     """
     logs = capture_logs(testcase)
     supervisor = Supervisor(config, reactor)
     supervisor.startService()
     testcase.addCleanup(supervisor.stopService)
-    factory = TrackingFactory(build_site(supervisor, reactor))
+    peers = PeerSet(lambda: supervisor.config, reactor)
+    peers.startService()
+    testcase.addCleanup(peers.stopService)
+    factory = TrackingFactory(build_site(supervisor, reactor, peers=peers))
     listening = reactor.listenTCP(0, factory, interface=LOOPBACK)
     testcase.addCleanup(listening.stopListening)
     testcase.addCleanup(factory.close_all)

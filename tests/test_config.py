@@ -660,15 +660,14 @@ class GroupTests(ErrorAssertions):
 class WarningTests(SynchronousTestCase):
     def test_unsupported_keys(self) -> None:
         """
-        Keys of a newer llama-swap are listed in one warning and otherwise ignored.
+        Keys swapproxy does not know are listed in one warning and otherwise ignored.
         """
         config = parse("""
-            peers: {x: {proxy: "http://h"}}
-            matrix: {}
+            futureKey: {x: 1}
             models:
               a:
                 cmd: run ${PORT}
-                capabilities: {tools: true}
+                newKey: true
                 filters: {newFilter: 1}
             groups:
               g: {members: [a], priority: 2}
@@ -676,21 +675,27 @@ class WarningTests(SynchronousTestCase):
               on_startup: {preload: [], later: 1}
         """)
         self.assertEqual(config.warnings, (
-            "config.yaml: unsupported keys ignored: peers, matrix, models.a.capabilities,"
+            "config.yaml: unsupported keys ignored: futureKey, models.a.newKey,"
             " models.a.filters.newFilter, groups.g.priority, hooks.on_startup.later",))
 
     def test_deprecated_keys(self) -> None:
         """
-        logRequests and legacy profiles load with a warning each.
+        logRequests loads with a warning; the seed's list-shaped profiles are an error that says
+        what replaced them.
         """
         config = parse("""
             logRequests: true
-            profiles: {p: [a]}
             models: {a: {cmd: "run ${PORT}"}}
         """)
-        self.assertEqual(len(config.warnings), 2)
+        self.assertEqual(len(config.warnings), 1)
         self.assertIn("logRequests", config.warnings[0])
-        self.assertIn("profiles", config.warnings[1])
+        with self.assertRaises(ConfigError) as caught:
+            parse("""
+                profiles: {p: [a]}
+                models: {a: {cmd: "run ${PORT}"}}
+            """)
+        self.assertEqual(str(caught.exception), "config.yaml: profiles.p: must be a mapping with description"
+                         " and pins; the old list of models is gone (llama-swap replaced it with groups)")
 
     def test_preload(self) -> None:
         """

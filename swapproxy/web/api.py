@@ -17,9 +17,12 @@ from twisted.web.server import Request
 
 from swapproxy.board import ModelBoard
 from swapproxy.logs import proxy_logger
+from swapproxy.peers import PeerSet
 from swapproxy.supervisor import Lease, Rejected, Supervisor
+from swapproxy.targets import ActiveProfile
 from swapproxy.upstream import StartError, State
 from swapproxy.web.errors import error_response
+from swapproxy.web.listing import alias_records, peer_records, profile_records, selector_records, with_capabilities
 from swapproxy.web.render import ClientState, render_async
 
 
@@ -70,19 +73,49 @@ class ModelList(JSONResource):
     """
     ``GET /v1/models``: the OpenAI model list, with llama-swap's name, description and metadata,
     and each model's ``status``: ``value`` (``loaded`` or ``unloaded``, as llama-swap says),
-    ``state`` (the word of `ModelBoard.status`) and, while it loads, ``progress``.
+    ``state`` (the word of `ModelBoard.status`) and, while it loads, ``progress``; capabilities,
+    and the records of aliases, peer models (with their live state), selectors and the active
+    profile's pins (`swapproxy.web.listing`).
+
+    :param board: each local model's live state.
+    :param peers: the peers; their state is refreshed, if stale, before the list is made.
+    :param profile: the active profile.
     """
 
     isLeaf = True
 
-    def __init__(self, supervisor: Supervisor, reactor: Any, board: ModelBoard) -> None:
+    def __init__(self, supervisor: Supervisor, reactor: Any, board: ModelBoard, peers: PeerSet | None = None,
+                 profile: ActiveProfile | None = None) -> None:
         super().__init__()
         self._supervisor = supervisor
         self._reactor = reactor
         self._board = board
+        self._peers = peers
+        self._profile = profile
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> int:
+        return render_async(request, lambda client: self._list(request))
+
+    async def _list(self, request: Request) -> None:
+        config = self._supervisor.config
+        if self._peers is not None and config.peers:
+            await self._peers.refresh()
         created = int(self._reactor.seconds())
+        data = self._local_records(created)
+        data += alias_records(config, data)
+        states = {mid: upstream.state for mid, upstream in self._supervisor.upstreams.items()}
+        data += peer_records(config, self._peers.health if self._peers is not None else {}, created)
+        data += selector_records(config, states, created)
+        if self._profile is not None:
+            taken = set(config.models) | set(config.aliases) | set(config.peer_routes) | set(config.selectors)
+            data += profile_records(config, self._profile.pins(), taken, created)
+        data.sort(key=lambda record: record["id"])
+        body = write_json(request, {"object": "list", "data": data})
+        # One answer of known length, as the synchronous routes give, not a chunked one.
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+
+    def _local_records(self, created: int) -> list[dict[str, Any]]:
         data = []
         for model_id, model in sorted(self._supervisor.config.models.items()):
             if model.unlisted:
@@ -103,8 +136,8 @@ class ModelList(JSONResource):
                 record["meta"] = {"llamaswap": model.metadata}
             if model.aliases:
                 record["aliases"] = list(model.aliases)
-            data.append(record)
-        return write_json(request, {"object": "list", "data": data})
+            data.append(with_capabilities(record, model.capabilities))
+        return data
 
 
 class Health(JSONResource):

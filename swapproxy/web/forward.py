@@ -208,6 +208,25 @@ async def _exchange(
         log.warn("model {model} did not answer: {error}", model=model_id, error=e)
         _fail(request, head, dialect, 502, f"model {model_id!r} did not answer: {describe_error(e)}")
         return
+    await relay_answer(request, client, response, f"model {model_id!r}", dialect, head)
+
+
+async def relay_answer(
+    request: Request,
+    client: ClientState,
+    response: Any,
+    source: str,
+    dialect: PlainEvents,
+    head: LoadingStream | None = None,
+) -> None:
+    """
+    Relay an answer (a local model's or a peer's) to the client, with flow control.
+
+    :param source: what answered, in words, for messages: ``model 'a'``.
+    :param head: the loading stream, if it has begun the response: then only a 2xx event
+        stream is relayed (through the dialect's splice); any other answer becomes one error
+        event.
+    """
     if head is None:
         streaming = copy_response_head(request, response)
         transform = None
@@ -215,23 +234,23 @@ async def _exchange(
         streaming = True
         transform = dialect.splice()
     else:
-        await _refuse_answer(request, response, model_id, dialect)
+        await _refuse_answer(request, response, source, dialect)
         return
     relay = BodyRelay(request, client, transform, tap=relay_tap(request))
     response.deliverBody(relay)
     reason = await relay.done
     if reason is None or client.gone:
         return
-    log.warn("model {model} ended its response early: {error}", model=model_id, error=describe_error(reason))
+    log.warn("{source} ended its response early: {error}", source=source, error=describe_error(reason))
     if streaming:
-        request.write(dialect.error(502, f"model {model_id!r} ended the stream early: {describe_error(reason)}"))
+        request.write(dialect.error(502, f"{source} ended the stream early: {describe_error(reason)}"))
     else:
         # No terminating chunk: the client must see that the body is incomplete.
         client.gone = True
         request.loseConnection()
 
 
-async def _refuse_answer(request: Request, response: Any, model_id: str, dialect: PlainEvents) -> None:
+async def _refuse_answer(request: Request, response: Any, source: str, dialect: PlainEvents) -> None:
     """
     After a loading head, an answer that is not an event stream: one error event saying what
     the model answered, never its raw bytes.
@@ -239,9 +258,9 @@ async def _refuse_answer(request: Request, response: Any, model_id: str, dialect
     content = await _bounded_content(response)
     if 200 <= response.code < 300:
         content_type = response.headers.getRawHeaders(b"content-type", [b"?"])[0].decode("latin-1")
-        message = f"model {model_id!r} answered with {content_type} instead of an event stream"
+        message = f"{source} answered with {content_type} instead of an event stream"
     else:
-        message = f"model {model_id!r} answered HTTP {response.code}: {_error_message(content)}"
+        message = f"{source} answered HTTP {response.code}: {_error_message(content)}"
     request.write(dialect.error(response.code if response.code >= 400 else 502, message))
 
 

@@ -21,10 +21,16 @@ from swapproxy.logs import proxy_logger
 from swapproxy.metrics import Metrics, request_meter
 from swapproxy.progress import LoadTracker
 from swapproxy.supervisor import Supervisor
+from swapproxy.upstream import State
 from swapproxy.web.errors import NotFound, write_error
 from swapproxy.web.filters import encode_payload, rewrite_payload, strip_loading_text
+from swapproxy.targets import NoTarget, Target, Targets, state_of
 from swapproxy.web.forward import Forward
 from swapproxy.web.modelchoice import NO_MODEL, default_model
+from swapproxy.peers import auth_headers
+from swapproxy.web.peer_forward import PeerForward, rewrite_for_peer
+from swapproxy.web.relay import forward_headers
+from swapproxy.web.websocket import is_websocket_upgrade, relay_websocket, websocket_to_model
 from swapproxy.web.render import ClientState, render_async
 from swapproxy.web.sse import ChatEvents, MessagesEvents, PlainEvents
 
@@ -120,6 +126,9 @@ class ModelRoute(Resource):
     :param trackers: each model's `LoadTracker`, for the loading stream.
     :param loading_dialect: ``chat`` or ``messages`` on the routes that have a loading stream.
     :param metrics: measures each request (status, durations, tokens), when given.
+    :param targets: resolves profiles, selectors and peer model names (local models and
+        aliases only, when ``None``).
+    :param peer_forward: forwards requests for peers' models.
     """
 
     isLeaf = True
@@ -131,6 +140,8 @@ class ModelRoute(Resource):
         trackers: Mapping[str, LoadTracker] | None = None,
         loading_dialect: str | None = None,
         metrics: Metrics | None = None,
+        targets: Targets | None = None,
+        peer_forward: PeerForward | None = None,
     ) -> None:
         super().__init__()
         self.supervisor = supervisor
@@ -138,6 +149,8 @@ class ModelRoute(Resource):
         self.loading_dialect = loading_dialect
         self.metrics = metrics
         self.forward = Forward(supervisor, clock, trackers if trackers is not None else {})
+        self.targets = targets if targets is not None else Targets(lambda: supervisor.config, state_of(supervisor))
+        self.peer_forward = peer_forward
 
     def resolve(self, name: str) -> ModelConfig:
         """
@@ -153,6 +166,53 @@ class ModelRoute(Resource):
         if model is None:
             raise unknown_model(self.supervisor, name)
         return model
+
+    def find(self, name: str, selectors: bool = True) -> Target:
+        """
+        Where a request for ``name`` goes (`swapproxy.targets`); release it when done.
+
+        A request that names no model (``name`` is empty) goes to the default model
+        (`swapproxy.web.modelchoice`).
+
+        :raises BadRequest: 404 when it goes nowhere, 400 when it names none and there is no default.
+        """
+        if not name:
+            model = default_model(self.supervisor)
+            if model is None:
+                raise BadRequest(400, NO_MODEL)
+            name = model.id
+        try:
+            target = self.targets.find(name, selectors)
+        except NoTarget as e:
+            if e.status == 404 and self.targets.profile.name is None:
+                raise unknown_model(self.supervisor, name) from None
+            raise BadRequest(e.status, str(e)) from None
+        if target.peer is not None and self.peer_forward is None:
+            target.release()
+            raise unknown_model(self.supervisor, name)
+        return target
+
+    async def serve_target(
+        self, request: Request, client: ClientState, target: Target, path: bytes, body: bytes, stream: bool = False
+    ) -> None:
+        """
+        Forward the request to ``target``: a local model through the pipeline, or a peer.
+        """
+        if target.model is not None:
+            await self.serve(request, client, target.model, path, body, stream, target.requested)
+            return
+        assert target.peer is not None and self.peer_forward is not None
+        await self.peer_forward(request, client, target.peer, path, body, self.dialect(target.requested, None))
+
+    def dialect(self, requested: str, model: ModelConfig | None) -> PlainEvents:
+        """
+        This route's SSE dialect for one request.
+        """
+        dialect_type = LOADING_DIALECTS.get(self.loading_dialect or "")
+        if dialect_type is None:
+            return PLAIN
+        field = model.loading_state_field if model is not None else "reasoning_content"
+        return dialect_type(requested, field, int(self.clock.seconds()))
 
     async def serve(
         self,
@@ -172,11 +232,7 @@ class ModelRoute(Resource):
         meter = request_meter(request)
         if meter is not None:
             meter.model = model.id
-        dialect_type = LOADING_DIALECTS.get(self.loading_dialect or "")
-        if dialect_type is None:
-            dialect = PLAIN
-        else:
-            dialect = dialect_type(requested or model.id, model.loading_state_field, int(self.clock.seconds()))
+        dialect = self.dialect(requested or model.id, model)
         await self.forward(request, client, model, path, body, dialect, stream)
 
     def route_label(self, request: Request) -> str:
@@ -225,18 +281,33 @@ class InferenceRoute(ModelRoute):
         if boundary is not None:
             values = request.args.get(b"model") or [b""]
             requested = values[0].decode("utf-8", "replace").strip()
-            model = self.resolve(requested)
-            if model.use_model_name:
-                body = replace_multipart_field(body, boundary, b"model", model.use_model_name.encode("utf-8"))
+            target = self.find(requested)
+            sent = target.peer.model if target.peer is not None else target.name
+            if target.model is not None and target.model.use_model_name:
+                sent = target.model.use_model_name
+            if requested and sent != requested:
+                body = replace_multipart_field(body, boundary, b"model", sent.encode("utf-8"))
         else:
             body = strip_loading_text(body)
             requested, payload = parse_json_model(body)
-            model = self.resolve(requested)
-            if rewrite_payload(model, requested, payload):
+            target = self.find(requested)
+            changed = False
+            if requested:
+                # A body that names no model goes as it came, to the default model.
+                changed = payload.get("model") != target.name
+                payload["model"] = target.name
+            if target.model is not None:
+                changed = rewrite_payload(target.model, target.name, payload) or changed
+            elif target.peer is not None:
+                changed = rewrite_for_peer(target.peer, target.name, payload) or changed
+            if changed:
                 body = encode_payload(payload)
             # After the filters: a setParams or stripParams of "stream" decides.
             stream = payload.get("stream") is True
-        await self.serve(request, client, model, request.uri, body, stream=stream, requested=requested)
+        try:
+            await self.serve_target(request, client, target, request.uri, body, stream=stream)
+        finally:
+            target.release()
 
 
 #: Characters left as they are in a path segment (RFC 3986 pchar) and in a query, which keeps
@@ -247,16 +318,21 @@ _QUERY_SAFE = _SEGMENT_SAFE + "/?%[]"
 
 class UpstreamPassthrough(ModelRoute):
     """
-    ``/upstream/<model>/<path>``: any method, forwarded to ``<path>`` on that model's server.
+    ``/upstream/<model>/<path>``: any method, forwarded to ``<path>`` on that model's server
+    (or on a peer's, for a peer model).
 
-    The model name may contain ``/``; the longest name that is a model or alias wins.
+    The model name may contain ``/``; the longest name that is a model, an alias, a peer model
+    or a pin of the active profile wins (selectors are not looked up here). A path that matches
+    ``upstream.ignorePaths`` does not start a model that is not ready: it is answered 409.
     """
 
     async def handle_request(self, request: Request, client: ClientState) -> None:
         segments = [unquote(s.decode("utf-8", "replace")) for s in request.postpath]
+        config = self.supervisor.config
+        pins = self.targets.profile.pins()
         for split in range(len(segments), 0, -1):
-            model = self.supervisor.config.resolve("/".join(segments[:split]))
-            if model is not None:
+            name = "/".join(segments[:split])
+            if name in pins or config.resolve(name) is not None or config.resolve_peer(name) is not None:
                 rest = segments[split:]
                 break
         else:
@@ -264,7 +340,7 @@ class UpstreamPassthrough(ModelRoute):
             raise BadRequest(404, f"no model in path /upstream/{name}; use /upstream/<model>/<path>")
         query = request.uri.partition(b"?")[2]
         if not rest:
-            location = b"/upstream/" + "/".join(segments[:split]).encode("utf-8") + b"/"
+            location = b"/upstream/" + name.encode("utf-8") + b"/"
             if query:
                 location += b"?" + query
             request.setResponseCode(301 if request.method in (b"GET", b"HEAD") else 308)
@@ -278,4 +354,41 @@ class UpstreamPassthrough(ModelRoute):
         if query:
             path += b"?" + quote(query, safe=_QUERY_SAFE).encode("ascii")
         body = request.content.read()
-        await self.serve(request, client, model, path, body)
+        target = self.find(name, selectors=False)
+        try:
+            if target.model is not None and self._ignored(target.model, "/" + "/".join(rest)):
+                raise BadRequest(409, f"model {target.model.id!r} is not loaded, and the path matches"
+                                      " upstream.ignorePaths, so it does not start the model")
+            if is_websocket_upgrade(request):
+                await self._websocket(request, client, target, path)
+            else:
+                await self.serve_target(request, client, target, path, body)
+        finally:
+            target.release()
+
+    async def _websocket(self, request: Request, client: ClientState, target: Target, path: bytes) -> None:
+        """
+        Relay a websocket upgrade to the target's server (`swapproxy.web.websocket`).
+        """
+        if target.model is not None:
+            headers = forward_headers(request)
+            await websocket_to_model(self.supervisor, self.clock, request, client, target.model, path, headers)
+            return
+        assert target.peer is not None
+        peer = target.peer.peer
+        own = auth_headers(peer)
+        headers = forward_headers(request, frozenset({b"authorization", b"x-api-key"}) if own else frozenset())
+        for key, values in own.items():
+            headers.setRawHeaders(key, values)
+        await relay_websocket(request, client, self.clock, peer.proxy, path, headers, f"peer {peer.id!r}",
+                              peer.timeouts.connect)
+
+    def _ignored(self, model: ModelConfig, rest: str) -> bool:
+        """
+        Whether a request for ``rest`` must not start ``model``: its path matches
+        ``upstream.ignorePaths`` and the model is not ready.
+        """
+        upstream = self.supervisor.upstreams.get(model.id)
+        if upstream is not None and upstream.state is State.READY:
+            return False
+        return any(p.search(rest) for p in self.supervisor.config.upstream_ignore_paths)

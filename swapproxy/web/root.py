@@ -14,9 +14,11 @@ from swapproxy.config import CorsConfig
 from swapproxy.board import ModelBoard
 from swapproxy.logbuffer import LogHistory
 from swapproxy.metrics import Metrics
+from swapproxy.peers import PeerSet
 from swapproxy.progress import LoadHistory, LoadTracker
 from swapproxy.store import ActivityStore
 from swapproxy.supervisor import Supervisor
+from swapproxy.targets import Targets, state_of
 from swapproxy.web.api import ApiLoad, ApiUnload, Health, ModelList, Running, UnloadAll
 from swapproxy.web.auth import ApiKeys, Unauthorized
 from swapproxy.web.cors import CorsPolicy, Preflight
@@ -25,6 +27,8 @@ from swapproxy.web.errors import NotFound
 from swapproxy.web.inference import InferenceRoute, UpstreamPassthrough
 from swapproxy.web.llamacpp import LLAMA_SERVER_ROUTES, LlamaServerRoute
 from swapproxy.web.monitor import ActivityPage, EventStream, LogFollow, LogPage, MetricsPage, TokenMetrics
+from swapproxy.web.peer_forward import PeerForward
+from swapproxy.web.profiles import Profiles
 from swapproxy.web.router_api import (
     RouterEvents,
     RouterLoad,
@@ -132,6 +136,7 @@ def build_root(
     logs: LogHistory | None = None,
     metrics: Metrics | None = None,
     activity: ActivityStore | None = None,
+    peers: PeerSet | None = None,
 ) -> Resource:
     """
     The whole Resource tree of swapproxy.
@@ -142,6 +147,8 @@ def build_root(
     :param metrics: what ``/metrics`` and ``/api/*`` report (new, with its own registry, by default).
     :param activity: the history of model requests, which ``metrics`` feeds (in memory only by
         default).
+    :param peers: the peers' clients and health (`swapproxy.peers.PeerSet`); a service that must
+        be stopped to close its connections (one that is never started nor stopped by default).
     """
     history = history if history is not None else LoadHistory(None)
     logs = logs if logs is not None else LogHistory()
@@ -156,21 +163,27 @@ def build_root(
 
     supervisor.each_upstream(track)
     board = ModelBoard(supervisor, reactor, trackers)
+    peers = peers if peers is not None else PeerSet(lambda: supervisor.config, reactor)
+    targets = Targets(lambda: supervisor.config, state_of(supervisor))
+    peer_forward = PeerForward(peers)
     root = Root(ApiKeys(lambda: supervisor.config.api_keys), CorsPolicy(lambda: supervisor.config.cors))
     for path in INFERENCE_ROUTES:
-        mount(root, path, InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path), metrics))
+        route = InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path), metrics, targets, peer_forward)
+        mount(root, path, route)
     for path in LLAMA_SERVER_ROUTES:
         unnamed = props_for_swapproxy(supervisor) if path == "/props" else None
         route = LlamaServerRoute(supervisor, reactor, trackers, metrics=metrics, numbered=path == "/slots",
                                  unnamed=unnamed)
         mount(root, path, route)
-    mount(root, "/upstream", UpstreamPassthrough(supervisor, reactor, trackers, metrics=metrics))
+    mount(root, "/upstream", UpstreamPassthrough(supervisor, reactor, trackers, metrics=metrics, targets=targets,
+                                                 peer_forward=peer_forward))
     status = RouterStatus(supervisor, trackers, reactor)
     mount(root, "/models", RouterModels(status, reactor))
     mount(root, "/models/load", RouterLoad(supervisor))
     mount(root, "/models/unload", RouterUnload(supervisor))
     mount(root, "/models/sse", RouterEvents(status, reactor))
-    mount(root, "/v1/models", ModelList(supervisor, reactor, board))
+    mount(root, "/v1/models", ModelList(supervisor, reactor, board, peers, targets.profile))
+    mount(root, "/api/profiles", Profiles(targets.profile, lambda: supervisor.config))
     mount(root, "/health", Health())
     mount(root, "/running", Running(supervisor, reactor, board))
     mount(root, "/unload", UnloadAll(supervisor))
@@ -195,11 +208,12 @@ def build_site(
     logs: LogHistory | None = None,
     metrics: Metrics | None = None,
     activity: ActivityStore | None = None,
+    peers: PeerSet | None = None,
 ) -> SwapproxySite:
     """
     The HTTP factory serving swapproxy's Resource tree, with the configuration's ``limits``.
 
-    ``logs``, ``metrics`` and ``activity`` as for `build_root`.
+    ``logs``, ``metrics``, ``activity`` and ``peers`` as for `build_root`.
     """
-    root = build_root(supervisor, reactor, history, logs=logs, metrics=metrics, activity=activity)
+    root = build_root(supervisor, reactor, history, logs=logs, metrics=metrics, activity=activity, peers=peers)
     return SwapproxySite(root, lambda: supervisor.config.limits, reactor)

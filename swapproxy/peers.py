@@ -1,0 +1,426 @@
+# -*- test-case-name: tests.test_peers -*-
+"""
+The other servers swapproxy relays to (``peers``): a connection pool for each, and what is known
+of each one's health.
+
+A peer's models are listed in ``/v1/models`` with their live state. That state is learnt on
+demand, never by a timer: when ``/v1/models`` is asked for and what is known of a peer is older
+than `FRESH_SECONDS`, swapproxy asks the peer for its own ``/v1/models`` (at most one such
+question to a peer at a time, for at most `POLL_TIMEOUT` seconds), and waits a moment for the
+answer (`PeerSet.refresh`). Every request relayed to a peer also tells: a peer that cannot be
+reached is marked down at once, and one that answers is marked up.
+
+A peer that is another swapproxy reports the state of each of its models (``state``), a
+llama-swap reports ``status`` (``loaded``/``unloaded``); any other server is only up or down.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from swapproxy.config import Config, PeerConfig
+from swapproxy.logs import proxy_logger
+from swapproxy.relayclient import RelayPool
+from swapproxy.upstream import BytesProducer
+from swapproxy.web.relay import describe_error
+
+log = proxy_logger("swapproxy.peers")
+
+#: Seconds for which what is known of a peer is fresh enough for ``/v1/models``.
+FRESH_SECONDS = 5.0
+#: Seconds a question to a peer about its models may take in all.
+POLL_TIMEOUT = 5.0
+#: Seconds ``/v1/models`` waits for the peers' answers before it answers with what it knows.
+LIST_WAIT = 2.0
+#: The most of a peer's model list that is read.
+MAX_LIST_BYTES = 1 << 20
+#: Idle connections kept per peer.
+MAX_IDLE = 8
+
+
+class PeerTimeout(Exception):
+    """
+    A peer did not send the head of its answer within ``timeouts.responseHeader``.
+    """
+
+
+@attrs.define
+class PeerHealth:
+    """
+    What is known of one peer.
+
+    :ivar reachable: whether the last contact worked; ``None`` before any.
+    :ivar error: why the last contact failed.
+    :ivar checked_at: when the peer was last heard from or failed (the clock's seconds).
+    :ivar asked_at: when the peer was last asked for its models; ``None`` when never, or
+        when a request relayed since may have changed their states.
+    :ivar states: each model the peer listed, with its state as the peer reported it;
+        ``None`` when the peer never gave a readable list.
+    """
+
+    reachable: bool | None = None
+    error: str = ""
+    checked_at: float | None = None
+    asked_at: float | None = None
+    states: dict[str, str] | None = None
+
+    def model_state(self, model: str) -> str:
+        """
+        The state of one of the peer's models, for ``/v1/models``: the peer's own word for it
+        (``ready``, ``stopped``, ``loaded``...), ``available`` when the peer lists it without a
+        state, ``unlisted`` when it does not list it, ``unreachable`` when the peer is down and
+        ``unknown`` before swapproxy has heard from the peer.
+        """
+        if self.reachable is False:
+            return "unreachable"
+        if self.states is None:
+            return "unknown"
+        return self.states.get(model, "unlisted")
+
+
+def auth_headers(peer: PeerConfig) -> dict[bytes, list[bytes]]:
+    """
+    The headers that carry the peer's ``apiKey`` (none without one).
+    """
+    if not peer.api_key:
+        return {}
+    key = peer.api_key.encode("latin-1")
+    return {b"authorization": [b"Bearer " + key], b"x-api-key": [key]}
+
+
+@implementer(IStreamClientEndpoint)
+class _KeepAliveEndpoint:
+    """
+    A client endpoint whose connections send TCP keep-alive probes after ``idle`` seconds.
+    """
+
+    def __init__(self, endpoint: IStreamClientEndpoint, idle: float) -> None:
+        self._endpoint = endpoint
+        self._idle = idle
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        def connected(protocol: Any) -> Any:
+            set_keepalive(protocol.transport, self._idle)
+            return protocol
+
+        return self._endpoint.connect(factory).addCallback(connected)
+
+
+def set_keepalive(transport: Any, idle: float) -> None:
+    """
+    Turn on TCP keep-alive probes after ``idle`` seconds of silence, where the platform allows.
+    """
+    set_keep_alive = getattr(transport, "setTcpKeepAlive", None)
+    if set_keep_alive is None:
+        return
+    set_keep_alive(True)
+    handle = getattr(transport, "getHandle", lambda: None)()
+    for option in ("TCP_KEEPIDLE", "TCP_KEEPINTVL"):
+        if handle is not None and hasattr(socket, option):
+            try:
+                handle.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), max(1, int(idle)))
+            except OSError:
+                pass
+
+
+class PeerClient:
+    """
+    Sends requests to one peer, with its timeouts: swapproxy's relay pool for ``http://``,
+    Twisted's `Agent` for ``https://``.
+    """
+
+    def __init__(self, peer: PeerConfig, reactor: Any) -> None:
+        self.peer = peer
+        self._reactor = reactor
+        timeouts = peer.timeouts
+        self._connect_timeout = timeouts.connect if timeouts.connect > 0 else 24 * 3600.0
+        self._https = peer.proxy.lower().startswith("https:")
+        self._agent: Agent | None = None
+        self._pool: HTTPConnectionPool
+        if self._https:
+            self._pool = HTTPConnectionPool(reactor, persistent=True)
+            self._pool.maxPersistentPerHost = MAX_IDLE
+            self._pool.retryAutomatically = False
+            if timeouts.idle_conn > 0:
+                self._pool.cachedConnectionTimeout = timeouts.idle_conn
+            self._agent = Agent(reactor, connectTimeout=self._connect_timeout, pool=self._pool)
+        else:
+            self._pool = RelayPool(reactor, MAX_IDLE, endpoint=self._endpoint)
+
+    def _endpoint(self, address: tuple[str, int]) -> IStreamClientEndpoint:
+        host, port = address
+        endpoint: IStreamClientEndpoint
+        if isIPAddress(host):
+            endpoint = TCP4ClientEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
+        elif isIPv6Address(host):
+            endpoint = TCP6ClientEndpoint(self._reactor, host, port, timeout=self._connect_timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, host.encode("idna"), port, timeout=self._connect_timeout)
+        keepalive = self.peer.timeouts.keepalive
+        return _KeepAliveEndpoint(endpoint, keepalive) if keepalive > 0 else endpoint
+
+    def url_for(self, path: bytes) -> bytes:
+        """
+        The peer URL of a request path (which starts with ``/``): the path appended to ``proxy``.
+        """
+        return self.peer.proxy.rstrip("/").encode("ascii") + path
+
+    def send(self, method: bytes, path: bytes, headers: Headers, body: bytes | None) -> Deferred[Any]:
+        """
+        Send one request; fires with the answer's head (the body follows through
+        ``deliverBody``), or fails with `PeerTimeout` after ``timeouts.responseHeader``.
+
+        :param headers: without ``Host``, ``Content-Length`` or hop-by-hop headers.
+        """
+        url = self.url_for(path)
+        if self._agent is not None:
+            producer = BytesProducer(body) if body else None
+            sent = self._agent.request(method, url, headers, producer)
+        else:
+            assert isinstance(self._pool, RelayPool)
+            sent = self._pool.relay(method, url, headers, body)
+        limit = self.peer.timeouts.response_header
+        if limit <= 0:
+            return sent
+        timed_out = []
+
+        def expire() -> None:
+            timed_out.append(True)
+            sent.cancel()
+
+        timer = self._reactor.callLater(limit, expire)
+
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if timed_out and isinstance(result, Failure):
+                return Failure(PeerTimeout(f"no answer within {limit:g}s (timeouts.responseHeader)"))
+            return result
+
+        return sent.addBoth(done)
+
+    def close(self) -> Deferred[None]:
+        """
+        Close the idle connections; busy ones close when their answer ends.
+        """
+        return self._pool.closeCachedConnections()
+
+
+class _Collect(Protocol):
+    """
+    Reads a body of at most `MAX_LIST_BYTES`.
+    """
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.done: Deferred[bytes] = Deferred(lambda _: self.transport and self.transport.stopProducing())
+
+    def dataReceived(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > MAX_LIST_BYTES:
+            self.transport.stopProducing()
+            return
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if not self.done.called:
+            self.done.callback(b"".join(self.chunks))
+
+
+def model_states(listing: Any) -> dict[str, str]:
+    """
+    Each model of a ``/v1/models`` answer with its state: ``state`` (a swapproxy),
+    ``status.value`` (a llama-swap), else ``available``.
+
+    :raises ValueError: the answer is not a model list.
+    """
+    data = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(data, list):
+        raise ValueError("not a model list (no 'data' list)")
+    states = {}
+    for record in data:
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            continue
+        state = record.get("state")
+        status = record.get("status")
+        if not isinstance(state, str) and isinstance(status, dict):
+            state = status.get("value")
+        states[record["id"]] = state if isinstance(state, str) and state else "available"
+    return states
+
+
+def _pass_to(result: Any, waiter: Deferred[None]) -> Any:
+    if not waiter.called:
+        waiter.callback(None)
+    return result
+
+
+class PeerSet(Service):
+    """
+    The peers of the current configuration: a `PeerClient` for each, and their `PeerHealth`.
+
+    :param config: returns the configuration in force (it changes on reload).
+    :param reactor: provides ``callLater``, ``seconds`` and TCP connections.
+    :param client_factory: makes the client of a peer (`PeerClient` by default; tests pass
+        fakes with the same ``send``, ``close`` and ``peer``).
+    """
+
+    name = "peers"
+
+    def __init__(self, config: Callable[[], Config], reactor: Any,
+                 client_factory: Callable[[PeerConfig, Any], Any] = PeerClient) -> None:
+        self._config = config
+        self._reactor = reactor
+        self._client_factory = client_factory
+        self._clients: dict[str, PeerClient] = {}
+        self.health: dict[str, PeerHealth] = {}
+        #: Per peer: fires when the question about its models in flight is answered.
+        self._polls: dict[str, Deferred[None]] = {}
+        self._questions: dict[str, Deferred[None]] = {}
+
+    @property
+    def peers(self) -> Mapping[str, PeerConfig]:
+        return self._config().peers
+
+    def client(self, peer: PeerConfig) -> Any:
+        """
+        The client of ``peer``, made anew when the peer's settings changed (a reload).
+        """
+        current = self._clients.get(peer.id)
+        if current is None or current.peer != peer:
+            if current is not None:
+                current.close()
+                self.health[peer.id] = PeerHealth()
+            current = self._clients[peer.id] = self._client_factory(peer, self._reactor)
+        return current
+
+    def _health(self, peer_id: str) -> PeerHealth:
+        return self.health.setdefault(peer_id, PeerHealth())
+
+    def reached(self, peer: PeerConfig, relayed: bool = True) -> None:
+        """
+        ``peer`` answered a request.
+
+        :param relayed: the request was a client's, which may have changed the state of the
+            peer's models (it started one): the next `refresh` asks the peer again.
+        """
+        health = self._health(peer.id)
+        if relayed:
+            health.asked_at = None
+        if health.reachable is not True:
+            log.info("peer {peer} is reachable", peer=peer.id)
+        health.reachable, health.error, health.checked_at = True, "", self._reactor.seconds()
+
+    def unreachable(self, peer: PeerConfig, error: str) -> None:
+        """
+        ``peer`` could not be reached (or sent no answer in time).
+        """
+        health = self._health(peer.id)
+        if health.reachable is not False:
+            log.warn("peer {peer} is unreachable: {error}", peer=peer.id, error=error)
+        health.reachable, health.error, health.checked_at = False, error, self._reactor.seconds()
+
+    def refresh(self, wait: float = LIST_WAIT) -> Deferred[None]:
+        """
+        Ask each peer not asked within `FRESH_SECONDS` for its models; fires when all have
+        answered, or after ``wait`` seconds, whichever is first. The questions go on after that:
+        their answers are kept for the next caller.
+        """
+        now = self._reactor.seconds()
+        pending = []
+        for peer in self.peers.values():
+            self.client(peer)
+            health = self._health(peer.id)
+            poll = self._polls.get(peer.id)
+            if poll is None and (health.asked_at is None or now - health.asked_at >= FRESH_SECONDS):
+                health.asked_at = now
+                poll = self._polls[peer.id] = Deferred()
+                question = self._questions[peer.id] = Deferred.fromCoroutine(self._poll(peer))
+                question.addBoth(self._polled, peer.id)
+            if poll is not None and not poll.called:
+                # Each caller its own Deferred: its timeout must not cancel the question.
+                mine: Deferred[None] = Deferred()
+                poll.addBoth(_pass_to, mine)
+                pending.append(mine)
+        if not pending:
+            return succeed(None)
+        together: Deferred[Any] = DeferredList(pending)
+        result: Deferred[None] = Deferred()
+        timer = self._reactor.callLater(wait, lambda: result.called or result.callback(None))
+
+        def finished(_: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not result.called:
+                result.callback(None)
+
+        together.addCallback(finished)
+        return result
+
+    def _polled(self, result: Any, peer_id: str) -> None:
+        self._questions.pop(peer_id, None)
+        poll = self._polls.pop(peer_id, None)
+        if poll is not None:
+            poll.callback(None)
+        if isinstance(result, Failure) and not result.check(CancelledError):
+            log.failure("asking peer {peer} for its models", result, peer=peer_id)
+
+    async def _poll(self, peer: PeerConfig) -> None:
+        """
+        Ask ``peer`` for its ``/v1/models`` and note what it says.
+        """
+        client = self.client(peer)
+        headers = Headers(auth_headers(peer))
+        headers.setRawHeaders(b"accept", [b"application/json"])
+        request = client.send(b"GET", b"/v1/models", headers, None)
+        stage: list[Deferred[Any]] = [request]
+        timer: IDelayedCall = self._reactor.callLater(POLL_TIMEOUT, lambda: stage[0].cancel())
+        try:
+            response = await request
+            collect = _Collect()
+            stage[0] = collect.done
+            response.deliverBody(collect)
+            body = await collect.done
+        except CancelledError:
+            if self.running:
+                self.unreachable(peer, f"no answer to GET /v1/models within {POLL_TIMEOUT:g}s")
+            return
+        except Exception as e:
+            self.unreachable(peer, describe_error(e))
+            return
+        finally:
+            if timer.active():
+                timer.cancel()
+        self.reached(peer, relayed=False)
+        health = self._health(peer.id)
+        if response.code != 200:
+            log.info("peer {peer} answered GET /v1/models with HTTP {code}", peer=peer.id, code=response.code)
+            return
+        try:
+            health.states = model_states(json.loads(body))
+        except (ValueError, UnicodeDecodeError) as e:
+            log.info("peer {peer}: cannot read its /v1/models: {error}", peer=peer.id, error=e)
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        for question in list(self._questions.values()):
+            question.cancel()
+        closing = [client.close() for client in self._clients.values()]
+        self._clients.clear()
+        return DeferredList(closing)

@@ -1,0 +1,173 @@
+"""
+Tests for `swapproxy.peers`: what is known of each peer, learnt on demand, driven by a Clock and
+fake peer clients; and `PeerClient`'s timeouts on a memory reactor.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from typing import Any
+
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http_headers import Headers
+
+from swapproxy.config import Config, parse_config
+from swapproxy.peers import FRESH_SECONDS, LIST_WAIT, POLL_TIMEOUT, PeerClient, PeerSet, PeerTimeout, model_states
+from tests.fakes import FakePeerClient, FakePeerResponse
+
+CONFIG = """
+    peers:
+      a: {proxy: "http://10.0.0.1:8080", apiKey: sk-a, models: [m1, m2]}
+      b: {proxy: "http://10.0.0.2:8080", models: [n]}
+"""
+
+
+def listing(**states: str) -> bytes:
+    return json.dumps({"object": "list", "data": [{"id": m, "state": s} for m, s in states.items()]}).encode()
+
+
+class PeerSetTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.config: Config = parse_config(textwrap.dedent(CONFIG), "config.yaml", {})
+        self.clients: list[FakePeerClient] = []
+        self.peers = PeerSet(lambda: self.config, self.clock, FakePeerClient.factory(self.clients))
+        self.peers.startService()
+
+    def client(self, peer_id: str) -> FakePeerClient:
+        return next(c for c in self.clients if c.peer.id == peer_id and not c.closed)
+
+    def test_refresh_asks_each_peer_once(self) -> None:
+        """
+        A refresh asks every peer for /v1/models with the peer's key; a second refresh meanwhile
+        asks nothing more; both fire when the answers are in.
+        """
+        first, second = self.peers.refresh(), self.peers.refresh()
+        self.assertEqual([len(self.client(p).sent) for p in "ab"], [1, 1])
+        method, path, headers, answer = self.client("a").sent[0]
+        self.assertEqual((method, path), (b"GET", b"/v1/models"))
+        self.assertEqual(headers.getRawHeaders(b"authorization"), [b"Bearer sk-a"])
+        self.assertIsNone(self.client("b").sent[0][2].getRawHeaders(b"authorization"))
+        answer.callback(FakePeerResponse(200, listing(m1="ready", m2="stopped")))
+        self.assertNoResult(first)
+        self.client("b").sent[0][3].callback(FakePeerResponse(200, json.dumps(
+            {"data": [{"id": "n", "status": {"value": "loaded"}}, {"id": "x"}]}).encode()))
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(self.peers.health["a"].states, {"m1": "ready", "m2": "stopped"})
+        self.assertEqual(self.peers.health["b"].states, {"n": "loaded", "x": "available"})
+        self.assertEqual(self.peers.health["a"].model_state("zz"), "unlisted")
+
+    def test_fresh_for_a_while(self) -> None:
+        """
+        What a peer said is used for FRESH_SECONDS; a request relayed to it since makes the next
+        refresh ask again.
+        """
+        self.peers.refresh()
+        for p in "ab":
+            self.client(p).sent[0][3].callback(FakePeerResponse(200, listing()))
+        self.clock.advance(FRESH_SECONDS - 1)
+        self.successResultOf(self.peers.refresh())
+        self.assertEqual(len(self.client("a").sent), 1)
+        self.peers.reached(self.config.peers["a"])
+        self.peers.refresh()
+        self.assertEqual([len(self.client(p).sent) for p in "ab"], [2, 1])
+        self.clock.advance(1)
+        self.peers.refresh()
+        self.assertEqual(len(self.client("b").sent), 2)
+
+    def test_refresh_waits_a_bounded_time(self) -> None:
+        """
+        A peer slow to answer holds a refresh for LIST_WAIT at most; its answer still counts.
+        """
+        waiting = self.peers.refresh()
+        self.client("b").sent[0][3].callback(FakePeerResponse(200, listing(n="ready")))
+        self.clock.advance(LIST_WAIT)
+        self.successResultOf(waiting)
+        self.assertEqual(self.peers.health["a"].model_state("m1"), "unknown")
+        self.client("a").sent[0][3].callback(FakePeerResponse(200, listing(m1="starting")))
+        self.assertEqual(self.peers.health["a"].model_state("m1"), "starting")
+
+    def test_silent_or_refusing_peer_is_unreachable(self) -> None:
+        self.peers.refresh()
+        self.client("b").sent[0][3].errback(Failure(ConnectionRefusedError("refused")))
+        self.assertEqual(self.peers.health["b"].model_state("n"), "unreachable")
+        self.assertIn("refused", self.peers.health["b"].error)
+        self.clock.advance(POLL_TIMEOUT)
+        health = self.peers.health["a"]
+        self.assertEqual((health.reachable, health.model_state("m1")), (False, "unreachable"))
+        self.assertEqual(health.error, f"no answer to GET /v1/models within {POLL_TIMEOUT:g}s")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_bad_list_keeps_the_peer_up(self) -> None:
+        self.peers.refresh()
+        self.client("a").sent[0][3].callback(FakePeerResponse(200, b"<html>"))
+        self.client("b").sent[0][3].callback(FakePeerResponse(401, b"{}"))
+        for p in "ab":
+            self.assertEqual((self.peers.health[p].reachable, self.peers.health[p].states), (True, None))
+
+    def test_reload_makes_a_new_client(self) -> None:
+        old = self.peers.client(self.config.peers["a"])
+        self.config = parse_config(textwrap.dedent(CONFIG.replace("sk-a", "sk-new")), "config.yaml", {})
+        new = self.peers.client(self.config.peers["a"])
+        self.assertIsNot(old, new)
+        self.assertTrue(old.closed)
+        self.assertIs(self.peers.client(self.config.peers["b"]), self.peers.client(self.config.peers["b"]))
+
+    def test_stop_cancels_questions_and_closes(self) -> None:
+        self.peers.refresh()
+        answers = [self.client(p).sent[0][3] for p in "ab"]
+        self.successResultOf(self.peers.stopService())
+        for answer in answers:
+            self.assertTrue(answer.called)
+        self.assertTrue(all(c.closed for c in self.clients))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertIsNone(self.peers.health["a"].reachable)
+
+
+class ModelStatesTests(SynchronousTestCase):
+    def test_not_a_list(self) -> None:
+        for answer in ([], {"data": {}}, {"models": []}):
+            self.assertRaises(ValueError, model_states, answer)
+
+
+class PeerClientTests(SynchronousTestCase):
+    def make(self, **timeouts: Any) -> tuple[PeerClient, MemoryReactorClock]:
+        reactor = MemoryReactorClock()
+        text = "peers: {p: {proxy: 'http://10.9.9.9:81/api', models: [m], timeouts: %s}}" % json.dumps(timeouts)
+        return PeerClient(parse_config(text, "config.yaml", {}).peers["p"], reactor), reactor
+
+    def test_connect_timeout(self) -> None:
+        client, reactor = self.make(connect=7)
+        client.send(b"GET", b"/v1/models", Headers(), None)
+        [(host, port, _, timeout, _)] = reactor.tcpClients
+        self.assertEqual((host, port, timeout), ("10.9.9.9", 81, 7))
+
+    def test_response_header_timeout(self) -> None:
+        """
+        No answer within timeouts.responseHeader: the request fails with PeerTimeout and its
+        connection attempt is given up.
+        """
+        client, reactor = self.make(responseHeader=2)
+        sent = client.send(b"GET", b"/v1/models", Headers(), None)
+        reactor.advance(1.9)
+        self.assertNoResult(sent)
+        reactor.advance(0.1)
+        failure = self.failureResultOf(sent, PeerTimeout)
+        self.assertEqual(str(failure.value), "no answer within 2s (timeouts.responseHeader)")
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_no_response_header_timeout(self) -> None:
+        client, reactor = self.make(responseHeader=0)
+        sent = client.send(b"GET", b"/x", Headers(), None)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        self.assertNoResult(sent)
+
+    def test_url(self) -> None:
+        client, _ = self.make()
+        self.assertEqual(client.url_for(b"/v1/chat/completions?a=1"), b"http://10.9.9.9:81/api/v1/chat/completions?a=1")
