@@ -20,10 +20,13 @@ run: $(BIN)/twistd
 	@echo "       -d '{\"model\": \"demo-slow\", \"stream\": true, \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}'"
 	$(BIN)/twistd -n --pidfile= swapproxy -c $(CONFIG) -l $(LISTEN)
 
-# The end-to-end tests run real llama-servers: `make test` finds one ($$LLAMA_SERVER, PATH, the
-# cache) or builds one into ~/.cache/swapproxy first (once: about 5 minutes on 2 cores), and
-# stops with what to do when it can do neither, rather than skip those tests.
+# Every tier runs, none is skipped: `make test` installs the tools the real-process tiers need
+# (scripts/test_prerequisites.sh: a C++ toolchain, Chromium and its driver, systemd-analyze; with
+# apt-get as root, else it says what to install), finds a llama-server ($$LLAMA_SERVER, PATH, the
+# cache) or builds one into ~/.cache/swapproxy (once: about 5 minutes on 2 cores), and stops with
+# what to do when it can do neither.
 test: $(BIN)/twistd
+	@scripts/test_prerequisites.sh
 	@llama=$$(PYTHON=$(abspath $(BIN)/python) scripts/build_llama_server.sh) \
 	  && PYTHON=$(abspath $(BIN)/python) scripts/build_llama_server.sh --vocab-dir >/dev/null \
 	  || { echo "make test: the end-to-end tests need llama-server and llama.cpp's vocab files, and" \
@@ -32,7 +35,7 @@ test: $(BIN)/twistd
 	            "LLAMA_SERVER to a llama-server binary." >&2; exit 1; }; \
 	llama=$$(printf '%s\n' "$$llama" | tail -n 1); \
 	echo "make test: end-to-end tests use $$llama"; \
-	LLAMA_SERVER=$$llama $(BIN)/python -W error::RuntimeWarning -m twisted.trial --temp-directory=.trial-tmp $(TESTS)
+	LLAMA_SERVER=$$llama SWAPPROXY_REQUIRE_BROWSER=1 $(BIN)/python -W error::RuntimeWarning -m twisted.trial --temp-directory=.trial-tmp $(TESTS)
 
 # Builds (or finds) llama-server for the end-to-end tests; prints its path.
 llama-server: $(BIN)/twistd
