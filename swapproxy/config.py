@@ -55,14 +55,16 @@ def start_ceiling(health_check_timeout: float, health_check_ceiling: float | Non
     return health_check_ceiling or HEALTH_CHECK_CEILING_FACTOR * health_check_timeout
 
 
+#: The keys of `HangLimits`, global and per model.
+_HANG_KEYS = frozenset({"streamIdleTimeout", "healthCheckInterval", "timeouts"})
 _TOP_KEYS = frozenset({
     "healthCheckTimeout", "healthCheckCeiling", "logLevel", "logToStdout", "logTimeFormat", "startPort", "macros",
     "models", "groups", "hooks", "sendLoadingState", "loadingStateField", "globalTTL",
-    "unloadTimeout", "apiKeys", "metricsMaxInMemory", "logRequests", "profiles", "limits"})
+    "unloadTimeout", "apiKeys", "metricsMaxInMemory", "logRequests", "profiles", "limits"}) | _HANG_KEYS
 _MODEL_KEYS = frozenset({
     "cmd", "cmdStop", "proxy", "checkEndpoint", "ttl", "aliases", "useModelName", "env",
     "unlisted", "name", "description", "metadata", "concurrencyLimit", "sendLoadingState",
-    "loadingStateField", "macros", "filters", "unloadTimeout"})
+    "loadingStateField", "macros", "filters", "unloadTimeout"}) | _HANG_KEYS
 _GROUP_KEYS = frozenset({"swap", "exclusive", "persistent", "members"})
 _FILTER_KEYS = frozenset({"stripParams", "strip_params", "setParams", "setParamsByID"})
 _RESERVED_MACROS = frozenset({"PORT", "MODEL_ID", "PID"})
@@ -84,6 +86,60 @@ class ConfigError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.splitlines()))
+
+
+# -- how long a model may keep a request waiting (issue 18) -----------------------------------
+
+#: Seconds a model may send nothing while a response waits for it (see `HangLimits`). The
+#: OpenAI and Anthropic Python SDKs give up on a read after 600 s: a longer silence fails for
+#: their users anyway. llama-server sends nothing at all while it processes a prompt (measured
+#: by ``python -m bench.prefill``), so a prefill longer than this would be cut if its process
+#: were not also watched for CPU time (`swapproxy.stall`).
+DEFAULT_STREAM_IDLE_TIMEOUT = 600.0
+#: Seconds between health checks while a model is ready.
+DEFAULT_HEALTH_CHECK_INTERVAL = 10.0
+
+
+@attrs.frozen
+class HangLimits:
+    """
+    How long a ready model may keep swapproxy waiting before it is taken for hung; 0 turns a
+    limit off. Global keys give the defaults, a model's own keys override them.
+
+    :ivar stream_idle_timeout: ``streamIdleTimeout``: seconds a model may send no byte on any
+        of its responses while one waits (a streaming request from the moment it is sent, any
+        other once its head has arrived) and its process uses no CPU; then those responses fail
+        (504) and the model is restarted.
+    :ivar response_header_timeout: ``timeouts.responseHeader`` (llama-swap's key): seconds a
+        request may wait for its response head; then it fails with a 504.
+    :ivar health_check_interval: ``healthCheckInterval``: seconds between health checks while
+        the model is ready; three failed checks in a row and it is restarted.
+    """
+
+    stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
+    response_header_timeout: float = 0.0
+    health_check_interval: float = DEFAULT_HEALTH_CHECK_INTERVAL
+
+
+def _build_hang_limits(ch: _Checker, raw: dict[Any, Any], path: str, default: HangLimits) -> HangLimits:
+    """
+    The `HangLimits` of the mapping ``raw`` (the top level, or a model), ``default`` where it
+    says nothing. Of llama-swap's ``timeouts`` only ``responseHeader`` is supported.
+    """
+    where = _join(path, "timeouts")
+    timeouts = ch.mapping(raw.get("timeouts"), where)
+    ch.known(timeouts, where, frozenset({"responseHeader"}))
+
+    def seconds(value: Any, key: str, fallback: float) -> float:
+        return ch.number(value, _join(path, key), fallback)
+
+    return HangLimits(
+        stream_idle_timeout=seconds(raw.get("streamIdleTimeout"), "streamIdleTimeout", default.stream_idle_timeout),
+        response_header_timeout=seconds(timeouts.get("responseHeader"), "timeouts.responseHeader",
+                                        default.response_header_timeout),
+        health_check_interval=seconds(raw.get("healthCheckInterval"), "healthCheckInterval",
+                                      default.health_check_interval),
+    )
 
 
 @attrs.frozen
@@ -116,6 +172,7 @@ class ModelConfig:
     strip_params: tuple[str, ...]
     set_params: Mapping[str, Any]
     set_params_by_id: Mapping[str, Mapping[str, Any]]
+    hang_limits: HangLimits = HangLimits()
 
 
 @attrs.frozen
@@ -192,6 +249,8 @@ class Config:
     #: Seconds a start may take in all, however much the model prints; 0 means
     #: ``HEALTH_CHECK_CEILING_FACTOR`` times ``health_check_timeout``.
     health_check_ceiling: int = 0
+    #: The global `HangLimits`, each model's default.
+    hang_limits: HangLimits = HangLimits()
 
     @property
     def start_ceiling(self) -> int:
@@ -704,6 +763,7 @@ def _build_model(ch: _Checker, mid: str, raw: Any, global_macros: dict[str, Any]
         strip_params=tuple(sorted(strip - {"", "model"})),
         set_params=set_params,
         set_params_by_id=by_id,
+        hang_limits=_build_hang_limits(ch, m, path, top["hang_limits"]),
     )
 
 
@@ -867,7 +927,8 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         unload_timeout=ch.number(data.get("unloadTimeout"), "unloadTimeout", 10.0),
         send_loading_state=ch.boolean(data.get("sendLoadingState"), "sendLoadingState", False),
         loading_state_field=ch.choice(data.get("loadingStateField"), "loadingStateField",
-                                      "reasoning_content", LOADING_STATE_FIELDS))
+                                      "reasoning_content", LOADING_STATE_FIELDS),
+        hang_limits=_build_hang_limits(ch, data, "", HangLimits()))
     start_port = ch.integer(data.get("startPort"), "startPort", 5800, minimum=1, maximum=65535)
     global_macros = _macro_defs(ch, data.get("macros"), "macros")
 
@@ -920,4 +981,5 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         metrics_max_in_memory=metrics_max if metrics_max > 0 else 1000,
         limits=limits,
         health_check_ceiling=ceiling,
+        hang_limits=top["hang_limits"],
     )

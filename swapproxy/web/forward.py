@@ -18,6 +18,11 @@ event stream has begun (the loading head, or the model's own event stream), the 
 error event ends it. A body that is not an event stream and breaks off is cut, so the client
 can tell it is incomplete.
 
+A model that stops answering does not hold a request for ever: each request in flight is an
+`swapproxy.stall.Exchange` of its upstream, failed with a 504 (or the error event) when the
+model goes silent (``streamIdleTimeout``), is found unhealthy, or sends no head within
+``timeouts.responseHeader``.
+
 A request that finds its model's process gone before the request could be sent (it crashed a
 moment ago and still looked ready) waits for the exit and goes round once more, which starts the
 model again: with a loading head, the loading stream resumes and says so.
@@ -29,14 +34,15 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from swapproxy.config import ModelConfig
 from swapproxy.logs import proxy_logger
-from swapproxy.metrics import relay_tap
+from swapproxy.metrics import relay_tap, request_meter
 from swapproxy.progress import LoadTracker
+from swapproxy.stall import Exchange, Stalled
 from swapproxy.supervisor import Rejected, Supervisor, Ticket
 from swapproxy.upstream import StartError, Upstream
 from swapproxy.web.errors import write_error
@@ -121,7 +127,9 @@ class Forward:
                     head.finish_ready()
                 # After the loading head's first bytes: they need none of this.
                 headers = forward_headers(request)
-                await _exchange(lease.upstream, request, client, path, body, headers, dialect, head, attempt == 1)
+                await _exchange(
+                    lease.upstream, request, client, path, body, headers, dialect, head, attempt == 1, stream
+                )
                 return
             except UpstreamGone:
                 log.info("model {model} died before the request was sent; restarting it", model=model.id)
@@ -187,22 +195,50 @@ async def _exchange(
     dialect: PlainEvents,
     head: LoadingStream | None,
     retry_if_gone: bool,
+    stream: bool,
 ) -> None:
     """
-    Send the request to ``upstream`` and relay its answer.
+    Send the request to ``upstream`` and relay its answer, as one exchange of its stall watch.
 
     :param head: the loading stream, if it has begun the response: then only a 2xx event
         stream is relayed (through the dialect's splice); any other answer becomes one error
         event.
+    :param stream: whether the client asked for a stream (then the model's silence counts
+        from the moment the request is sent).
     :raises UpstreamGone: with ``retry_if_gone``, when the request could not be sent because the
         upstream's process has died; nothing was written.
     """
-    model_id = upstream.model.id
+    exchange = upstream.exchanges.begin(stream)
     try:
-        response = await send_upstream(upstream, request, path, body, headers)
-    except CancelledError:
-        raise
+        await _watched_exchange(upstream, exchange, request, client, path, body, headers, dialect, head, retry_if_gone)
+    finally:
+        upstream.exchanges.end(exchange)
+
+
+async def _watched_exchange(
+    upstream: Upstream,
+    exchange: Exchange,
+    request: Request,
+    client: ClientState,
+    path: bytes,
+    body: bytes | None,
+    headers: Headers,
+    dialect: PlainEvents,
+    head: LoadingStream | None,
+    retry_if_gone: bool,
+) -> None:
+    model_id = upstream.model.id
+    sending = Deferred.fromCoroutine(send_upstream(upstream, request, path, body, headers))
+    try:
+        response = await exchange.send(sending, upstream.model.hang_limits.response_header_timeout)
     except Exception as e:
+        # Cancelled by the exchange (the model stopped answering), or by the client leaving.
+        if exchange.failure is not None:
+            _count_timeout(request, exchange.failure)
+            _fail(request, head, dialect, 504, str(exchange.failure))
+            return
+        if isinstance(e, CancelledError):
+            raise
         if retry_if_gone and process_gone(upstream):
             raise UpstreamGone(str(e)) from e
         log.warn("model {model} did not answer: {error}", model=model_id, error=e)
@@ -215,20 +251,33 @@ async def _exchange(
         streaming = True
         transform = dialect.splice()
     else:
+        upstream.exchanges.end(exchange)  # a short error answer, read in full
         await _refuse_answer(request, response, model_id, dialect)
         return
     relay = BodyRelay(request, client, transform, tap=relay_tap(request))
+    exchange.relaying(relay)
     response.deliverBody(relay)
     reason = await relay.done
     if reason is None or client.gone:
         return
-    log.warn("model {model} ended its response early: {error}", model=model_id, error=describe_error(reason))
+    if isinstance(reason, Stalled):
+        _count_timeout(request, reason)
+        status, message = 504, str(reason)
+    else:
+        log.warn("model {model} ended its response early: {error}", model=model_id, error=describe_error(reason))
+        status, message = 502, f"model {model_id!r} ended the stream early: {describe_error(reason)}"
     if streaming:
-        request.write(dialect.error(502, f"model {model_id!r} ended the stream early: {describe_error(reason)}"))
+        request.write(dialect.error(status, message))
     else:
         # No terminating chunk: the client must see that the body is incomplete.
         client.gone = True
         request.loseConnection()
+
+
+def _count_timeout(request: Request, error: Stalled) -> None:
+    meter = request_meter(request)
+    if meter is not None:
+        meter.timed_out(error.kind)
 
 
 async def _refuse_answer(request: Request, response: Any, model_id: str, dialect: PlainEvents) -> None:

@@ -115,6 +115,25 @@ class BodyRelay(Protocol):
         if self.transport is not None:
             self.transport.stopProducing()
 
+    @property
+    def paused(self) -> bool:
+        """
+        Whether the client's flow control holds the upstream's body back just now.
+        """
+        return bool(getattr(self.transport, "paused", False))
+
+    def abort(self, error: BaseException) -> None:
+        """
+        End the relay now with ``error`` as its `done` result, and close the upstream connection.
+        """
+        if self.done.called:
+            return
+        if self.transport is not None:
+            self.transport.stopProducing()
+        if not self._client.gone and self._request.producer is not None:
+            self._request.unregisterProducer()
+        self.done.callback(error)
+
     def connectionMade(self) -> None:
         if not self._client.gone:
             self._request.registerProducer(self.transport, True)
