@@ -5,11 +5,12 @@ default ``streamIdleTimeout`` is chosen against (README, "A model that hangs").
     python -m bench.prefill                         # the slow tiny model, prompts of 256..3500 tokens
     python -m bench.prefill --model M.gguf --tokens 1000,4000 --ctx 8192 --llama-args "-t 2"
 
-For each prompt length it sends one streaming ``/v1/chat/completions`` request (``max_tokens``
-4) straight to llama-server and reports, from the moment the request was sent: when the response
+After one short request (the first answer of a fresh llama-server also pages its weights in,
+which takes longer than any prompt), for each prompt length it sends one streaming
+``/v1/chat/completions`` request (``max_tokens`` 4) straight to llama-server and reports, from the moment the request was sent: when the response
 head arrived, when the first body byte arrived, the longest gap between two lines llama-server
 printed meanwhile, and the slowest answer of ``GET /health``, probed every 0.25 s during the
-prefill. No swapproxy is involved.
+prefill, and llama-server's own prompt processing time. No swapproxy is involved.
 """
 
 from __future__ import annotations
@@ -51,19 +52,25 @@ def _health_probe(port: int, stop: threading.Event, worst: list[float]) -> None:
         stop.wait(0.25)
 
 
-def _prompt_tokens(body: bytes) -> int:
-    marker = body.rfind(b'"prompt_n":')
+def _timing(body: bytes, key: bytes) -> float:
+    """
+    One number of the last llama.cpp ``timings`` object in ``body`` (-1 when absent).
+    """
+    marker = body.rfind(b'"' + key + b'":')
     if marker < 0:
         return -1
-    digits = body[marker + 11 :].split(b",", 1)[0].split(b"}", 1)[0]
-    return int(digits) if digits.strip().isdigit() else -1
+    text = body[marker + len(key) + 3 :].split(b",", 1)[0].split(b"}", 1)[0]
+    try:
+        return float(text)
+    except ValueError:
+        return -1
 
 
 def measure(port: int, tokens: int, stamps: list[float]) -> dict[str, float]:
     """
     One streaming request with a prompt of about ``tokens`` tokens; the times in seconds.
     """
-    words = " ".join(f"w{i % 97}" for i in range(tokens // 2))
+    words = " ".join(f"w{(i * 7 + tokens) % 89}" for i in range(tokens // 2))  # no prefix in common
     body = json.dumps({"model": "m", "stream": True, "max_tokens": 4, "cache_prompt": False,
                        "messages": [{"role": "user", "content": words}]}).encode()
     raw = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -102,7 +109,8 @@ def measure(port: int, tokens: int, stamps: list[float]) -> dict[str, float]:
         "first_byte": (first_byte_at or end) - sent,
         "longest_log_gap": max(gaps),
         "slowest_health": max(health or [0.0]),
-        "prompt_tokens": _prompt_tokens(data),
+        "prompt_tokens": int(_timing(data, b"prompt_n")),
+        "prompt_seconds": _timing(data, b"prompt_ms") / 1000,
         "status_line": data.split(b"\r\n", 1)[0].decode("latin-1"),
     }
 
@@ -132,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_lines, args=(process, stamps, args.log), daemon=True).start()
     try:
         wait_for(lambda: answers_200(port), 300, "llama-server to load", step=0.05)
+        measure(port, 16, stamps)  # the first answer also pages the weights in
         for tokens in (int(t) for t in args.tokens.split(",")):
             result = measure(port, tokens, stamps)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}),

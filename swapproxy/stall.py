@@ -66,7 +66,8 @@ class Stalled(Exception):
 
 class Exchange:
     """
-    One request in flight on a model, as `StallWatch` sees it; made by `StallWatch.begin`.
+    One request in flight on a model, as `StallWatch` sees it; made by `StallWatch.begin`, and
+    a context manager that ends it.
 
     :ivar failure: why swapproxy gave up on it, once it has.
     """
@@ -115,6 +116,18 @@ class Exchange:
         """
         self.relay = relay
         self._watch._progress(self)
+
+    def end(self) -> None:
+        """
+        The request is over, however it ended (the end of a ``with`` block on the exchange).
+        """
+        self._watch.end(self)
+
+    def __enter__(self) -> Exchange:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.end()
 
     def fail(self, error: Stalled) -> None:
         """
@@ -179,7 +192,7 @@ class StallWatch:
 
     def end(self, exchange: Exchange) -> None:
         """
-        The request is over (however it ended); calling it again does nothing.
+        ``exchange`` is over (however it ended); calling it again does nothing.
         """
         if exchange not in self.exchanges:
             return

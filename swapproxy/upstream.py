@@ -30,10 +30,10 @@ from typing import Any
 
 import psutil
 from treq.client import HTTPClient
+from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated, TimeoutError
 from twisted.internet.interfaces import (
     IConsumer,
@@ -874,6 +874,9 @@ class Upstream:
                         argv,
                         env=env,
                     )
+                    if state is State.UNHEALTHY:
+                        # A cmdStop that talks to the hung server may hang with it.
+                        self._arm_kill(grace)
                     return
                 except OSError as e:
                     self.log.warn("cmdStop of {model} could not run: {error}", model=self.model.id, error=e)

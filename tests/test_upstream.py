@@ -944,6 +944,18 @@ class HealthWhileReadyTests(UpstreamTestMixin, SynchronousTestCase):
         self.assertEqual(exchange.failure.kind, "stream_idle")
         self.assertEqual(self.reactor.spawned[0].signals, [signal.SIGTERM])
 
+    def test_sigkill_even_if_cmd_stop_hangs(self) -> None:
+        """
+        A hung model with ``cmdStop`` gets SIGKILL ``unloadTimeout`` after it was found, even if
+        the stop command (which may ask the hung server to stop) never ends.
+        """
+        upstream = self.ready_upstream({"cmdStop": f"{sys.executable} -c pass ${{PID}}", "unloadTimeout": 2})
+        child = self.reactor.spawned[0]
+        upstream.mark_unhealthy("its health check failed", "health_check")
+        self.assertEqual(len(self.reactor.spawned), 2)  # cmdStop runs, and hangs
+        self.reactor.advance(2)
+        self.assertEqual(child.signals, [signal.SIGKILL])
+
     def test_only_a_ready_model(self) -> None:
         """
         A model that is being stopped anyway is not marked unhealthy.

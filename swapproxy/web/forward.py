@@ -42,7 +42,7 @@ from swapproxy.config import ModelConfig
 from swapproxy.logs import proxy_logger
 from swapproxy.metrics import relay_tap, request_meter
 from swapproxy.progress import LoadTracker
-from swapproxy.stall import Exchange, Stalled
+from swapproxy.stall import Stalled
 from swapproxy.supervisor import Rejected, Supervisor, Ticket
 from swapproxy.upstream import StartError, Upstream
 from swapproxy.web.errors import write_error
@@ -208,73 +208,58 @@ async def _exchange(
     :raises UpstreamGone: with ``retry_if_gone``, when the request could not be sent because the
         upstream's process has died; nothing was written.
     """
-    exchange = upstream.exchanges.begin(stream)
-    try:
-        await _watched_exchange(upstream, exchange, request, client, path, body, headers, dialect, head, retry_if_gone)
-    finally:
-        upstream.exchanges.end(exchange)
-
-
-async def _watched_exchange(
-    upstream: Upstream,
-    exchange: Exchange,
-    request: Request,
-    client: ClientState,
-    path: bytes,
-    body: bytes | None,
-    headers: Headers,
-    dialect: PlainEvents,
-    head: LoadingStream | None,
-    retry_if_gone: bool,
-) -> None:
-    model_id = upstream.model.id
-    sending = Deferred.fromCoroutine(send_upstream(upstream, request, path, body, headers))
-    try:
-        response = await exchange.send(sending, upstream.model.hang_limits.response_header_timeout)
-    except Exception as e:
-        # Cancelled by the exchange (the model stopped answering), or by the client leaving.
-        if exchange.failure is not None:
-            _count_timeout(request, exchange.failure)
-            _fail(request, head, dialect, 504, str(exchange.failure))
+    with upstream.exchanges.begin(stream) as exchange:
+        model_id = upstream.model.id
+        sending = Deferred.fromCoroutine(send_upstream(upstream, request, path, body, headers))
+        try:
+            response = await exchange.send(sending, upstream.model.hang_limits.response_header_timeout)
+        except Exception as e:
+            # Cancelled by the exchange (the model stopped answering), or by the client leaving.
+            if exchange.failure is not None:
+                _count_timeout(request, exchange.failure)
+                _fail(request, head, dialect, 504, str(exchange.failure))
+                return
+            if isinstance(e, CancelledError):
+                raise
+            if retry_if_gone and process_gone(upstream):
+                raise UpstreamGone(str(e)) from e
+            log.warn("model {model} did not answer: {error}", model=model_id, error=e)
+            _fail(request, head, dialect, 502, f"model {model_id!r} did not answer: {describe_error(e)}")
             return
-        if isinstance(e, CancelledError):
-            raise
-        if retry_if_gone and process_gone(upstream):
-            raise UpstreamGone(str(e)) from e
-        log.warn("model {model} did not answer: {error}", model=model_id, error=e)
-        _fail(request, head, dialect, 502, f"model {model_id!r} did not answer: {describe_error(e)}")
-        return
-    if head is None:
-        streaming = copy_response_head(request, response)
-        transform = None
-    elif 200 <= response.code < 300 and is_event_stream(response.headers):
-        streaming = True
-        transform = dialect.splice()
-    else:
-        upstream.exchanges.end(exchange)  # a short error answer, read in full
-        await _refuse_answer(request, response, model_id, dialect)
-        return
-    relay = BodyRelay(request, client, transform, tap=relay_tap(request))
-    exchange.relaying(relay)
-    response.deliverBody(relay)
-    reason = await relay.done
-    if reason is None or client.gone:
-        return
-    if isinstance(reason, Stalled):
-        _count_timeout(request, reason)
-        status, message = 504, str(reason)
-    else:
-        log.warn("model {model} ended its response early: {error}", model=model_id, error=describe_error(reason))
-        status, message = 502, f"model {model_id!r} ended the stream early: {describe_error(reason)}"
-    if streaming:
-        request.write(dialect.error(status, message))
-    else:
-        # No terminating chunk: the client must see that the body is incomplete.
-        client.gone = True
-        request.loseConnection()
+        if head is None:
+            streaming = copy_response_head(request, response)
+            transform = None
+        elif 200 <= response.code < 300 and is_event_stream(response.headers):
+            streaming = True
+            transform = dialect.splice()
+        else:
+            exchange.end()  # a short error answer, read in full
+            await _refuse_answer(request, response, model_id, dialect)
+            return
+        relay = BodyRelay(request, client, transform, tap=relay_tap(request))
+        exchange.relaying(relay)
+        response.deliverBody(relay)
+        reason = await relay.done
+        if reason is None or client.gone:
+            return
+        if isinstance(reason, Stalled):
+            _count_timeout(request, reason)
+            status, message = 504, str(reason)
+        else:
+            log.warn("model {model} ended its response early: {error}", model=model_id, error=describe_error(reason))
+            status, message = 502, f"model {model_id!r} ended the stream early: {describe_error(reason)}"
+        if streaming:
+            request.write(dialect.error(status, message))
+        else:
+            # No terminating chunk: the client must see that the body is incomplete.
+            client.gone = True
+            request.loseConnection()
 
 
 def _count_timeout(request: Request, error: Stalled) -> None:
+    """
+    Count in the metrics that swapproxy gave up on the model's answer to ``request``.
+    """
     meter = request_meter(request)
     if meter is not None:
         meter.timed_out(error.kind)
