@@ -199,10 +199,16 @@ class StallWatch:
         if exchange.failure is None and exchange.relay is not None and exchange.relay.bytes != exchange.seen:
             self._events += 1
         self.exchanges.remove(exchange)
-        if not self.exchanges and self._call is not None:
-            if self._call.active():
-                self._call.cancel()
-            self._call = None
+        # The timer is left to run out when the last request ends: cancelling it and arming a
+        # new one for the next request would cost every request a timer.
+
+    def stop(self) -> None:
+        """
+        Cancel the timer (the model's process has ended).
+        """
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
 
     def fail_all(self, error: Stalled) -> None:
         """

@@ -943,6 +943,7 @@ class Upstream:
             self._reap_leftovers(pid)
             for process_observer in list(self.process_observers):
                 process_observer(self, pid, False)
+        self.exchanges.stop()
         if self._pool is not None:
             self._pool.closeCachedConnections()
         self._pool = None

@@ -230,15 +230,21 @@ class StallWatchTests(SynchronousTestCase):
         self.wait(100 * TIMEOUT)
         self.assertIsNone(relay.aborted)
 
-    def test_one_timer_per_model_and_none_when_idle(self) -> None:
+    def test_one_timer_per_model(self) -> None:
         """
-        However many requests are in flight, the model has one timer, and none once they end.
+        However many requests are in flight, the model has one timer; once they have ended it
+        runs out and is not armed again, and `StallWatch.stop` cancels it.
         """
         exchanges = [self.watch.begin(stream=True) for _ in range(5)]
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
         for exchange in exchanges:
-            self.watch.end(exchange)
+            exchange.end()
+        self.wait(TIMEOUT / SAMPLES)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+        with self.watch.begin(stream=False):
+            self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+            self.watch.stop()
+            self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_fail_all(self) -> None:
         """

@@ -34,7 +34,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
@@ -210,8 +210,8 @@ async def _exchange(
     """
     with upstream.exchanges.begin(stream) as exchange:
         model_id = upstream.model.id
-        sending = Deferred.fromCoroutine(send_upstream(upstream, request, path, body, headers))
         try:
+            sending = send_upstream(upstream, request, path, body, headers)
             response = await exchange.send(sending, upstream.model.hang_limits.response_header_timeout)
         except Exception as e:
             # Cancelled by the exchange (the model stopped answering), or by the client leaving.
