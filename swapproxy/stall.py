@@ -284,7 +284,7 @@ class StallWatch:
     def _stall(self, silent: float) -> None:
         waiting = sum(1 for e in self.exchanges if e.watched and e.failure is None)
         what = (
-            f"it sent nothing for {silent:.0f}s (streamIdleTimeout) while {waiting} "
+            f"it sent nothing for {round(silent, 1):g}s (streamIdleTimeout) while {waiting} "
             f"response{'s' if waiting != 1 else ''} waited, and its process used no CPU"
         )
         self._stalled(what)
