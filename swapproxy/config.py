@@ -55,6 +55,8 @@ def start_ceiling(health_check_timeout: float, health_check_ceiling: float | Non
     return health_check_ceiling or HEALTH_CHECK_CEILING_FACTOR * health_check_timeout
 
 
+#: The keys of `HangLimits`, global and per model.
+_HANG_KEYS = frozenset({"streamIdleTimeout", "healthCheckInterval", "timeouts"})
 _TOP_KEYS = frozenset({
     "healthCheckTimeout", "healthCheckCeiling", "logLevel", "logToStdout", "logTimeFormat", "startPort", "macros",
     "models", "groups", "hooks", "sendLoadingState", "loadingStateField", "globalTTL",
@@ -64,11 +66,11 @@ _TOP_KEYS = frozenset({
     "peers", "selectors", "includeAliasesInList", "upstream",
     # Parsed by the scheduling work (issue 12): accepted here so that a llama-swap head config
     # starts without a warning.
-    "routing"})
+    "routing"}) | _HANG_KEYS
 _MODEL_KEYS = frozenset({
     "cmd", "cmdStop", "proxy", "checkEndpoint", "ttl", "aliases", "useModelName", "env",
     "unlisted", "name", "description", "metadata", "concurrencyLimit", "sendLoadingState",
-    "loadingStateField", "macros", "filters", "unloadTimeout", "timeouts", "capabilities", "compat"})
+    "loadingStateField", "macros", "filters", "unloadTimeout", "capabilities", "compat"}) | _HANG_KEYS
 _GROUP_KEYS = frozenset({"swap", "exclusive", "persistent", "members"})
 _STORE_KEYS = frozenset({"path", "maxRows"})
 _FILTER_KEYS = frozenset({"stripParams", "strip_params", "setParams", "setParamsByID"})
@@ -91,6 +93,58 @@ class ConfigError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.splitlines()))
+
+
+# -- how long a model may keep a request waiting (issue 18) -----------------------------------
+
+#: Seconds a model may send nothing while a response waits for it (see `HangLimits`). The
+#: OpenAI and Anthropic Python SDKs give up on a read after 600 s: a longer silence fails for
+#: their users anyway. llama-server sends nothing at all while it processes a prompt (measured
+#: by ``python -m bench.prefill``), so a prefill longer than this would be cut if its process
+#: were not also watched for CPU time (`swapproxy.stall`).
+DEFAULT_STREAM_IDLE_TIMEOUT = 600.0
+#: Seconds between health checks while a model is ready.
+DEFAULT_HEALTH_CHECK_INTERVAL = 10.0
+
+
+@attrs.frozen
+class HangLimits:
+    """
+    How long a ready model may keep swapproxy waiting before it is taken for hung; 0 turns a
+    limit off. Global keys give the defaults, a model's own keys override them.
+
+    :ivar stream_idle_timeout: ``streamIdleTimeout``: seconds a model may send no byte on any
+        of its responses while one waits (a streaming request from the moment it is sent, any
+        other once its head has arrived) and its process uses no CPU; then those responses fail
+        (504) and the model is restarted.
+    :ivar response_header_timeout: ``timeouts.responseHeader`` (llama-swap's key): seconds a
+        request may wait for its response head; then it fails with a 504.
+    :ivar health_check_interval: ``healthCheckInterval``: seconds between health checks while
+        the model is ready; three failed checks in a row and it is restarted.
+    """
+
+    stream_idle_timeout: float = DEFAULT_STREAM_IDLE_TIMEOUT
+    response_header_timeout: float = 0.0
+    health_check_interval: float = DEFAULT_HEALTH_CHECK_INTERVAL
+
+
+def _build_hang_limits(ch: _Checker, raw: dict[Any, Any], path: str, default: HangLimits,
+                       response_header: float) -> HangLimits:
+    """
+    The `HangLimits` of the mapping ``raw`` (the top level, or a model), ``default`` where it
+    says nothing; ``response_header`` is its ``timeouts.responseHeader``, parsed with the rest
+    of ``timeouts`` by `_build_timeouts`.
+    """
+
+    def seconds(value: Any, key: str, fallback: float) -> float:
+        return ch.number(value, _join(path, key), fallback)
+
+    return HangLimits(
+        stream_idle_timeout=seconds(raw.get("streamIdleTimeout"), "streamIdleTimeout", default.stream_idle_timeout),
+        response_header_timeout=response_header,
+        health_check_interval=seconds(raw.get("healthCheckInterval"), "healthCheckInterval",
+                                      default.health_check_interval),
+    )
 
 
 @attrs.frozen
@@ -130,6 +184,7 @@ class ModelConfig:
     #: ``compat.ignoreWebsockets``: a websocket upgrade neither starts the model nor counts as a
     #: request in flight (for TTL, swaps and ``concurrencyLimit``).
     ignore_websockets: bool = False
+    hang_limits: HangLimits = HangLimits()
 
 
 @attrs.frozen
@@ -386,6 +441,8 @@ class Config:
         lambda: tuple(re.compile(p) for p in DEFAULT_UPSTREAM_IGNORE_PATHS))
     #: Lines to log at info level: keys accepted from llama-swap that have no effect here.
     notices: tuple[str, ...] = ()
+    #: The global `HangLimits`, each model's default.
+    hang_limits: HangLimits = HangLimits()
 
     @property
     def start_ceiling(self) -> int:
@@ -852,6 +909,7 @@ def _build_model(ch: _Checker, mid: str, raw: Any, global_macros: dict[str, Any]
 
     metadata = ch.mapping(m.get("metadata"), f"{path}.metadata")
     concurrency = ch.integer(m.get("concurrencyLimit"), f"{path}.concurrencyLimit", 0, minimum=0)
+    timeouts = _build_timeouts(ch, m.get("timeouts"), f"{path}.timeouts", top["timeouts"])
     return ModelConfig(
         id=mid,
         cmd=tuple(split_command(final(f"{path}.cmd", cmd))),
@@ -877,9 +935,10 @@ def _build_model(ch: _Checker, mid: str, raw: Any, global_macros: dict[str, Any]
         strip_params=strip,
         set_params=set_params,
         set_params_by_id=by_id,
-        timeouts=_build_timeouts(ch, m.get("timeouts"), f"{path}.timeouts", Timeouts()),
+        timeouts=timeouts,
         capabilities=_build_capabilities(ch, m.get("capabilities"), f"{path}.capabilities"),
         ignore_websockets=_build_compat(ch, m.get("compat"), f"{path}.compat"),
+        hang_limits=_build_hang_limits(ch, m, path, top["hang_limits"], timeouts.response_header),
     )
 
 
@@ -1184,7 +1243,10 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         unload_timeout=ch.number(data.get("unloadTimeout"), "unloadTimeout", 10.0),
         send_loading_state=ch.boolean(data.get("sendLoadingState"), "sendLoadingState", False),
         loading_state_field=ch.choice(data.get("loadingStateField"), "loadingStateField",
-                                      "reasoning_content", LOADING_STATE_FIELDS))
+                                      "reasoning_content", LOADING_STATE_FIELDS),
+        # The global timeouts are each model's defaults (an extension: llama-swap has them per model).
+        timeouts=_build_timeouts(ch, data.get("timeouts"), "timeouts", Timeouts()))
+    top["hang_limits"] = _build_hang_limits(ch, data, "", HangLimits(), top["timeouts"].response_header)
     start_port = ch.integer(data.get("startPort"), "startPort", 5800, minimum=1, maximum=65535)
     global_macros = _macro_defs(ch, data.get("macros"), "macros")
 
@@ -1252,6 +1314,7 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         store_max_rows=ch.integer(store.get("maxRows"), "store.maxRows", 10000, minimum=1),
         notices=tuple(ch.notices),
         **head,
+        hang_limits=top["hang_limits"],
     )
 
 

@@ -7,8 +7,8 @@ What swapproxy measures: Prometheus metrics, the recent token metrics, and the e
 instances, and two tests, never share counts). It learns of
 
 * model state changes, load durations and failed loads from each `Upstream`'s ``state_observers``
-  (following reloads through `Supervisor.each_upstream`), and of swaps from the supervisor's
-  ``swap_observers``;
+  (following reloads through `Supervisor.each_upstream`), models found unhealthy from its
+  ``hang_observers``, and of swaps from the supervisor's ``swap_observers``;
 * model requests from a `RequestMeter` that the model routes attach to each request (`track`):
   the relay hands it every byte it copies (`RequestMeter.relayed`), which stamps the time to first
   byte and feeds a `UsageScanner`; when the response ends, the status, duration and token counts
@@ -240,6 +240,12 @@ class RequestMeter:
                 self.scanner = None
                 log.failure("scanning the answer of {model} for token counts", model=self.model)
 
+    def timed_out(self, kind: str) -> None:
+        """
+        swapproxy gave up on the model's answer (`swapproxy.stall.Stalled`'s ``kind``).
+        """
+        self._metrics._labelled(self._metrics.timeouts, self.model, self.route, kind).inc()
+
     def _ended(self, result: object) -> None:
         status = CLIENT_CLOSED if isinstance(result, Failure) else str(self.request.code)
         try:
@@ -354,6 +360,15 @@ class Metrics:
             "swapproxy_model_load_failures", "Starts that failed (exit while loading, timeout, missing executable)",
             ["model"], registry=r,
         )
+        self.hangs = Counter(
+            "swapproxy_model_unhealthy", "Ready models found unhealthy and restarted, by cause: stream_idle (silent "
+            "for streamIdleTimeout) or health_check", ["model", "cause"], registry=r,
+        )
+        self.timeouts = Counter(
+            "swapproxy_upstream_timeouts", "Model responses swapproxy gave up on, by kind: stream_idle and "
+            "health_check (their model stopped answering), response_header (timeouts.responseHeader)",
+            ["model", "route", "kind"], registry=r,
+        )
         self.swaps = Counter(
             "swapproxy_model_swaps", "Models stopped to make room for another: model is the one that needed room, "
             "stopped the one that was stopped", ["model", "stopped"], registry=r,
@@ -413,6 +428,7 @@ class Metrics:
         # First in line: the change is reported before the supervisor acts on it (and, say,
         # grants a request that ends before the next observer would hear of the change).
         upstream.state_observers.insert(0, self._state_changed)
+        upstream.hang_observers.append(self._hung)
 
     def _state_changed(self, upstream: Any, old: State, new: State) -> None:
         model_id = upstream.model.id
@@ -421,6 +437,9 @@ class Metrics:
             self.load_duration.labels(model_id).observe(max(0.0, ready_at - upstream.started_at))
         if new is State.FAILED:
             self.load_failures.labels(model_id).inc()
+
+    def _hung(self, upstream: Any, cause: str, what: str) -> None:
+        self.hangs.labels(upstream.model.id, cause).inc()
 
     def _swapped(self, stopped: str, model_id: str) -> None:
         self.swaps.labels(model_id, stopped).inc()

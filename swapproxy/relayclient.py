@@ -95,6 +95,13 @@ class _BodyTransport:
     def __init__(self, connection: RelayConnection) -> None:
         self._connection = connection
 
+    @property
+    def paused(self) -> bool:
+        """
+        Whether the body's reading is paused (the client is slower than the model).
+        """
+        return self._connection._paused
+
     def pauseProducing(self) -> None:
         self._connection.pause()
 

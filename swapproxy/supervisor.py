@@ -354,7 +354,7 @@ class Supervisor(Service):
                     self._after_io(self._pump)
                     continue
                 for other in conflicts:
-                    if other not in busy and other.state is not State.STOPPING:
+                    if other not in busy and not other.stopping:
                         self.log.info(
                             "stopping model {other} to make room for {model}", other=other.model.id, model=model_id
                         )
@@ -610,7 +610,7 @@ class Supervisor(Service):
         return ReloadResult(tuple(added), tuple(changed), removed, tuple(updated), tuple(unchanged))
 
     def _stop_retiree(self, upstream: Upstream) -> None:
-        if upstream.running and upstream.state is not State.STOPPING:
+        if upstream.running and not upstream.stopping:
             self.log.info("stopping the replaced process of model {model}", model=upstream.model.id)
         upstream.stop()
 

@@ -7,6 +7,12 @@ every process the model started), polls its ``checkEndpoint`` until it answers 2
 with ``cmdStop`` or SIGTERM to the whole process group, then SIGKILL after a grace period.
 Requests that arrive while it starts share the same start; each waiter holds its own Deferred, so
 one waiter that gives up never cancels the start for the others.
+
+A ready model that stops answering is *unhealthy*: its requests in flight go silent
+(`swapproxy.stall`), or its health check, repeated every ``healthCheckInterval`` while it is
+ready, fails `HEALTH_CHECK_FAILURES` times in a row. Its requests in flight are then failed, and
+it is stopped like any other (SIGTERM, SIGKILL after ``unloadTimeout``: a frozen process dies only
+to SIGKILL); requests that wait for it start it again.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ from typing import Any
 
 import psutil
 from treq.client import HTTPClient
+from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated, TimeoutError
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -45,6 +52,7 @@ from zope.interface import implementer
 from swapproxy.config import ModelConfig, start_ceiling
 from swapproxy.logs import proxy_logger, upstream_logger
 from swapproxy.relayclient import RelayPool
+from swapproxy.stall import Stalled, StallWatch
 
 #: First delay between health probes, and the most it backs off to.
 FIRST_PROBE_DELAY = 0.02
@@ -61,6 +69,12 @@ OUTPUT_PROBE_BURST = 4
 OUTPUT_PROBE_WINDOW = 0.1
 #: How many of the child's last output lines a start error quotes.
 ERROR_TAIL_LINES = 5
+#: While a model is ready: how many health checks in a row must fail for it to be unhealthy,
+#: the most a check may take, and how soon a failed check is repeated. A frozen model is found
+#: within about healthCheckInterval + 3 x 5 s + 2 x 1 s.
+HEALTH_CHECK_FAILURES = 3
+READY_CHECK_TIMEOUT = 5.0
+READY_CHECK_RETRY = 1.0
 
 _SESSION_SHIM = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
 
@@ -102,6 +116,8 @@ class State(enum.Enum):
     READY = "ready"
     STOPPING = "stopping"
     FAILED = "failed"
+    #: It stopped answering while ready, and is being stopped.
+    UNHEALTHY = "unhealthy"
 
 
 class StartError(Exception):
@@ -397,6 +413,20 @@ class Upstream:
         self.health_status = ""
         self.last_error: StartError | None = None
         self._health_probe = health_probe or (lambda upstream: Deferred.fromCoroutine(upstream._http_probe()))
+        #: Why the model was found unhealthy, while it is.
+        self.unhealthy_reason: str | None = None
+        #: Called with ``(upstream, cause, what happened)`` when the model is found unhealthy;
+        #: ``cause`` is ``stream_idle`` or ``health_check``.
+        self.hang_observers: list[Callable[[Upstream, str, str], None]] = []
+        self._failed_checks = 0
+        #: The requests in flight on this model, watched for silence.
+        self.exchanges = StallWatch(
+            model.id,
+            reactor,
+            lambda: self.model.hang_limits.stream_idle_timeout,
+            self._cpu_seconds,
+            lambda what: self.mark_unhealthy(what, "stream_idle"),
+        )
 
     @property
     def base_url(self) -> str:
@@ -442,7 +472,7 @@ class Upstream:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._stop_waiters.append(waiter)
-        if self.state is State.STOPPING:
+        if self.stopping:
             return waiter
         if self.state is State.STARTING:
             self._fail_start_waiters(StartError(self.model.id, "unloaded while starting"))
@@ -467,13 +497,64 @@ class Upstream:
         self._health_check_ceiling = start_ceiling(health_check_timeout, health_check_ceiling)
         if self._timeout_call is not None:
             self._arm_start_deadline()
+        self._schedule_check(model.hang_limits.health_check_interval)
 
     @property
     def running(self) -> bool:
         """
         Whether a child process exists (starting, ready or stopping).
         """
-        return self.state in (State.STARTING, State.READY, State.STOPPING)
+        return self.state in (State.STARTING, State.READY, State.STOPPING, State.UNHEALTHY)
+
+    @property
+    def stopping(self) -> bool:
+        """
+        Whether its process is being stopped (``stopping``, or ``unhealthy``).
+        """
+        return self.state in (State.STOPPING, State.UNHEALTHY)
+
+    def mark_unhealthy(self, what: str, cause: str) -> None:
+        """
+        The ready model stopped answering: fail its requests in flight and stop it (SIGTERM, then
+        SIGKILL after ``unloadTimeout``). Requests that wait for it start it again. Does nothing
+        unless the model is ready.
+
+        :param what: what happened, for the log and the failed requests.
+        :param cause: ``stream_idle`` or ``health_check``.
+        """
+        if self.state is not State.READY:
+            return
+        in_flight = len(self.exchanges.exchanges)
+        self.unhealthy_reason = what
+        self.log.warn(
+            "model {model} stopped responding: {what}; failing its {count} request(s) in flight and stopping "
+            "it (SIGTERM, then SIGKILL after {grace:g}s); the requests that wait for it will start it again",
+            model=self.model.id,
+            what=what,
+            count=in_flight,
+            grace=self.model.unload_timeout,
+        )
+        # The state first: the supervisor must grant no request to it from now on.
+        self._terminate(self.model.unload_timeout, State.UNHEALTHY)
+        self.exchanges.fail_all(Stalled(f"model {self.model.id!r} stopped responding: {what}", cause))
+        for observer in list(self.hang_observers):
+            observer(self, cause, what)
+
+    def _cpu_seconds(self) -> float | None:
+        """
+        The CPU time the model's process and its descendants have used, if it can be read.
+        """
+        if self.pid is None:
+            return None
+        try:
+            process = psutil.Process(self.pid)
+            total = 0.0
+            for each in [process, *process.children(recursive=True)]:
+                times = each.cpu_times()
+                total += times.user + times.system
+            return total
+        except psutil.Error:
+            return None
 
     # -- start --------------------------------------------------------------------------------
 
@@ -508,6 +589,7 @@ class Upstream:
         launcher = self._launcher(executable)
         self._generation += 1
         self.last_error = None
+        self.unhealthy_reason = None
         self.recent_lines.clear()
         self.health_status = ""
         self.output_bytes = 0
@@ -586,7 +668,7 @@ class Upstream:
 
     def _probe_done(self, result: int | Failure, generation: int, request: Deferred[int]) -> None:
         if request is not self._probe_request:
-            return  # abandoned by _cancel_start_timers
+            return  # abandoned by _cancel_timers
         self._probe_request = None
         if generation != self._generation or self.state is not State.STARTING:
             return
@@ -611,7 +693,7 @@ class Upstream:
             self._hasten_probe()
 
     def _became_ready(self) -> None:
-        self._cancel_start_timers()
+        self._cancel_timers()
         self.ready_at = self._reactor.seconds()
         assert self.started_at is not None
         self.log.info(
@@ -621,9 +703,57 @@ class Upstream:
             seconds=self.ready_at - self.started_at,
         )
         self._set_state(State.READY)
+        self._failed_checks = 0
+        self._schedule_check(self.model.hang_limits.health_check_interval)
         waiters, self._start_waiters = self._start_waiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+    # -- health while ready -------------------------------------------------------------------
+
+    def _schedule_check(self, delay: float) -> None:
+        interval = self.model.hang_limits.health_check_interval
+        if interval <= 0 or self.model.check_endpoint is None or self.state is not State.READY:
+            return
+        if self._probe_call is None or not self._probe_call.active():
+            self._probe_call = self._reactor.callLater(min(delay, interval), self._check)
+
+    def _check(self) -> None:
+        """
+        One health check of the ready model; it may take `READY_CHECK_TIMEOUT` at most.
+        """
+        self._probe_call = None
+        if self.state is not State.READY or self._probe_request is not None:
+            return
+        timeout = min(READY_CHECK_TIMEOUT, self.model.hang_limits.health_check_interval)
+        request = self._probe_request = self._health_probe(self)
+        request.addTimeout(timeout, self._reactor)
+        request.addBoth(self._checked, self._generation, request, timeout)
+
+    def _checked(self, result: int | Failure, generation: int, request: Deferred[int], timeout: float) -> None:
+        if request is not self._probe_request:
+            return  # abandoned by _cancel_timers
+        self._probe_request = None
+        if generation != self._generation or self.state is not State.READY:
+            return
+        if result == 200:
+            self._failed_checks = 0
+            self._schedule_check(self.model.hang_limits.health_check_interval)
+            return
+        self._failed_checks += 1
+        if self._failed_checks < HEALTH_CHECK_FAILURES:
+            self._schedule_check(READY_CHECK_RETRY)
+            return
+        if isinstance(result, Failure):
+            timed_out = result.check(TimeoutError, defer.TimeoutError)
+            answer = f"no answer within {timeout:g}s" if timed_out else result.getErrorMessage()
+        else:
+            answer = f"HTTP {result}"
+        self.mark_unhealthy(
+            f"its health check ({self.model.check_endpoint}) failed {self._failed_checks} times in a row "
+            f"(last: {answer})",
+            "health_check",
+        )
 
     def _start_deadlines(self) -> tuple[float, float]:
         """
@@ -677,7 +807,7 @@ class Upstream:
         for waiter in waiters:
             waiter.errback(error)
 
-    def _cancel_start_timers(self) -> None:
+    def _cancel_timers(self) -> None:
         for call in (self._probe_call, self._timeout_call):
             if call is not None and call.active():
                 call.cancel()
@@ -720,9 +850,9 @@ class Upstream:
 
     # -- stop ---------------------------------------------------------------------------------
 
-    def _terminate(self, grace: float) -> None:
-        self._cancel_start_timers()
-        self._set_state(State.STOPPING)
+    def _terminate(self, grace: float, state: State = State.STOPPING) -> None:
+        self._cancel_timers()
+        self._set_state(state)
         pid = self.pid
         if pid is None or self._process is None:
             return
@@ -744,6 +874,9 @@ class Upstream:
                         argv,
                         env=env,
                     )
+                    if state is State.UNHEALTHY:
+                        # A cmdStop that talks to the hung server may hang with it.
+                        self._arm_kill(grace)
                     return
                 except OSError as e:
                     self.log.warn("cmdStop of {model} could not run: {error}", model=self.model.id, error=e)
@@ -797,7 +930,7 @@ class Upstream:
         self._process = None
         self.pid = None
         self.command = None
-        self._cancel_start_timers()
+        self._cancel_timers()
         if self._kill_call is not None and self._kill_call.active():
             self._kill_call.cancel()
         self._kill_call = None
@@ -810,6 +943,7 @@ class Upstream:
             self._reap_leftovers(pid)
             for process_observer in list(self.process_observers):
                 process_observer(self, pid, False)
+        self.exchanges.stop()
         if self._pool is not None:
             self._pool.closeCachedConnections()
         self._pool = None

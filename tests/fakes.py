@@ -268,10 +268,16 @@ class FakeUpstream:
         self._events = events
         self._start_waiters: list[Deferred[None]] = []
         self._stop_waiters: list[Deferred[None]] = []
+        self.unhealthy_reason: str | None = None
+        self.hang_observers: list[Callable[[Any, str, str], None]] = []
 
     @property
     def running(self) -> bool:
-        return self.state in (State.STARTING, State.READY, State.STOPPING)
+        return self.state in (State.STARTING, State.READY, State.STOPPING, State.UNHEALTHY)
+
+    @property
+    def stopping(self) -> bool:
+        return self.state in (State.STOPPING, State.UNHEALTHY)
 
     def start(self) -> Deferred[None]:
         if self.state is State.READY:
@@ -287,7 +293,7 @@ class FakeUpstream:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._stop_waiters.append(waiter)
-        if self.state is State.STOPPING:
+        if self.stopping:
             return waiter
         self.stop_graces.append(self.model.unload_timeout if grace is None else grace)
         self._events.append(("stop", self.model.id))
@@ -312,6 +318,19 @@ class FakeUpstream:
         waiters, self._start_waiters = self._start_waiters, []
         for waiter in waiters:
             waiter.callback(None)
+
+    def hang(self, what: str = "its health check failed") -> None:
+        """
+        The ready model is found unhealthy, as `Upstream.mark_unhealthy` finds it: it is being
+        stopped (the test says when it has `exited`).
+        """
+        assert self.state is State.READY, f"{self.model.id} is {self.state.value}, not ready"
+        self.unhealthy_reason = what
+        self.stop_graces.append(self.model.unload_timeout)
+        self._events.append(("unhealthy", self.model.id))
+        self._set_state(State.UNHEALTHY)
+        for observer in list(self.hang_observers):
+            observer(self, "health_check", what)
 
     def fail_start(self, reason: str = "process exited with exit code 1 while starting") -> StartError:
         assert self.state is State.STARTING, f"{self.model.id} is {self.state.value}, not starting"

@@ -18,6 +18,7 @@ from swapproxy.config import (
     Config,
     ConfigError,
     CorsConfig,
+    HangLimits,
     load_config,
     parse_config,
     split_command,
@@ -769,6 +770,83 @@ class CompatibilityKeyTests(ErrorAssertions):
         self.assertIn("cors.origins", parse(self.MODELS + "cors: {origins: ['*']}\n").warnings[0])
 
 
+class HangLimitsTests(ErrorAssertions):
+    """
+    ``streamIdleTimeout``, ``timeouts.responseHeader`` and ``healthCheckInterval``: global
+    defaults, per-model overrides, 0 for off.
+    """
+
+    def test_defaults(self) -> None:
+        config = parse("""
+            models:
+              m:
+                cmd: server --port ${PORT}
+        """)
+        limits = HangLimits(stream_idle_timeout=600, response_header_timeout=0, health_check_interval=10)
+        self.assertEqual((config.hang_limits, config.models["m"].hang_limits), (limits, limits))
+
+    def test_global_and_per_model(self) -> None:
+        """
+        A model's own keys win over the global ones, key by key; 0 turns a limit off for it.
+        """
+        config = parse("""
+            streamIdleTimeout: 120
+            healthCheckInterval: 30
+            timeouts:
+              responseHeader: 60
+            models:
+              plain:
+                cmd: server --port ${PORT}
+              own:
+                cmd: server --port ${PORT}
+                streamIdleTimeout: 0
+                timeouts:
+                  responseHeader: 2.5
+        """)
+        self.assertEqual(config.models["plain"].hang_limits, HangLimits(120, 60, 30))
+        self.assertEqual(config.models["own"].hang_limits, HangLimits(0, 2.5, 30))
+        self.assertEqual(config.warnings, ())
+
+    def test_llama_swap_timeouts_all_parsed(self) -> None:
+        """
+        A model's ``timeouts`` take every key llama-swap has, with no warning; the global
+        ``timeouts`` are the defaults of each model's.
+        """
+        config = parse("""
+            timeouts:
+              connect: 5
+            models:
+              m:
+                cmd: server --port ${PORT}
+                timeouts:
+                  keepalive: 20
+                  responseHeader: 60
+        """)
+        model = config.models["m"]
+        self.assertEqual(model.hang_limits.response_header_timeout, 60)
+        self.assertEqual((model.timeouts.connect, model.timeouts.keepalive, model.timeouts.response_header),
+                         (5, 20, 60))
+        self.assertEqual(config.warnings, ())
+
+    def test_errors(self) -> None:
+        self.assertConfigError("""
+            streamIdleTimeout: -1
+        """, "config.yaml: streamIdleTimeout: must be a number of seconds >= 0, got -1")
+        self.assertConfigError("""
+            models:
+              m:
+                cmd: server --port ${PORT}
+                timeouts:
+                  responseHeader: soon
+        """, 'config.yaml: models.m.timeouts.responseHeader: must be a number of seconds >= 0, got "soon"')
+        self.assertConfigError("""
+            models:
+              m:
+                cmd: server --port ${PORT}
+                timeouts: 5
+        """, "config.yaml: models.m.timeouts: must be a mapping, got 5")
+
+
 class ExampleTests(SynchronousTestCase):
     def test_example_loads(self) -> None:
         """
@@ -797,7 +875,7 @@ model_documents = st.dictionaries(
     st.sampled_from(["cmd", "cmdStop", "proxy", "checkEndpoint", "ttl", "aliases", "useModelName",
                      "env", "unlisted", "name", "description", "metadata", "concurrencyLimit",
                      "sendLoadingState", "loadingStateField", "macros", "filters", "unloadTimeout",
-                     "capabilities"]),
+                     "capabilities", "streamIdleTimeout", "healthCheckInterval", "timeouts"]),
     yaml_documents | st.lists(yaml_scalars, max_size=3), max_size=8)
 config_documents = st.fixed_dictionaries({}, optional={
     "models": st.dictionaries(model_ids, model_documents, max_size=4),

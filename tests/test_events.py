@@ -15,7 +15,7 @@ from swapproxy.web.monitor import HEARTBEAT
 from tests.test_logbuffer import StreamClient, routed
 from tests.test_loading import parse_events
 from tests.test_metrics import CHAT_ANSWER, answer_with
-from tests.test_web import Harness
+from tests.test_web import Harness, answer_later
 
 CONFIG = """
     models:
@@ -212,3 +212,22 @@ class EventStreamTests(SynchronousTestCase):
         self.assertTrue(any("bytes of events dropped" in c for e in events for c in e.comments))
         self.assertLess(len(client.body()), 100_000)
         self.messages(client)  # every message still parses
+
+    def test_hung_model(self) -> None:
+        """
+        A model found hung shows ``unhealthy`` until its process has gone, and its failed request
+        ends with a 504.
+        """
+        client = self.connect()
+        self.h.server.respond = answer_later
+        pending = self.h.request("POST", "/v1/chat/completions", b'{"model": "llama"}')
+        llama = self.h.upstreams["llama"]
+        llama.mark_unhealthy("its health check (/health) failed 3 times in a row", "health_check")
+        self.h.flush()
+        self.assertEqual(self.successResultOf(pending).code, 504)
+        llama.exited()
+        self.assertEqual(
+            [states["llama"] for states in self.states(client)], ["stopped", "starting", "ready", "unhealthy", "stopped"]
+        )
+        [request] = [data for kind, data in self.messages(client) if kind == "request"]
+        self.assertEqual((request["model"], request["status"]), ("llama", 504))

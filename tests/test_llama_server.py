@@ -237,6 +237,64 @@ class LlamaServerTests(TestCase):
         self.assertTrue(1 <= len(tokens) <= 3, tokens)
         self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "length")
 
+    async def prefill(self, url: str, model_id: str, words: int, seed: int) -> tuple[float, bytes]:
+        """
+        A streaming request with a prompt of about ``2 * words`` tokens to a model that is
+        loaded; how long the client waited for the first byte, and the whole body.
+        """
+        client, _ = make_client(self)
+        status, _ = await post_chat(client, url, model_id, max_tokens=1)
+        self.assertEqual(status, 200)
+        prompt = " ".join(f"w{(i * 7 + seed) % 89}" for i in range(words))
+        body = {"model": model_id, "stream": True, "max_tokens": 3, "temperature": 0, "cache_prompt": False,
+                "messages": [{"role": "user", "content": prompt}]}
+        sent_at = reactor.seconds()
+        response = await client.post(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                      headers={b"content-type": [b"application/json"]}, unbuffered=True)
+        silence = reactor.seconds() - sent_at  # twisted.web sends the head with the first byte
+        body_bytes = await response.content()
+        self.assertEqual(response.code, 200)
+        return silence, body_bytes
+
+    def assertAnswered(self, body: bytes) -> None:
+        events = sse_data(body)
+        self.assertEqual(events[-1], "[DONE]")
+        self.assertNotIn('"error"', body.decode("utf-8"))
+        chunks = [json.loads(e) for e in events[:-1]]
+        self.assertEqual([c["choices"][0]["finish_reason"] for c in chunks if c.get("choices")][-1], "length")
+
+    async def test_long_prefill_is_not_cut(self) -> None:
+        """
+        llama-server sends the head of a streaming answer at once and then nothing, not even a
+        log line, until it has processed the whole prompt (``python -m bench.prefill``). At the
+        default settings, and even with ``streamIdleTimeout`` below the silence and a
+        health check every half second, a prefill that sends nothing for seconds is answered in
+        full, and the model is never taken for hung: its process burns CPU and its health check
+        answers while it prefills.
+        """
+        assert LLAMA_SERVER is not None
+        slow = model_file("slow")
+        stall = 0.5
+        logs = capture_logs(self)
+        url, supervisor = self.serve({
+            "default": {"cmd": llama_command(LLAMA_SERVER, slow)},
+            "strict": {"cmd": llama_command(LLAMA_SERVER, slow), "streamIdleTimeout": stall,
+                       "healthCheckInterval": 0.5},
+        })
+
+        # About 480 prompt tokens, near the model's 512: 2.8 to 5.6 s of prefill on an idle
+        # 2-core machine (python -m bench.prefill --tokens 460 --ctx 512).
+        _, body = await self.prefill(url, "default", 230, seed=0)
+        self.assertAnswered(body)
+        silence, body = await self.prefill(url, "strict", 230, seed=1)
+        self.assertAnswered(body)
+
+        self.assertGreater(silence, stall * 1.25, "the prefill was too quick to test anything")
+        self.assertEqual(logs.messages("stopped responding"), [])
+        self.assertEqual(supervisor.upstreams["strict"].state.value, "ready")
+
+    test_long_prefill_is_not_cut.timeout = 180  # type: ignore[attr-defined]
+
     async def test_bad_model_path_is_502_naming_exit_code_and_error_line(self) -> None:
         """
         A llama-server that cannot open its model: the client gets a 502 JSON error with the exit

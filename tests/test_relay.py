@@ -27,11 +27,13 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from swapproxy.web import forward
 from swapproxy.web.root import build_site
+from swapproxy.upstream import State
 from tests.test_web import (
     ErrorAssertions,
     Harness,
     Received,
     answer_event_stream,
+    answer_json,
     answer_later,
     header,
 )
@@ -543,3 +545,241 @@ class FlowControlTests(SynchronousTestCase):
         self.upstream.request.write(b'data: {"n": 1}\n\n')
         self.h.flush()
         self.assertEqual(self.client.transport.value(), written)
+
+
+HANG_CONFIG = """
+    healthCheckTimeout: 15
+    streamIdleTimeout: 60
+    groups:
+      all:
+        swap: false
+        members: [llama, qwen, loader]
+    models:
+      loader:
+        cmd: llama-server --port ${PORT}
+        sendLoadingState: true
+      llama:
+        cmd: llama-server --port ${PORT}
+      qwen:
+        cmd: llama-server --port ${PORT}
+        timeouts:
+          responseHeader: 5
+"""
+
+
+def scraped(body: bytes, name: str, **labels: str) -> float | None:
+    """
+    The value of the Prometheus sample ``name`` with these labels in ``body`` (None if absent).
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(body.decode("utf-8")):
+        for found in family.samples:
+            if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
+                return float(found.value)
+    return None
+
+
+def error_events(chunks: list[bytes]) -> list[dict[str, Any]]:
+    """
+    The error objects of the ``data:`` events in a stream, which must end with ``[DONE]``.
+    """
+    events = b"".join(chunks).split(b"\n\n")
+    assert events[-2:] == [b"data: [DONE]", b""], events[-3:]
+    return [json.loads(e[len(b"data: "):])["error"] for e in events if b'"error"' in e]
+
+
+class HungModelTests(ErrorAssertions, SynchronousTestCase):
+    """
+    A model that stops answering: its requests end properly, the model is marked unhealthy and
+    restarted for the requests that wait for it, and other models carry on.
+    """
+
+    def setUp(self) -> None:
+        self.h = Harness(self, HANG_CONFIG)
+        self.h.server.respond = answer_event_stream
+
+    def wait(self, seconds: float) -> None:
+        """
+        Let ``seconds`` pass on swapproxy's clock, a second at a time.
+        """
+        for _ in range(int(seconds)):
+            self.h.clock.advance(1)
+            self.h.flush()
+
+    def stream(self, model: str = "llama") -> tuple[Received, BodyReader]:
+        body = json.dumps({"model": model, "stream": True, "messages": []}).encode()
+        pending = self.h.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        upstream = self.h.received[-1]
+        upstream.request.write(b'data: {"n": 0}\n\n')
+        self.h.flush()
+        reader = BodyReader()
+        self.successResultOf(pending).deliverBody(reader)
+        self.h.flush()
+        return upstream, reader
+
+    def test_stalled_stream_ends_with_an_error_event(self) -> None:
+        """
+        A stream whose model sends nothing for ``streamIdleTimeout`` gets an error event and
+        ``[DONE]``, and ends cleanly; the model is marked unhealthy and stopped, and both show
+        in ``/running``, ``/v1/models`` and ``/metrics``.
+        """
+        upstream, reader = self.stream()
+        self.wait(59)
+        self.assertIsNone(reader.reason)
+        self.wait(16)
+        self.assertTrue(reader.reason.check(ResponseDone), reader.reason)
+        self.assertEqual(reader.chunks[0], b'data: {"n": 0}\n\n')
+        [error] = error_events(reader.chunks[1:])
+        self.assertEqual(error["code"], "gateway_timeout")
+        self.assertIn("model 'llama' stopped responding: it sent nothing for 60s", error["message"])
+        self.assertEqual(len(upstream.finished), 1)  # the model's connection was closed
+        self.assertEqual(self.h.supervisor.in_flight["llama"], 0)
+        llama = self.h.upstreams["llama"]
+        self.assertEqual((llama.state, llama.stops), (State.UNHEALTHY, 1))
+
+        running = json.loads(self.h.call("GET", "/running")[1])["running"]
+        [entry] = [r for r in running if r["model"] == "llama"]
+        self.assertEqual(entry["state"], "unhealthy")
+        self.assertIn("sent nothing for 60s", entry["unhealthy"])
+        models = json.loads(self.h.call("GET", "/v1/models")[1])["data"]
+        self.assertEqual([m["state"] for m in models if m["id"] == "llama"], ["unhealthy"])
+        metrics = self.h.call("GET", "/metrics")[1]
+        self.assertEqual(scraped(metrics, "swapproxy_upstream_timeouts_total", model="llama", kind="stream_idle"), 1)
+        self.assertEqual(scraped(metrics, "swapproxy_model_unhealthy_total", model="llama", cause="stream_idle"), 1)
+        self.assertEqual(scraped(metrics, "swapproxy_model_state", model="llama", state="unhealthy"), 1)
+
+    def test_stream_that_never_gets_its_head(self) -> None:
+        """
+        A streaming request whose model never sends a response head gets a 504 JSON error.
+        """
+        self.h.server.respond = answer_later
+        pending = self.h.request("POST", "/v1/completions", b'{"model": "llama", "stream": true}')
+        self.wait(59)
+        self.assertNoResult(pending)
+        self.wait(16)
+        response = self.successResultOf(pending)
+        self.assertJSONError(response, self.h.read(response), 504, "'llama' stopped responding")
+        self.assertEqual(self.h.upstreams["llama"].state, State.UNHEALTHY)
+
+    def test_long_silence_while_the_process_works(self) -> None:
+        """
+        A model that sends nothing for many timeouts but burns CPU (a long prompt being
+        processed) is not cut, and its answer arrives when it comes.
+        """
+        upstream, reader = self.stream()
+        llama = self.h.upstreams["llama"]
+        for _ in range(10):
+            llama.cpu_seconds += 60
+            self.wait(60)
+        upstream.request.write(b'data: {"n": 1}\n\n')
+        upstream.request.finish()
+        self.h.flush()
+        self.assertEqual(reader.chunks, [b'data: {"n": 0}\n\n', b'data: {"n": 1}\n\n'])
+        self.assertTrue(reader.reason.check(ResponseDone), reader.reason)
+        self.assertEqual(llama.state, State.READY)
+
+    def test_non_streaming_answer_may_take_long(self) -> None:
+        """
+        A non-streaming request is not cut while its model thinks, however long (without
+        ``timeouts.responseHeader``).
+        """
+        self.h.server.respond = answer_later
+        pending = self.h.request("POST", "/v1/completions", b'{"model": "llama"}')
+        self.wait(600)
+        self.assertNoResult(pending)
+        upstream = self.h.received[0]
+        upstream.request.write(b'{"done": true}')
+        upstream.request.finish()
+        self.h.flush()
+        response = self.successResultOf(pending)
+        self.assertEqual((response.code, self.h.read(response)), (200, b'{"done": true}'))
+
+    def test_response_header_timeout(self) -> None:
+        """
+        ``timeouts.responseHeader``: no head in time is a 504 for that request, counted; the
+        model stays ready.
+        """
+        self.h.server.respond = answer_later
+        pending = self.h.request("POST", "/v1/completions", b'{"model": "qwen"}')
+        self.wait(4)
+        self.assertNoResult(pending)
+        self.wait(1)
+        response = self.successResultOf(pending)
+        self.assertJSONError(response, self.h.read(response), 504, "'qwen' sent no response head within 5s")
+        self.assertEqual(self.h.upstreams["qwen"].state, State.READY)
+        metrics = self.h.call("GET", "/metrics")[1]
+        self.assertEqual(scraped(metrics, "swapproxy_upstream_timeouts_total", model="qwen", kind="response_header"), 1)
+
+    def test_other_models_keep_streaming(self) -> None:
+        """
+        While one model hangs and is failed, another model's stream flows on undisturbed.
+        """
+        _, hung = self.stream("llama")
+        qwen, flowing = self.stream("qwen")
+        for n in range(1, 81):
+            qwen.request.write(b'data: {"n": %d}\n\n' % n)
+            self.wait(1)
+        self.assertIsNotNone(hung.reason)
+        self.assertEqual(self.h.upstreams["llama"].state, State.UNHEALTHY)
+        self.assertEqual(self.h.upstreams["qwen"].state, State.READY)
+        qwen.request.finish()
+        self.h.flush()
+        self.assertEqual(flowing.chunks, [b'data: {"n": %d}\n\n' % n for n in range(81)])
+        self.assertTrue(flowing.reason.check(ResponseDone), flowing.reason)
+
+    def test_requests_that_wait_start_it_again(self) -> None:
+        """
+        A request that arrives while the hung model is being stopped waits, and is served by
+        the model started anew once the old process has gone.
+        """
+        self.stream()
+        self.wait(75)
+        llama = self.h.upstreams["llama"]
+        self.assertEqual(llama.state, State.UNHEALTHY)
+        self.h.server.respond = answer_json
+        pending = self.h.request("POST", "/v1/completions", b'{"model": "llama"}')
+        self.assertNoResult(pending)
+        llama.exited()
+        self.h.flush()
+        response = self.successResultOf(pending)
+        self.assertEqual(response.code, 200)
+        self.assertEqual((llama.starts, llama.state), (2, State.READY))
+
+    def test_health_check_fails_every_request_in_flight(self) -> None:
+        """
+        A model found unhealthy by its health check fails its requests in flight as a stall
+        does: a 504 for one still waiting for its head, an error event for a stream.
+        """
+        _, reader = self.stream()
+        self.h.server.respond = answer_later
+        pending = self.h.request("POST", "/v1/completions", b'{"model": "llama"}')
+        self.h.upstreams["llama"].mark_unhealthy("its health check (/health) failed 3 times in a row", "health_check")
+        self.h.flush()
+        response = self.successResultOf(pending)
+        self.assertJSONError(response, self.h.read(response), 504, "its health check (/health) failed")
+        [error] = error_events(reader.chunks[1:])
+        self.assertIn("its health check (/health) failed", error["message"])
+        self.assertEqual(self.h.supervisor.in_flight["llama"], 0)
+
+    def test_stall_after_the_loading_stream(self) -> None:
+        """
+        After a loading stream, a model that never answers ends the stream with an error event
+        of the route's dialect, not a JSON error.
+        """
+        self.h.server.respond = answer_later
+        loader = self.h.upstreams["loader"]
+        loader.auto_ready = False
+        body = b'{"model": "loader", "stream": true, "messages": []}'
+        pending = self.h.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        self.wait(1)
+        response = self.successResultOf(pending)
+        reader = BodyReader()
+        response.deliverBody(reader)
+        loader.become_ready()
+        self.wait(80)
+        self.assertEqual(response.code, 200)
+        self.assertIn(b"reasoning_content", reader.chunks[0])
+        [error] = error_events(reader.chunks)
+        self.assertIn("'loader' stopped responding", error["message"])
+        self.assertTrue(reader.reason.check(ResponseDone), reader.reason)

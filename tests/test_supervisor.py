@@ -253,6 +253,45 @@ class SwapTests(SupervisorTestCase):
         self.successResultOf(d)
         self.assert_never_ran_together("a", "b")
 
+    def test_swap_behind_a_hung_model(self) -> None:
+        """
+        A swap waits for a hung model only until it is found unhealthy and its requests in
+        flight fail (the forward pipeline releases them); then it waits for its exit alone,
+        without stopping it a second time (nor counting a swap: it was stopped because it hung).
+        """
+        supervisor = self.make(["a", "b"])
+        swaps: list[tuple[str, str]] = []
+        supervisor.swap_observers.append(lambda stopped, model_id: swaps.append((stopped, model_id)))
+        in_flight = self.lease(supervisor, "a")
+        for_b = supervisor.request("b").wait()
+        self.ups["a"].hang()
+        self.assertNoResult(for_b)
+        in_flight.release()  # failed by the pipeline
+        self.assertEqual(self.ups["a"].stop_graces, [10.0])
+        self.assertEqual(self.ups.events[-1], ("unhealthy", "a"))
+        self.assertEqual(swaps, [])
+        self.assertEqual(self.ups["b"].start_count, 0)
+        self.ups["a"].exited()
+        self.ups["b"].become_ready()
+        self.assertIs(self.successResultOf(for_b).upstream, self.ups["b"])
+        self.assert_never_ran_together("a", "b")
+
+    def test_request_for_a_hung_model_starts_it_again(self) -> None:
+        """
+        A request for a model that is being stopped because it hung waits for the exit, then
+        starts it anew.
+        """
+        supervisor = self.make(["a"])
+        in_flight = self.lease(supervisor, "a")
+        self.ups["a"].hang()
+        in_flight.release()
+        d = supervisor.request("a").wait()
+        self.assertNoResult(d)
+        self.ups["a"].exited()
+        self.assertEqual(self.ups["a"].start_count, 2)
+        self.ups["a"].become_ready()
+        self.assertIs(self.successResultOf(d).upstream, self.ups["a"])
+
     def test_arrival_order_and_no_starvation(self) -> None:
         """
         Requests that wait for a swap are served in the order they arrived, and new requests for

@@ -835,6 +835,138 @@ class StopTests(UpstreamTestMixin, SynchronousTestCase):
         self.assertEqual(child.signals, [signal.SIGTERM])
 
 
+class HealthWhileReadyTests(UpstreamTestMixin, SynchronousTestCase):
+    """
+    A ready model is health-checked every ``healthCheckInterval``; one that stops answering is
+    marked unhealthy, stopped (SIGKILL after ``unloadTimeout``) and started again for its waiters.
+    """
+
+    def test_checked_every_interval_while_ready(self) -> None:
+        """
+        One check per ``healthCheckInterval`` while the model is ready, none once it stops.
+        """
+        upstream = self.ready_upstream({"healthCheckInterval": 10})
+        before = len(self.probe.calls)
+        self.reactor.pump([1] * 60)
+        self.assertEqual(len(self.probe.calls) - before, 6)
+        self.assertEqual(upstream.state, State.READY)
+        upstream.stop()
+        self.reactor.spawned[0].exit(0)
+        self.reactor.pump([1] * 60)
+        self.assertEqual(len(self.probe.calls) - before, 6)
+
+    def test_off(self) -> None:
+        upstream = self.ready_upstream({"healthCheckInterval": 0})
+        before = len(self.probe.calls)
+        self.reactor.pump([1] * 100)
+        self.assertEqual(len(self.probe.calls), before)
+        self.assertEqual(upstream.state, State.READY)
+
+    def test_frozen_model_is_found_stopped_and_started_again(self) -> None:
+        """
+        A model whose health check stops answering is unhealthy after three checks in a row
+        time out; it gets SIGTERM, then SIGKILL after ``unloadTimeout`` (a frozen process
+        ignores SIGTERM), and the request that waits for it starts it again. The log says what
+        happened.
+        """
+        upstream = self.ready_upstream({"healthCheckInterval": 10, "unloadTimeout": 3})
+        process = self.reactor.spawned[0]
+        hangs: list[tuple[str, str]] = []
+        upstream.hang_observers.append(lambda up, cause, what: hangs.append((cause, what)))
+        self.probe.pending = True  # no answer from now on
+        with capturedLogs() as events:
+            frozen_at = self.reactor.seconds()
+            self.reactor.pump([0.5] * 60)
+        self.assertEqual(upstream.state, State.UNHEALTHY)
+        self.assertTrue(upstream.running)
+        # The checks at 10 s, then 1 s after each failure, each waiting its 5 s.
+        self.assertEqual(len(self.probe.pending_calls), 3)
+        [(cause, what)] = hangs
+        self.assertEqual(cause, "health_check")
+        self.assertEqual(what, "its health check (/health) failed 3 times in a row (last: no answer within 5s)")
+        self.assertEqual(upstream.unhealthy_reason, what)
+        self.assertEqual(process.signals[0], signal.SIGTERM)
+        self.assertAlmostEqual(process.signal_times[0] - frozen_at, 10 + 5 + 1 + 5 + 1 + 5)
+        self.assertEqual(process.signals[1], signal.SIGKILL)
+        self.assertAlmostEqual(process.signal_times[1] - process.signal_times[0], 3)
+        messages = [formatEvent(e) for e in events]
+        self.assertIn(
+            "model m stopped responding: " + what + "; failing its 0 request(s) in flight and stopping it "
+            "(SIGTERM, then SIGKILL after 3s); the requests that wait for it will start it again",
+            messages,
+        )
+        self.probe.pending = False
+        waiting = upstream.start()
+        self.assertNoResult(waiting)
+        process.exit(None, signal.SIGKILL)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        self.reactor.advance(PROBE_INTERVAL_BOUND)
+        self.successResultOf(waiting)
+        self.assertEqual(upstream.state, State.READY)
+        self.assertIsNone(upstream.unhealthy_reason)
+
+    def test_one_good_answer_resets_the_count(self) -> None:
+        """
+        Failed checks must be consecutive: a model that fails two checks now and then stays
+        ready.
+        """
+        upstream = self.ready_upstream({"healthCheckInterval": 10})
+        self.reactor.advance(upstream.ready_at + 9.75 - self.reactor.seconds())
+        for _ in range(5):
+            self.probe.status, self.probe.healthy_at = 503, None
+            self.reactor.pump([0.25] * 6)  # fails at 10 s, and at 11 s
+            self.probe.healthy_at = 0
+            self.reactor.pump([0.25] * 3)  # answers at 12 s
+            self.reactor.pump([0.25] * 39)  # the next check is due 10 s later
+        self.assertEqual(upstream.state, State.READY)
+        self.assertEqual(len(self.probe.calls), 1 + 5 * 3)
+
+    def test_refused_and_error_answers_count(self) -> None:
+        upstream = self.ready_upstream({"healthCheckInterval": 2})
+        self.probe.status, self.probe.healthy_at = "refused", None
+        self.reactor.pump([0.5] * 20)
+        self.assertEqual(upstream.state, State.UNHEALTHY)
+        self.assertIn("failed 3 times in a row (last: Connection was refused", upstream.unhealthy_reason)
+
+    def test_stall_of_its_requests(self) -> None:
+        """
+        A model whose requests in flight go silent (`swapproxy.stall`) is marked unhealthy and
+        stopped the same way, and its requests fail.
+        """
+        upstream = self.ready_upstream({"streamIdleTimeout": 20, "healthCheckInterval": 0})
+        exchange = upstream.exchanges.begin(stream=True)
+        sending: Deferred[object] = Deferred()
+        exchange.send(sending, 0)
+        self.reactor.pump([1] * 26)
+        self.assertEqual(upstream.state, State.UNHEALTHY)
+        self.assertIn("sent nothing for 20s", upstream.unhealthy_reason)
+        self.failureResultOf(sending, CancelledError)
+        self.assertEqual(exchange.failure.kind, "stream_idle")
+        self.assertEqual(self.reactor.spawned[0].signals, [signal.SIGTERM])
+
+    def test_sigkill_even_if_cmd_stop_hangs(self) -> None:
+        """
+        A hung model with ``cmdStop`` gets SIGKILL ``unloadTimeout`` after it was found, even if
+        the stop command (which may ask the hung server to stop) never ends.
+        """
+        upstream = self.ready_upstream({"cmdStop": f"{sys.executable} -c pass ${{PID}}", "unloadTimeout": 2})
+        child = self.reactor.spawned[0]
+        upstream.mark_unhealthy("its health check failed", "health_check")
+        self.assertEqual(len(self.reactor.spawned), 2)  # cmdStop runs, and hangs
+        self.reactor.advance(2)
+        self.assertEqual(child.signals, [signal.SIGKILL])
+
+    def test_only_a_ready_model(self) -> None:
+        """
+        A model that is being stopped anyway is not marked unhealthy.
+        """
+        upstream = self.ready_upstream()
+        upstream.stop()
+        upstream.mark_unhealthy("whatever", "health_check")
+        self.assertEqual(upstream.state, State.STOPPING)
+        self.assertIsNone(upstream.unhealthy_reason)
+
+
 class RealProcessTests(TestCase):
     """
     `Upstream` with the real reactor and ``tests/fake_upstream.py`` as the child.

@@ -27,6 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from swapproxy.config import ModelConfig, parse_config
+from swapproxy.stall import Stalled, StallWatch
 from swapproxy.supervisor import Supervisor
 from swapproxy.upstream import StartError, State, _body_producer
 from swapproxy.web.root import build_root
@@ -177,10 +178,54 @@ class FakeUpstream:
         self.starts = 0
         self.stops = 0
         self._waiters: list[Deferred[None]] = []
+        self.unhealthy_reason: str | None = None
+        self.hang_observers: list[Callable[[Any, str, str], None]] = []
+        #: The CPU seconds its "process" has used, as the stall watch reads them.
+        self.cpu_seconds: float | None = 0.0
+        self.exchanges = StallWatch(
+            model.id,
+            clock,
+            lambda: self.model.hang_limits.stream_idle_timeout,
+            lambda: self.cpu_seconds,
+            lambda what: self.mark_unhealthy(what, "stream_idle"),
+        )
 
     @property
     def running(self) -> bool:
-        return self.state in (State.STARTING, State.READY, State.STOPPING)
+        return self.state in (State.STARTING, State.READY, State.STOPPING, State.UNHEALTHY)
+
+    @property
+    def stopping(self) -> bool:
+        return self.state in (State.STOPPING, State.UNHEALTHY)
+
+    def mark_unhealthy(self, what: str, cause: str) -> None:
+        """
+        As `Upstream.mark_unhealthy`: fail the requests in flight, and stop; the "process" exits
+        when the test calls L{exited}.
+        """
+        if self.state is not State.READY:
+            return
+        self.unhealthy_reason = what
+        self.stops += 1
+        self._set_state(State.UNHEALTHY)
+        self.exchanges.fail_all(Stalled(f"model {self.model.id!r} stopped responding: {what}", cause))
+        for observer in list(self.hang_observers):
+            observer(self, cause, what)
+
+    def exited(self) -> None:
+        """
+        The unhealthy model's process has gone.
+        """
+        self.client = None
+        self.pid = None
+        self._set_state(State.STOPPED)
+        if self._waiters:
+            self.starts += 1
+            self.pid = 4000 + self.starts
+            self.started_at = self.clock.seconds()
+            self._set_state(State.STARTING)
+            if self.auto_ready:
+                self.become_ready()
 
     def url_for(self, path: str) -> str:
         return "http://upstream.test" + path
@@ -196,7 +241,7 @@ class FakeUpstream:
             return succeed(None)
         waiter: Deferred[None] = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
         self._waiters.append(waiter)
-        if self.state is not State.STARTING:
+        if self.state in (State.STOPPED, State.FAILED):
             self.starts += 1
             self.pid = 4000 + self.starts
             self.started_at = self.clock.seconds()

@@ -190,6 +190,8 @@ class Running(JSONResource):
             progress = self._board.progress(model.id)
             if progress is not None:
                 entry["progress"] = progress
+            if upstream.unhealthy_reason is not None:
+                entry["unhealthy"] = upstream.unhealthy_reason
             due = self._supervisor.unload_due(model.id)
             entry["ttl_remaining"] = None if due is None else round(max(0.0, due - now), 3)
             entry["idle"] = None if due is None else round(max(0.0, model.ttl - (due - now)), 3)

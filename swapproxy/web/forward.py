@@ -18,6 +18,11 @@ event stream has begun (the loading head, or the model's own event stream), the 
 error event ends it. A body that is not an event stream and breaks off is cut, so the client
 can tell it is incomplete.
 
+A model that stops answering does not hold a request for ever: each request in flight is an
+`swapproxy.stall.Exchange` of its upstream, failed with a 504 (or the error event) when the
+model goes silent (``streamIdleTimeout``), is found unhealthy, or sends no head within
+``timeouts.responseHeader``.
+
 A request that finds its model's process gone before the request could be sent (it crashed a
 moment ago and still looked ready) waits for the exit and goes round once more, which starts the
 model again: with a loading head, the loading stream resumes and says so.
@@ -35,8 +40,9 @@ from twisted.web.server import Request
 
 from swapproxy.config import ModelConfig
 from swapproxy.logs import proxy_logger
-from swapproxy.metrics import relay_tap
+from swapproxy.metrics import relay_tap, request_meter
 from swapproxy.progress import LoadTracker
+from swapproxy.stall import Exchange, Stalled
 from swapproxy.supervisor import Rejected, Supervisor, Ticket
 from swapproxy.upstream import StartError, Upstream
 from swapproxy.web.errors import write_error
@@ -121,7 +127,9 @@ class Forward:
                     head.finish_ready()
                 # After the loading head's first bytes: they need none of this.
                 headers = forward_headers(request)
-                await _exchange(lease.upstream, request, client, path, body, headers, dialect, head, attempt == 1)
+                await _exchange(
+                    lease.upstream, request, client, path, body, headers, dialect, head, attempt == 1, stream
+                )
                 return
             except UpstreamGone:
                 log.info("model {model} died before the request was sent; restarting it", model=model.id)
@@ -187,28 +195,38 @@ async def _exchange(
     dialect: PlainEvents,
     head: LoadingStream | None,
     retry_if_gone: bool,
+    stream: bool,
 ) -> None:
     """
-    Send the request to ``upstream`` and relay its answer.
+    Send the request to ``upstream`` and relay its answer, as one exchange of its stall watch.
 
     :param head: the loading stream, if it has begun the response: then only a 2xx event
         stream is relayed (through the dialect's splice); any other answer becomes one error
         event.
+    :param stream: whether the client asked for a stream (then the model's silence counts
+        from the moment the request is sent).
     :raises UpstreamGone: with ``retry_if_gone``, when the request could not be sent because the
         upstream's process has died; nothing was written.
     """
-    model_id = upstream.model.id
-    try:
-        response = await send_upstream(upstream, request, path, body, headers)
-    except CancelledError:
-        raise
-    except Exception as e:
-        if retry_if_gone and process_gone(upstream):
-            raise UpstreamGone(str(e)) from e
-        log.warn("model {model} did not answer: {error}", model=model_id, error=e)
-        _fail(request, head, dialect, 502, f"model {model_id!r} did not answer: {describe_error(e)}")
-        return
-    await relay_answer(request, client, response, f"model {model_id!r}", dialect, head)
+    with upstream.exchanges.begin(stream) as exchange:
+        model_id = upstream.model.id
+        try:
+            sending = send_upstream(upstream, request, path, body, headers)
+            response = await exchange.send(sending, upstream.model.hang_limits.response_header_timeout)
+        except Exception as e:
+            # Cancelled by the exchange (the model stopped answering), or by the client leaving.
+            if exchange.failure is not None:
+                _count_timeout(request, exchange.failure)
+                _fail(request, head, dialect, 504, str(exchange.failure))
+                return
+            if isinstance(e, CancelledError):
+                raise
+            if retry_if_gone and process_gone(upstream):
+                raise UpstreamGone(str(e)) from e
+            log.warn("model {model} did not answer: {error}", model=model_id, error=e)
+            _fail(request, head, dialect, 502, f"model {model_id!r} did not answer: {describe_error(e)}")
+            return
+        await relay_answer(request, client, response, f"model {model_id!r}", dialect, head, exchange)
 
 
 async def relay_answer(
@@ -218,6 +236,7 @@ async def relay_answer(
     source: str,
     dialect: PlainEvents,
     head: LoadingStream | None = None,
+    exchange: Exchange | None = None,
 ) -> None:
     """
     Relay an answer (a local model's or a peer's) to the client, with flow control.
@@ -226,6 +245,7 @@ async def relay_answer(
     :param head: the loading stream, if it has begun the response: then only a 2xx event
         stream is relayed (through the dialect's splice); any other answer becomes one error
         event.
+    :param exchange: the local model's exchange, which watches the relay for a stall.
     """
     if head is None:
         streaming = copy_response_head(request, response)
@@ -234,20 +254,38 @@ async def relay_answer(
         streaming = True
         transform = dialect.splice()
     else:
+        if exchange is not None:
+            exchange.end()  # a short error answer, read in full
         await _refuse_answer(request, response, source, dialect)
         return
     relay = BodyRelay(request, client, transform, tap=relay_tap(request))
+    if exchange is not None:
+        exchange.relaying(relay)
     response.deliverBody(relay)
     reason = await relay.done
     if reason is None or client.gone:
         return
-    log.warn("{source} ended its response early: {error}", source=source, error=describe_error(reason))
+    if isinstance(reason, Stalled):
+        _count_timeout(request, reason)
+        status, message = 504, str(reason)
+    else:
+        log.warn("{source} ended its response early: {error}", source=source, error=describe_error(reason))
+        status, message = 502, f"{source} ended the stream early: {describe_error(reason)}"
     if streaming:
-        request.write(dialect.error(502, f"{source} ended the stream early: {describe_error(reason)}"))
+        request.write(dialect.error(status, message))
     else:
         # No terminating chunk: the client must see that the body is incomplete.
         client.gone = True
         request.loseConnection()
+
+
+def _count_timeout(request: Request, error: Stalled) -> None:
+    """
+    Count in the metrics that swapproxy gave up on the model's answer to ``request``.
+    """
+    meter = request_meter(request)
+    if meter is not None:
+        meter.timed_out(error.kind)
 
 
 async def _refuse_answer(request: Request, response: Any, source: str, dialect: PlainEvents) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psutil
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -115,6 +115,25 @@ class BodyRelay(Protocol):
         if self.transport is not None:
             self.transport.stopProducing()
 
+    @property
+    def paused(self) -> bool:
+        """
+        Whether the client's flow control holds the upstream's body back just now.
+        """
+        return bool(getattr(self.transport, "paused", False))
+
+    def abort(self, error: BaseException) -> None:
+        """
+        End the relay now with ``error`` as its `done` result, and close the upstream connection.
+        """
+        if self.done.called:
+            return
+        if self.transport is not None:
+            self.transport.stopProducing()
+        if not self._client.gone and self._request.producer is not None:
+            self._request.unregisterProducer()
+        self.done.callback(error)
+
     def connectionMade(self) -> None:
         if not self._client.gone:
             self._request.registerProducer(self.transport, True)
@@ -135,24 +154,24 @@ class BodyRelay(Protocol):
             self.done.callback(None if reason.check(ResponseDone, PotentialDataLoss) else reason.value)
 
 
-async def send_upstream(
+def send_upstream(
     upstream: Upstream,
     request: Request,
     path: bytes,
     body: bytes | None,
     headers: Headers,
-) -> Any:
+) -> Deferred[Any]:
     """
     Send a request to an upstream.
 
     :param path: the path and query to request upstream, starting with ``/``.
-    :returns: treq's unbuffered response.
-    :raises ConnectionError: the model is not running any more.
+    :returns: the Deferred of treq's unbuffered response (cancelling it closes the connection);
+        it fails with `ConnectionError` when the model is not running any more.
     """
     client = upstream.client
     if client is None:
-        raise ConnectionError(f"model {upstream.model.id!r} is not running")
-    return await client.request(
+        return fail(ConnectionError(f"model {upstream.model.id!r} is not running"))
+    sent: Deferred[Any] = client.request(
         request.method.decode("ascii"),
         upstream.url_for(path.decode("latin-1")),
         headers=headers,
@@ -160,6 +179,7 @@ async def send_upstream(
         unbuffered=True,
         allow_redirects=False,
     )
+    return sent
 
 
 def copy_response_head(request: Request, response: Any) -> bool:
