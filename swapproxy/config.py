@@ -58,11 +58,11 @@ def start_ceiling(health_check_timeout: float, health_check_ceiling: float | Non
 _TOP_KEYS = frozenset({
     "healthCheckTimeout", "healthCheckCeiling", "logLevel", "logToStdout", "logTimeFormat", "startPort", "macros",
     "models", "groups", "hooks", "sendLoadingState", "loadingStateField", "globalTTL",
-    "unloadTimeout", "apiKeys", "metricsMaxInMemory", "logRequests", "profiles", "limits"})
+    "unloadTimeout", "apiKeys", "metricsMaxInMemory", "logRequests", "profiles", "limits", "slotCache"})
 _MODEL_KEYS = frozenset({
     "cmd", "cmdStop", "proxy", "checkEndpoint", "ttl", "aliases", "useModelName", "env",
     "unlisted", "name", "description", "metadata", "concurrencyLimit", "sendLoadingState",
-    "loadingStateField", "macros", "filters", "unloadTimeout"})
+    "loadingStateField", "macros", "filters", "unloadTimeout", "slotCache"})
 _GROUP_KEYS = frozenset({"swap", "exclusive", "persistent", "members"})
 _FILTER_KEYS = frozenset({"stripParams", "strip_params", "setParams", "setParamsByID"})
 _RESERVED_MACROS = frozenset({"PORT", "MODEL_ID", "PID"})
@@ -116,6 +116,9 @@ class ModelConfig:
     strip_params: tuple[str, ...]
     set_params: Mapping[str, Any]
     set_params_by_id: Mapping[str, Mapping[str, Any]]
+    #: Whether its server's slots are saved before it stops and restored when it starts again
+    #: (``slotCache``; the model's own setting, else the global one).
+    slot_cache: bool = False
 
 
 @attrs.frozen
@@ -162,6 +165,31 @@ class Limits:
 
 
 @attrs.frozen
+class SlotCacheConfig:
+    """
+    Where and how llama-server's slots are kept across stops (``slotCache``); see
+    `swapproxy.slotcache`.
+
+    :ivar enabled: the default for models that do not say (``slotCache: true`` at the top level).
+    :ivar path: the directory of the saved slots; ``None`` is ``<state dir>/slots``.
+    :ivar max_size: bytes the saved slots may take in all; the oldest go first. 0: no limit.
+    :ivar min_free: bytes that must stay free on the disk; a save that would leave less is
+        skipped, and the oldest files go first when it does.
+    :ivar save_timeout: seconds a stop may wait for saving, after which the model is stopped
+        anyway.
+    :ivar restore_timeout: seconds a start may spend restoring before the first request is let
+        through anyway.
+    """
+
+    enabled: bool = False
+    path: str | None = None
+    max_size: int = 20 * 1024**3
+    min_free: int = 2 * 1024**3
+    save_timeout: float = 10.0
+    restore_timeout: float = 30.0
+
+
+@attrs.frozen
 class Config:
     """
     A whole validated configuration.
@@ -192,6 +220,7 @@ class Config:
     #: Seconds a start may take in all, however much the model prints; 0 means
     #: ``HEALTH_CHECK_CEILING_FACTOR`` times ``health_check_timeout``.
     health_check_ceiling: int = 0
+    slot_cache: SlotCacheConfig = attrs.Factory(SlotCacheConfig)
 
     @property
     def start_ceiling(self) -> int:
@@ -679,6 +708,7 @@ def _build_model(ch: _Checker, mid: str, raw: Any, global_macros: dict[str, Any]
 
     metadata = ch.mapping(m.get("metadata"), f"{path}.metadata")
     concurrency = ch.integer(m.get("concurrencyLimit"), f"{path}.concurrencyLimit", 0, minimum=0)
+    slot_cache = ch.boolean(m.get("slotCache"), f"{path}.slotCache", top["slot_cache"].enabled)
     return ModelConfig(
         id=mid,
         cmd=tuple(split_command(final(f"{path}.cmd", cmd))),
@@ -704,6 +734,7 @@ def _build_model(ch: _Checker, mid: str, raw: Any, global_macros: dict[str, Any]
         strip_params=tuple(sorted(strip - {"", "model"})),
         set_params=set_params,
         set_params_by_id=by_id,
+        slot_cache=slot_cache,
     )
 
 
@@ -775,6 +806,30 @@ def _build_limits(ch: _Checker, raw: Any) -> Limits:
                                default.idle_timeout),
         max_connections=ch.integer(limits.get("maxConnections"), "limits.maxConnections",
                                    default.max_connections, minimum=0),
+    )
+
+
+_SLOT_CACHE_KEYS = frozenset({"enabled", "path", "maxSize", "minFree", "saveTimeout", "restoreTimeout"})
+
+
+def _build_slot_cache(ch: _Checker, raw: Any) -> SlotCacheConfig:
+    """``slotCache``: ``true``/``false``, or a mapping of settings (enabled unless it says not)."""
+    if raw is None or isinstance(raw, bool):
+        return SlotCacheConfig(enabled=bool(raw))
+    if not isinstance(raw, dict):
+        raise ch.error("slotCache", f"must be true, false or a mapping of settings, got {_show(raw)}")
+    settings = ch.mapping(raw, "slotCache")
+    ch.known(settings, "slotCache", _SLOT_CACHE_KEYS)
+    default = SlotCacheConfig()
+    path = ch.string(settings.get("path"), "slotCache.path").strip()
+    return SlotCacheConfig(
+        enabled=ch.boolean(settings.get("enabled"), "slotCache.enabled", True),
+        path=os.path.expanduser(path) if path else None,
+        max_size=_size(ch, settings.get("maxSize"), "slotCache.maxSize", default.max_size, 1),
+        min_free=_size(ch, settings.get("minFree"), "slotCache.minFree", default.min_free, 1),
+        save_timeout=ch.number(settings.get("saveTimeout"), "slotCache.saveTimeout", default.save_timeout),
+        restore_timeout=ch.number(settings.get("restoreTimeout"), "slotCache.restoreTimeout",
+                                  default.restore_timeout),
     )
 
 
@@ -867,7 +922,8 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         unload_timeout=ch.number(data.get("unloadTimeout"), "unloadTimeout", 10.0),
         send_loading_state=ch.boolean(data.get("sendLoadingState"), "sendLoadingState", False),
         loading_state_field=ch.choice(data.get("loadingStateField"), "loadingStateField",
-                                      "reasoning_content", LOADING_STATE_FIELDS))
+                                      "reasoning_content", LOADING_STATE_FIELDS),
+        slot_cache=_build_slot_cache(ch, data.get("slotCache")))
     start_port = ch.integer(data.get("startPort"), "startPort", 5800, minimum=1, maximum=65535)
     global_macros = _macro_defs(ch, data.get("macros"), "macros")
 
@@ -920,4 +976,5 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         metrics_max_in_memory=metrics_max if metrics_max > 0 else 1000,
         limits=limits,
         health_check_ceiling=ceiling,
+        slot_cache=top["slot_cache"],
     )

@@ -27,6 +27,7 @@ from swapproxy import __version__, tap
 from swapproxy.logbuffer import LogRouting
 from swapproxy.logs import set_log_level
 from swapproxy.reload import ConfigReloader
+from swapproxy.slotcache import SlotCache
 from swapproxy.supervisor import Supervisor
 from tests.helpers import TWISTD
 
@@ -140,8 +141,8 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
 
     def test_services(self) -> None:
         """
-        The log routing first, one supervisor, one config reloader and one listening service per
-        --listen.
+        The log routing first, the slot cache, one supervisor (after the slot cache, so that it
+        stops first), one config reloader and one listening service per --listen.
         """
         service = self.make(GOOD, "tcp:9001", "tcp:9002:interface=127.0.0.1")
         children = list(service)
@@ -152,7 +153,9 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(len(servers), 2)
         self.assertEqual(len(reloaders), 1)
         self.assertIsInstance(children[0], LogRouting)
-        self.assertEqual(len(children), 5)
+        self.assertIsInstance(children[1], SlotCache)
+        self.assertIs(children[2], supervisors[0])
+        self.assertEqual(len(children), 6)
         self.assertEqual(sorted(supervisors[0].config.models), ["llama", "qwen"])
         for child in children:
             self.assertTrue(IService.providedBy(child))
