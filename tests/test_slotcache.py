@@ -5,7 +5,8 @@ the next start.
 The unit tests drive a real `Upstream` with a fake child and a fake health probe on a clock
 (`tests.fakes.ProcessReactor`), and a `FakeSlotServer` that stands for llama-server's slot API and
 writes real files into a temporary directory. Disk work runs synchronously instead of in a
-thread. The end-to-end tests with a real llama-server are in ``tests/test_llama_server.py``.
+thread. `NoSlotAPITests` runs the fake upstream for real; the end-to-end tests with a real
+llama-server are in ``tests/test_llama_server.py`` (``SlotCacheTests``).
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ import stat
 from typing import Any
 
 from prometheus_client import CollectorRegistry
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from swapproxy.config import SlotCacheConfig, parse_config
 from swapproxy.slotcache import SlotCache, is_llama_server, save_path_in
 from swapproxy.slotfiles import RECORD_SUFFIX, SlotFile
 from swapproxy.upstream import StartError, State, Upstream
 from tests.fakes import FakeSlotServer, ProcessReactor, write_slot_file
+from tests.helpers import config_yaml, fake_command, start_proxy
 
 #: When the health probe answers 200 after a start: the first probe goes out within this.
 PROBE_BOUND = 0.25
@@ -491,3 +494,31 @@ class ExitTests(SlotCacheTestCase):
         self.failureResultOf(d, StartError)
         self.server.held[0].callback({})
         self.assertEqual(upstream.state, State.FAILED)
+
+
+class NoSlotAPITests(TestCase):
+    """
+    A real server without a slot API: the fake upstream, whose ``/slots`` answers 501 as a
+    llama-server started without ``--slot-save-path`` and with ``--no-slots`` does.
+    """
+
+    timeout = 30
+
+    async def test_served_as_without_the_slot_cache_with_one_warning(self) -> None:
+        config = parse_config(config_yaml({"fake": {"cmd": fake_command(), "slotCache": True},
+                                           "other": {"cmd": fake_command()}}), "test.yaml")
+        proxy = start_proxy(self, config)
+        cache = SlotCache(lambda: proxy.supervisor.config.slot_cache, reactor, os.path.abspath(self.mktemp()))
+        proxy.supervisor.each_upstream(cache.follow)
+        commands = []
+        for _ in range(2):
+            for model in ("fake", "other"):
+                status, answer = await proxy.chat(model)
+                self.assertEqual((status, answer["model"]), (200, model))
+                commands.append(proxy.supervisor.upstreams[model].command)
+        self.assertEqual(len(proxy.logs.messages("has no slot API")), 1)
+        self.assertEqual(len(proxy.logs.messages("starting model {model}")), 4, "a swap each time")
+        self.assertNotIn("--slot-save-path", commands[0], "not a llama-server command")
+        self.assertEqual(cache.report(proxy.supervisor.upstreams["fake"]),
+                         {"supported": False, "files": 0, "bytes": 0, "saved": {"slots": 0, "bytes": 0, "seconds": 0},
+                          "restored": {"slots": 0, "bytes": 0, "seconds": 0}, "last_save": None, "last_restore": None})
