@@ -42,6 +42,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 
 from swapproxy.config import SlotCacheConfig
 from swapproxy.logs import proxy_logger
@@ -96,7 +97,8 @@ class SlotsAPI:
             raise SlotsError("the model is not running")
         data = None if body is None else json.dumps(body).encode("utf-8")
         response = await client.request(method, self._upstream.url_for(path), data=data, reactor=self._reactor,
-                                        headers={b"content-type": [b"application/json"]}, allow_redirects=False)
+                                        headers=Headers({b"content-type": [b"application/json"]}),
+                                        allow_redirects=False)
         content = await response.content()
         if response.code in (404, 405, 501):
             raise SlotsUnsupported(f"{method} {path} answered {response.code}")
@@ -162,6 +164,19 @@ def _size_text(size: int) -> str:
     return f"{size} bytes"
 
 
+@attrs.frozen
+class _Candidates:
+    """
+    The files a start may restore, checked while the model loads.
+
+    :ivar entries: every record in the directory.
+    :ivar problems: for the newest files of the model, what is wrong with each (``None``: intact).
+    """
+
+    entries: dict[str, SlotFile]
+    problems: dict[str, str | None]
+
+
 @attrs.define
 class _Server:
     """
@@ -171,6 +186,7 @@ class _Server:
     directory: SlotDirectory
     identity: ServerIdentity | None = None
     slot_ids: tuple[int, ...] = ()
+    candidates: Deferred[_Candidates | None] | None = None
 
 
 @attrs.define
@@ -246,6 +262,8 @@ class SlotCache(Service):
         self._commits: dict[str, Deferred[None]] = {}
         #: Servers without a slot API that were warned about: (model id, command).
         self._unsupported: set[tuple[str, tuple[str, ...]]] = set()
+        #: How many slots each model's server had last time.
+        self._slot_counts: dict[str, int] = {}
         self.tallies: dict[str, ModelTally] = {}
         self._metrics: _Metrics | None = None
         self._followed: weakref.WeakSet[Upstream] = weakref.WeakSet()
@@ -270,13 +288,15 @@ class SlotCache(Service):
         if not self._commits:
             return succeed(None)
         timeout = self._settings().save_timeout
-        pending = DeferredList([_settled(d) for d in self._commits.values()])
+        pending = DeferredList([_settled(d) for d in self._commits.values()], consumeErrors=True)
         done: Deferred[Any] = pending.addTimeout(timeout, self._reactor)
 
-        def late(failure: Failure) -> None:
-            failure.trap(TimeoutError)
+        def late(failure: Failure) -> Failure | None:
+            if not failure.check(TimeoutError):
+                return failure
             log.warn("slot cache: stopping before the last saved slots were recorded (saveTimeout {timeout:g}s);"
                      " they will be removed at the next start", timeout=timeout)
+            return None
 
         return done.addCallbacks(lambda _: None, late)
 
@@ -315,12 +335,55 @@ class SlotCache(Service):
         except OSError as e:
             log.warn("slot cache of {model}: cannot create {path}: {error}", model=upstream.model.id,
                      path=directory.path, error=e)
-        self._servers[upstream] = _Server(directory)
+        server = self._servers[upstream] = _Server(directory)
+        # Read and check the files while the model loads: the start then only restores them.
+        model_id = upstream.model.id
+        server.candidates = Deferred.fromCoroutine(self._check(model_id, directory, self._slot_guess(model_id, argv)))
+        server.candidates.addErrback(self._check_failed, model_id)
         return argv
 
+    def _slot_guess(self, model_id: str, argv: list[str]) -> int:
+        """
+        How many slots the model's server will have: as many as last time, else its ``-np``.
+        """
+        if model_id in self._slot_counts:
+            return self._slot_counts[model_id]
+        for flag, value in zip(argv, argv[1:]):
+            if flag in ("-np", "--parallel") and value.isdigit() and int(value) > 0:
+                return int(value)
+        return 4
+
+    async def _check(self, model_id: str, directory: SlotDirectory, count: int) -> _Candidates:
+        """
+        Once the last stop of the model is recorded, read the directory and check the model's
+        ``count`` newest files; they are kept from eviction until the start is done.
+        """
+        pending = self._commits.get(model_id)
+        if pending is not None:
+            await _settled(pending)
+        entries = {e.name: e for e in await self._in_thread(directory.scan, set(self._busy))}
+        self._files[directory.path] = entries
+        newest = sorted((e for e in entries.values() if e.model == model_id), key=lambda e: (-e.saved_at, e.name))
+        problems: dict[str, str | None] = {}
+        for entry in newest[:count]:
+            self._busy.add(entry.name)
+            problems[entry.name] = await self._in_thread(directory.problem, entry)
+        return _Candidates(entries, problems)
+
+    def _check_failed(self, failure: Failure, model_id: str) -> None:
+        log.failure("slot cache: checking the saved slots of {model}", failure, model=model_id)
+
     def _process_changed(self, upstream: Upstream, pid: int, spawned: bool) -> None:
-        if not spawned:
-            self._servers.pop(upstream, None)
+        if spawned:
+            return
+        server = self._servers.pop(upstream, None)
+        if server is not None and server.candidates is not None:
+            # A start that ended before its restore: its files may be evicted again.
+            server.candidates.addCallback(self._release)
+
+    def _release(self, checked: _Candidates | None) -> None:
+        if checked is not None:
+            self._busy.difference_update(checked.problems)
 
     def _server(self, upstream: Upstream) -> _Server | None:
         """
@@ -352,6 +415,7 @@ class SlotCache(Service):
             self._unsupported_server(upstream, e)
             return False
         server.slot_ids = tuple(sorted(s["id"] for s in slots))
+        self._slot_counts[upstream.model.id] = len(server.slot_ids)
         argv = list(upstream.command or upstream.model.cmd)
         build, path = str(props.get("build_info", "")), str(props.get("model_path", ""))
         server.identity = await self._in_thread(server_identity, build, path, argv)
@@ -492,7 +556,9 @@ class SlotCache(Service):
                 await self._remove(directory, entries, entry, "too_large")
             ordered = sorted(entries.values(), key=lambda e: (e.saved_at, e.name))
             room = await self._in_thread(directory.room, ordered)
-            for entry in over_budget(ordered, room, settings.max_size, settings.min_free):
+            # Not the files a start is about to restore.
+            evictable = [e for e in ordered if e.name not in self._busy]
+            for entry in over_budget(evictable, room, settings.max_size, settings.min_free):
                 log.info("slot cache: removing {name} of {model} (saved {age:.0f}s ago) to stay within maxSize and"
                          " minFree", name=entry.name, model=entry.model, age=self._reactor.seconds() - entry.saved_at)
                 await self._remove(directory, entries, entry, "budget")
@@ -548,14 +614,21 @@ class SlotCache(Service):
 
     async def _restore(self, upstream: Upstream, server: _Server, restored: Tally) -> None:
         model_id = upstream.model.id
-        pending = self._commits.get(model_id)
-        if pending is not None:
-            await _settled(pending)
-        if not await self._learn(upstream, server):
-            return
         directory = server.directory
-        entries = {e.name: e for e in await self._in_thread(directory.scan, set(self._busy))}
-        self._files[directory.path] = entries
+        checked = None if server.candidates is None else await _settled(server.candidates)
+        try:
+            if checked is None:
+                checked = await self._check(model_id, directory, len(server.slot_ids) or 4)
+            if await self._learn(upstream, server):
+                await self._restore_checked(upstream, server, checked, restored)
+        finally:
+            self._release(checked)
+
+    async def _restore_checked(self, upstream: Upstream, server: _Server, checked: _Candidates,
+                               restored: Tally) -> None:
+        model_id = upstream.model.id
+        directory = server.directory
+        entries = checked.entries
         mine = sorted((e for e in entries.values() if e.model == model_id), key=lambda e: (-e.saved_at, e.name))
         fitting = []
         for entry in mine:
@@ -580,7 +653,10 @@ class SlotCache(Service):
         for entry in fitting:
             if not slot_ids:
                 break
-            problem = await self._in_thread(directory.problem, entry)
+            if entry.name in checked.problems:
+                problem = checked.problems[entry.name]
+            else:
+                problem = await self._in_thread(directory.problem, entry)
             if problem is not None:
                 log.warn("slot cache: not restoring {name} into {model}: {problem}; removing it", name=entry.name,
                          model=model_id, problem=problem)
@@ -644,16 +720,16 @@ class SlotCache(Service):
         }
 
 
-def _settled(d: Deferred[Any]) -> Deferred[None]:
+def _settled(d: Deferred[_T]) -> Deferred[_T | None]:
     """
-    A Deferred that fires with ``None`` once ``d`` has fired, whatever its result (a failure is
-    logged where it happens); cancelling it does not cancel ``d``.
+    A Deferred that fires with ``d``'s result once ``d`` has fired, or with ``None`` if that is a
+    failure (handled where ``d`` is made); cancelling it does not cancel ``d``.
     """
-    waiter: Deferred[None] = Deferred()
+    waiter: Deferred[_T | None] = Deferred()
 
-    def fire(result: object) -> object:
+    def fire(result: Any) -> Any:
         if not waiter.called:
-            waiter.callback(None)
+            waiter.callback(None if isinstance(result, Failure) else result)
         return result
 
     d.addBoth(fire)

@@ -131,11 +131,13 @@ def server_identity(build: str, model_path: str, argv: Sequence[str]) -> ServerI
     """
     The identity of a server running ``model_path``; the file's size and mtime are read here.
     """
+    size: int | None = None
+    mtime: int | None = None
     try:
         info = os.stat(model_path)
         size, mtime = info.st_size, info.st_mtime_ns
     except OSError:
-        size = mtime = None
+        pass
     return ServerIdentity(build, model_path, size, mtime, identity_argv(argv))
 
 

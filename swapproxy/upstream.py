@@ -18,7 +18,7 @@ import shutil
 import signal
 import sys
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
@@ -414,17 +414,17 @@ class Upstream:
         self.health_status = ""
         self.last_error: StartError | None = None
         #: Awaited in turn once the child answers its health check, before it is READY, so that the
-        #: first request waits for them: each is called with the upstream and returns a Deferred;
-        #: it bounds its own time, and its failure is logged, never a failed start. While one
-        #: runs, it may say what it does in `start_step`.
-        self.start_hooks: list[Callable[[Upstream], Deferred[None]]] = []
+        #: first request waits for them: each is called with the upstream and returns a Deferred
+        #: or a coroutine; it bounds its own time, and its failure is logged, never a failed
+        #: start. While one runs, it may say what it does in `start_step`.
+        self.start_hooks: list[Callable[[Upstream], Awaitable[None]]] = []
         self.start_step: StartStep | None = None
         #: When the current child first answered its health check.
         self.healthy_at: float | None = None
         #: Awaited in turn before a READY child is stopped on purpose (a swap, a TTL, an unload),
         #: while it can still answer; not when it crashed or was still starting. Each is called
-        #: with the upstream, returns a Deferred and bounds its own time.
-        self.stop_hooks: list[Callable[[Upstream], Deferred[None]]] = []
+        #: with the upstream, returns a Deferred or a coroutine, and bounds its own time.
+        self.stop_hooks: list[Callable[[Upstream], Awaitable[None]]] = []
         #: Each turns the argv about to be spawned into the argv to spawn.
         self.argv_filters: list[Callable[[Upstream, list[str]], list[str]]] = []
         #: Facts that companions report about this model for ``/running``: name -> a function
@@ -496,7 +496,7 @@ class Upstream:
         if generation == self._generation and self._process is not None and self.state is State.STOPPING:
             self._terminate(grace)
 
-    async def _run_hooks(self, hooks: list[Callable[[Upstream], Deferred[None]]], when: str) -> None:
+    async def _run_hooks(self, hooks: list[Callable[[Upstream], Awaitable[None]]], when: str) -> None:
         for hook in list(hooks):
             try:
                 await hook(self)

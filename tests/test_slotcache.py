@@ -43,8 +43,11 @@ class Threads:
     def __init__(self) -> None:
         self.hold: set[str] = set()
         self.queued: list[tuple[Deferred[Any], Any, tuple[Any, ...]]] = []
+        #: The name of each piece of work, as it was handed over.
+        self.calls: list[str] = []
 
     def __call__(self, work: Any, *args: Any) -> Deferred[Any]:
+        self.calls.append(work.__name__)
         if work.__name__ not in self.hold:
             return maybeDeferred(work, *args)
         d: Deferred[Any] = Deferred()
@@ -319,6 +322,25 @@ class RestoreTests(SlotCacheTestCase):
 
     def mark(self) -> None:
         self.marked = len(self.server.calls)
+
+    def test_the_files_are_checked_while_the_model_loads(self) -> None:
+        """
+        The CRC of the files to restore is computed as the model is spawned, not after it is
+        healthy: the start then only asks llama-server to restore them.
+        """
+        threads = self.threads()
+        upstream = self.upstream()
+        [name] = self.saved_conversations(upstream, [1] * 10)
+        self.healthy = False
+        threads.calls.clear()
+        d = self.start(upstream)
+        self.assertEqual(threads.calls.count("problem"), 1, threads.calls)
+        self.assertNotIn(("restore", 0, name), self.server.calls[-1:])
+        self.healthy = True
+        self.reactor.advance(PROBE_BOUND)
+        self.successResultOf(d)
+        self.assertEqual(self.server.calls[-1], ("restore", 0, name))
+        self.assertEqual(threads.calls.count("problem"), 1)
 
     def test_the_most_recent_files_win_the_slots(self) -> None:
         upstream = self.upstream()
