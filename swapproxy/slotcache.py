@@ -32,7 +32,7 @@ import json
 import os
 import secrets
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import attrs
@@ -204,6 +204,9 @@ class Tally:
         self.bytes += size
         self.seconds += seconds
 
+    def copy(self) -> Tally:
+        return Tally(self.slots, self.bytes, self.seconds)
+
     def to_json(self) -> dict[str, Any]:
         return {"slots": self.slots, "bytes": self.bytes, "seconds": round(self.seconds, 3)}
 
@@ -218,6 +221,17 @@ class ModelTally:
     restored: Tally = attrs.Factory(Tally)
     last_save: Tally | None = None
     last_restore: Tally | None = None
+
+    def record(self, action: str, tally: Tally) -> None:
+        """
+        Count one stop's saves (``action`` ``saved``) or one start's restores (``restored``).
+        """
+        if action == "saved":
+            self.saved.add(tally.slots, tally.bytes, tally.seconds)
+            self.last_save = tally.copy()
+        else:
+            self.restored.add(tally.slots, tally.bytes, tally.seconds)
+            self.last_restore = tally.copy()
 
 
 class SlotCache(Service):
@@ -444,40 +458,50 @@ class SlotCache(Service):
         server = self._server(upstream)
         if server is None:
             return
-        model_id = upstream.model.id
-        timeout = self._settings().save_timeout
         saved: list[tuple[str, int, dict[str, Any]]] = []
         started = self._reactor.seconds()
-        work = Deferred.fromCoroutine(self._save(upstream, server, saved))
+        settings = self._settings()
+        await self._bounded(upstream.model.id, "saved", lambda tally: self._save(upstream, server, saved, tally),
+                            settings.save_timeout, "saveTimeout")
+        # Off the stop's path: the next start of this model waits for it.
+        model_id = upstream.model.id
+        commit = Deferred.fromCoroutine(self._commit(model_id, server, saved, started))
+        self._commits[model_id] = commit
+        commit.addBoth(self._commit_done, model_id, commit)
+
+    async def _bounded(self, model_id: str, action: str, work: Callable[[Tally], Coroutine[Any, Any, None]],
+                       timeout: float, setting: str) -> None:
+        """
+        Run ``work`` (saving or restoring; it counts what it does in the `Tally` it is given) for
+        at most ``timeout`` seconds, then log and count what it did. Its problems are log lines.
+
+        :param action: ``saved`` or ``restored``.
+        :param setting: the name of the setting ``timeout`` comes from, for the log line.
+        """
+        started = self._reactor.seconds()
+        tally = Tally()
         try:
-            await work.addTimeout(timeout, self._reactor)
+            await Deferred.fromCoroutine(work(tally)).addTimeout(timeout, self._reactor)
         except TimeoutError:
-            log.warn(
-                "slot cache: saving the slots of {model} took longer than saveTimeout ({timeout:g}s);"
-                " stopping it with {count} saved", model=model_id, timeout=timeout, count=len(saved),
-            )
+            log.warn("slot cache: the slots of {model} took longer than {setting} ({timeout:g}s) to be {action};"
+                     " going on without the rest", model=model_id, setting=setting, timeout=timeout, action=action)
             self._count_skip(model_id, "timeout")
         except CancelledError:
             raise
         except Exception as e:
-            log.warn("slot cache: could not save the slots of {model}: {error}", model=model_id, error=str(e))
-        seconds = self._reactor.seconds() - started
-        if saved:
-            size = sum(int(answer.get("n_written", 0)) for _, _, answer in saved)
-            log.info("slot cache: saved {count} {slots} of {model} ({size}) in {seconds:.2f}s", count=len(saved),
-                     slots="slot" if len(saved) == 1 else "slots", model=model_id, size=_size_text(size),
-                     seconds=seconds)
-            tally = self.tallies.setdefault(model_id, ModelTally())
-            tally.saved.add(len(saved), size, seconds)
-            tally.last_save = Tally(len(saved), size, seconds)
+            log.warn("slot cache: the slots of {model} could not be {action}: {error}", model=model_id,
+                     action=action, error=str(e))
+        tally.seconds = self._reactor.seconds() - started
+        if tally.slots:
+            log.info("slot cache: {action} {count} {slots} of {model} ({size}) in {seconds:.2f}s", action=action,
+                     count=tally.slots, slots="slot" if tally.slots == 1 else "slots", model=model_id,
+                     size=_size_text(tally.bytes), seconds=tally.seconds)
+            self.tallies.setdefault(model_id, ModelTally()).record(action, tally)
             if self._metrics is not None:
-                self._metrics.saved(model_id, len(saved), size, seconds)
-        # Off the stop's path: the next start of this model waits for it.
-        commit = Deferred.fromCoroutine(self._commit(upstream.model.id, server, saved, started))
-        self._commits[model_id] = commit
-        commit.addBoth(self._commit_done, model_id, commit)
+                self._metrics.record(model_id, action, tally)
 
-    async def _save(self, upstream: Upstream, server: _Server, saved: list[tuple[str, int, dict[str, Any]]]) -> None:
+    async def _save(self, upstream: Upstream, server: _Server, saved: list[tuple[str, int, dict[str, Any]]],
+                    tally: Tally) -> None:
         if not await self._learn(upstream, server):
             return
         api = self._api(upstream)
@@ -514,7 +538,10 @@ class SlotCache(Service):
                 self._busy.discard(name)
                 raise
             saved.append((name, slot["id"], answer))
-            room = Room(room.free - int(answer.get("n_written", estimate)), room.used)
+            written = answer.get("n_written")
+            written = written if isinstance(written, int) else estimate
+            tally.add(1, written, 0.0)
+            room = Room(room.free - written, room.used)
 
     def _bytes_per_token(self, model_id: str, identity: ServerIdentity | None) -> int:
         """
@@ -584,33 +611,9 @@ class SlotCache(Service):
 
     async def _after_healthy(self, upstream: Upstream) -> None:
         server = self._server(upstream)
-        if server is None:
-            return
-        model_id = upstream.model.id
-        timeout = self._settings().restore_timeout
-        restored = Tally()
-        started = self._reactor.seconds()
-        work = Deferred.fromCoroutine(self._restore(upstream, server, restored))
-        try:
-            await work.addTimeout(timeout, self._reactor)
-        except TimeoutError:
-            log.warn("slot cache: restoring the slots of {model} took longer than restoreTimeout ({timeout:g}s);"
-                     " serving it with {count} restored", model=model_id, timeout=timeout, count=restored.slots)
-            self._count_skip(model_id, "timeout")
-        except CancelledError:
-            raise
-        except Exception as e:
-            log.warn("slot cache: could not restore the slots of {model}: {error}", model=model_id, error=str(e))
-        restored.seconds = self._reactor.seconds() - started
-        if restored.slots:
-            log.info("slot cache: restored {count} {slots} of {model} ({size}) in {seconds:.2f}s",
-                     count=restored.slots, slots="slot" if restored.slots == 1 else "slots", model=model_id,
-                     size=_size_text(restored.bytes), seconds=restored.seconds)
-            tally = self.tallies.setdefault(model_id, ModelTally())
-            tally.restored.add(restored.slots, restored.bytes, restored.seconds)
-            tally.last_restore = restored
-            if self._metrics is not None:
-                self._metrics.restored(model_id, restored.slots, restored.bytes, restored.seconds)
+        if server is not None:
+            await self._bounded(upstream.model.id, "restored", lambda tally: self._restore(upstream, server, tally),
+                                self._settings().restore_timeout, "restoreTimeout")
 
     async def _restore(self, upstream: Upstream, server: _Server, restored: Tally) -> None:
         model_id = upstream.model.id
@@ -764,15 +767,17 @@ class _Metrics:
                                 " refused)", ["model", "reason"], registry=r)
         registry.register(_FilesCollector(cache))
 
-    def saved(self, model: str, slots: int, size: int, seconds: float) -> None:
-        self._saved.labels(model).inc(slots)
-        self._saved_bytes.labels(model).inc(size)
-        self._save_seconds.labels(model).inc(seconds)
-
-    def restored(self, model: str, slots: int, size: int, seconds: float) -> None:
-        self._restored.labels(model).inc(slots)
-        self._restored_bytes.labels(model).inc(size)
-        self._restore_seconds.labels(model).inc(seconds)
+    def record(self, model: str, action: str, tally: Tally) -> None:
+        """
+        Count one stop's saves (``action`` ``saved``) or one start's restores (``restored``).
+        """
+        slots, size, seconds = (
+            (self._saved, self._saved_bytes, self._save_seconds) if action == "saved"
+            else (self._restored, self._restored_bytes, self._restore_seconds)
+        )
+        slots.labels(model).inc(tally.slots)
+        size.labels(model).inc(tally.bytes)
+        seconds.labels(model).inc(tally.seconds)
 
     def skipped(self, model: str, reason: str) -> None:
         self._skipped.labels(model, reason).inc()

@@ -419,7 +419,8 @@ class SlotCacheTests(TestCase):
         self.assertIn("--slot-save-path", supervisor.upstreams["chat"].command or ())
         await self.turn(url, [{"role": "user", "content": "hi"}], "other")
         self.assertEqual(len(self.saved_files()), 1, "the slot was saved as chat stopped")
-        self.assertEqual(len(logs.messages("slot cache: saved {count}")), 1)
+        saves = [e for e in logs.messages("slot cache: {action} {count}") if e["action"] == "saved"]
+        self.assertEqual(len(saves), 1)
 
         second = await self.turn(url, messages)
 

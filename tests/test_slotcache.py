@@ -473,10 +473,9 @@ class ServiceTests(SlotCacheTestCase):
         self.addCleanup(self.cache.stopService)
         self.assertEqual(self.files(), [])
 
-    def test_stop_waits_for_the_last_saves_to_be_recorded(self) -> None:
+    def stopped_before_recording(self) -> Threads:
         """
-        swapproxy's stop waits (at most ``saveTimeout``) for the files the last stops saved to be
-        recorded: a file without its record is removed at the next start.
+        The cache runs, the model saved a slot and stopped; the recording of the file is held.
         """
         threads = self.threads()
         upstream = self.upstream()
@@ -485,6 +484,14 @@ class ServiceTests(SlotCacheTestCase):
         self.conversation(upstream, 0, [1, 2])
         threads.hold = {"commit"}
         self.stopped(upstream)
+        return threads
+
+    def test_stop_waits_for_the_last_saves_to_be_recorded(self) -> None:
+        """
+        swapproxy's stop waits (at most ``saveTimeout``) for the files the last stops saved to be
+        recorded: a file without its record is removed at the next start.
+        """
+        threads = self.stopped_before_recording()
         stopping = self.cache.stopService()
         self.assertNoResult(stopping)
         threads.release()
@@ -492,13 +499,7 @@ class ServiceTests(SlotCacheTestCase):
         self.assertEqual(len([n for n in self.files() if n.endswith(RECORD_SUFFIX)]), 1)
 
     def test_stop_waits_no_longer_than_save_timeout(self) -> None:
-        threads = self.threads()
-        upstream = self.upstream()
-        self.cache.startService()
-        self.started(upstream)
-        self.conversation(upstream, 0, [1, 2])
-        threads.hold = {"commit"}
-        self.stopped(upstream)
+        self.stopped_before_recording()
         stopping = self.cache.stopService()
         self.reactor.advance(self.settings.save_timeout)
         self.successResultOf(stopping)
