@@ -23,7 +23,7 @@ Figures (medians over the rounds; every ratio is of the two models in the same r
   swapproxy timed itself saving and restoring added to ``plain`` (target <= 1.10): on a shared
   machine the load of the other model moves the measured times by more than the save costs.
 
-It prints a table and saves the raw figures in ``bench/slots.json``.
+It prints a table and saves the raw figures in ``bench/results-slots.json``.
 """
 
 from __future__ import annotations
@@ -281,7 +281,7 @@ def format_table(figures: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.slots", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join(REPO, "bench", "slots.json"), help="JSON results file")
+    parser.add_argument("--out", default=os.path.join(REPO, "bench", "results-slots.json"), help="JSON results file")
     parser.add_argument("--rounds", type=int, default=3, help="conversations per model")
     parser.add_argument("--words", type=int, default=800, help="words of the first turn (about 6 tokens each)")
     parser.add_argument("--llama-args", default="", metavar="ARGS", help="more llama-server arguments")
