@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from swapproxy.config import SlotCacheConfig, parse_config
 from swapproxy.slotcache import SlotCache, is_llama_server, save_path_in
 from swapproxy.slotfiles import RECORD_SUFFIX, SlotFile
+from swapproxy.supervisor import Supervisor
 from swapproxy.upstream import StartError, State, Upstream
 from tests.fakes import FakeSlotServer, ProcessReactor, write_slot_file
 from tests.helpers import config_yaml, fake_command, start_proxy
@@ -201,6 +202,40 @@ class SaveTests(SlotCacheTestCase):
         self.assertEqual(record.server.build, "b1-test")
         self.assertEqual(record.server.model_path, "/models/m.gguf")
         self.assertNotIn("--slot-save-path", record.server.argv)
+
+    def test_saved_when_the_ttl_unloads_an_idle_model_and_on_unload(self) -> None:
+        """
+        Through the supervisor: the TTL's stop and an unload save the slots as a swap does.
+        """
+        text = json.dumps({"models": {"m": {"cmd": "llama-server -m /models/m.gguf --port ${PORT}",
+                                            "slotCache": True, "ttl": 60}}})
+        config = parse_config(text, "test.yaml")
+
+        def factory(model: Any) -> Upstream:
+            upstream = Upstream(model, self.reactor, 120, environ={"PATH": self.bin},
+                                health_probe=lambda up: maybeDeferred(self.probe))
+            self.cache.follow(upstream)
+            return upstream
+
+        supervisor = Supervisor(config, self.reactor, upstream_factory=factory)
+        for stop in ("ttl", "unload"):
+            lease = supervisor.request("m").wait()
+            self.reactor.advance(PROBE_BOUND)
+            self.successResultOf(lease).release()
+            self.conversation(supervisor.upstreams["m"], 0, [len(stop)] * 8)
+            process = self.reactor.spawned[-1]
+            if stop == "ttl":
+                self.reactor.advance(60)
+                done = None
+            else:
+                done = supervisor.unload("m")
+            self.assertEqual(self.server.calls[-1][:2], ("save", 0), stop)
+            self.assertEqual(process.signals, [signal.SIGTERM])
+            process.exit(0)
+            self.server.exited()
+            if done is not None:
+                self.successResultOf(done)
+        self.assertEqual(len([n for n in self.files() if n.endswith(RECORD_SUFFIX)]), 2)
 
     def test_nothing_to_save(self) -> None:
         upstream = self.upstream()
