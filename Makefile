@@ -43,6 +43,7 @@ llama-server: $(BIN)/twistd
 
 bench: $(BIN)/twistd
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.slots
 
 clean:
 	rm -rf $(VENV) .trial-tmp *.egg-info

@@ -6,15 +6,20 @@ Each is stopped by `Processes.stop_all`, which the run calls in a ``finally``.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import psutil
 
 from bench.http import LOOPBACK, Connection, get
 from tests.helpers import TWISTD
+from tests.real_llama import HOW_TO_GET_ONE, find_llama_server, find_vocab_dir
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.001) -> float:
@@ -136,6 +141,48 @@ class Swapproxy:
     def stop(self) -> float:
         self._processes.remember_descendants(self.process)
         return self._processes.stop(self.process)
+
+
+def llama_server_and_vocab(name: str) -> tuple[str, str]:
+    """
+    The llama-server and the llama.cpp vocab directory the end-to-end tests use.
+
+    :raises SystemExit: with what to do, naming the run (``name``), when either is missing.
+    """
+    llama = find_llama_server()
+    if llama is None:
+        raise SystemExit(f"{name}: {HOW_TO_GET_ONE}")
+    vocab = find_vocab_dir(llama)
+    if vocab is None:
+        raise SystemExit(f"{name}: no llama.cpp vocab files; run scripts/build_llama_server.sh --vocab-dir")
+    return llama, vocab
+
+
+@contextmanager
+def run_directory(name: str, keep: bool) -> Iterator[tuple[str, Processes]]:
+    """
+    A work directory and the processes of one run: on the way out every process is stopped; on
+    a failure the tail of swapproxy's log is printed; the directory is removed unless ``keep``
+    is set or the run failed.
+
+    :param name: how the run calls itself in what it prints (``bench``).
+    """
+    work = tempfile.mkdtemp(prefix=f"swapproxy-{name.replace('.', '-')}-")
+    processes = Processes()
+    failed = True
+    try:
+        yield work, processes
+        failed = False
+    finally:
+        processes.stop_all()
+        if failed:
+            log = os.path.join(work, "swapproxy.log")
+            if os.path.exists(log):
+                print(f"{name}: failed; {log_path_tail(log)}", file=sys.stderr)
+        if keep or failed:
+            print(f"{name}: work directory kept: {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def log_path_tail(path: str, lines: int = 30) -> str:

@@ -32,12 +32,10 @@ import math
 import os
 import platform
 import shlex
-import shutil
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,10 +44,10 @@ import psutil
 import yaml
 
 from bench.http import Connection, Response, get, hammer, post
-from bench.processes import Processes, Swapproxy, answers_200, log_path_tail, wait_for
+from bench.processes import Processes, Swapproxy, answers_200, llama_server_and_vocab, run_directory, wait_for
 from swapproxy.config import parse_config
 from tests.helpers import LOOPBACK, REPO, free_port_range
-from tests.real_llama import HOW_TO_GET_ONE, find_llama_server, find_vocab_dir, llama_command, tiny_model
+from tests.real_llama import llama_command, tiny_model
 
 MB = 1024 * 1024
 PROMPT = [{"role": "user", "content": "hi"}]
@@ -109,12 +107,7 @@ class Bench:
     # -- setup ------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        llama = find_llama_server()
-        if llama is None:
-            raise SystemExit(f"bench: {HOW_TO_GET_ONE}")
-        vocab = find_vocab_dir(llama)
-        if vocab is None:
-            raise SystemExit("bench: no llama.cpp vocab files; run scripts/build_llama_server.sh --vocab-dir")
+        llama, vocab = llama_server_and_vocab("bench")
         self.llama = llama
         tiny_a, tiny_b = tiny_model(vocab, "tiny", 0), tiny_model(vocab, "tiny", 1)
         first = free_port_range(10)
@@ -561,8 +554,14 @@ def table_rows(figures: dict[str, dict[str, Any]]) -> list[tuple[str, ...]]:
 
 def format_table(figures: dict[str, dict[str, Any]]) -> str:
     header = ("figure", "swapproxy", "direct", "ratio", "result", "target", "")
-    rows = [header, *table_rows(figures)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return render_table([header, *table_rows(figures)])
+
+
+def render_table(rows: list[tuple[str, ...]]) -> str:
+    """
+    Rows of text as a Markdown table, the first row its header, the columns padded.
+    """
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for index, row in enumerate(rows):
         lines.append(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -594,36 +593,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    work = tempfile.mkdtemp(prefix="swapproxy-bench-")
-    processes = Processes()
-    bench = Bench(args, work, processes)
-    started = time.time()
-    load_at_start = os.getloadavg()
-    failed = True
-    try:
-        bench.setup()
-        steps = [bench.latency, bench.throughput, bench.stream_relay, bench.slow_reader, bench.swap,
-                 bench.swap_ttfb, bench.cold_ttfb, bench.footprint]
-        if args.only:
-            wanted = set(args.only.split(",")) | {"latency", "footprint"}
-            steps = [step for step in steps if step.__name__ in wanted]
-        for step in steps:
-            print(f"bench: {step.__name__} ...", file=sys.stderr, flush=True)
-            step()
-        failed = False
-    finally:
-        processes.stop_all()
-        if failed:
-            log = os.path.join(work, "swapproxy.log")
-            if os.path.exists(log):
-                print(f"bench: failed; {log_path_tail(log)}", file=sys.stderr)
-        if args.keep or failed:
-            print(f"bench: work directory kept: {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    table = format_table(bench.figures)
+def report(args: argparse.Namespace, started: float, load_at_start: tuple[float, float, float], llama: str,
+           figures: dict[str, Any], table: str, **extra: Any) -> None:
+    """
+    Print a run's table and the machine's load, and save both with the raw figures (and
+    ``extra``) as JSON in ``args.out``.
+    """
     load = os.getloadavg()
     print(table)
     print(f"\n{os.cpu_count()} CPUs; load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
@@ -634,12 +609,31 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "load_average_at_start": list(load_at_start), "load_average_at_end": list(load)},
         "settings": vars(args),
-        "llama_server": bench.llama,
-        "figures": bench.figures,
+        "llama_server": llama,
+        "figures": figures,
         "table": table,
+        **extra,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)
     print(f"\nsaved to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    load_at_start = os.getloadavg()
+    with run_directory("bench", args.keep) as (work, processes):
+        bench = Bench(args, work, processes)
+        bench.setup()
+        steps = [bench.latency, bench.throughput, bench.stream_relay, bench.slow_reader, bench.swap,
+                 bench.swap_ttfb, bench.cold_ttfb, bench.footprint]
+        if args.only:
+            wanted = set(args.only.split(",")) | {"latency", "footprint"}
+            steps = [step for step in steps if step.__name__ in wanted]
+        for step in steps:
+            print(f"bench: {step.__name__} ...", file=sys.stderr, flush=True)
+            step()
+    report(args, started, load_at_start, bench.llama, bench.figures, format_table(bench.figures))
     return 0

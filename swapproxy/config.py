@@ -66,11 +66,11 @@ _TOP_KEYS = frozenset({
     "peers", "selectors", "includeAliasesInList", "upstream",
     # Parsed by the scheduling work (issue 12): accepted here so that a llama-swap head config
     # starts without a warning.
-    "routing"}) | _HANG_KEYS
+    "routing", "slotCache"}) | _HANG_KEYS
 _MODEL_KEYS = frozenset({
     "cmd", "cmdStop", "proxy", "checkEndpoint", "ttl", "aliases", "useModelName", "env",
     "unlisted", "name", "description", "metadata", "concurrencyLimit", "sendLoadingState",
-    "loadingStateField", "macros", "filters", "unloadTimeout", "capabilities", "compat"}) | _HANG_KEYS
+    "loadingStateField", "macros", "filters", "unloadTimeout", "capabilities", "compat", "slotCache"}) | _HANG_KEYS
 _GROUP_KEYS = frozenset({"swap", "exclusive", "persistent", "members"})
 _STORE_KEYS = frozenset({"path", "maxRows"})
 _FILTER_KEYS = frozenset({"stripParams", "strip_params", "setParams", "setParamsByID"})
@@ -185,6 +185,9 @@ class ModelConfig:
     #: request in flight (for TTL, swaps and ``concurrencyLimit``).
     ignore_websockets: bool = False
     hang_limits: HangLimits = HangLimits()
+    #: Whether its server's slots are saved before it stops and restored when it starts again
+    #: (``slotCache``; the model's own setting, else the global one).
+    slot_cache: bool = False
 
 
 @attrs.frozen
@@ -389,6 +392,31 @@ class CorsConfig:
 
 
 @attrs.frozen
+class SlotCacheConfig:
+    """
+    Where and how llama-server's slots are kept across stops (``slotCache``); see
+    `swapproxy.slotcache`.
+
+    :ivar enabled: the default for models that do not say (``slotCache: true`` at the top level).
+    :ivar path: the directory of the saved slots; ``None`` is ``<state dir>/slots``.
+    :ivar max_size: bytes the saved slots may take in all; the oldest go first. 0: no limit.
+    :ivar min_free: bytes that must stay free on the disk; a save that would leave less is
+        skipped, and the oldest files go first when it does.
+    :ivar save_timeout: seconds a stop may wait for saving, after which the model is stopped
+        anyway.
+    :ivar restore_timeout: seconds a start may spend restoring before the first request is let
+        through anyway.
+    """
+
+    enabled: bool = False
+    path: str | None = None
+    max_size: int = 20 * 1024**3
+    min_free: int = 2 * 1024**3
+    save_timeout: float = 10.0
+    restore_timeout: float = 30.0
+
+
+@attrs.frozen
 class Config:
     """
     A whole validated configuration.
@@ -443,6 +471,7 @@ class Config:
     notices: tuple[str, ...] = ()
     #: The global `HangLimits`, each model's default.
     hang_limits: HangLimits = HangLimits()
+    slot_cache: SlotCacheConfig = attrs.Factory(SlotCacheConfig)
 
     @property
     def start_ceiling(self) -> int:
@@ -910,6 +939,7 @@ def _build_model(ch: _Checker, mid: str, raw: Any, global_macros: dict[str, Any]
     metadata = ch.mapping(m.get("metadata"), f"{path}.metadata")
     concurrency = ch.integer(m.get("concurrencyLimit"), f"{path}.concurrencyLimit", 0, minimum=0)
     timeouts = _build_timeouts(ch, m.get("timeouts"), f"{path}.timeouts", top["timeouts"])
+    slot_cache = ch.boolean(m.get("slotCache"), f"{path}.slotCache", top["slot_cache"].enabled)
     return ModelConfig(
         id=mid,
         cmd=tuple(split_command(final(f"{path}.cmd", cmd))),
@@ -939,6 +969,7 @@ def _build_model(ch: _Checker, mid: str, raw: Any, global_macros: dict[str, Any]
         capabilities=_build_capabilities(ch, m.get("capabilities"), f"{path}.capabilities"),
         ignore_websockets=_build_compat(ch, m.get("compat"), f"{path}.compat"),
         hang_limits=_build_hang_limits(ch, m, path, top["hang_limits"], timeouts.response_header),
+        slot_cache=slot_cache,
     )
 
 
@@ -1135,6 +1166,30 @@ def _build_default_model(ch: _Checker, raw: Any, models: dict[str, ModelConfig],
     raise ch.error("defaultModel", f"unknown model {_show(name)}; models are: {', '.join(models) or '(none)'}")
 
 
+_SLOT_CACHE_KEYS = frozenset({"enabled", "path", "maxSize", "minFree", "saveTimeout", "restoreTimeout"})
+
+
+def _build_slot_cache(ch: _Checker, raw: Any) -> SlotCacheConfig:
+    """``slotCache``: ``true``/``false``, or a mapping of settings (enabled unless it says not)."""
+    if raw is None or isinstance(raw, bool):
+        return SlotCacheConfig(enabled=bool(raw))
+    if not isinstance(raw, dict):
+        raise ch.error("slotCache", f"must be true, false or a mapping of settings, got {_show(raw)}")
+    settings = ch.mapping(raw, "slotCache")
+    ch.known(settings, "slotCache", _SLOT_CACHE_KEYS)
+    default = SlotCacheConfig()
+    path = ch.string(settings.get("path"), "slotCache.path").strip()
+    return SlotCacheConfig(
+        enabled=ch.boolean(settings.get("enabled"), "slotCache.enabled", True),
+        path=os.path.expanduser(path) if path else None,
+        max_size=_size(ch, settings.get("maxSize"), "slotCache.maxSize", default.max_size, 1),
+        min_free=_size(ch, settings.get("minFree"), "slotCache.minFree", default.min_free, 1),
+        save_timeout=ch.number(settings.get("saveTimeout"), "slotCache.saveTimeout", default.save_timeout),
+        restore_timeout=ch.number(settings.get("restoreTimeout"), "slotCache.restoreTimeout",
+                                  default.restore_timeout),
+    )
+
+
 def _build_aliases(ch: _Checker, models: dict[str, ModelConfig]) -> dict[str, str]:
     aliases: dict[str, str] = {}
     for mid, model in models.items():
@@ -1244,6 +1299,7 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         send_loading_state=ch.boolean(data.get("sendLoadingState"), "sendLoadingState", False),
         loading_state_field=ch.choice(data.get("loadingStateField"), "loadingStateField",
                                       "reasoning_content", LOADING_STATE_FIELDS),
+        slot_cache=_build_slot_cache(ch, data.get("slotCache")),
         # The global timeouts are each model's defaults (an extension: llama-swap has them per model).
         timeouts=_build_timeouts(ch, data.get("timeouts"), "timeouts", Timeouts()))
     top["hang_limits"] = _build_hang_limits(ch, data, "", HangLimits(), top["timeouts"].response_header)
@@ -1315,6 +1371,7 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         notices=tuple(ch.notices),
         **head,
         hang_limits=top["hang_limits"],
+        slot_cache=top["slot_cache"],
     )
 
 

@@ -54,7 +54,8 @@ class Progress:
     """
     A snapshot of one load.
 
-    :ivar stage: ``starting`` (no sign of loading yet) or ``loading``.
+    :ivar stage: ``starting`` (no sign of loading yet), ``loading``, or what a start hook does
+        once the model is loaded (`swapproxy.upstream.StartStep`, such as ``restoring``).
     :ivar label: what the server is doing, in plain words (may be empty).
     :ivar fraction: 0..1, or ``None`` when it cannot be known.
     :ivar elapsed: seconds since the process was started.
@@ -159,8 +160,10 @@ class LoadTracker:
 
     def _state_changed(self, upstream: Upstream, old: State, new: State) -> None:
         if new is State.READY and old is State.STARTING and upstream.started_at is not None:
-            assert upstream.ready_at is not None
-            self._history.record(upstream.model.id, self._command, upstream.ready_at - upstream.started_at)
+            # The load itself: what start hooks (restoring saved slots) add varies from start to start.
+            loaded_at = upstream.healthy_at or upstream.ready_at
+            assert loaded_at is not None
+            self._history.record(upstream.model.id, self._command, loaded_at - upstream.started_at)
         if new is State.STARTING or old is State.STARTING:
             # A load begins or ends: nothing of it may show in the next one.
             self._reset()
@@ -207,6 +210,10 @@ class LoadTracker:
         if upstream.state is not State.STARTING or upstream.started_at is None:
             return Progress("starting", "", None if expected is None else 0.0, 0.0, expected, expected)
         elapsed = self._clock.seconds() - upstream.started_at
+        step = upstream.start_step
+        if step is not None:
+            # Loaded; a start hook has the last word (restoring saved slots).
+            return Progress(step.stage, step.label, step.fraction, elapsed, None, expected)
         fraction: float | None = self._fraction if self._seen_stage else None
         if expected is not None and expected > 0:
             by_time = min(0.95, elapsed / expected)

@@ -222,6 +222,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from swapproxy.progress import LoadHistory
     from swapproxy.reload import WATCH_INTERVAL, ConfigReloader
     from swapproxy.requestlog import log_requests
+    from swapproxy.slotcache import SLOTS_DIR, SlotCache
     from swapproxy.statefile import default_state_dir
     from swapproxy.store import DEFAULT_FILE, ActivityStore
     from swapproxy.supervisor import Supervisor
@@ -247,8 +248,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         # First in, last out: the log history and logToStdout apply from the first start to the
         # last stop.
         LogRouting(logs, lambda: supervisor.config.log_to_stdout).setServiceParent(root)
-        supervisor.setServiceParent(root)
         state_dir = options["state-dir"] or default_state_dir()
+        # Before the supervisor: it stops after it, once the slots saved by the last stops are recorded.
+        slot_cache = SlotCache(lambda: supervisor.config.slot_cache, reactor, os.path.join(state_dir, SLOTS_DIR))
+        slot_cache.setServiceParent(root)
+        supervisor.setServiceParent(root)
+        supervisor.each_upstream(slot_cache.follow)
         children = ChildRecord(os.path.join(state_dir, STATE_FILE))
         children.clean_up(grace=config.unload_timeout)
         supervisor.each_upstream(children.follow)
@@ -260,6 +265,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         ).setServiceParent(root)
         history = LoadHistory(os.path.join(state_dir, "load-times.json"))
         metrics = Metrics(supervisor, reactor)
+        slot_cache.export(metrics.registry)
         log_requests(metrics)
         peers = PeerSet(lambda: supervisor.config, reactor)
         peers.setServiceParent(root)

@@ -24,10 +24,11 @@ import shutil
 import signal
 import sys
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
+import attrs
 import psutil
 from treq.client import HTTPClient
 from twisted.internet import defer
@@ -118,6 +119,22 @@ class State(enum.Enum):
     FAILED = "failed"
     #: It stopped answering while ready, and is being stopped.
     UNHEALTHY = "unhealthy"
+
+
+@attrs.frozen
+class StartStep:
+    """
+    What a start hook is doing, between the child's healthy answer and READY, for the loading
+    stream.
+
+    :ivar stage: one word for programs (``restoring``).
+    :ivar label: the same for people (``restoring 2 cached conversations, 1.1 GB``).
+    :ivar fraction: how much of it is done, 0..1, or ``None`` when that cannot be known.
+    """
+
+    stage: str
+    label: str
+    fraction: float | None = None
 
 
 class StartError(Exception):
@@ -412,6 +429,23 @@ class Upstream:
         #: What the last health probe saw: "", "refused", "loading" (503) or "HTTP <code>".
         self.health_status = ""
         self.last_error: StartError | None = None
+        #: Awaited in turn once the child answers its health check, before it is READY, so that the
+        #: first request waits for them: each is called with the upstream and returns a Deferred
+        #: or a coroutine; it bounds its own time, and its failure is logged, never a failed
+        #: start. While one runs, it may say what it does in `start_step`.
+        self.start_hooks: list[Callable[[Upstream], Awaitable[None]]] = []
+        self.start_step: StartStep | None = None
+        #: When the current child first answered its health check.
+        self.healthy_at: float | None = None
+        #: Awaited in turn before a READY child is stopped on purpose (a swap, a TTL, an unload),
+        #: while it can still answer; not when it crashed or was still starting. Each is called
+        #: with the upstream, returns a Deferred or a coroutine, and bounds its own time.
+        self.stop_hooks: list[Callable[[Upstream], Awaitable[None]]] = []
+        #: Each turns the argv about to be spawned into the argv to spawn.
+        self.argv_filters: list[Callable[[Upstream, list[str]], list[str]]] = []
+        #: Facts that companions report about this model for ``/running``: name -> a function
+        #: that returns a JSON value.
+        self.reports: dict[str, Callable[[], Any]] = {}
         self._health_probe = health_probe or (lambda upstream: Deferred.fromCoroutine(upstream._http_probe()))
         #: Why the model was found unhealthy, while it is.
         self.unhealthy_reason: str | None = None
@@ -459,13 +493,15 @@ class Upstream:
         # STARTING: join it. STOPPING: _child_exited starts again for the waiters.
         return waiter
 
-    def stop(self, grace: float | None = None) -> Deferred[None]:
+    def stop(self, grace: float | None = None, *, run_hooks: bool = True) -> Deferred[None]:
         """
         Stop the child: ``cmdStop`` or SIGTERM to its process group, SIGKILL after ``grace``.
 
-        A start in progress is aborted; its waiters get a `StartError`.
+        A start in progress is aborted; its waiters get a `StartError`. A ready child is
+        STOPPING while the `stop_hooks` run, then signalled.
 
         :param grace: seconds before SIGKILL; the model's ``unloadTimeout`` by default.
+        :param run_hooks: run the `stop_hooks` first (not for a child that no longer answers).
         :returns: a Deferred that fires once the child has exited.
         """
         if self.state in (State.STOPPED, State.FAILED):
@@ -474,10 +510,28 @@ class Upstream:
         self._stop_waiters.append(waiter)
         if self.stopping:
             return waiter
+        grace = self.model.unload_timeout if grace is None else grace
         if self.state is State.STARTING:
             self._fail_start_waiters(StartError(self.model.id, "unloaded while starting"))
-        self._terminate(self.model.unload_timeout if grace is None else grace)
+        elif run_hooks and self.stop_hooks:
+            self._set_state(State.STOPPING)
+            generation = self._generation
+            hooks = Deferred.fromCoroutine(self._run_hooks(self.stop_hooks, "before stopping"))
+            hooks.addCallback(lambda _: self._stop_hooks_done(generation, grace))
+            return waiter
+        self._terminate(grace)
         return waiter
+
+    def _stop_hooks_done(self, generation: int, grace: float) -> None:
+        if generation == self._generation and self._process is not None and self.state is State.STOPPING:
+            self._terminate(grace)
+
+    async def _run_hooks(self, hooks: list[Callable[[Upstream], Awaitable[None]]], when: str) -> None:
+        for hook in list(hooks):
+            try:
+                await hook(self)
+            except Exception:
+                self.log.failure("{when} model {model}", when=when, model=self.model.id)
 
     def reconfigure(
         self, model: ModelConfig, health_check_timeout: float, health_check_ceiling: float | None = None
@@ -577,6 +631,8 @@ class Upstream:
 
     def _begin_start(self) -> None:
         argv = list(self.model.cmd)
+        for argv_filter in list(self.argv_filters):
+            argv = argv_filter(self, argv)
         executable = shutil.which(argv[0], path=self._environ.get("PATH", os.defpath))
         if executable is None:
             self._set_state(State.FAILED)
@@ -597,6 +653,8 @@ class Upstream:
         self.last_sign_of_life = self.started_at
         self.last_output_at = None
         self.ready_at = None
+        self.healthy_at = None
+        self.start_step = None
         self._end_state = State.STOPPED
         self._set_state(State.STARTING)
         try:
@@ -646,7 +704,7 @@ class Upstream:
 
     def _probe(self) -> None:
         self._probe_call = None
-        if self.state is not State.STARTING or self._probe_request is not None:
+        if self.state is not State.STARTING or self._probe_request is not None or self.healthy_at is not None:
             return
         self._last_probe_at = self._reactor.seconds()
         if self._probe_call_hastened:
@@ -694,6 +752,21 @@ class Upstream:
 
     def _became_ready(self) -> None:
         self._cancel_timers()
+        self.healthy_at = self._reactor.seconds()
+        if self.start_hooks:
+            generation = self._generation
+            hooks = Deferred.fromCoroutine(self._run_hooks(self.start_hooks, "starting"))
+            hooks.addCallback(lambda _: self._start_hooks_done(generation))
+            return
+        self._ready()
+
+    def _start_hooks_done(self, generation: int) -> None:
+        if generation == self._generation:
+            self.start_step = None
+            if self.state is State.STARTING:
+                self._ready()
+
+    def _ready(self) -> None:
         self.ready_at = self._reactor.seconds()
         assert self.started_at is not None
         self.log.info(

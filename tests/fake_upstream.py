@@ -8,7 +8,8 @@ Run it as a script (the tests spawn it once per scenario)::
 It speaks HTTP/1.1 with keep-alive on ``--host:--port`` and answers the endpoints swapproxy
 forwards: ``/health`` (503 "Loading model" while ``--load-time`` runs, exactly like
 llama-server), ``/v1/models``, ``/props``, the OpenAI, llama.cpp and Anthropic inference routes
-(streaming and not), ``/slow-respond``, and an echo of anything else so a test can see what the
+(streaming and not), ``/slow-respond``, ``/slots`` (501, as a llama-server without a slot API),
+and an echo of anything else so a test can see what the
 proxy forwarded (an inference answer carries that echo too when asked, with ``fake_echo``). The HTTP layer is a small one on ``socketserver`` with a daemon thread per
 connection: importing ``http.server`` alone would add about 40 ms to every start.
 
@@ -709,6 +710,10 @@ class FakeUpstreamHandler(socketserver.StreamRequestHandler):
 
     def _dispatch(self) -> None:
         path, method = self.url_path, self.method
+        if path == "/slots" or path.startswith("/slots/"):
+            # As llama-server started with --no-slots and without --slot-save-path.
+            return self._send_json(501, {"error": {"code": 501, "type": "not_supported_error",
+                                                   "message": "This server does not support slots endpoint."}})
         if method in ("GET", "HEAD"):
             if path in ("/health", "/v1/health"):
                 return self._health()

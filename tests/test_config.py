@@ -19,6 +19,7 @@ from swapproxy.config import (
     ConfigError,
     CorsConfig,
     HangLimits,
+    SlotCacheConfig,
     load_config,
     parse_config,
     split_command,
@@ -847,6 +848,68 @@ class HangLimitsTests(ErrorAssertions):
         """, "config.yaml: models.m.timeouts: must be a mapping, got 5")
 
 
+class SlotCacheTests(SynchronousTestCase):
+    """
+    ``slotCache``: on or off globally and per model, and where and how much.
+    """
+
+    def test_off_unless_asked(self) -> None:
+        config = parse_config('models: {a: {cmd: "run --port ${PORT}"}}')
+        self.assertEqual((config.slot_cache.enabled, config.models["a"].slot_cache), (False, False))
+
+    def test_true_for_every_model_unless_a_model_says_not(self) -> None:
+        config = parse_config(textwrap.dedent("""\
+            slotCache: true
+            models:
+              a: {cmd: "run --port ${PORT}"}
+              b: {cmd: "run --port ${PORT}", slotCache: false}
+        """))
+        self.assertEqual((config.models["a"].slot_cache, config.models["b"].slot_cache), (True, False))
+
+    def test_a_mapping_sets_where_and_how_much(self) -> None:
+        config = parse_config(textwrap.dedent("""\
+            slotCache:
+              path: ~/slots
+              maxSize: 1GiB
+              minFree: 500MB
+              saveTimeout: 2.5
+              restoreTimeout: 60
+            models:
+              a: {cmd: "run --port ${PORT}"}
+        """))
+        self.assertEqual(config.slot_cache, SlotCacheConfig(
+            enabled=True, path=os.path.expanduser("~/slots"), max_size=1024**3, min_free=500 * 1000**2,
+            save_timeout=2.5, restore_timeout=60.0))
+        self.assertTrue(config.models["a"].slot_cache)
+
+    def test_a_mapping_can_leave_it_to_each_model(self) -> None:
+        config = parse_config(textwrap.dedent("""\
+            slotCache: {enabled: false, maxSize: 0}
+            models:
+              a: {cmd: "run --port ${PORT}"}
+              b: {cmd: "run --port ${PORT}", slotCache: true}
+        """))
+        self.assertEqual((config.models["a"].slot_cache, config.models["b"].slot_cache), (False, True))
+        self.assertEqual(config.slot_cache.max_size, 0)
+
+    def test_errors_name_the_key(self) -> None:
+        for text, message in (
+            ("slotCache: yes please", "config.yaml: slotCache: must be true, false or a mapping of settings"),
+            ("slotCache: {maxSize: lots}", "config.yaml: slotCache.maxSize: must be 0 (no limit) or a size"),
+            ("slotCache: {saveTimeout: -1}", "config.yaml: slotCache.saveTimeout: must be a number of seconds"),
+            ("models: {a: {cmd: x, proxy: 'http://h:1', slotCache: 1}}",
+             "config.yaml: models.a.slotCache: must be true or false"),
+        ):
+            with self.subTest(text=text):
+                with self.assertRaises(ConfigError) as caught:
+                    parse_config(text)
+                self.assertTrue(str(caught.exception).startswith(message), str(caught.exception))
+
+    def test_unknown_keys_are_a_warning(self) -> None:
+        config = parse_config("slotCache: {compress: true}\nmodels: {}")
+        self.assertIn("slotCache.compress", config.warnings[0])
+
+
 class ExampleTests(SynchronousTestCase):
     def test_example_loads(self) -> None:
         """
@@ -857,6 +920,7 @@ class ExampleTests(SynchronousTestCase):
         self.assertEqual(set(config.models), {"tiny", "qwen", "fixed"})
         self.assertEqual(config.resolve("gpt-4o-mini"), config.models["qwen"])
         self.assertEqual(config.preload, ("tiny",))
+        self.assertEqual(config.slot_cache, SlotCacheConfig())
 
 
 yaml_keys = st.sampled_from([
@@ -875,7 +939,7 @@ model_documents = st.dictionaries(
     st.sampled_from(["cmd", "cmdStop", "proxy", "checkEndpoint", "ttl", "aliases", "useModelName",
                      "env", "unlisted", "name", "description", "metadata", "concurrencyLimit",
                      "sendLoadingState", "loadingStateField", "macros", "filters", "unloadTimeout",
-                     "capabilities", "streamIdleTimeout", "healthCheckInterval", "timeouts"]),
+                     "capabilities", "streamIdleTimeout", "healthCheckInterval", "timeouts", "slotCache"]),
     yaml_documents | st.lists(yaml_scalars, max_size=3), max_size=8)
 config_documents = st.fixed_dictionaries({}, optional={
     "models": st.dictionaries(model_ids, model_documents, max_size=4),
@@ -887,6 +951,9 @@ config_documents = st.fixed_dictionaries({}, optional={
         {"preload": st.lists(model_ids, max_size=3)})}),
     "startPort": st.integers(min_value=-1, max_value=70000),
     "globalTTL": yaml_scalars,
+    "slotCache": yaml_scalars | st.dictionaries(
+        st.sampled_from(["enabled", "path", "maxSize", "minFree", "saveTimeout", "restoreTimeout", "x"]),
+        yaml_scalars),
 })
 
 

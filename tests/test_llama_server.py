@@ -25,10 +25,14 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
 from swapproxy.config import parse_config
+from swapproxy.metrics import Metrics
 from swapproxy.progress import LoadHistory
+from swapproxy.slotcache import SlotCache
 from swapproxy.supervisor import Supervisor
+from swapproxy.upstream import State
 from swapproxy.web.root import build_site
 from tests.helpers import (
+    LogCapture,
     TrackingFactory,
     capture_logs,
     free_port,
@@ -385,3 +389,144 @@ class TwistdShutdownTests(TestCase):
         self.assertNotIn("Traceback", process.text)
         left = survivors(running)
         self.assertEqual(left, [], f"llama-server outlived swapproxy: {[p.pid for p in left]}")
+
+
+def words(count: int, seed: int) -> str:
+    """
+    A user message of ``count`` made-up words (about three tokens each), different per ``seed``.
+    """
+    return " ".join(f"w{seed}x{i}" for i in range(count))
+
+
+class SlotCacheTests(TestCase):
+    """
+    ``slotCache`` with real llama-servers: a conversation's slot is saved when its model is
+    swapped out and restored when it comes back, so that the next turn reuses the prompt.
+    """
+
+    timeout = 120
+    skip = None if LLAMA_SERVER is not None else HOW_TO_GET_ONE
+
+    def serve(self, models: dict[str, dict[str, Any]], **top: Any) -> tuple[str, Supervisor, LogCapture]:
+        """
+        swapproxy with a slot cache in ``self.slots``, in this process; the cleanups stop it all.
+        """
+        assert LLAMA_SERVER is not None
+        self.slots = os.path.abspath(self.mktemp())
+        config = parse_config(config_text(models, **top), "test.yaml")
+        logs = capture_logs(self)
+        supervisor = Supervisor(config, reactor)
+        cache = SlotCache(lambda: supervisor.config.slot_cache, reactor, self.slots)
+        supervisor.each_upstream(cache.follow)
+        cache.startService()
+        self.addCleanup(cache.stopService)  # after the supervisor's stop: cleanups run last first
+        supervisor.startService()
+        self.addCleanup(supervisor.stopService)
+        metrics = Metrics(supervisor, reactor)
+        cache.export(metrics.registry)
+        site = build_site(supervisor, reactor, metrics=metrics)
+        factory = TrackingFactory(site)
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        self.addCleanup(factory.close_all)
+        self.client, _ = make_client(self)
+        return f"http://127.0.0.1:{listening.getHost().port}", supervisor, logs
+
+    def two_models(self, **top: Any) -> dict[str, dict[str, Any]]:
+        """
+        ``chat`` (slot cache on, one slot) and ``other``, in one swap group.
+        """
+        assert LLAMA_SERVER is not None
+        return {
+            "chat": {"cmd": llama_command(LLAMA_SERVER, model_file("tiny", 0)), "slotCache": True},
+            "other": {"cmd": llama_command(LLAMA_SERVER, model_file("tiny", 1))},
+        }
+
+    async def turn(self, url: str, messages: list[dict[str, str]], model: str = "chat") -> dict[str, Any]:
+        status, answer = await post_chat(self.client, url, model, messages=messages, max_tokens=4, temperature=0)
+        self.assertEqual(status, 200, answer)
+        return answer
+
+    async def first_turn(self, url: str, seed: int) -> tuple[list[dict[str, str]], dict[str, Any]]:
+        """
+        A first turn of about 260 prompt tokens; the conversation so far, and the answer.
+        """
+        messages = [{"role": "user", "content": words(50, seed)}]
+        answer = await self.turn(url, messages)
+        self.assertLess(answer["timings"]["cache_n"], 20, "a new conversation: at most the template's first tokens")
+        messages.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
+        messages.append({"role": "user", "content": "and then?"})
+        return messages, answer
+
+    def saved_files(self) -> list[str]:
+        return sorted(name for name in os.listdir(self.slots) if name.endswith(".slot"))
+
+    async def get_json(self, url: str) -> Any:
+        response = await self.client.get(url)
+        return json.loads(await response.content())
+
+    async def test_a_conversation_comes_back_after_a_swap_without_paying_its_prompt(self) -> None:
+        """
+        The conversation's slot is saved when ``chat`` is swapped out, and restored when it comes
+        back: llama-server reports the whole first turn as cached tokens of the next one, and
+        /running and /metrics show the save and the restore.
+        """
+        assert LLAMA_SERVER is not None
+        url, supervisor, logs = self.serve(self.two_models())
+        messages, first = await self.first_turn(url, 1)
+        self.assertIn("--slot-save-path", supervisor.upstreams["chat"].command or ())
+        await self.turn(url, [{"role": "user", "content": "hi"}], "other")
+        self.assertEqual(len(self.saved_files()), 1, "the slot was saved as chat stopped")
+        saves = [e for e in logs.messages("slot cache: {action} {count}") if e["action"] == "saved"]
+        self.assertEqual(len(saves), 1)
+
+        second = await self.turn(url, messages)
+
+        held = first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
+        self.assertGreaterEqual(second["timings"]["cache_n"], first["usage"]["prompt_tokens"])
+        self.assertLessEqual(second["timings"]["cache_n"], held)
+        self.assertLess(second["timings"]["prompt_n"], first["usage"]["prompt_tokens"] / 4, "only the new turn")
+        running = {entry["model"]: entry for entry in (await self.get_json(url + "/running"))["running"]}
+        report = running["chat"]["slot_cache"]
+        self.assertEqual((report["restored"]["slots"], report["saved"]["slots"], report["files"]), (1, 1, 1))
+        self.assertEqual(report["last_restore"]["bytes"], os.path.getsize(os.path.join(self.slots, self.saved_files()[0])))
+        response = await self.client.get(url + "/metrics")
+        text = (await response.content()).decode("utf-8")
+        self.assertIn('swapproxy_slot_cache_restored_slots_total{model="chat"} 1.0', text)
+        self.assertIn('swapproxy_slot_cache_saved_slots_total{model="chat"} 1.0', text)
+
+    async def test_the_oldest_files_go_past_the_budget(self) -> None:
+        """
+        With room for one file, the second conversation's file replaces the first's.
+        """
+        url, _, logs = self.serve(self.two_models(), slotCache={"enabled": False, "maxSize": "250KiB"})
+        await self.first_turn(url, 2)
+        await self.turn(url, [{"role": "user", "content": "hi"}], "other")
+        [first] = self.saved_files()
+        await self.first_turn(url, 3)
+        await self.turn(url, [{"role": "user", "content": "hi"}], "other")
+        files = self.saved_files()
+        self.assertEqual(len(files), 1, files)
+        self.assertNotEqual(files, [first])
+        self.assertEqual(len(logs.messages("to stay within maxSize and minFree")), 1)
+
+    async def test_a_corrupt_file_is_skipped_and_the_model_starts(self) -> None:
+        """
+        A truncated file (this llama-server aborts when asked to restore one) is left out with a
+        log line: the model starts, answers, and its prompt is processed in full.
+        """
+        url, supervisor, logs = self.serve(self.two_models())
+        messages, _ = await self.first_turn(url, 4)
+        await self.turn(url, [{"role": "user", "content": "hi"}], "other")
+        [name] = self.saved_files()
+        path = os.path.join(self.slots, name)
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+
+        second = await self.turn(url, messages)
+
+        self.assertLess(second["timings"]["cache_n"], 20, "the prompt is processed in full")
+        self.assertEqual(len(logs.messages("not restoring {name} into {model}: {problem}")), 1)
+        self.assertEqual(self.saved_files(), [])
+        self.assertEqual(supervisor.upstreams["chat"].state, State.READY)
+        self.assertEqual(len(llama_servers_under(os.getpid())), 1)

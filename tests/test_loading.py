@@ -33,7 +33,7 @@ from swapproxy import upstream as upstream_module
 from swapproxy.config import parse_config
 from swapproxy.progress import LoadHistory
 from swapproxy.supervisor import Lease, Supervisor
-from swapproxy.upstream import State, Upstream
+from swapproxy.upstream import StartStep, State, Upstream
 from swapproxy.web import forward as forward_module
 from swapproxy.web.filters import strip_loading_text
 from swapproxy.web.root import build_site
@@ -1034,6 +1034,50 @@ class RestartTests(LoadingTestCase):
         self.assertIn("model 'qwen' did not answer", error.json()["error"]["message"])
         self.assertEqual(done.data, "[DONE]")
         self.assertEqual(len(harness.reactor.spawned), 2)
+
+
+class StartStepTests(LoadingTestCase):
+    """
+    What a start hook does once the model is loaded (restoring saved slots) is a stage of its
+    own, and the request reaches the model only after it.
+    """
+
+    def test_restoring_is_its_own_stage_before_the_request_goes_upstream(self) -> None:
+        harness = self.harness
+        restored: Deferred[None] = Deferred()
+        label = "restoring 2 cached conversations, 1.1 GB"
+
+        def restore(upstream: Upstream) -> Deferred[None]:
+            upstream.start_step = StartStep("restoring", label, 0.0)
+            return restored
+
+        harness.upstream("qwen").start_hooks.append(restore)
+        client = Client(harness, CHAT, chat_body())
+        harness.advance(1)
+        harness.health["qwen"] = 200
+        harness.advance(0.5)
+        harness.upstream("qwen").start_step = StartStep("restoring", label, 0.5)
+        harness.advance(1)
+        self.assertEqual(harness.upstream("qwen").state, State.STARTING)
+        self.assertEqual(harness.upstream_requests, [], "nothing reaches the model while it restores")
+        restored.callback(None)
+        harness.advance(0.25)
+
+        self.assertEqual(harness.upstream("qwen").state, State.READY)
+        self.assertEqual(len(harness.upstream_requests), 1)
+        self.assertEqual(
+            loading_lines(client),
+            [
+                ("starting", "\nStarting qwen."),
+                ("starting", "."),
+                ("restoring", f"\nLoaded qwen; {label}: 0% (1.2 s elapsed)"),
+                ("restoring", f"\nLoaded qwen; {label}: 50% (1.8 s elapsed)"),
+                ("ready", "\nModel qwen is ready (waited 2.5 s).\n\n"),
+            ],
+        )
+        twins = [event.json()["swapproxy"] for event in client.events() if is_loading_chunk(event)]
+        self.assertEqual(twins[3], {"stage": "restoring", "model": "qwen", "progress": 0.5, "elapsed": 1.8,
+                                    "eta": None, "label": label})
 
 
 class ErrorCodeTests(LoadingTestCase):

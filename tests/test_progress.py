@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from swapproxy.config import ModelConfig, parse_config
 from swapproxy.progress import HISTORY_LENGTH, LoadHistory, LoadTracker, Progress
 from swapproxy.supervisor import Supervisor
-from swapproxy.upstream import State, Upstream
+from swapproxy.upstream import StartStep, State, Upstream
 from tests.fakes import ProcessReactor
 
 COMMAND = "llama-server --port 5800 -m /models/qwen.gguf"
@@ -70,6 +70,8 @@ class LoadingUpstream:
         self.state = State.STOPPED
         self.started_at: float | None = None
         self.ready_at: float | None = None
+        self.healthy_at: float | None = None
+        self.start_step: StartStep | None = None
         self.health_status = ""
         self.state_observers: list[Callable[[Any, State, State], None]] = []
         self.line_observers: list[Callable[[Any, str], None]] = []
@@ -83,13 +85,21 @@ class LoadingUpstream:
 
     def start(self) -> None:
         self.started_at = self._clock.seconds()
-        self.ready_at = None
+        self.ready_at = self.healthy_at = self.start_step = None
         self.health_status = ""
         self._partial = b""
         self._set_state(State.STARTING)
 
+    def healthy(self, step: StartStep) -> None:
+        """
+        The health check passed; a start hook runs (``step`` says what it does).
+        """
+        self.healthy_at = self._clock.seconds()
+        self.start_step = step
+
     def ready(self) -> None:
         self.ready_at = self._clock.seconds()
+        self.start_step = None
         self._set_state(State.READY)
 
     def fail(self) -> None:
@@ -382,6 +392,34 @@ class RecordingTests(TrackerTestCase):
         self.assertEqual(progress.expected, 8.0)
         self.assertAlmostEqual(progress.eta, 6.0)
         self.assertAlmostEqual(progress.fraction, 0.25)
+
+
+class StartStepTests(TrackerTestCase):
+    """
+    Once loaded, what a start hook does (restoring saved slots) is the stage the tracker reports,
+    and the time it takes is not counted as load time.
+    """
+
+    def test_a_start_step_is_the_stage(self) -> None:
+        self.upstream.start()
+        self.upstream.emit(LOADED_LINES)
+        self.clock.advance(3)
+        self.upstream.healthy(StartStep("restoring", "restoring 2 cached conversations, 1.1 GB", 0.5))
+        self.clock.advance(1)
+        progress = self.snapshot()
+        self.assertEqual(
+            (progress.stage, progress.label, progress.fraction, progress.elapsed),
+            ("restoring", "restoring 2 cached conversations, 1.1 GB", 0.5, 4.0),
+        )
+        self.assertIsNone(progress.eta)
+
+    def test_the_load_time_recorded_ends_at_the_health_check(self) -> None:
+        self.upstream.start()
+        self.clock.advance(3)
+        self.upstream.healthy(StartStep("restoring", "restoring 1 cached conversation, 20.0 MB"))
+        self.clock.advance(5)
+        self.upstream.ready()
+        self.assertEqual(self.history.expected("qwen", COMMAND), 3.0)
 
 
 class SecondLoadTests(SynchronousTestCase):

@@ -28,6 +28,7 @@ from swapproxy.logbuffer import LogRouting
 from swapproxy.logs import set_log_level
 from swapproxy.peers import PeerSet
 from swapproxy.reload import ConfigReloader
+from swapproxy.slotcache import SlotCache
 from swapproxy.store import ActivityStore
 from swapproxy.supervisor import Supervisor
 from tests.fakes import ThreadedMemoryReactor
@@ -143,9 +144,9 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
 
     def test_services(self) -> None:
         """
-        The log routing first, one supervisor, one config reloader, the peers (whose connections
-        are closed before the supervisor stops), the activity store and one listening service per
-        --listen.
+        The log routing first, the slot cache, one supervisor (after the slot cache, so that it
+        stops first), one config reloader, the peers (whose connections are closed before the
+        supervisor stops), the activity store and one listening service per --listen.
         """
         service = self.make(GOOD, "tcp:9001", "tcp:9002:interface=127.0.0.1")
         children = list(service)
@@ -156,10 +157,12 @@ class MakeServiceTests(ConfigFileMixin, SynchronousTestCase):
         self.assertEqual(len(servers), 2)
         self.assertEqual(len(reloaders), 1)
         self.assertIsInstance(children[0], LogRouting)
+        self.assertIsInstance(children[1], SlotCache)
+        self.assertIs(children[2], supervisors[0])
         self.assertEqual(len([c for c in children if isinstance(c, ActivityStore)]), 1)
         peers = [i for i, c in enumerate(children) if isinstance(c, PeerSet)]
         self.assertEqual(peers, [children.index(supervisors[0]) + 2])
-        self.assertEqual(len(children), 7)
+        self.assertEqual(len(children), 8)
         self.assertEqual(sorted(supervisors[0].config.models), ["llama", "qwen"])
         for child in children:
             self.assertTrue(IService.providedBy(child))

@@ -30,6 +30,7 @@ from swapproxy.upstream import (
     OUTPUT_PROBE_BURST,
     OUTPUT_PROBE_WINDOW,
     StartError,
+    StartStep,
     State,
     Upstream,
     make_http_client,
@@ -965,6 +966,138 @@ class HealthWhileReadyTests(UpstreamTestMixin, SynchronousTestCase):
         upstream.mark_unhealthy("whatever", "health_check")
         self.assertEqual(upstream.state, State.STOPPING)
         self.assertIsNone(upstream.unhealthy_reason)
+
+
+class HookTests(UpstreamTestMixin, SynchronousTestCase):
+    """
+    What companions (the slot cache) hook into a child's life: its argv, the step between a
+    healthy answer and READY, and the step before a stop on purpose.
+    """
+
+    def hooked(self, kind: str) -> tuple[Upstream, list[Deferred[None]]]:
+        """
+        An upstream with one ``start`` or ``stop`` hook whose Deferreds the test fires.
+        """
+        upstream = self.make_upstream()
+        calls: list[Deferred[None]] = []
+
+        def hook(hooked: Upstream) -> Deferred[None]:
+            self.assertIs(hooked, upstream)
+            calls.append(Deferred())
+            return calls[-1]
+
+        getattr(upstream, f"{kind}_hooks").append(hook)
+        return upstream, calls
+
+    def started(self, upstream: Upstream) -> Deferred[None]:
+        d = upstream.start()
+        self.reactor.advance(PROBE_INTERVAL_BOUND)
+        return d
+
+    def test_argv_filter_changes_what_is_spawned(self) -> None:
+        upstream = self.make_upstream({"cmd": f"{sys.executable} -c pass --port ${{PORT}}"})
+        upstream.argv_filters.append(lambda up, argv: [*argv, "--slot-save-path", "/tmp/x"])
+        upstream.start()
+        self.assertEqual(self.reactor.spawned[0].command[-2:], ["--slot-save-path", "/tmp/x"])
+        self.assertEqual(upstream.command[-2:], ("--slot-save-path", "/tmp/x"))
+
+    def test_the_first_request_waits_for_the_start_hooks(self) -> None:
+        """
+        Healthy is not ready while a start hook runs: no waiter is let through, no more probes
+        go out (not even for output), and its `start_step` is reported; then it is READY.
+        """
+        upstream, calls = self.hooked("start")
+        self.probe.healthy_at = 0
+        d = upstream.start()
+        process = self.reactor.spawned[0]
+        self.reactor.advance(PROBE_INTERVAL_BOUND)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual((upstream.state, upstream.healthy_at), (State.STARTING, self.probe.calls[0]))
+        probes = len(self.probe.calls)
+        upstream.start_step = StartStep("restoring", "restoring 1 cached conversation, 1.0 MB", 0.5)
+        process.output(b"srv  log line\n", fd=2)
+        self.reactor.advance(10)
+        self.assertEqual(len(self.probe.calls), probes)
+        self.assertNoResult(d)
+        calls[0].callback(None)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(upstream.state, State.READY)
+        self.assertIsNone(upstream.start_step)
+        self.assertEqual(upstream.ready_at, self.reactor.seconds())
+
+    def test_a_failing_start_hook_is_logged_not_a_failed_start(self) -> None:
+        upstream, calls = self.hooked("start")
+        self.probe.healthy_at = 0
+        d = upstream.start()
+        self.reactor.advance(PROBE_INTERVAL_BOUND)
+        calls[0].errback(RuntimeError("no room"))
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(upstream.state, State.READY)
+        self.assertEqual([str(f.value) for f in self.flushLoggedErrors(RuntimeError)], ["no room"])
+
+    def test_exit_during_a_start_hook_fails_the_start(self) -> None:
+        upstream, calls = self.hooked("start")
+        self.probe.healthy_at = 0
+        d = upstream.start()
+        self.reactor.advance(PROBE_INTERVAL_BOUND)
+        self.reactor.spawned[0].exit(None, signal.SIGSEGV)
+        self.assertIn("while starting", self.failureResultOf(d, StartError).value.reason)
+        calls[0].callback(None)
+        self.assertEqual(upstream.state, State.FAILED)
+
+    def test_a_stop_hook_runs_before_the_signal(self) -> None:
+        """
+        A ready model is STOPPING while its stop hook runs (nothing is granted it), and is
+        signalled once the hook is done; the stop ends when the child exits.
+        """
+        upstream, calls = self.hooked("stop")
+        self.probe.healthy_at = 0
+        self.successResultOf(self.started(upstream))
+        process = self.reactor.spawned[0]
+        d = upstream.stop()
+        self.assertEqual((upstream.state, len(calls), process.signals), (State.STOPPING, 1, []))
+        second = upstream.stop()
+        self.assertEqual(len(calls), 1, "a second stop joins the first")
+        calls[0].callback(None)
+        self.assertEqual(process.signals, [signal.SIGTERM])
+        self.assertNoResult(d)
+        process.exit(0)
+        self.successResultOf(d)
+        self.successResultOf(second)
+        self.assertEqual(upstream.state, State.STOPPED)
+
+    def test_no_stop_hook_for_a_crash_a_start_or_when_told_not_to(self) -> None:
+        upstream, calls = self.hooked("stop")
+        self.probe.healthy_at = 0
+        self.successResultOf(self.started(upstream))
+        self.reactor.spawned[0].exit(None, signal.SIGSEGV)
+        starting = upstream.start()
+        upstream.stop()
+        self.failureResultOf(starting, StartError)
+        self.assertEqual(self.reactor.spawned[1].signals, [signal.SIGTERM])
+        self.reactor.spawned[1].exit(0)
+        self.successResultOf(self.started(upstream))
+        upstream.stop(run_hooks=False)
+        self.assertEqual(self.reactor.spawned[2].signals, [signal.SIGTERM])
+        self.assertEqual(calls, [])
+
+    def test_child_gone_while_the_stop_hook_runs(self) -> None:
+        """
+        A child that exits while its stop hook runs is stopped; the hook's end signals nothing,
+        not even a child started since.
+        """
+        upstream, calls = self.hooked("stop")
+        self.probe.healthy_at = 0
+        self.successResultOf(self.started(upstream))
+        d = upstream.stop()
+        again = upstream.start()
+        self.reactor.spawned[0].exit(0)
+        self.successResultOf(d)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        calls[0].callback(None)
+        self.assertEqual([p.signals for p in self.reactor.spawned], [[], []])
+        self.reactor.advance(PROBE_INTERVAL_BOUND)
+        self.successResultOf(again)
 
 
 class RealProcessTests(TestCase):

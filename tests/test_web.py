@@ -165,6 +165,9 @@ class FakeUpstream:
         self.pid: int | None = None
         self.started_at: float | None = None
         self.ready_at: float | None = None
+        self.healthy_at: float | None = None
+        self.start_step: Any = None
+        self.reports: dict[str, Callable[[], Any]] = {}
         self.health_status = ""
         self.last_error: StartError | None = None
         self.recent_lines: deque[str] = deque(maxlen=50)

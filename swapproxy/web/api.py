@@ -197,6 +197,10 @@ class Running(JSONResource):
             entry["idle"] = None if due is None else round(max(0.0, model.ttl - (due - now)), 3)
             if model.name:
                 entry["name"] = model.name
+            for name, report in upstream.reports.items():
+                reported = report()
+                if reported is not None:
+                    entry[name] = reported
             running.append(entry)
         for upstream in self._supervisor.retiring_upstreams():
             # A process a reload replaced or removed, finishing its requests in flight.

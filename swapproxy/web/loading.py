@@ -164,6 +164,13 @@ class LoadingStream:
             status = self._status("stopping", None, None, waiting_for=list(ticket.waiting_for))
             return "\n" + text, status, ("stopping", ticket.waiting_for)
         progress = self._tracker.snapshot()
+        if progress.stage not in ("starting", "loading"):
+            # Loaded; a start hook finishes the start (restoring saved slots, `StartStep`).
+            percent = None if progress.fraction is None else int(progress.fraction * 100)
+            text = f"Loaded {model_id}; {progress.label}" + ("" if percent is None else f": {percent}%")
+            text += f" ({_seconds(progress.elapsed)} elapsed)"
+            status = self._status(progress.stage, progress.fraction, None, label=progress.label)
+            return "\n" + text, status, (progress.stage, (progress.label, percent))
         if progress.stage == "starting":
             text = f"Starting {model_id}"
             if progress.expected is not None:
