@@ -263,6 +263,12 @@ class StallWatch:
         silent = now - self._quiet_since
         cpu = self._cpu_seconds() if silent > 0 else None
         if silent >= timeout:
+            if self._cpu_mark is None and cpu is not None:
+                # No CPU reading yet in this silence (a busy reactor ran the samples late): take
+                # one now and judge at the next sample, never on no measurement at all.
+                self._cpu_mark, self._cpu_mark_at = cpu, now
+                self._arm(timeout / SAMPLES)
+                return
             if self._busy(cpu, now):
                 self._reset()  # processing a long prompt, say
             else:

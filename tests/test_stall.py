@@ -104,6 +104,36 @@ class StallWatchTests(SynchronousTestCase):
         self.wait(TIMEOUT / SAMPLES)
         self.assertEqual(self.stalls, [])
 
+    def test_late_samples_measure_before_judging(self) -> None:
+        """
+        When the samples of a silence come late (a busy reactor), so that the first one after
+        the model's last bytes is already past the timeout, the model is not judged on no CPU
+        reading at all: the CPU time is read then, and a model that burns CPU is left alone.
+        """
+        relay, _ = self.stream()
+        relay.bytes = 100
+        self.wait(TIMEOUT / SAMPLES)  # the watch sees the bytes: the silence starts here
+        self.cpu += TIMEOUT
+        self.clock.advance(2 * TIMEOUT)  # the next sample runs two timeouts late
+        self.assertEqual(self.stalls, [])
+        self.cpu += TIMEOUT
+        self.wait(TIMEOUT / SAMPLES)
+        self.assertEqual(self.stalls, [])
+        self.assertIsNone(relay.aborted)
+
+    def test_late_samples_still_find_a_frozen_model(self) -> None:
+        """
+        A frozen model whose samples come late is stalled one sample after the late one.
+        """
+        relay, _ = self.stream()
+        relay.bytes = 100
+        self.wait(TIMEOUT / SAMPLES)
+        self.clock.advance(2 * TIMEOUT)
+        self.assertEqual(self.stalls, [])
+        self.wait(TIMEOUT / SAMPLES)
+        self.assertEqual(len(self.stalls), 1)
+        self.assertIsInstance(relay.aborted, Stalled)
+
     def test_busy_then_frozen(self) -> None:
         """
         A model that was busy and then freezes (its CPU time stops) is stalled one timeout after
