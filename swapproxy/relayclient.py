@@ -42,7 +42,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
 #: Response headers that describe the connection: kept out of `RelayResponse.headers`, as `Agent`
-#: keeps them out of its responses' headers (``Content-Length`` becomes ``length``).
+#: keeps them out of its responses' headers (``Content-Length`` becomes ``length``), and so are
+#: the headers a ``Connection`` header names.
 CONNECTION_HEADERS = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"trailers", b"transfer-encoding",
      b"upgrade", b"content-length"}
@@ -254,6 +255,7 @@ class RelayConnection(Protocol):
         raw: dict[bytes, list[bytes]] = {}
         length: int | None = None
         chunked = False
+        named: list[bytes] = []
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
             if not colon:
@@ -267,10 +269,16 @@ class RelayConnection(Protocol):
                         raise BadResponse("negative Content-Length")
                 elif key == b"transfer-encoding":
                     chunked = value.lower() == b"chunked"
-                elif key == b"connection" and b"close" in value.lower():
-                    self._keep_alive = False
+                elif key == b"connection":
+                    tokens = [token.strip() for token in value.lower().split(b",")]
+                    if b"close" in tokens:
+                        self._keep_alive = False
+                    named += tokens
                 continue
             raw.setdefault(key, []).append(value)
+        for key in named:
+            # A header the Connection header names is hop-by-hop too (RFC 9110 section 7.6.1).
+            raw.pop(key, None)
         if version == b"HTTP/1.0":
             self._keep_alive = False
         headers = Headers(raw)

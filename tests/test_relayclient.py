@@ -128,6 +128,21 @@ class RelayPoolTests(SynchronousTestCase):
                          [b"Content-Type", b"Set-Cookie"])
         self.assertEqual(response.headers.getRawHeaders(b"set-cookie"), [b"a=1", b"b=2"])
 
+    def test_headers_named_in_connection_are_hop_by_hop(self) -> None:
+        """
+        A header the model's Connection header names describes that connection only: it is not
+        among the end-to-end headers (RFC 9110 section 7.6.1), and the connection stays reusable.
+        """
+        pending = self.send()
+        self.answer(b"HTTP/1.1 200 OK\r\nConnection: X-Upstream-Hop, keep-alive\r\nX-Upstream-Hop: 1\r\n"
+                    b"X-End-To-End: yes\r\nContent-Length: 2\r\n\r\n{}")
+        response = self.successResultOf(pending)
+        self.assertEqual(response.headers.getRawHeaders(b"x-end-to-end"), [b"yes"])
+        self.assertIsNone(response.headers.getRawHeaders(b"x-upstream-hop"))
+        response.deliverBody(Body())
+        self.send()
+        self.assertEqual(len(self.endpoint.connections), 1)
+
     def test_what_one_read_brings_arrives_in_one_piece(self) -> None:
         """
         Chunks that arrived together are handed on together, without their framing; a chunk
