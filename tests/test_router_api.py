@@ -141,6 +141,32 @@ class ModelListTests(RouterApiCase):
         status = self.status_of("qwen")
         self.assertEqual((status["value"], status["failed"], status["exit_code"]), ("unloaded", True, 3))
 
+    def test_a_hung_model_is_loaded_until_its_process_has_gone(self) -> None:
+        """
+        A ready model found hung is still listed (a 200, not a 500) as ``loaded`` while it is
+        being stopped, as a stopping model is, then ``unloaded`` once its process has exited.
+        """
+        upstream = self.h.upstreams["llama"]
+        response, _ = self.h.post_json("/v1/chat/completions", {"model": "llama"})
+        self.assertEqual(response.code, 200)
+        upstream.mark_unhealthy("its health check (/health) failed 3 times in a row", "health_check")
+        response, listing = self.get_json("/models")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(listing["data"][0]["status"]["value"], "loaded")
+        upstream.exited()
+        self.assertEqual(self.status_of("llama")["value"], "unloaded")
+
+    def test_every_state_has_a_router_status(self) -> None:
+        upstream = self.h.upstreams["qwen"]
+        for state in State:
+            upstream.state = state
+            self.assertIn(self.router_status(upstream)["value"], ("unloaded", "loading", "loaded"), state)
+
+    def router_status(self, upstream: Any) -> dict[str, Any]:
+        response, listing = self.get_json("/models")
+        self.assertEqual(response.code, 200)
+        return next(entry["status"] for entry in listing["data"] if entry["id"] == upstream.model.id)
+
     def test_trailing_slash_and_unknown_child(self) -> None:
         response, listing = self.get_json("/models/")
         self.assertEqual(len(listing["data"]), 2)

@@ -61,6 +61,7 @@ _VALUES = {
     State.STARTING: "loading",
     State.READY: "loaded",
     State.STOPPING: "loaded",  # the router too says "loaded" until the process has exited
+    State.UNHEALTHY: "loaded",  # found hung and being stopped: "loaded" until its process has gone
 }
 _STAGES = ["text_model"]
 
