@@ -264,6 +264,25 @@ class EntryTests(SynchronousTestCase):
         self.assertEqual(stopped["last_failure"]["reason"], "the process exited unexpectedly while ready")
         self.assertEqual(stopped["last_failure"]["last_lines"][-1], "GGML_ASSERT(n_tokens <= n_batch) failed")
 
+    def test_hung_model(self) -> None:
+        """
+        A ready model found hung is ``unhealthy`` with why as its current failure, and the
+        failure stays in its entry once it has been killed, as a crash's does.
+        """
+        harness = self.harness
+        harness.lease("qwen").release()
+        dashboard = Dashboard(self, harness)
+        what = "its health check (/health) failed 3 times in a row (last: no answer within 5s)"
+        harness.upstream("qwen").mark_unhealthy(what, "health_check")
+        hung = dashboard.latest("qwen")
+        self.assertEqual(hung["status"], "unhealthy")
+        self.assertEqual(hung["last_failure"]["reason"], "stopped responding: " + what)
+        self.assertIsNone(hung["last_failure"]["exit_code"])
+        harness.process("qwen").exit(None, signum=9)
+        stopped = dashboard.latest("qwen")
+        self.assertEqual(stopped["status"], "stopped")
+        self.assertEqual(stopped["last_failure"], hung["last_failure"])
+
     def test_unload_is_no_failure(self) -> None:
         harness = self.harness
         harness.lease("qwen").release()
