@@ -193,7 +193,9 @@ class ModelBoard:
         state = self._supervisor.upstreams[model_id].state
         if state is State.STARTING:
             progress = progress if progress is not None else self.progress(model_id)
-            return "loading" if progress is not None and progress["stage"] == "loading" else "starting"
+            # Any stage after "starting" is part of the load: "loading", and a start step such as
+            # "restoring" saved slots once the model is loaded.
+            return "starting" if progress is None or progress["stage"] == "starting" else "loading"
         if state in (State.STOPPED, State.FAILED) and self._supervisor.queued(model_id):
             return "queued"
         return state.value
