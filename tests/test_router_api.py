@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from swapproxy.config import parse_config
 from swapproxy.upstream import StartError, State
 from swapproxy.web.router_api import HEARTBEAT, PROGRESS_TICK
 from tests.test_loading import parse_events
@@ -324,6 +325,30 @@ class EventStreamTests(RouterApiCase):
         self.assertEqual(events[0]["event"], "model_status")
         self.assertEqual(events[-1], {"model": "qwen", "event": "status_change",
                                       "data": {"status": "unloaded", "exit_code": 3}})
+
+    def test_a_model_a_reload_removes_or_replaces_is_unloaded(self) -> None:
+        """
+        A model that a reload removes while it loads ends with ``unloaded`` once its process
+        has stopped, so that a router client does not show it loading for ever; a loaded model
+        whose command a reload changed too, once its old process has stopped.
+        """
+        client = self.connect()
+        config = textwrap.dedent(CONFIG)
+        self.h.upstreams["qwen"].auto_ready = False
+        self.post_json("/models/load", {"model": "qwen"})
+        without_qwen = config.replace("  qwen:\n    cmd: llama-server --port ${PORT} -m /models/qwen.gguf\n", "")
+        self.assertNotIn("qwen", without_qwen)
+        self.h.supervisor.reload(parse_config(without_qwen, "config.yaml", {}))
+        self.assertEqual(self.events(client)[-1], {"model": "qwen", "event": "status_change",
+                                                   "data": {"status": "unloaded", "exit_code": 0}})
+
+        self.post_json("/models/load", {"model": "llama"})
+        self.assertEqual(self.events(client)[-1]["data"]["status"], "loaded")
+        changed = without_qwen.replace("-m /models/llama.gguf", "-m /models/llama-2.gguf")
+        self.h.supervisor.reload(parse_config(changed, "config.yaml", {}))
+        self.assertEqual(self.events(client)[-1], {"model": "llama", "event": "status_change",
+                                                   "data": {"status": "unloaded", "exit_code": 0}})
+        self.assertEqual(self.status_of("llama")["value"], "unloaded")
 
     def test_unlisted_models_are_not_reported(self) -> None:
         client = self.connect()
