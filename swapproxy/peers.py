@@ -71,6 +71,8 @@ class PeerHealth:
         when a request relayed since may have changed their states.
     :ivar states: each model the peer listed, with its state as the peer reported it;
         ``None`` when the peer never gave a readable list.
+    :ivar statuses: the ``status`` object of each model the peer listed with one (a swapproxy's
+        has its load ``progress``; a llama-swap's its ``value``).
     """
 
     reachable: bool | None = None
@@ -78,6 +80,7 @@ class PeerHealth:
     checked_at: float | None = None
     asked_at: float | None = None
     states: dict[str, str] | None = None
+    statuses: dict[str, dict[str, Any]] = attrs.Factory(dict)
 
     def model_state(self, model: str) -> str:
         """
@@ -91,6 +94,12 @@ class PeerHealth:
         if self.states is None:
             return "unknown"
         return self.states.get(model, "unlisted")
+
+    def model_status(self, model: str) -> dict[str, Any] | None:
+        """
+        The ``status`` object the peer gave one of its models, while the peer is reachable.
+        """
+        return None if self.reachable is False else self.statuses.get(model)
 
 
 def auth_headers(peer: PeerConfig) -> dict[bytes, list[bytes]]:
@@ -265,6 +274,17 @@ def model_states(listing: Any) -> dict[str, str]:
     return states
 
 
+def model_statuses(listing: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """
+    The ``status`` object of each model of a ``/v1/models`` answer that has one.
+    """
+    return {
+        record["id"]: record["status"]
+        for record in listing.get("data") or []
+        if isinstance(record, dict) and isinstance(record.get("id"), str) and isinstance(record.get("status"), dict)
+    }
+
+
 def _pass_to(result: Any, waiter: Deferred[None]) -> Any:
     if not waiter.called:
         waiter.callback(None)
@@ -413,7 +433,9 @@ class PeerSet(Service):
             log.info("peer {peer} answered GET /v1/models with HTTP {code}", peer=peer.id, code=response.code)
             return
         try:
-            health.states = model_states(json.loads(body))
+            listing = json.loads(body)
+            health.states = model_states(listing)
+            health.statuses = model_statuses(listing)
         except (ValueError, UnicodeDecodeError) as e:
             log.info("peer {peer}: cannot read its /v1/models: {error}", peer=peer.id, error=e)
 

@@ -18,6 +18,7 @@ from twisted.web.http_headers import Headers
 
 from swapproxy.config import Config, parse_config
 from swapproxy.peers import FRESH_SECONDS, LIST_WAIT, POLL_TIMEOUT, PeerClient, PeerSet, PeerTimeout, model_states
+from swapproxy.web.listing import peer_records
 from tests.fakes import FakePeerClient, FakePeerResponse
 
 CONFIG = """
@@ -62,6 +63,28 @@ class PeerSetTests(SynchronousTestCase):
         self.assertEqual(self.peers.health["a"].states, {"m1": "ready", "m2": "stopped"})
         self.assertEqual(self.peers.health["b"].states, {"n": "loaded", "x": "available"})
         self.assertEqual(self.peers.health["a"].model_state("zz"), "unlisted")
+
+    def test_a_swapproxy_peer_shows_its_load_progress(self) -> None:
+        """
+        ``/v1/models`` lists a model that a swapproxy peer is loading with the peer's ``status``,
+        its load progress among it; not once the peer is down.
+        """
+        progress = {"stage": "loading", "label": "loading weights", "fraction": 0.42, "percent": 42,
+                    "elapsed": 2.0, "eta": 2.8, "expected": 4.8}
+        self.peers.refresh()
+        self.client("a").sent[0][3].callback(FakePeerResponse(200, json.dumps({"data": [
+            {"id": "m1", "state": "starting", "status": {"value": "loaded", "state": "loading", "progress": progress}},
+            {"id": "m2", "state": "stopped", "status": {"value": "unloaded", "state": "stopped"}},
+        ]}).encode()))
+        records = {r["id"]: r for r in peer_records(self.config, self.peers.health, 0)}
+        self.assertEqual(records["a/m1"]["state"], "starting")
+        self.assertEqual(records["a/m1"]["status"], {"value": "loaded", "state": "loading", "progress": progress})
+        self.assertEqual(records["a/m2"]["status"]["state"], "stopped")
+        self.assertNotIn("status", records["b/n"], "b has not answered")
+        self.peers.unreachable(self.config.peers["a"], "connection refused")
+        records = {r["id"]: r for r in peer_records(self.config, self.peers.health, 0)}
+        self.assertEqual(records["a/m1"]["state"], "unreachable")
+        self.assertNotIn("status", records["a/m1"])
 
     def test_fresh_for_a_while(self) -> None:
         """
