@@ -313,6 +313,7 @@ class PeerSet(Service):
         #: Per peer: fires when the question about its models in flight is answered.
         self._polls: dict[str, Deferred[None]] = {}
         self._questions: dict[str, Deferred[None]] = {}
+        self._pruned_for: Config | None = None
 
     @property
     def peers(self) -> Mapping[str, PeerConfig]:
@@ -329,6 +330,24 @@ class PeerSet(Service):
                 self.health[peer.id] = PeerHealth()
             current = self._clients[peer.id] = self._client_factory(peer, self._reactor)
         return current
+
+    def forget_removed(self) -> None:
+        """
+        Close the connections of the peers a reload removed, and forget what was known of them.
+
+        Called after each scheduling pass of the supervisor (a reload ends with one); it does
+        nothing until the configuration has changed.
+        """
+        config = self._config()
+        if config is self._pruned_for:
+            return
+        self._pruned_for = config
+        for peer_id in [p for p in self._clients if p not in config.peers]:
+            self._clients.pop(peer_id).close()
+            self.health.pop(peer_id, None)
+            question = self._questions.get(peer_id)
+            if question is not None:
+                question.cancel()
 
     def _health(self, peer_id: str) -> PeerHealth:
         return self.health.setdefault(peer_id, PeerHealth())
@@ -418,7 +437,7 @@ class PeerSet(Service):
             response.deliverBody(collect)
             body = await collect.done
         except CancelledError:
-            if self.running:
+            if self.running and self._clients.get(peer.id) is client:
                 self.unreachable(peer, f"no answer to GET /v1/models within {POLL_TIMEOUT:g}s")
             return
         except Exception as e:

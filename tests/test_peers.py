@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
@@ -141,6 +142,27 @@ class PeerSetTests(SynchronousTestCase):
         self.assertIsNot(old, new)
         self.assertTrue(old.closed)
         self.assertIs(self.peers.client(self.config.peers["b"]), self.peers.client(self.config.peers["b"]))
+
+    def test_a_removed_peer_is_forgotten(self) -> None:
+        """
+        After a reload that removes a peer, its connections are closed (a question in flight
+        is withdrawn) and nothing is known of it any more; the other peers are kept.
+        """
+        self.peers.refresh()
+        self.client("a").sent[0][3].callback(FakePeerResponse(200, listing(m1="ready")))
+        b, question = self.client("b"), self.client("b").sent[0][3]
+        self.peers.forget_removed()
+        self.assertFalse(b.closed, "nothing changed")
+        without_b = textwrap.dedent(CONFIG).replace('  b: {proxy: "http://10.0.0.2:8080", models: [n]}\n', "")
+        self.config = parse_config(without_b, "config.yaml", {})
+        self.assertEqual(list(self.config.peers), ["a"])
+        with capturedLogs() as events:
+            self.peers.forget_removed()
+        self.assertEqual(events, [], "a peer removed is not unreachable")
+        self.assertTrue(b.closed)
+        self.assertTrue(question.called, "its question is withdrawn")
+        self.assertEqual(list(self.peers.health), ["a"])
+        self.assertFalse(self.client("a").closed)
 
     def test_stop_cancels_questions_and_closes(self) -> None:
         self.peers.refresh()
