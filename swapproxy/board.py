@@ -120,6 +120,15 @@ class ModelBoard:
                 "exit_code": error.exit_code,
                 "last_lines": list(error.last_lines)[-FAILURE_LINES:],
             }
+        elif new is State.UNHEALTHY:
+            # Found hung: why stays in its entry after the kill, as a crash's does.
+            lines = [line for line in upstream.recent_lines if line.strip()]
+            self._last_failure[model_id] = {
+                "time": round(now, 3),
+                "reason": f"stopped responding: {upstream.unhealthy_reason or 'found hung'}",
+                "exit_code": None,
+                "last_lines": lines[-FAILURE_LINES:],
+            }
         elif old is State.READY and new is State.STOPPED:
             # Not stopped by anyone (that goes through "stopping"): the process died.
             lines = [line for line in upstream.recent_lines if line.strip()]
@@ -178,13 +187,15 @@ class ModelBoard:
     def status(self, model_id: str, progress: dict[str, Any] | None = None) -> str:
         """
         One word for what the model is doing: ``stopped``, ``queued`` (requests wait for it, no
-        process yet), ``stopping``, ``starting`` (no sign of loading yet), ``loading``, ``ready``
-        or ``failed`` (its last start failed).
+        process yet), ``stopping``, ``starting`` (no sign of loading yet), ``loading``, ``ready``,
+        ``unhealthy`` (found hung, being stopped) or ``failed`` (its last start failed).
         """
         state = self._supervisor.upstreams[model_id].state
         if state is State.STARTING:
             progress = progress if progress is not None else self.progress(model_id)
-            return "loading" if progress is not None and progress["stage"] == "loading" else "starting"
+            # Any stage after "starting" is part of the load: "loading", and a start step such as
+            # "restoring" saved slots once the model is loaded.
+            return "starting" if progress is None or progress["stage"] == "starting" else "loading"
         if state in (State.STOPPED, State.FAILED) and self._supervisor.queued(model_id):
             return "queued"
         return state.value

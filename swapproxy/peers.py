@@ -71,6 +71,8 @@ class PeerHealth:
         when a request relayed since may have changed their states.
     :ivar states: each model the peer listed, with its state as the peer reported it;
         ``None`` when the peer never gave a readable list.
+    :ivar statuses: the ``status`` object of each model the peer listed with one (a swapproxy's
+        has its load ``progress``; a llama-swap's its ``value``).
     """
 
     reachable: bool | None = None
@@ -78,6 +80,7 @@ class PeerHealth:
     checked_at: float | None = None
     asked_at: float | None = None
     states: dict[str, str] | None = None
+    statuses: dict[str, dict[str, Any]] = attrs.Factory(dict)
 
     def model_state(self, model: str) -> str:
         """
@@ -91,6 +94,12 @@ class PeerHealth:
         if self.states is None:
             return "unknown"
         return self.states.get(model, "unlisted")
+
+    def model_status(self, model: str) -> dict[str, Any] | None:
+        """
+        The ``status`` object the peer gave one of its models, while the peer is reachable.
+        """
+        return None if self.reachable is False else self.statuses.get(model)
 
 
 def auth_headers(peer: PeerConfig) -> dict[bytes, list[bytes]]:
@@ -265,6 +274,17 @@ def model_states(listing: Any) -> dict[str, str]:
     return states
 
 
+def model_statuses(listing: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """
+    The ``status`` object of each model of a ``/v1/models`` answer that has one.
+    """
+    return {
+        record["id"]: record["status"]
+        for record in listing.get("data") or []
+        if isinstance(record, dict) and isinstance(record.get("id"), str) and isinstance(record.get("status"), dict)
+    }
+
+
 def _pass_to(result: Any, waiter: Deferred[None]) -> Any:
     if not waiter.called:
         waiter.callback(None)
@@ -293,6 +313,7 @@ class PeerSet(Service):
         #: Per peer: fires when the question about its models in flight is answered.
         self._polls: dict[str, Deferred[None]] = {}
         self._questions: dict[str, Deferred[None]] = {}
+        self._pruned_for: Config | None = None
 
     @property
     def peers(self) -> Mapping[str, PeerConfig]:
@@ -309,6 +330,24 @@ class PeerSet(Service):
                 self.health[peer.id] = PeerHealth()
             current = self._clients[peer.id] = self._client_factory(peer, self._reactor)
         return current
+
+    def forget_removed(self) -> None:
+        """
+        Close the connections of the peers a reload removed, and forget what was known of them.
+
+        Called after each scheduling pass of the supervisor (a reload ends with one); it does
+        nothing until the configuration has changed.
+        """
+        config = self._config()
+        if config is self._pruned_for:
+            return
+        self._pruned_for = config
+        for peer_id in [p for p in self._clients if p not in config.peers]:
+            self._clients.pop(peer_id).close()
+            self.health.pop(peer_id, None)
+            question = self._questions.get(peer_id)
+            if question is not None:
+                question.cancel()
 
     def _health(self, peer_id: str) -> PeerHealth:
         return self.health.setdefault(peer_id, PeerHealth())
@@ -398,7 +437,7 @@ class PeerSet(Service):
             response.deliverBody(collect)
             body = await collect.done
         except CancelledError:
-            if self.running:
+            if self.running and self._clients.get(peer.id) is client:
                 self.unreachable(peer, f"no answer to GET /v1/models within {POLL_TIMEOUT:g}s")
             return
         except Exception as e:
@@ -413,7 +452,9 @@ class PeerSet(Service):
             log.info("peer {peer} answered GET /v1/models with HTTP {code}", peer=peer.id, code=response.code)
             return
         try:
-            health.states = model_states(json.loads(body))
+            listing = json.loads(body)
+            health.states = model_states(listing)
+            health.statuses = model_statuses(listing)
         except (ValueError, UnicodeDecodeError) as e:
             log.info("peer {peer}: cannot read its /v1/models: {error}", peer=peer.id, error=e)
 

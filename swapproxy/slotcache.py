@@ -341,14 +341,20 @@ class SlotCache(Service):
         if not self._enabled(upstream):
             return argv
         directory = self._directory_for(argv)
-        if save_path_in(argv) is None and is_llama_server(argv):
-            argv = [*argv, "--slot-save-path", directory.path]
         try:
             # One mkdir as the model is spawned; llama-server refuses a directory that is missing.
             directory.ensure()
         except OSError as e:
+            if save_path_in(argv) is None:
+                # Not the user's flag: start the model as without the cache rather than have
+                # llama-server refuse to start.
+                log.warn("slot cache of {model}: cannot create {path}: {error}; starting it without the slot cache",
+                         model=upstream.model.id, path=directory.path, error=e)
+                return argv
             log.warn("slot cache of {model}: cannot create {path}: {error}", model=upstream.model.id,
                      path=directory.path, error=e)
+        if save_path_in(argv) is None and is_llama_server(argv):
+            argv = [*argv, "--slot-save-path", directory.path]
         server = self._servers[upstream] = _Server(directory)
         # Read and check the files while the model loads: the start then only restores them.
         model_id = upstream.model.id

@@ -269,6 +269,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         log_requests(metrics)
         peers = PeerSet(lambda: supervisor.config, reactor)
         peers.setServiceParent(root)
+        supervisor.change_observers.append(peers.forget_removed)
         # Before the listeners: it stops after them, once the last requests are written.
         activity = ActivityStore(
             config.store_path or os.path.join(state_dir, DEFAULT_FILE),

@@ -130,7 +130,7 @@ class Spillover:
         the one with the fewest requests in flight gets the request while that is below
         ``spillover`` (ties go round in turn); else the first target that is not active (stopped
         local models, idle peers), else the least busy active one. A local model that is
-        stopping is skipped.
+        stopping (or found hung, and so being stopped) is skipped.
 
         :param resolved: each target's model id (``peer/model`` for a peer's).
         :param states: each local target's state (``None`` for peers).
@@ -139,7 +139,7 @@ class Spillover:
         for index, model in enumerate(resolved):
             state = states.get(model)
             busy = self.count(selector.id, model) > 0
-            if state is State.STOPPING:
+            if state in (State.STOPPING, State.UNHEALTHY):
                 continue
             if busy or state in (State.READY, State.STARTING):
                 active.append(index)

@@ -355,6 +355,15 @@ class _StopCommandProtocol(ProcessProtocol):
         self._done()
 
 
+def _timed_out(result: object, timeout: float) -> Failure:
+    """
+    The result of a health check its timeout cut off, however the cancelled probe ended: an HTTP
+    client fails with ``ResponseNeverReceived``, not with the ``CancelledError`` that
+    ``addTimeout`` would turn into a `defer.TimeoutError` by itself.
+    """
+    return Failure(defer.TimeoutError(f"no answer within {timeout:g}s"))
+
+
 class Upstream:
     """
     One model's child process: start, health, stop.
@@ -800,7 +809,7 @@ class Upstream:
             return
         timeout = min(READY_CHECK_TIMEOUT, self.model.hang_limits.health_check_interval)
         request = self._probe_request = self._health_probe(self)
-        request.addTimeout(timeout, self._reactor)
+        request.addTimeout(timeout, self._reactor, onTimeoutCancel=_timed_out)
         request.addBoth(self._checked, self._generation, request, timeout)
 
     def _checked(self, result: int | Failure, generation: int, request: Deferred[int], timeout: float) -> None:

@@ -10,10 +10,12 @@ import json
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy.board import TICK
+from swapproxy.upstream import StartStep, Upstream
 from tests.test_events import LLAMA_SWAP_FIELDS
 from tests.test_loading import (
     CHAT,
@@ -131,6 +133,37 @@ class ProgressTests(SynchronousTestCase):
         self.assertEqual((ready["status"], ready["state"], ready["progress"]), ("ready", "ready", None))
         self.assertEqual(ready["last_load"], 2.75)
         self.assertEqual(get_json(harness, "/v1/models")["data"][0]["status"], {"value": "loaded", "state": "ready"})
+
+    def test_restoring_saved_slots_is_still_loading(self) -> None:
+        """
+        While a loaded model restores its saved slots (a start step), the dashboard, ``/running``
+        and ``/v1/models`` say ``loading``, with the restore as its stage and label, as the
+        loading stream does; not ``starting`` again after the load's last percent.
+        """
+        harness = self.harness
+        restored: Deferred[None] = Deferred()
+        label = "restoring 2 cached conversations, 1.1 GB"
+
+        def restore(upstream: Upstream) -> Deferred[None]:
+            upstream.start_step = StartStep("restoring", label, 0.5)
+            return restored
+
+        harness.upstream("qwen").start_hooks.append(restore)
+        dashboard = Dashboard(self, harness)
+        Client(harness, CHAT, chat_body())
+        harness.prints("qwen", STAGE_LINES)
+        harness.advance(1)
+        self.assertEqual(dashboard.latest("qwen")["status"], "loading")
+        harness.health["qwen"] = 200
+        harness.advance(0.5)
+        entry = dashboard.latest("qwen")
+        self.assertEqual((entry["status"], entry["progress"]["stage"], entry["progress"]["label"]),
+                         ("loading", "restoring", label))
+        self.assertEqual(get_json(harness, "/running")["running"][0]["status"], "loading")
+        self.assertEqual(get_json(harness, "/v1/models")["data"][0]["status"]["state"], "loading")
+        restored.callback(None)
+        harness.advance(0.25)
+        self.assertEqual(dashboard.latest("qwen")["status"], "ready")
 
     def test_a_new_load_starts_from_nothing(self) -> None:
         """
@@ -263,6 +296,25 @@ class EntryTests(SynchronousTestCase):
         self.assertEqual(stopped["status"], "stopped")
         self.assertEqual(stopped["last_failure"]["reason"], "the process exited unexpectedly while ready")
         self.assertEqual(stopped["last_failure"]["last_lines"][-1], "GGML_ASSERT(n_tokens <= n_batch) failed")
+
+    def test_hung_model(self) -> None:
+        """
+        A ready model found hung is ``unhealthy`` with why as its current failure, and the
+        failure stays in its entry once it has been killed, as a crash's does.
+        """
+        harness = self.harness
+        harness.lease("qwen").release()
+        dashboard = Dashboard(self, harness)
+        what = "its health check (/health) failed 3 times in a row (last: no answer within 5s)"
+        harness.upstream("qwen").mark_unhealthy(what, "health_check")
+        hung = dashboard.latest("qwen")
+        self.assertEqual(hung["status"], "unhealthy")
+        self.assertEqual(hung["last_failure"]["reason"], "stopped responding: " + what)
+        self.assertIsNone(hung["last_failure"]["exit_code"])
+        harness.process("qwen").exit(None, signum=9)
+        stopped = dashboard.latest("qwen")
+        self.assertEqual(stopped["status"], "stopped")
+        self.assertEqual(stopped["last_failure"], hung["last_failure"])
 
     def test_unload_is_no_failure(self) -> None:
         harness = self.harness

@@ -189,7 +189,8 @@ class FrozenModelTests(TestCase):
         status, answer = await proxy.chat("a")
 
         self.assertEqual(status, 504)
-        self.assertIn("its health check (/health) failed 3 times in a row", answer["error"]["message"])
+        self.assertIn(f"its health check (/health) failed 3 times in a row (last: no answer within {interval:g}s)",
+                      answer["error"]["message"])
         models = {m["id"]: m for m in (await proxy.get_json("/v1/models"))["data"]}
         self.assertIn(models["a"]["state"], ("unhealthy", "stopped"))
         await wait_until(lambda: not alive(pid), timeout=UNLOAD + 5, what="the frozen model to be killed")

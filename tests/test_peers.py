@@ -12,12 +12,14 @@ from typing import Any
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from swapproxy.config import Config, parse_config
 from swapproxy.peers import FRESH_SECONDS, LIST_WAIT, POLL_TIMEOUT, PeerClient, PeerSet, PeerTimeout, model_states
+from swapproxy.web.listing import peer_records
 from tests.fakes import FakePeerClient, FakePeerResponse
 
 CONFIG = """
@@ -62,6 +64,28 @@ class PeerSetTests(SynchronousTestCase):
         self.assertEqual(self.peers.health["a"].states, {"m1": "ready", "m2": "stopped"})
         self.assertEqual(self.peers.health["b"].states, {"n": "loaded", "x": "available"})
         self.assertEqual(self.peers.health["a"].model_state("zz"), "unlisted")
+
+    def test_a_swapproxy_peer_shows_its_load_progress(self) -> None:
+        """
+        ``/v1/models`` lists a model that a swapproxy peer is loading with the peer's ``status``,
+        its load progress among it; not once the peer is down.
+        """
+        progress = {"stage": "loading", "label": "loading weights", "fraction": 0.42, "percent": 42,
+                    "elapsed": 2.0, "eta": 2.8, "expected": 4.8}
+        self.peers.refresh()
+        self.client("a").sent[0][3].callback(FakePeerResponse(200, json.dumps({"data": [
+            {"id": "m1", "state": "starting", "status": {"value": "loaded", "state": "loading", "progress": progress}},
+            {"id": "m2", "state": "stopped", "status": {"value": "unloaded", "state": "stopped"}},
+        ]}).encode()))
+        records = {r["id"]: r for r in peer_records(self.config, self.peers.health, 0)}
+        self.assertEqual(records["a/m1"]["state"], "starting")
+        self.assertEqual(records["a/m1"]["status"], {"value": "loaded", "state": "loading", "progress": progress})
+        self.assertEqual(records["a/m2"]["status"]["state"], "stopped")
+        self.assertNotIn("status", records["b/n"], "b has not answered")
+        self.peers.unreachable(self.config.peers["a"], "connection refused")
+        records = {r["id"]: r for r in peer_records(self.config, self.peers.health, 0)}
+        self.assertEqual(records["a/m1"]["state"], "unreachable")
+        self.assertNotIn("status", records["a/m1"])
 
     def test_fresh_for_a_while(self) -> None:
         """
@@ -118,6 +142,27 @@ class PeerSetTests(SynchronousTestCase):
         self.assertIsNot(old, new)
         self.assertTrue(old.closed)
         self.assertIs(self.peers.client(self.config.peers["b"]), self.peers.client(self.config.peers["b"]))
+
+    def test_a_removed_peer_is_forgotten(self) -> None:
+        """
+        After a reload that removes a peer, its connections are closed (a question in flight
+        is withdrawn) and nothing is known of it any more; the other peers are kept.
+        """
+        self.peers.refresh()
+        self.client("a").sent[0][3].callback(FakePeerResponse(200, listing(m1="ready")))
+        b, question = self.client("b"), self.client("b").sent[0][3]
+        self.peers.forget_removed()
+        self.assertFalse(b.closed, "nothing changed")
+        without_b = textwrap.dedent(CONFIG).replace('  b: {proxy: "http://10.0.0.2:8080", models: [n]}\n', "")
+        self.config = parse_config(without_b, "config.yaml", {})
+        self.assertEqual(list(self.config.peers), ["a"])
+        with capturedLogs() as events:
+            self.peers.forget_removed()
+        self.assertEqual(events, [], "a peer removed is not unreachable")
+        self.assertTrue(b.closed)
+        self.assertTrue(question.called, "its question is withdrawn")
+        self.assertEqual(list(self.peers.health), ["a"])
+        self.assertFalse(self.client("a").closed)
 
     def test_stop_cancels_questions_and_closes(self) -> None:
         self.peers.refresh()

@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from swapproxy.config import parse_config
 from swapproxy.upstream import StartError, State
 from swapproxy.web.router_api import HEARTBEAT, PROGRESS_TICK
 from tests.test_loading import parse_events
@@ -140,6 +141,32 @@ class ModelListTests(RouterApiCase):
         self.assertEqual(response.code, 502)
         status = self.status_of("qwen")
         self.assertEqual((status["value"], status["failed"], status["exit_code"]), ("unloaded", True, 3))
+
+    def test_a_hung_model_is_loaded_until_its_process_has_gone(self) -> None:
+        """
+        A ready model found hung is still listed (a 200, not a 500) as ``loaded`` while it is
+        being stopped, as a stopping model is, then ``unloaded`` once its process has exited.
+        """
+        upstream = self.h.upstreams["llama"]
+        response, _ = self.h.post_json("/v1/chat/completions", {"model": "llama"})
+        self.assertEqual(response.code, 200)
+        upstream.mark_unhealthy("its health check (/health) failed 3 times in a row", "health_check")
+        response, listing = self.get_json("/models")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(listing["data"][0]["status"]["value"], "loaded")
+        upstream.exited()
+        self.assertEqual(self.status_of("llama")["value"], "unloaded")
+
+    def test_every_state_has_a_router_status(self) -> None:
+        upstream = self.h.upstreams["qwen"]
+        for state in State:
+            upstream.state = state
+            self.assertIn(self.router_status(upstream)["value"], ("unloaded", "loading", "loaded"), state)
+
+    def router_status(self, upstream: Any) -> dict[str, Any]:
+        response, listing = self.get_json("/models")
+        self.assertEqual(response.code, 200)
+        return next(entry["status"] for entry in listing["data"] if entry["id"] == upstream.model.id)
 
     def test_trailing_slash_and_unknown_child(self) -> None:
         response, listing = self.get_json("/models/")
@@ -298,6 +325,30 @@ class EventStreamTests(RouterApiCase):
         self.assertEqual(events[0]["event"], "model_status")
         self.assertEqual(events[-1], {"model": "qwen", "event": "status_change",
                                       "data": {"status": "unloaded", "exit_code": 3}})
+
+    def test_a_model_a_reload_removes_or_replaces_is_unloaded(self) -> None:
+        """
+        A model that a reload removes while it loads ends with ``unloaded`` once its process
+        has stopped, so that a router client does not show it loading for ever; a loaded model
+        whose command a reload changed too, once its old process has stopped.
+        """
+        client = self.connect()
+        config = textwrap.dedent(CONFIG)
+        self.h.upstreams["qwen"].auto_ready = False
+        self.post_json("/models/load", {"model": "qwen"})
+        without_qwen = config.replace("  qwen:\n    cmd: llama-server --port ${PORT} -m /models/qwen.gguf\n", "")
+        self.assertNotIn("qwen", without_qwen)
+        self.h.supervisor.reload(parse_config(without_qwen, "config.yaml", {}))
+        self.assertEqual(self.events(client)[-1], {"model": "qwen", "event": "status_change",
+                                                   "data": {"status": "unloaded", "exit_code": 0}})
+
+        self.post_json("/models/load", {"model": "llama"})
+        self.assertEqual(self.events(client)[-1]["data"]["status"], "loaded")
+        changed = without_qwen.replace("-m /models/llama.gguf", "-m /models/llama-2.gguf")
+        self.h.supervisor.reload(parse_config(changed, "config.yaml", {}))
+        self.assertEqual(self.events(client)[-1], {"model": "llama", "event": "status_change",
+                                                   "data": {"status": "unloaded", "exit_code": 0}})
+        self.assertEqual(self.status_of("llama")["value"], "unloaded")
 
     def test_unlisted_models_are_not_reported(self) -> None:
         client = self.connect()

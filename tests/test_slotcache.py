@@ -154,6 +154,26 @@ class CommandTests(SlotCacheTestCase):
         self.start(self.upstream())
         self.assertEqual(self.reactor.spawned[0].command[-1], os.path.join(self.state, "elsewhere"))
 
+    def test_a_directory_that_cannot_be_made_leaves_the_command_alone(self) -> None:
+        """
+        When the configured directory cannot be created, the model starts as without the slot
+        cache, with a warning: llama-server would refuse to start with a save path that is
+        not a directory.
+        """
+        blocker = os.path.join(self.state, "a-file")
+        os.makedirs(self.state, exist_ok=True)
+        with open(blocker, "w", encoding="utf-8") as f:
+            f.write("not a directory")
+        self.settings = SlotCacheConfig(enabled=True, path=os.path.join(blocker, "slots"))
+        upstream = self.upstream()
+        with capturedLogs() as events:
+            self.started(upstream)
+        self.assertNotIn("--slot-save-path", self.reactor.spawned[0].command)
+        self.assertIn(f"slot cache of m: cannot create {blocker}/slots", " ".join(formatEvent(e) for e in events))
+        self.conversation(upstream, 0, [1, 2, 3])
+        self.stopped(upstream)
+        self.assertEqual(self.server.calls, [], "no save is asked of a server without a save path")
+
     def test_a_path_the_user_gave_is_kept_and_used(self) -> None:
         mine = os.path.join(self.state, "mine")
         upstream = self.upstream(f"llama-server -m /models/m.gguf --port ${{PORT}} --slot-save-path {mine}")

@@ -91,6 +91,15 @@ class TargetsTests(SynchronousTestCase):
             t.release()
         self.assertEqual([self.targets.find("spill").name for _ in range(2)], ["alpha", "p/m"])
 
+    def test_spillover_skips_a_hung_target(self) -> None:
+        """
+        A target found hung (``unhealthy``, being killed) is skipped like a stopping one: a
+        request sent to it would wait for the kill and a new start.
+        """
+        self.states.update(a=State.READY, b=State.UNHEALTHY)
+        taken = [self.targets.find("spill") for _ in range(3)]
+        self.assertEqual([t.name for t in taken], ["alpha", "alpha", "p/m"])
+
     def test_profile(self) -> None:
         profile = self.targets.profile
         self.assertEqual(self.find("a"), ("a", "a"))

@@ -240,6 +240,38 @@ class ModelsViewTests(DashboardTestCase):
         self.assertIn("error: failed to load model 'fake.gguf'", text)
 
 
+    @screenshot_on_failure
+    async def test_hung_model(self) -> None:
+        """
+        A model that freezes shows ``unhealthy`` and why while it is being killed, and the
+        reason stays on its row once it has stopped.
+        """
+        await self.start_swapproxy(healthCheckInterval=0.5, unloadTimeout=4)
+        await self.open_browser()
+        await self.page_is_live()
+        await self.click("Load quick")
+        await self.until(lambda d: self.state(d, "quick") == "ready", "quick ready")
+        [entry] = await self.running()
+        pid = int(entry["pid"])
+
+        def thaw_and_kill() -> None:
+            for signum in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    return
+
+        self.addCleanup(thaw_and_kill)
+        os.kill(pid, signal.SIGSTOP)
+        await self.until(lambda d: self.state(d, "quick") == "unhealthy", "quick found hung")
+        text = await in_thread(lambda: self.row(self.browser.driver, "quick").text)
+        self.assertIn("stopped responding: its health check (/health) failed 3 times in a row", text)
+        await self.until(lambda d: self.state(d, "quick") == "stopped", "quick killed", timeout=30)
+        text = await in_thread(lambda: self.row(self.browser.driver, "quick").text)
+        self.assertIn("stopped responding", text)
+        self.assertEqual(await in_thread(self.browser.errors), [])
+
+
 class LogsAndActivityTests(DashboardTestCase):
     @screenshot_on_failure
     async def test_logs_show_what_a_model_printed(self) -> None:

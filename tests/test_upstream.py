@@ -21,7 +21,9 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import ResponseNeverReceived
 
 from swapproxy.config import ModelConfig, parse_config
 from swapproxy.upstream import (
@@ -60,7 +62,9 @@ class Probe:
     """
     A health probe: answers ``status`` (a number, or ``"refused"``) until ``healthy_at``, then 200.
 
-    With ``pending`` set, each probe returns a Deferred the test fires (kept in ``pending_calls``).
+    With ``pending`` set, each probe returns a Deferred the test fires (kept in ``pending_calls``);
+    cancelling one fails it as an HTTP client's cancelled request fails (``ResponseNeverReceived``
+    wrapping the ``CancelledError``), not with a bare ``CancelledError``.
     """
 
     def __init__(self, clock: Any, status: int | str = 503, healthy_at: float | None = None) -> None:
@@ -74,7 +78,7 @@ class Probe:
     def __call__(self, upstream: Upstream) -> Deferred[int]:
         self.calls.append(self.clock.seconds())
         if self.pending:
-            d: Deferred[int] = Deferred()
+            d: Deferred[int] = Deferred(lambda d: d.errback(ResponseNeverReceived([Failure(CancelledError())])))
             self.pending_calls.append(d)
             return d
         if self.healthy_at is not None and self.clock.seconds() >= self.healthy_at:

@@ -114,8 +114,9 @@ def alias_records(config: Config, listed: list[dict[str, Any]]) -> list[dict[str
 
 def peer_records(config: Config, health: Mapping[str, PeerHealth], created: int) -> list[dict[str, Any]]:
     """
-    A record for each model of each peer, ``id`` ``peer/model``, with its live ``state`` and
-    the peer's reachability.
+    A record for each model of each peer, ``id`` ``peer/model``, with its live ``state``, the
+    ``status`` the peer gave it (with a swapproxy peer's load ``progress``) and the peer's
+    reachability.
     """
     records = []
     for peer in config.peers.values():
@@ -127,6 +128,7 @@ def peer_records(config: Config, health: Mapping[str, PeerHealth], created: int)
             fqn = f"{peer.id}/{model}"
             records.append(_base(
                 fqn, created, known.model_state(model),
+                status=known.model_status(model),
                 name=f"{peer.id}: {model}",
                 meta={"llamaswap": {"type": "peer", "peerID": peer.id, "modelID": model}},
                 peer=peer_info,

@@ -61,6 +61,7 @@ _VALUES = {
     State.STARTING: "loading",
     State.READY: "loaded",
     State.STOPPING: "loaded",  # the router too says "loaded" until the process has exited
+    State.UNHEALTHY: "loaded",  # found hung and being stopped: "loaded" until its process has gone
 }
 _STAGES = ["text_model"]
 
@@ -194,6 +195,7 @@ class RouterStatus:
 
     def _state_changed(self, upstream: Upstream, old: State, new: State) -> None:
         if not self._current(upstream):
+            self._retired_stopped(upstream, old, new)
             return
         model_id = upstream.model.id
         if new is State.STARTING:
@@ -212,6 +214,20 @@ class RouterStatus:
             self._sent_progress.pop(model_id, None)
             self._publish(model_id, "status_change", {"status": "unloaded", "exit_code": _exit_code(upstream)})
         self._keep_ticking()
+
+    def _retired_stopped(self, upstream: Upstream, old: State, new: State) -> None:
+        """
+        The process of a model that a reload removed or replaced has stopped: its model is
+        ``unloaded`` unless a new process of it has started meanwhile (which said so itself).
+        """
+        if new not in (State.STOPPED, State.FAILED) or old is State.STOPPED or upstream.model.unlisted:
+            return
+        model_id = upstream.model.id
+        current = self._supervisor.upstreams.get(model_id)
+        if current is not None and (current.running or current.model.unlisted):
+            return
+        self._sent_progress.pop(model_id, None)
+        self._publish(model_id, "status_change", {"status": "unloaded", "exit_code": _exit_code(upstream)})
 
     def _output(self, upstream: Upstream, _: Any) -> None:
         if upstream.state is State.STARTING and self._subscribers and self._current(upstream):

@@ -133,11 +133,13 @@ export class ModelsView {
       parts.push(h("div", { class: "line", text: `waiting for its turn to load: ${plural(entry.queued, "request")}` }));
     } else if (entry.status === "stopping") {
       parts.push(h("div", { class: "line", text: "stopping…" }));
+    } else if (entry.status === "unhealthy") {
+      parts.push(h("div", { class: "line", text: "not responding: stopping it…" }));
     } else if (entry.status === "stopped") {
       parts.push(h("div", { class: "line", text: "not loaded" }));
     }
     const failure = entry.last_failure;
-    if (failure) parts.push(this.failureDetails(failure, entry.status === "failed", row));
+    if (failure) parts.push(this.failureDetails(failure, entry.status === "failed" || entry.status === "unhealthy", row));
     row.details.replaceChildren(h("div", { class: "details" }, parts));
   }
 
@@ -207,7 +209,7 @@ export class ModelsView {
       queued += entry.queued;
     }
     const words = [plural(this.rows.size, "model")];
-    for (const status of ["ready", "loading", "starting", "queued", "stopping", "failed"]) {
+    for (const status of ["ready", "loading", "starting", "queued", "stopping", "unhealthy", "failed"]) {
       if (counts.get(status)) words.push(`${counts.get(status)} ${status}`);
     }
     if (inFlight) words.push(`${plural(inFlight, "request")} in flight`);
