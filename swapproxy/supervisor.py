@@ -1,12 +1,24 @@
 # -*- test-case-name: tests.test_supervisor -*-
 """
-Which children run: swap groups, the request queue, concurrency limits, TTL and shutdown.
+Which children run: swap groups or the swap matrix, the request queue, concurrency limits, TTL
+and shutdown.
 
-Every request for a model takes a `Ticket`. Tickets are served in arrival order: a ticket whose
-model is ready and conflicts with nothing is granted a `Lease` at once; one that needs other
-models stopped waits until those models have no request in flight, and from then on later
-tickets for those models wait behind it, so that a busy model cannot keep its group forever.
-Models are stopped for a swap only when no request is in flight on them.
+Every request for a model takes a `Ticket`. A ticket whose model is ready and conflicts with
+nothing is granted a `Lease` at once. The others wait, in service order: by ``priority``, then
+arrival. The first waiting ticket whose model cannot run yet has the models in its way stopped as
+soon as no request is in flight on them (never mid-request), then its model is started.
+
+Requests are *collated*: while a model runs, later requests for it are granted ahead of older
+requests that wait for other models, so a burst for one model is served by one start instead of
+a swap per change of model. That is bounded: once a waiting ticket has been overtaken by
+``maxOvertakes`` later requests on the models in its way, or has waited ``maxWait`` seconds, it
+is *due*: those models get no new requests until it has run, and due tickets go first in arrival
+order. ``maxOvertakes: 0`` is strict order: every ticket holds back the models in its way, as
+llama-swap's FIFO does without its collation.
+
+A model is never stopped while it starts for a waiting ticket, and a model that has not served
+anyone since it started serves its first waiting ticket before anything can stop it; so no model
+is started only to be stopped.
 
 `Supervisor.reload` applies a new configuration without dropping a request: a model whose process
 settings changed, or that was removed, keeps its old process until the requests in flight on it
@@ -15,6 +27,7 @@ are done (it is "retiring"), and a new process is started only once that one has
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -126,18 +139,25 @@ class Ticket:
 
     :ivar stage: ``queued`` (behind other requests), ``stopping`` (other models are being
         stopped to make room), ``starting`` (this model is loading), ``ready`` or ``failed``.
-    :ivar waiting_for: the models that must stop before this one can run.
-    :ivar position: 1-based place among the waiting tickets.
+    :ivar waiting_for: the models that must stop, or be served, before this one runs.
+    :ivar position: 1-based place in the order the waiting tickets are expected to be served.
+    :ivar reason: why it waits, for people: "3 requests for qwen finish first, then gemma starts".
+    :ivar overtaken: how many later requests were served, on the models in its way, while it waited.
+    :ivar due: whether it may no longer be overtaken (see the module docstring).
     """
 
-    def __init__(self, supervisor: Supervisor, upstream: Upstream, arrived_at: float) -> None:
+    def __init__(self, supervisor: Supervisor, upstream: Upstream, arrived_at: float, seq: int) -> None:
         self._supervisor = supervisor
         self.upstream = upstream
         self.model_id = upstream.model.id
         self.arrived_at = arrived_at
+        self.seq = seq
         self.stage = "queued"
         self.waiting_for: tuple[str, ...] = ()
         self.position = 0
+        self.reason = ""
+        self.overtaken = 0
+        self.due = False
         self.granted_at: float | None = None
         self.error: Exception | None = None
         self._start: Deferred[None] | None = None
@@ -200,6 +220,11 @@ class Supervisor(Service):
         for model in config.models.values():
             self._add_upstream(model)
         self._queue: list[Ticket] = []
+        self._arrivals = itertools.count()
+        #: Upstreams that started and have not granted a request since.
+        self._unserved: set[Upstream] = set()
+        #: The timer that makes the oldest held-back ticket due after ``maxWait``.
+        self._due_call: IDelayedCall | None = None
         self._ttl_calls: dict[str, IDelayedCall] = {}
         self._pumping = False
         self._pump_again = False
@@ -250,7 +275,7 @@ class Supervisor(Service):
                 f"model {model_id!r} already has {load} requests (concurrencyLimit "
                 f"{upstream.model.concurrency_limit}); retry later"
             )
-        ticket = Ticket(self, upstream, self._reactor.seconds())
+        ticket = Ticket(self, upstream, self._reactor.seconds(), next(self._arrivals))
         ticket.defer_start = defer_start
         self._queue.append(ticket)
         self._pump()
@@ -326,61 +351,238 @@ class Supervisor(Service):
             self._pumping = False
 
     def _schedule(self) -> None:
-        blocked: set[Upstream] = set()
-        claimed: set[Upstream] = set()
-        position = 0
-        for ticket in list(self._queue):
-            model_id = ticket.model_id
+        """
+        One look at the queue: grant what can be granted, stop what is in the way of the first
+        waiting tickets, start what can start, then tell each waiting ticket where it stands.
+        """
+        order = self._service_order()
+        strict = self.config.scheduler.strict
+        cache: dict[str, list[Upstream]] = {}
+
+        def in_way(model_id: str) -> list[Upstream]:
+            if model_id not in cache:
+                cache[model_id] = self._conflicting(model_id)
+            return cache[model_id]
+
+        # 1. Grants. A ticket that may no longer be overtaken holds back the models in its way.
+        first_riders = self._first_riders(order)
+        held: set[Upstream] = set()
+        for ticket in order:
+            if strict or ticket.due:
+                held.update(in_way(ticket.model_id))
+            if ticket.upstream in held and ticket not in first_riders:
+                continue
+            if not in_way(ticket.model_id) and ticket.upstream.state is State.READY:
+                for now_due in self._grant(ticket, in_way):
+                    held.update(in_way(now_due.model_id))
+
+        # 2. Stops and starts, for the waiting tickets in service order (the state changes as we go).
+        order = [ticket for ticket in order if ticket in self._queue]
+        first_riders = self._first_riders(order)
+        claimed = {ticket.upstream for ticket in first_riders}
+        for ticket in order:
             upstream = ticket.upstream
-            if upstream in blocked:
-                position += 1
-                ticket.stage, ticket.position = "queued", position
-                ticket.waiting_for = tuple(sorted({other.model.id for other in blocked}))
-                claimed.add(upstream)
+            if ticket not in self._queue or (upstream in held and ticket not in first_riders):
                 continue
-            conflicts = self._conflicting(model_id)
-            if not conflicts and upstream.state is State.READY:
-                self._grant(ticket)
-                continue
-            position += 1
-            ticket.position = position
-            claimed.add(upstream)
+            conflicts = self._conflicting(ticket.model_id)
             if conflicts:
-                ticket.waiting_for = tuple(dict.fromkeys(other.model.id for other in conflicts))
-                busy = [c for c in conflicts if self._in_flight_of(c) or c in claimed]
                 for other in conflicts:
-                    if other not in busy and other.state is not State.STOPPING:
-                        self.log.info(
-                            "stopping model {other} to make room for {model}", other=other.model.id, model=model_id
-                        )
-                        for observer in list(self.swap_observers):
-                            observer(other.model.id, model_id)
-                        if self.upstreams.get(other.model.id) is other:
-                            self._cancel_ttl(other.model.id)
-                        # Its own unloadTimeout (llama-swap gives a swap healthCheckTimeout).
-                        other.stop()
-                ticket.stage = "queued" if busy else "stopping"
-                blocked.update(conflicts)
-                continue
-            ticket.waiting_for = ()
-            ticket.stage = "starting"
-            if ticket._start is None:
-                if ticket.defer_start:
+                    if other in claimed or self._in_flight_of(other) or other.state is State.STOPPING:
+                        continue
+                    self.log.info("stopping model {other} to make room for {model}",
+                                  other=other.model.id, model=ticket.model_id)
+                    for observer in list(self.swap_observers):
+                        observer(other.model.id, ticket.model_id)
+                    if self.upstreams.get(other.model.id) is other:
+                        self._cancel_ttl(other.model.id)
+                    # Its own unloadTimeout (llama-swap gives a swap healthCheckTimeout).
+                    other.stop()
+            elif upstream.state is not State.READY and (ticket._start is None or ticket._start.called):
+                if not upstream.running and self._would_displace(upstream, claimed):
+                    # Starting it now would put it in the way of a request ahead of this one.
+                    pass
+                elif ticket.defer_start and not upstream.running:
                     # Not callLater(0): the reactor runs due calls before it flushes writes.
                     self._reactor.callLater(self.deferred_start_delay, self._pump)
-                    continue
-                ticket._start = upstream.start()
-                ticket._start.addErrback(self._start_failed, ticket)
+                else:
+                    ticket._start = upstream.start()
+                    ticket._start.addErrback(self._start_failed, ticket)
+            claimed.add(upstream)
 
-    def _grant(self, ticket: Ticket) -> None:
+        # 3. What each waiting ticket is told.
+        self._describe([ticket for ticket in order if ticket in self._queue])
+        self._arm_due_timer()
+
+    def _would_displace(self, upstream: Upstream, claimed: set[Upstream]) -> bool:
+        """
+        Whether a model that one of the ``claimed`` models (wanted by requests ahead) needs
+        stopped would be ``upstream``'s model, once it runs.
+        """
+        model_id = upstream.model.id
+        matrix = self.config.matrix
+        if matrix is not None:
+            running = [up.model.id for up in self.upstreams.values() if up.running] + [model_id]
+            return any(model_id in matrix.solve(other.model.id, running).evict
+                       for other in claimed if other is not upstream)
+        group = self.config.group_of(model_id)
+        for other in claimed:
+            if other is upstream:
+                continue
+            try:
+                other_group = self.config.group_of(other.model.id)
+            except KeyError:
+                continue
+            if _displaces(other_group, group):
+                return True
+        return False
+
+    def _service_order(self) -> list[Ticket]:
+        """
+        The waiting tickets in the order they are served: due tickets first, by arrival; then by
+        priority (higher first), then arrival. Marks the tickets that ``maxWait`` has made due.
+        """
+        policy = self.config.scheduler
+        now = self._reactor.seconds()
+        priority = policy.priority
+        if policy.max_wait > 0 and not policy.strict:
+            for ticket in self._queue:
+                if not ticket.due and now - ticket.arrived_at >= policy.max_wait:
+                    ticket.due = True
+        return sorted(
+            self._queue,
+            key=lambda t: (0, 0, t.seq) if t.due else (1, -priority.get(t.model_id, 0), t.seq),
+        )
+
+    def _first_riders(self, order: list[Ticket]) -> set[Ticket]:
+        """
+        For each model that started and has served no one yet, its first waiting ticket: it is
+        served before anything can stop the model, so that no start is wasted.
+        """
+        riders: dict[Upstream, Ticket] = {}
+        for ticket in order:
+            if ticket.upstream in self._unserved:
+                riders.setdefault(ticket.upstream, ticket)
+        return set(riders.values())
+
+    def _grant(self, ticket: Ticket, in_way: Callable[[str], list[Upstream]] | None = None) -> list[Ticket]:
+        """
+        Give ``ticket`` its lease; count it against the older tickets whose way it stands in.
+
+        :returns: the tickets this overtaking made due.
+        """
         self._queue.remove(ticket)
+        upstream = ticket.upstream
         model_id = ticket.model_id
         self.in_flight[model_id] += 1
+        self._unserved.discard(upstream)
         self._cancel_ttl(model_id)
         ticket.stage = "ready"
         ticket.position = 0
+        ticket.reason = ""
         ticket.granted_at = self._reactor.seconds()
-        ticket._result.callback(Lease(self, ticket.upstream))
+        now_due = []
+        limit = self.config.scheduler.max_overtakes
+        if in_way is not None and limit > 0:
+            for waiting in self._queue:
+                if waiting.seq < ticket.seq and not waiting.due and upstream in in_way(waiting.model_id):
+                    waiting.overtaken += 1
+                    if waiting.overtaken >= limit:
+                        waiting.due = True
+                        now_due.append(waiting)
+        ticket._result.callback(Lease(self, upstream))
+        return now_due
+
+    def _describe(self, order: list[Ticket]) -> None:
+        """
+        Set each waiting ticket's stage, position, ``waiting_for`` and reason from the order in
+        which the tickets are expected to be served: in batches of one model, a starting model's
+        batch first, the others in service order. A ticket joins the batch of its model unless a
+        ticket that may not be overtaken (strict order, or due) stands between them.
+        """
+        strict = self.config.scheduler.strict
+        batches: list[tuple[Upstream, list[Ticket]]] = []
+        open_batch: dict[Upstream, list[Ticket]] = {}
+        for ticket in order:
+            upstream = ticket.upstream
+            if upstream in open_batch:
+                open_batch[upstream].append(ticket)
+            else:
+                open_batch[upstream] = [ticket]
+                batches.append((upstream, open_batch[upstream]))
+            if strict or ticket.due:
+                for other in list(open_batch):
+                    if other is not upstream and self._exclusive(other.model.id, ticket.model_id):
+                        del open_batch[other]
+        # The riders of a start are served first, wherever they are in the order.
+        starting = {}
+        for batch in batches:
+            if batch[0].state is State.STARTING:
+                starting.setdefault(batch[0], id(batch))
+        batches.sort(key=lambda batch: starting.get(batch[0]) != id(batch))
+        position = 0
+        ahead: list[tuple[str, int]] = []
+        for upstream, tickets in batches:
+            model_id = upstream.model.id
+            conflicts = self._conflicting(model_id)
+            in_way = list(dict.fromkeys(c.model.id for c in conflicts))
+            busy = [(c.model.id, self._in_flight_of(c)) for c in conflicts if self._in_flight_of(c)]
+            before = [(other, count) for other, count in ahead if other == model_id or self._exclusive(other, model_id)]
+            if not in_way and not before:
+                # Starting, or just became ready (the next pass grants it).
+                ready = upstream.state is State.READY
+                stage, waiting_for, reason = "starting", (), f"{model_id} is {'ready' if ready else 'starting'}"
+            elif in_way and not before and not busy and all(c.state is State.STOPPING for c in conflicts):
+                verb = "is" if len(in_way) == 1 else "are"
+                stage, waiting_for = "stopping", tuple(in_way)
+                reason = f"{_and(in_way)} {verb} stopping to make room for {model_id}"
+            else:
+                first = _merge(busy + before)
+                stage = "queued"
+                waiting_for = tuple(dict.fromkeys(in_way + [m for m, _ in first if m != model_id]))
+                then = f"{model_id} starts" + (" again" if upstream.running else "")
+                if first:
+                    total = sum(count for _, count in first)
+                    reason = f"{_counts(first)} {'finishes' if total == 1 else 'finish'} first, then {then}"
+                else:
+                    reason = f"waiting for {_and(in_way)} to stop, then {then}"
+            for ticket in tickets:
+                position += 1
+                ticket.position = position
+                ticket.stage, ticket.waiting_for, ticket.reason = stage, waiting_for, reason
+            ahead.append((model_id, len(tickets)))
+
+    def _exclusive(self, first: str, second: str) -> bool:
+        """
+        Whether two models cannot run together (by their groups or the matrix).
+        """
+        if self.config.matrix is not None:
+            return bool(self.config.matrix.solve(first, [second]).evict)
+        group_of = self.config.group_of
+        try:
+            first_group, second_group = group_of(first), group_of(second)
+        except KeyError:  # a model a reload removed
+            return True
+        return _displaces(first_group, second_group) or _displaces(second_group, first_group)
+
+    def _arm_due_timer(self) -> None:
+        """
+        Have the queue looked at again when the oldest ticket that is not due reaches ``maxWait``.
+        """
+        policy = self.config.scheduler
+        deadline = None
+        if policy.max_wait > 0 and not policy.strict:
+            waiting = [t.arrived_at for t in self._queue if not t.due and t.stage != "starting"]
+            if waiting:
+                deadline = min(waiting) + policy.max_wait
+        call = self._due_call
+        if call is not None and call.active() and deadline is not None and call.getTime() == deadline:
+            return
+        if call is not None and call.active():
+            call.cancel()
+        self._due_call = None
+        if deadline is not None and not self._shutting_down:
+            self._due_call = self._reactor.callLater(
+                max(0.0, deadline - self._reactor.seconds()), self._pump)
 
     def _start_failed(self, failure: Failure, ticket: Ticket) -> None:
         if failure.check(CancelledError):
@@ -400,6 +602,10 @@ class Supervisor(Service):
                 self.log.info("the replaced process of model {model} has ended", model=upstream.model.id)
             self._pump()
             return
+        if new is State.STARTING:
+            self._unserved.add(upstream)
+        elif new is not State.READY:
+            self._unserved.discard(upstream)
         self._pump()
         if self.upstreams.get(upstream.model.id) is not upstream:
             return
@@ -491,6 +697,8 @@ class Supervisor(Service):
             self._preload.addErrback(lambda failure: failure.trap(CancelledError))
         for ticket in list(self._queue):
             self._fail_ticket(ticket, ShuttingDown("swapproxy is shutting down"))
+        if self._due_call is not None and self._due_call.active():
+            self._due_call.cancel()
         for model_id in list(self._ttl_calls):
             self._cancel_ttl(model_id)
         running = [model_id for model_id, up in self.upstreams.items() if up.running]
@@ -607,3 +815,29 @@ def _displaces(group: GroupConfig, other: GroupConfig) -> bool:
         return group.swap
     return group.exclusive and not other.persistent
 
+
+def _and(items: list[str]) -> str:
+    """
+    ``a``, ``a and b``, ``a, b and c``.
+    """
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _merge(counts: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """
+    Add up the counts of the same model, keeping the order of first appearance.
+    """
+    merged: dict[str, int] = {}
+    for model_id, count in counts:
+        merged[model_id] = merged.get(model_id, 0) + count
+    return list(merged.items())
+
+
+def _counts(counts: list[tuple[str, int]]) -> str:
+    """
+    ``3 requests for qwen and 1 for llama``.
+    """
+    parts = [f"{count} for {model_id}" for model_id, count in counts]
+    first_count = counts[0][1]
+    parts[0] = f"{first_count} request{'' if first_count == 1 else 's'} for {counts[0][0]}"
+    return _and(parts)

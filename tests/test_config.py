@@ -663,7 +663,7 @@ class WarningTests(SynchronousTestCase):
         """
         config = parse("""
             peers: {x: {proxy: "http://h"}}
-            matrix: {}
+            selectors: {}
             models:
               a:
                 cmd: run ${PORT}
@@ -675,7 +675,7 @@ class WarningTests(SynchronousTestCase):
               on_startup: {preload: [], later: 1}
         """)
         self.assertEqual(config.warnings, (
-            "config.yaml: unsupported keys ignored: peers, matrix, models.a.capabilities,"
+            "config.yaml: unsupported keys ignored: peers, selectors, models.a.capabilities,"
             " models.a.filters.newFilter, groups.g.priority, hooks.on_startup.later",))
 
     def test_deprecated_keys(self) -> None:

@@ -35,6 +35,8 @@ from tests.fakes import FakeUpstreams, ProcessReactor
 from tests.helpers import FAKE_UPSTREAM, alive, free_port_range, process_pipes_open, wait_until
 
 CMD = "llama-server --port ${PORT}"
+#: Top-level settings for strict arrival order.
+STRICT = {"routing": {"scheduler": {"settings": {"fifo": {"maxOvertakes": 0}}}}}
 
 
 def make_config(models: dict[str, dict[str, Any]], **top: Any) -> Any:
@@ -253,12 +255,13 @@ class SwapTests(SupervisorTestCase):
         self.successResultOf(d)
         self.assert_never_ran_together("a", "b")
 
-    def test_arrival_order_and_no_starvation(self) -> None:
+    def test_strict_arrival_order_and_no_starvation(self) -> None:
         """
-        Requests that wait for a swap are served in the order they arrived, and new requests for
-        the busy model queue behind them instead of keeping it loaded forever.
+        With ``maxOvertakes: 0``, requests that wait for a swap are served in the order they
+        arrived, and new requests for the busy model queue behind them instead of keeping it
+        loaded forever: a swap for every change of model.
         """
-        supervisor = self.make(["a", "b", "c"])
+        supervisor = self.make(["a", "b", "c"], **STRICT)
         lease_a = self.lease(supervisor, "a")
         served: list[str] = []
         leases: dict[str, Lease] = {}
@@ -305,6 +308,374 @@ class SwapTests(SupervisorTestCase):
         self.assertEqual((tb.position, tc.position), (1, 2))
         self.assertEqual(tb.waiting_for, ("a",))
         self.assertEqual(tb.stage, "queued")
+
+
+def fifo(**settings: Any) -> dict[str, Any]:
+    """
+    Top-level settings with these ``routing.scheduler.settings.fifo`` keys.
+    """
+    return {"routing": {"scheduler": {"settings": {"fifo": settings}}}}
+
+
+class Recorder:
+    """
+    Requests a model through a supervisor and records the order in which requests are granted.
+    """
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.served: list[str] = []
+        self.leases: dict[str, Lease] = {}
+        self.tickets: dict[str, Ticket] = {}
+
+    def ask(self, *names: str) -> None:
+        """
+        Request ``names[i][0]`` for each name (``b1`` asks for model ``b``).
+        """
+        for name in names:
+            def granted(lease: Lease, name: str = name) -> None:
+                self.served.append(name)
+                self.leases[name] = lease
+
+            self.tickets[name] = ticket = self.supervisor.request(name[0])
+            ticket.wait().addCallbacks(granted, lambda failure: failure.trap(CancelledError))
+
+    def leave(self, name: str) -> None:
+        """
+        The client of request ``name`` goes away.
+        """
+        self.tickets[name].wait().cancel()
+
+    def done(self, *names: str) -> None:
+        for name in names:
+            self.leases[name].release()
+
+
+class CollationTests(SupervisorTestCase):
+    """
+    The default policy: requests for a running model are served ahead of older requests for other
+    models, within ``maxOvertakes`` and ``maxWait``.
+    """
+
+    def test_running_model_serves_later_requests_first(self) -> None:
+        """
+        While a model serves requests, a later request for it is served at once, ahead of an
+        older one that waits for a swap; the swap happens when the model has nothing in flight.
+        """
+        supervisor = self.make(["a", "b"])
+        record = Recorder(supervisor)
+        record.ask("a1", "b1")
+        self.ups["a"].become_ready()
+        record.ask("a2")
+        self.assertEqual(record.served, ["a1", "a2"])
+        self.assertEqual(record.tickets["b1"].overtaken, 1)
+        self.assertEqual(self.ups["a"].stop_graces, [])
+        record.done("a1")
+        self.assertEqual(self.ups["a"].state, State.READY, "stopped with a request in flight")
+        record.done("a2")
+        self.ups["a"].exited()
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served, ["a1", "a2", "b1"])
+
+    def test_one_start_serves_every_waiting_request_for_the_model(self) -> None:
+        """
+        Requests that waited for a model in between requests for others are all served by one
+        start of it: two starts where strict order takes five.
+        """
+        supervisor = self.make(["a", "b", "c"])
+        busy = self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "c1", "b2", "c2", "b3")
+        busy.release()
+        self.ups["a"].exited()
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served, ["b1", "b2", "b3"])
+        record.done("b1", "b2", "b3")
+        self.ups["b"].exited()
+        self.ups["c"].become_ready()
+        self.assertEqual(record.served, ["b1", "b2", "b3", "c1", "c2"])
+        self.assertEqual((self.ups["b"].start_count, self.ups["c"].start_count), (1, 1))
+        self.assert_never_ran_together("a", "b", "c")
+
+    def test_strict_order_swaps_for_every_change(self) -> None:
+        """
+        The same requests with ``maxOvertakes: 0``: served in arrival order, a start each.
+        """
+        supervisor = self.make(["a", "b", "c"], **STRICT)
+        busy = self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "c1", "b2", "c2", "b3")
+        busy.release()
+        for name in ["b1", "c1", "b2", "c2", "b3"]:
+            for other in self.ups.running():
+                if self.ups[other].state is State.STOPPING:
+                    self.ups[other].exited()
+            self.ups[name[0]].become_ready()
+            self.assertEqual(record.served[-1], name)
+            record.done(name)
+        self.assertEqual((self.ups["b"].start_count, self.ups["c"].start_count), (3, 2))
+
+    def test_overtaking_is_bounded(self) -> None:
+        """
+        A waiting request is overtaken by at most ``maxOvertakes`` later ones; after that the
+        model in its way takes no new request, finishes those in flight and is swapped out; the
+        requests it held back are served after the one that waited.
+        """
+        supervisor = self.make(["a", "b"], **fifo(maxOvertakes=3))
+        record = Recorder(supervisor)
+        record.ask("a1")
+        self.ups["a"].become_ready()
+        record.ask("b1", "a2", "a3", "a4", "a5", "a6")
+        self.assertEqual(record.served, ["a1", "a2", "a3", "a4"])
+        b1 = record.tickets["b1"]
+        self.assertEqual((b1.overtaken, b1.due), (3, True))
+        a5 = record.tickets["a5"]
+        self.assertEqual((a5.stage, a5.position), ("queued", 2))
+        self.assertEqual(a5.reason, "1 request for b finishes first, then a starts again")
+        record.done("a1", "a2", "a3")
+        self.assertEqual(self.ups["a"].state, State.READY, "stopped with a request in flight")
+        record.done("a4")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.assertEqual(b1.stage, "stopping")
+        self.ups["a"].exited()
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served[-1], "b1")
+        record.done("b1")
+        self.ups["b"].exited()
+        self.ups["a"].become_ready()
+        self.assertEqual(record.served, ["a1", "a2", "a3", "a4", "b1", "a5", "a6"])
+
+    def test_waiting_is_bounded_in_time(self) -> None:
+        """
+        After ``maxWait`` seconds a waiting request is due even if few requests overtook it: the
+        clock alone makes the busy model take no new request.
+        """
+        supervisor = self.make(["a", "b"], **fifo(maxOvertakes=100, maxWait=30))
+        record = Recorder(supervisor)
+        record.ask("a1")
+        self.ups["a"].become_ready()
+        record.ask("b1")
+        self.clock.advance(29)
+        record.ask("a2")
+        self.assertEqual(record.served, ["a1", "a2"])
+        self.clock.advance(1)
+        self.assertTrue(record.tickets["b1"].due)
+        record.ask("a3")
+        self.assertEqual(record.served, ["a1", "a2"])
+        record.done("a1", "a2")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.ups["a"].exited()
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served, ["a1", "a2", "b1"])
+
+    def test_no_timer_without_waiting_requests(self) -> None:
+        """
+        The ``maxWait`` timer runs only while a request waits behind another model.
+        """
+        supervisor = self.make(["a", "b"], **fifo(maxWait=30))
+        record = Recorder(supervisor)
+        record.ask("a1")
+        self.ups["a"].become_ready()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        record.ask("b1")
+        self.assertEqual([call.getTime() for call in self.clock.getDelayedCalls()], [30])
+        record.leave("b1")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_start_serves_its_first_request_before_it_can_be_stopped(self) -> None:
+        """
+        A model started for a request serves it even if, meanwhile, an older-order request that
+        may not wait any longer needs the model gone: no start is wasted. Later requests for it
+        wait their turn.
+        """
+        supervisor = self.make(
+            ["a", "b", "x"],
+            groups={"main": {"members": ["a", "b"]}, "side": {"exclusive": False, "members": ["x"]}},
+            **STRICT,
+        )
+        busy = self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("x1", "b1", "x2")
+        self.assertEqual(self.ups["x"].start_count, 1)
+        self.assertEqual(record.tickets["x1"].stage, "starting")
+        self.assertEqual(self.ups["x"].stop_graces, [], "stopped while starting for a request")
+        self.ups["x"].become_ready()
+        self.assertEqual(record.served, ["x1"])
+        busy.release()
+        record.done("x1")
+        self.assertEqual((self.ups["a"].state, self.ups["x"].state), (State.STOPPING, State.STOPPING))
+        self.ups["a"].exited()
+        self.ups["x"].exited()
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served, ["x1", "b1"])
+        record.done("b1")
+        self.assertEqual(self.ups["b"].state, State.READY, "x does not displace b")
+        self.ups["x"].become_ready()
+        self.assertEqual(record.served, ["x1", "b1", "x2"])
+
+    def test_start_whose_first_request_left_serves_the_next(self) -> None:
+        """
+        When the request a start was for goes away, the next request for that model takes its
+        place: the start carries on and serves it.
+        """
+        supervisor = self.make(
+            ["a", "b", "x"],
+            groups={"main": {"members": ["a", "b"]}, "side": {"exclusive": False, "members": ["x"]}},
+            **STRICT,
+        )
+        busy = self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("x1", "b1", "x2")
+        record.leave("x1")
+        self.assertEqual(self.ups["x"].state, State.STARTING)
+        self.ups["x"].become_ready()
+        self.assertEqual(record.served, ["x2"])
+        busy.release()
+        self.assertEqual(self.ups["x"].state, State.READY, "stopped with a request in flight")
+
+    def test_shared_start_survives_one_waiter_leaving(self) -> None:
+        """
+        Collated requests share one start; one of them leaving neither stops the start nor
+        withdraws the others.
+        """
+        supervisor = self.make(["a", "b"])
+        busy = self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "a2", "b2", "b3")
+        busy.release()
+        record.done("a2")
+        self.ups["a"].exited()
+        record.leave("b1")
+        self.assertEqual((self.ups["b"].state, self.ups["b"].stop_graces), (State.STARTING, []))
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served, ["a2", "b2", "b3"])
+        self.assertEqual(self.ups["b"].start_count, 1)
+
+
+class QueueReportTests(SupervisorTestCase):
+    """
+    What a waiting request is told: its place in the order requests will really be served, and why.
+    """
+
+    def test_position_follows_the_collated_order(self) -> None:
+        """
+        Requests for the same model are counted together: the second request for b is second,
+        ahead of the older request for c.
+        """
+        supervisor = self.make(["a", "b", "c"])
+        first, second = self.lease(supervisor, "a"), self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "c1", "b2")
+        positions = {name: ticket.position for name, ticket in record.tickets.items()}
+        self.assertEqual(positions, {"b1": 1, "b2": 2, "c1": 3})
+        self.assertEqual(record.tickets["b1"].reason, "2 requests for a finish first, then b starts")
+        self.assertEqual(
+            record.tickets["c1"].reason, "2 requests for a and 2 for b finish first, then c starts"
+        )
+        self.assertEqual(record.tickets["c1"].waiting_for, ("a", "b"))
+        first.release()
+        self.assertEqual(record.tickets["b1"].reason, "1 request for a finishes first, then b starts")
+        second.release()
+        self.assertEqual(record.tickets["b1"].stage, "stopping")
+        self.assertEqual(record.tickets["b1"].reason, "a is stopping to make room for b")
+        self.assertEqual(record.tickets["c1"].stage, "queued")
+        self.ups["a"].exited()
+        self.assertEqual(
+            [(t.stage, t.position, t.reason) for t in record.tickets.values()],
+            [("starting", 1, "b is starting"), ("queued", 3, "2 requests for b finish first, then c starts"),
+             ("starting", 2, "b is starting")],
+        )
+
+    def test_strict_positions_are_arrival_order(self) -> None:
+        """
+        In strict order the position is the place in arrival order, and the reason lists every
+        model to be served before.
+        """
+        supervisor = self.make(["a", "b", "c"], **STRICT)
+        self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "c1", "b2")
+        positions = {name: ticket.position for name, ticket in record.tickets.items()}
+        self.assertEqual(positions, {"b1": 1, "c1": 2, "b2": 3})
+        self.assertEqual(
+            record.tickets["b2"].reason, "1 request for a, 1 for b and 1 for c finish first, then b starts"
+        )
+
+
+class PriorityTests(SupervisorTestCase):
+    """
+    ``routing.scheduler.settings.fifo.priority``: higher first from the queue, within the bound.
+    """
+
+    def test_higher_priority_starts_first(self) -> None:
+        """
+        When the running model is done, the waiting request with the higher priority goes first
+        even though it arrived later.
+        """
+        supervisor = self.make(["a", "b", "c"], **fifo(priority={"c": 5}))
+        busy = self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "c1")
+        self.assertEqual((record.tickets["c1"].position, record.tickets["b1"].position), (1, 2))
+        busy.release()
+        self.ups["a"].exited()
+        self.assertEqual((self.ups["b"].start_count, self.ups["c"].start_count), (0, 1))
+        self.ups["c"].become_ready()
+        self.assertEqual(record.served, ["c1"])
+
+    def test_priority_by_alias(self) -> None:
+        """
+        A priority may name a model by an alias.
+        """
+        supervisor = self.make({"a": {}, "b": {}, "c": {"aliases": ["fast"]}}, **fifo(priority={"fast": 5}))
+        self.assertEqual(supervisor.config.scheduler.priority, {"c": 5})
+
+    def test_priority_is_bounded_too(self) -> None:
+        """
+        Higher-priority requests overtake an older one at most ``maxOvertakes`` times.
+        """
+        supervisor = self.make(["a", "b", "c"], **fifo(priority={"c": 5}, maxOvertakes=2))
+        busy = self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "c1", "c2")
+        busy.release()
+        self.ups["a"].exited()
+        self.ups["c"].become_ready()
+        self.assertEqual(record.served, ["c1", "c2"])
+        self.assertTrue(record.tickets["b1"].due)
+        record.ask("c3")
+        self.assertEqual(record.served, ["c1", "c2"])
+        record.done("c1", "c2")
+        self.ups["c"].exited()
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served, ["c1", "c2", "b1"])
+
+    def test_priority_never_stops_a_starting_model(self) -> None:
+        """
+        A later request of higher priority waits for a model that is starting for others and
+        for the requests queued for it; then it goes first.
+        """
+        supervisor = self.make(["a", "b", "c"], **fifo(priority={"c": 9}))
+        record = Recorder(supervisor)
+        record.ask("a1", "a2", "c1", "b1")
+        self.assertEqual(self.ups["a"].stop_graces, [])
+        self.ups["a"].become_ready()
+        self.assertEqual(record.served, ["a1", "a2"])
+        record.done("a1", "a2")
+        self.ups["a"].exited()
+        self.assertEqual((self.ups["b"].start_count, self.ups["c"].start_count), (0, 1))
+
+    def test_strict_order_keeps_priority(self) -> None:
+        """
+        With ``maxOvertakes: 0`` priorities still order the queue, as in llama-swap.
+        """
+        supervisor = self.make(["a", "b", "c"], **fifo(priority={"c": 5}, maxOvertakes=0))
+        busy = self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "c1")
+        busy.release()
+        self.ups["a"].exited()
+        self.assertEqual(self.ups["c"].start_count, 1)
 
 
 class ConcurrencyLimitTests(SupervisorTestCase):
