@@ -67,7 +67,7 @@ _MODEL_KEYS = frozenset({
 _GROUP_KEYS = frozenset({"swap", "exclusive", "persistent", "members"})
 _MATRIX_KEYS = frozenset({"vars", "evict_costs", "sets"})
 _MATRIX_VAR = re.compile(r"[A-Za-z0-9.-]{1,32}")
-_FIFO_KEYS = frozenset({"priority", "maxOvertakes", "maxWait"})
+_FIFO_KEYS = frozenset({"priority", "maxOvertakes", "maxWait", "linger"})
 _FILTER_KEYS = frozenset({"stripParams", "strip_params", "setParams", "setParamsByID"})
 _RESERVED_MACROS = frozenset({"PORT", "MODEL_ID", "PID"})
 _MACRO_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
@@ -168,9 +168,11 @@ class Limits:
 
 
 #: Default ``routing.scheduler.settings.fifo.maxOvertakes`` (see README, "Scheduling").
-DEFAULT_MAX_OVERTAKES = 8
+DEFAULT_MAX_OVERTAKES = 16
 #: Default ``routing.scheduler.settings.fifo.maxWait``, seconds.
 DEFAULT_MAX_WAIT = 60.0
+#: Default ``routing.scheduler.settings.fifo.linger``, seconds.
+DEFAULT_LINGER = 0.05
 
 
 @attrs.frozen
@@ -184,11 +186,14 @@ class SchedulerConfig:
         strict arrival order.
     :ivar max_wait: seconds after which a waiting request is no longer overtaken; 0 means no
         time bound.
+    :ivar linger: seconds a model that is in demand is kept after its last request ended, for a
+        follow-up request, before it is swapped out for a waiting one.
     """
 
     priority: Mapping[str, int] = attrs.Factory(dict)
     max_overtakes: int = DEFAULT_MAX_OVERTAKES
     max_wait: float = DEFAULT_MAX_WAIT
+    linger: float = DEFAULT_LINGER
 
     @property
     def strict(self) -> bool:
@@ -1002,6 +1007,7 @@ def _build_scheduler(ch: _Checker, raw: Any, models: dict[str, ModelConfig],
         max_overtakes=ch.integer(fifo.get("maxOvertakes"), f"{path}.settings.fifo.maxOvertakes",
                                  DEFAULT_MAX_OVERTAKES, minimum=0),
         max_wait=ch.number(fifo.get("maxWait"), f"{path}.settings.fifo.maxWait", DEFAULT_MAX_WAIT),
+        linger=ch.number(fifo.get("linger"), f"{path}.settings.fifo.linger", DEFAULT_LINGER),
     )
 
 

@@ -223,8 +223,11 @@ class Supervisor(Service):
         self._arrivals = itertools.count()
         #: Upstreams that started and have not granted a request since.
         self._unserved: set[Upstream] = set()
-        #: The timer that makes the oldest held-back ticket due after ``maxWait``.
-        self._due_call: IDelayedCall | None = None
+        #: The timer that looks at the queue again: when the oldest held-back ticket reaches
+        #: ``maxWait``, or a model's ``linger`` ends.
+        self._wakeup_call: IDelayedCall | None = None
+        #: When each model's last request in flight ended.
+        self.last_used: dict[str, float] = {}
         self._ttl_calls: dict[str, IDelayedCall] = {}
         self._pumping = False
         self._pump_again = False
@@ -305,6 +308,7 @@ class Supervisor(Service):
                 self._stop_retiree(upstream)
         elif self.upstreams.get(model_id) is upstream:
             self.in_flight[model_id] -= 1
+            self.last_used[model_id] = self._reactor.seconds()
             if self.in_flight[model_id] == 0:
                 self._arm_ttl(model_id)
         self._pump()
@@ -326,6 +330,12 @@ class Supervisor(Service):
         return list(dict.fromkeys(upstream.model.id for upstream in self._conflicting(model_id)))
 
     def _conflicting(self, model_id: str) -> list[Upstream]:
+        """
+        The running processes that must stop before ``model_id`` may start: by its group, or by
+        the swap matrix.
+        """
+        if self.config.matrix is not None:
+            return self._matrix_evictions(model_id)
         group = self.config.group_of(model_id)
         result = []
         for other_id, other in self.upstreams.items():
@@ -336,6 +346,16 @@ class Supervisor(Service):
             if other.running and (other.model.id == model_id or _displaces(group, retiree.group)):
                 result.append(other)
         return result
+
+    def _matrix_evictions(self, model_id: str) -> list[Upstream]:
+        assert self.config.matrix is not None
+        running = [up for up in self.upstreams.values() if up.running]
+        running += [up for up in self._retiring if up.running]
+        decision = self.config.matrix.solve(model_id, list(dict.fromkeys(up.model.id for up in running)))
+        return [
+            up for up in running
+            if up.model.id in decision.evict or (up.model.id == model_id and up in self._retiring)
+        ]
 
     def _pump(self) -> None:
         if self._pumping:
@@ -380,6 +400,7 @@ class Supervisor(Service):
         order = [ticket for ticket in order if ticket in self._queue]
         first_riders = self._first_riders(order)
         claimed = {ticket.upstream for ticket in first_riders}
+        wakeups: list[float] = []
         for ticket in order:
             upstream = ticket.upstream
             if ticket not in self._queue or (upstream in held and ticket not in first_riders):
@@ -389,8 +410,14 @@ class Supervisor(Service):
                 for other in conflicts:
                     if other in claimed or self._in_flight_of(other) or other.state is State.STOPPING:
                         continue
-                    self.log.info("stopping model {other} to make room for {model}",
-                                  other=other.model.id, model=ticket.model_id)
+                    lingers_until = self._lingers_until(other, ticket)
+                    if lingers_until is not None:
+                        # Kept for its follow-up also against the tickets behind this one.
+                        claimed.add(other)
+                        wakeups.append(lingers_until)
+                        continue
+                    self.log.info("stopping model {other} to make room for {model}{why}", other=other.model.id,
+                                  model=ticket.model_id, why=self._why_evicted(ticket.model_id))
                     for observer in list(self.swap_observers):
                         observer(other.model.id, ticket.model_id)
                     if self.upstreams.get(other.model.id) is other:
@@ -398,8 +425,10 @@ class Supervisor(Service):
                     # Its own unloadTimeout (llama-swap gives a swap healthCheckTimeout).
                     other.stop()
             elif upstream.state is not State.READY and (ticket._start is None or ticket._start.called):
-                if not upstream.running and self._would_displace(upstream, claimed):
-                    # Starting it now would put it in the way of a request ahead of this one.
+                if upstream.state is State.STOPPING or (
+                        not upstream.running and self._would_displace(upstream, claimed)):
+                    # Wait for it to exit (a start now would restart it behind our back), and do
+                    # not put it in the way of a request ahead of this one.
                     pass
                 elif ticket.defer_start and not upstream.running:
                     # Not callLater(0): the reactor runs due calls before it flushes writes.
@@ -411,7 +440,7 @@ class Supervisor(Service):
 
         # 3. What each waiting ticket is told.
         self._describe([ticket for ticket in order if ticket in self._queue])
-        self._arm_due_timer()
+        self._arm_wakeup(wakeups)
 
     def _would_displace(self, upstream: Upstream, claimed: set[Upstream]) -> bool:
         """
@@ -551,6 +580,20 @@ class Supervisor(Service):
                 ticket.stage, ticket.waiting_for, ticket.reason = stage, waiting_for, reason
             ahead.append((model_id, len(tickets)))
 
+    def _why_evicted(self, model_id: str) -> str:
+        """
+        For the log: the matrix set a swap makes room for, and its cost.
+        """
+        matrix = self.config.matrix
+        if matrix is None:
+            return ""
+        running = list(dict.fromkeys(up.model.id for up in self.upstreams.values() if up.running))
+        decision = matrix.solve(model_id, running)
+        if not decision.set_name:
+            return f" ({model_id} is in no matrix set, so it runs alone)"
+        return (f" (matrix set {decision.set_name}: {' & '.join(decision.members)},"
+                f" evict cost {decision.cost})")
+
     def _exclusive(self, first: str, second: str) -> bool:
         """
         Whether two models cannot run together (by their groups or the matrix).
@@ -564,25 +607,45 @@ class Supervisor(Service):
             return True
         return _displaces(first_group, second_group) or _displaces(second_group, first_group)
 
-    def _arm_due_timer(self) -> None:
+    def _lingers_until(self, upstream: Upstream, ticket: Ticket) -> float | None:
         """
-        Have the queue looked at again when the oldest ticket that is not due reaches ``maxWait``.
+        Until when ``upstream`` is kept for a follow-up request before it is stopped for
+        ``ticket``: ``linger`` seconds after its last request ended, if it was busy when
+        ``ticket`` came (a client that just got its answer may well ask again), and ``ticket`` is
+        not due. ``None``: stop it now.
         """
         policy = self.config.scheduler
-        deadline = None
+        model_id = upstream.model.id
+        if policy.strict or ticket.due or policy.linger <= 0:
+            return None
+        if self.upstreams.get(model_id) is not upstream or model_id not in self.last_used:
+            return None
+        if self.last_used[model_id] <= ticket.arrived_at:
+            # It was idle when this ticket came: no sign of a follow-up.
+            return None
+        until = self.last_used[model_id] + policy.linger
+        return until if until > self._reactor.seconds() else None
+
+    def _arm_wakeup(self, deadlines: list[float]) -> None:
+        """
+        Have the queue looked at again at the earliest of ``deadlines`` and of the moment the
+        oldest ticket that is not due reaches ``maxWait``.
+        """
+        policy = self.config.scheduler
+        deadlines = list(deadlines)
         if policy.max_wait > 0 and not policy.strict:
             waiting = [t.arrived_at for t in self._queue if not t.due and t.stage != "starting"]
             if waiting:
-                deadline = min(waiting) + policy.max_wait
-        call = self._due_call
-        if call is not None and call.active() and deadline is not None and call.getTime() == deadline:
-            return
+                deadlines.append(min(waiting) + policy.max_wait)
+        deadline = min(deadlines) if deadlines and not self._shutting_down else None
+        call = self._wakeup_call
         if call is not None and call.active():
+            if deadline is not None and call.getTime() == deadline:
+                return
             call.cancel()
-        self._due_call = None
-        if deadline is not None and not self._shutting_down:
-            self._due_call = self._reactor.callLater(
-                max(0.0, deadline - self._reactor.seconds()), self._pump)
+        self._wakeup_call = None
+        if deadline is not None:
+            self._wakeup_call = self._reactor.callLater(max(0.0, deadline - self._reactor.seconds()), self._pump)
 
     def _start_failed(self, failure: Failure, ticket: Ticket) -> None:
         if failure.check(CancelledError):
@@ -697,8 +760,8 @@ class Supervisor(Service):
             self._preload.addErrback(lambda failure: failure.trap(CancelledError))
         for ticket in list(self._queue):
             self._fail_ticket(ticket, ShuttingDown("swapproxy is shutting down"))
-        if self._due_call is not None and self._due_call.active():
-            self._due_call.cancel()
+        if self._wakeup_call is not None and self._wakeup_call.active():
+            self._wakeup_call.cancel()
         for model_id in list(self._ttl_calls):
             self._cancel_ttl(model_id)
         running = [model_id for model_id, up in self.upstreams.items() if up.running]

@@ -373,6 +373,7 @@ class CollationTests(SupervisorTestCase):
         record.done("a1")
         self.assertEqual(self.ups["a"].state, State.READY, "stopped with a request in flight")
         record.done("a2")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
         self.ups["a"].exited()
         self.ups["b"].become_ready()
         self.assertEqual(record.served, ["a1", "a2", "b1"])
@@ -533,6 +534,26 @@ class CollationTests(SupervisorTestCase):
         busy.release()
         self.assertEqual(self.ups["x"].state, State.READY, "stopped with a request in flight")
 
+    def test_request_for_a_stopping_model_waits_its_turn(self) -> None:
+        """
+        A request for a model that is being stopped for another one does not restart it beside
+        the other: it waits until the other has served its requests.
+        """
+        supervisor = self.make(["a", "b"])
+        self.lease(supervisor, "a").release()
+        record = Recorder(supervisor)
+        record.ask("b1", "a2")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.ups["a"].exited()
+        self.assertEqual(self.ups.running(), ["b"])
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served, ["b1"])
+        record.done("b1")
+        self.ups["b"].exited()
+        self.ups["a"].become_ready()
+        self.assertEqual(record.served, ["b1", "a2"])
+        self.assert_never_ran_together("a", "b")
+
     def test_shared_start_survives_one_waiter_leaving(self) -> None:
         """
         Collated requests share one start; one of them leaving neither stops the start nor
@@ -550,6 +571,69 @@ class CollationTests(SupervisorTestCase):
         self.ups["b"].become_ready()
         self.assertEqual(record.served, ["a2", "b2", "b3"])
         self.assertEqual(self.ups["b"].start_count, 1)
+
+
+class LingerTests(SupervisorTestCase):
+    """
+    ``linger``: a model that was busy when a request for another one came is kept a moment after
+    its last request, for a follow-up, before it is swapped out.
+    """
+
+    def test_busy_model_waits_for_a_follow_up(self) -> None:
+        """
+        The model stays for ``linger`` seconds after its last request ends; a follow-up within
+        that time is served without a swap, and the model is stopped ``linger`` after that one.
+        """
+        supervisor = self.make(["a", "b"], **fifo(linger=0.5))
+        record = Recorder(supervisor)
+        record.ask("a1")
+        self.ups["a"].become_ready()
+        record.ask("b1")
+        self.clock.advance(1)
+        record.done("a1")
+        self.assertEqual(self.ups["a"].state, State.READY)
+        self.clock.advance(0.25)
+        record.ask("a2")
+        self.assertEqual(record.served, ["a1", "a2"])
+        record.done("a2")
+        self.clock.advance(0.25)
+        self.assertEqual(self.ups["a"].state, State.READY)
+        self.clock.advance(0.25)
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.assertEqual(self.ups["a"].start_count, 1)
+
+    def test_idle_model_is_swapped_at_once(self) -> None:
+        """
+        A request that finds the other model idle does not wait for ``linger``: one client
+        switching models gets its swap at once.
+        """
+        supervisor = self.make(["a", "b"], **fifo(linger=0.05))
+        self.lease(supervisor, "a").release()
+        self.clock.advance(0.001)
+        supervisor.request("b")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+
+    def test_due_request_does_not_wait_for_linger(self) -> None:
+        """
+        A request that may no longer be overtaken has the model stopped as soon as it is idle.
+        """
+        supervisor = self.make(["a", "b"], **fifo(linger=0.05, maxOvertakes=1))
+        record = Recorder(supervisor)
+        record.ask("a1")
+        self.ups["a"].become_ready()
+        record.ask("b1", "a2")
+        self.assertTrue(record.tickets["b1"].due)
+        self.clock.advance(1)
+        record.done("a1", "a2")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+
+    def test_no_linger_in_strict_order(self) -> None:
+        supervisor = self.make(["a", "b"], **STRICT)
+        busy = self.lease(supervisor, "a")
+        supervisor.request("b")
+        self.clock.advance(1)
+        busy.release()
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
 
 
 class QueueReportTests(SupervisorTestCase):
