@@ -917,6 +917,68 @@ class GroupTests(SupervisorTestCase):
         self.assertEqual(self.ups["x"].stop_graces, [])
 
 
+class MatrixTests(SupervisorTestCase):
+    """
+    ``routing.router.use: matrix``: the cheapest set containing the requested model decides
+    what is stopped.
+    """
+
+    def make_matrix(self, sets: dict[str, str], costs: dict[str, int] | None = None) -> Supervisor:
+        matrix: dict[str, Any] = {"sets": sets}
+        if costs:
+            matrix["evict_costs"] = costs
+        return self.make(["llm1", "llm2", "tts", "big"],
+                         routing={"router": {"use": "matrix", "settings": {"matrix": matrix}}})
+
+    def test_models_of_a_set_run_together(self) -> None:
+        """
+        A model that may run with the running ones starts beside them; an alternative replaces
+        only the model it is an alternative to.
+        """
+        supervisor = self.make_matrix({"standard": "(llm1 | llm2) & tts", "full": "big"})
+        self.lease(supervisor, "tts").release()
+        self.lease(supervisor, "llm1").release()
+        self.assertEqual(self.ups.running(), ["llm1", "tts"])
+        d = supervisor.request("llm2").wait()
+        self.assertEqual((self.ups["llm1"].state, self.ups["tts"].state), (State.STOPPING, State.READY))
+        self.ups["llm1"].exited()
+        self.ups["llm2"].become_ready()
+        self.successResultOf(d)
+        self.assertEqual(self.ups.running(), ["llm2", "tts"])
+
+    def test_cheapest_eviction_wins(self) -> None:
+        """
+        With two sets that each keep one running model, the costlier model to lose is kept.
+        """
+        supervisor = self.make_matrix({"with_llm": "big & llm1", "with_tts": "big & tts", "pair": "llm1 & tts"},
+                                      costs={"tts": 5})
+        self.lease(supervisor, "llm1").release()
+        self.lease(supervisor, "tts").release()
+        supervisor.request("big")
+        self.assertEqual((self.ups["llm1"].state, self.ups["tts"].state), (State.STOPPING, State.READY))
+
+    def test_model_in_no_set_runs_alone(self) -> None:
+        supervisor = self.make_matrix({"pair": "llm1 & tts"})
+        self.lease(supervisor, "llm1").release()
+        self.lease(supervisor, "tts").release()
+        supervisor.request("big")
+        self.assertEqual((self.ups["llm1"].state, self.ups["tts"].state), (State.STOPPING, State.STOPPING))
+
+    def test_busy_model_is_evicted_only_when_idle(self) -> None:
+        supervisor = self.make_matrix({"standard": "(llm1 | llm2) & tts"})
+        busy = self.lease(supervisor, "llm1")
+        ticket = supervisor.request("llm2")
+        self.assertEqual((ticket.stage, ticket.waiting_for), ("queued", ("llm1",)))
+        self.assertEqual(ticket.reason, "1 request for llm1 finishes first, then llm2 starts")
+        self.assertEqual(self.ups["llm1"].state, State.READY)
+        busy.release()
+        self.assertEqual(self.ups["llm1"].state, State.STOPPING)
+        self.ups["llm1"].exited()
+        self.ups["llm2"].become_ready()
+        self.successResultOf(ticket.wait())
+        self.assert_never_ran_together("llm1", "llm2")
+
+
 class TTLTests(SupervisorTestCase):
     """
     ``ttl``: an idle model is stopped.
