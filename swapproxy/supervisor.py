@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 
 from swapproxy.config import Config, GroupConfig, ModelConfig
 from swapproxy.logs import proxy_logger
+from swapproxy.memory import Footprints, available_memory, show_bytes
 from swapproxy.upstream import StartError, State, Upstream, needs_restart
 
 
@@ -70,6 +71,16 @@ class ShuttingDown(Rejected):
     status = 503
     error_type = "server_error"
     code = "shutting_down"
+
+
+class InsufficientMemory(Rejected):
+    """
+    The model can never fit in ``memoryBudget``, even with every model that may be stopped stopped.
+    """
+
+    status = 507
+    error_type = "server_error"
+    code = "insufficient_memory"
 
 
 class UnknownModel(Rejected):
@@ -184,6 +195,7 @@ class Supervisor(Service):
     :param reactor: provides ``IReactorProcess`` and ``IReactorTime``.
     :param environ: the environment children inherit (``os.environ`` by default).
     :param upstream_factory: makes the `Upstream` of a model (tests pass fakes).
+    :param footprints: measures what the models use (tests pass fakes).
 
     ``config``, ``upstreams`` and ``in_flight`` change on `reload`: read them when needed, do not
     keep them.
@@ -195,10 +207,14 @@ class Supervisor(Service):
         reactor: Any,
         environ: Mapping[str, str] | None = None,
         upstream_factory: Callable[[ModelConfig], Upstream] | None = None,
+        footprints: Footprints | None = None,
     ) -> None:
         self.log = proxy_logger("swapproxy.supervisor")
         self.config = config
         self._reactor = reactor
+        self.footprints = footprints if footprints is not None else Footprints(reactor)
+        #: Bytes the running models may use together; ``None`` for no budget.
+        self.memory_budget = available_memory() if config.memory_budget_auto else config.memory_budget
         if upstream_factory is None:
 
             def upstream_factory(model: ModelConfig) -> Upstream:
@@ -278,6 +294,9 @@ class Supervisor(Service):
                 f"model {model_id!r} already has {load} requests (concurrencyLimit "
                 f"{upstream.model.concurrency_limit}); retry later"
             )
+        shortfall = self._never_fits(model_id)
+        if shortfall is not None:
+            raise InsufficientMemory(shortfall)
         ticket = Ticket(self, upstream, self._reactor.seconds(), next(self._arrivals))
         ticket.defer_start = defer_start
         self._queue.append(ticket)
@@ -311,6 +330,7 @@ class Supervisor(Service):
             self.last_used[model_id] = self._reactor.seconds()
             if self.in_flight[model_id] == 0:
                 self._arm_ttl(model_id)
+            self._measure(upstream)
         self._pump()
 
     def _in_flight_of(self, upstream: Upstream) -> int:
@@ -331,9 +351,16 @@ class Supervisor(Service):
 
     def _conflicting(self, model_id: str) -> list[Upstream]:
         """
-        The running processes that must stop before ``model_id`` may start: by its group, or by
-        the swap matrix.
+        The running processes that must stop before ``model_id`` may start: by its group or the
+        swap matrix, then, with a ``memoryBudget``, the least recently used models that must go
+        for it to fit.
         """
+        placement = self._placement_conflicts(model_id)
+        if self.memory_budget is None:
+            return placement
+        return placement + self._memory_evictions(model_id, placement)
+
+    def _placement_conflicts(self, model_id: str) -> list[Upstream]:
         if self.config.matrix is not None:
             return self._matrix_evictions(model_id)
         group = self.config.group_of(model_id)
@@ -346,6 +373,86 @@ class Supervisor(Service):
             if other.running and (other.model.id == model_id or _displaces(group, retiree.group)):
                 result.append(other)
         return result
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def memory_of(self, model_id: str) -> dict[str, int | None]:
+        """
+        A model's declared (``memory``) and measured footprints in bytes; ``None`` when unknown.
+        """
+        model = self.config.models.get(model_id)
+        return {"declared": model.memory if model is not None else None,
+                "measured": self.footprints.measured.get(model_id)}
+
+    def _need(self, model: ModelConfig) -> int:
+        """
+        What a model is counted for: its ``memory``, else what it was measured to use, else 0.
+        """
+        return model.memory or self.footprints.measured.get(model.id, 0)
+
+    def _processes(self) -> list[Upstream]:
+        return [up for up in self.upstreams.values() if up.running] + [up for up in self._retiring if up.running]
+
+    def _memory_protected(self, upstream: Upstream, model_id: str) -> bool:
+        """
+        Whether a memory shortage for ``model_id`` may not stop ``upstream`` (a member of another,
+        ``persistent``, group).
+        """
+        if self.config.matrix is not None or self.upstreams.get(upstream.model.id) is not upstream:
+            return False
+        group = self.config.group_of(upstream.model.id)
+        return group.persistent and group.id != self.config.group_of(model_id).id
+
+    def _memory_evictions(self, model_id: str, placement: list[Upstream]) -> list[Upstream]:
+        """
+        The models to stop, beyond ``placement``, for ``model_id`` to fit in the budget: those
+        already stopping, then idle ones least recently used first, then busy ones.
+        """
+        assert self.memory_budget is not None
+        target = self.upstreams[model_id]
+        if target.running:
+            return []
+        resident = [up for up in self._processes() if up not in placement]
+        excess = sum(self._need(up.model) for up in resident) + self._need(target.model) - self.memory_budget
+        evictions: list[Upstream] = []
+        candidates = sorted(
+            (up for up in resident if self._need(up.model) and not self._memory_protected(up, model_id)),
+            key=lambda up: (up.state is not State.STOPPING,
+                            bool(self._in_flight_of(up) or self.queued(up.model.id)),
+                            self.last_used.get(up.model.id, up.started_at or 0.0)),
+        )
+        for upstream in candidates:
+            if excess <= 0:
+                break
+            evictions.append(upstream)
+            excess -= self._need(upstream.model)
+        return evictions
+
+    def _never_fits(self, model_id: str) -> str | None:
+        """
+        Why ``model_id`` cannot fit in the memory budget even with every model stopped that may
+        be; ``None`` when it can.
+        """
+        if self.memory_budget is None:
+            return None
+        model = self.config.models[model_id]
+        need = self._need(model)
+        source = "declared" if model.memory else "measured"
+        if need > self.memory_budget:
+            return (f"model {model_id!r} needs {show_bytes(need)} ({source}), more than the memory budget of"
+                    f" {show_bytes(self.memory_budget)} (memoryBudget)")
+        kept = [up for up in self._processes() if self._memory_protected(up, model_id)]
+        held = sum(self._need(up.model) for up in kept)
+        if need + held > self.memory_budget:
+            names = ", ".join(sorted(up.model.id for up in kept))
+            return (f"model {model_id!r} needs {show_bytes(need)} ({source}), but {show_bytes(held)} of the"
+                    f" {show_bytes(self.memory_budget)} memory budget is held by persistent models {names};"
+                    f" unload them first")
+        return None
+
+    def _measure(self, upstream: Upstream, force: bool = False) -> None:
+        self.footprints.measure(upstream.model.id, upstream.pid, force).addErrback(
+            lambda failure: self.log.failure("measuring the memory of {model}", failure, model=upstream.model.id))
 
     def _matrix_evictions(self, model_id: str) -> list[Upstream]:
         assert self.config.matrix is not None
@@ -405,6 +512,11 @@ class Supervisor(Service):
             upstream = ticket.upstream
             if ticket not in self._queue or (upstream in held and ticket not in first_riders):
                 continue
+            shortfall = None if upstream.running else self._never_fits(ticket.model_id)
+            if shortfall is not None:
+                # What it was measured to need, or what persistent models hold, grew meanwhile.
+                self._fail_ticket(ticket, InsufficientMemory(shortfall))
+                continue
             conflicts = self._conflicting(ticket.model_id)
             if conflicts:
                 for other in conflicts:
@@ -416,8 +528,10 @@ class Supervisor(Service):
                         claimed.add(other)
                         wakeups.append(lingers_until)
                         continue
+                    why = (self._why_evicted(ticket.model_id) if other in self._placement_conflicts(ticket.model_id)
+                           else f" (memoryBudget {show_bytes(self.memory_budget or 0)})")
                     self.log.info("stopping model {other} to make room for {model}{why}", other=other.model.id,
-                                  model=ticket.model_id, why=self._why_evicted(ticket.model_id))
+                                  model=ticket.model_id, why=why)
                     for observer in list(self.swap_observers):
                         observer(other.model.id, ticket.model_id)
                     if self.upstreams.get(other.model.id) is other:
@@ -667,8 +781,11 @@ class Supervisor(Service):
             return
         if new is State.STARTING:
             self._unserved.add(upstream)
+            self.footprints.started(upstream.model.id)
         elif new is not State.READY:
             self._unserved.discard(upstream)
+        else:
+            self._measure(upstream, force=True)
         self._pump()
         if self.upstreams.get(upstream.model.id) is not upstream:
             return
@@ -815,6 +932,11 @@ class Supervisor(Service):
             else:
                 unchanged.append(model_id)
         self.config = config
+        if config.memory_budget_auto:
+            if not old.memory_budget_auto:
+                self.memory_budget = available_memory()
+        else:
+            self.memory_budget = config.memory_budget
         retired = []
         for model_id in removed + tuple(changed):
             upstream = self.upstreams.pop(model_id)

@@ -14,13 +14,19 @@ import sys
 from typing import Any
 
 import psutil
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.test.requesthelper import DummyRequest
 
 from swapproxy.config import ModelConfig, parse_config
+from swapproxy.memory import Footprints, GpuMemory
+from swapproxy.metrics import Metrics
 from swapproxy.supervisor import (
+    InsufficientMemory,
     Lease,
     Rejected,
     ReloadResult,
@@ -31,10 +37,12 @@ from swapproxy.supervisor import (
     UnknownModel,
 )
 from swapproxy.upstream import StartError, State, Upstream
+from swapproxy.web.api import Running
 from tests.fakes import FakeUpstreams, ProcessReactor
 from tests.helpers import FAKE_UPSTREAM, alive, free_port_range, process_pipes_open, wait_until
 
 CMD = "llama-server --port ${PORT}"
+GIB = 1024**3
 #: Top-level settings for strict arrival order.
 STRICT = {"routing": {"scheduler": {"settings": {"fifo": {"maxOvertakes": 0}}}}}
 
@@ -59,7 +67,11 @@ class SupervisorTestCase(SynchronousTestCase):
             models = {mid: {} for mid in models}
         self.clock = Clock()
         self.ups = FakeUpstreams()
-        return Supervisor(make_config(models, **top), self.clock, upstream_factory=self.ups)
+        #: What each fake pid is "measured" to use, in bytes.
+        self.rss: dict[int, int] = {}
+        footprints = Footprints(self.clock, rss=lambda pids: sum(self.rss.get(pid, 0) for pid in pids),
+                                gpu=GpuMemory(self.clock, ""), pids=lambda pid: [pid])
+        return Supervisor(make_config(models, **top), self.clock, upstream_factory=self.ups, footprints=footprints)
 
     def lease(self, supervisor: Supervisor, model_id: str) -> Lease:
         """
@@ -1597,6 +1609,191 @@ class ReloadTests(SupervisorTestCase):
         current.become_ready()
         self.assertIs(self.successResultOf(d).upstream, current)
         self.assertEqual(supervisor.in_flight["a"], 1)
+
+
+class MemoryBudgetTests(SupervisorTestCase):
+    """
+    ``memoryBudget`` with ``memory`` per model: idle models make room, least recently used first.
+    """
+
+    def make_budget(self, budget: str, memory: dict[str, str], **top: Any) -> Supervisor:
+        models = {mid: ({"memory": size} if size else {}) for mid, size in memory.items()}
+        top.setdefault("groups", {"all": {"swap": False, "members": list(memory)}})
+        return self.make(models, memoryBudget=budget, **top)
+
+    def test_least_recently_used_idle_model_makes_room(self) -> None:
+        """
+        A start that would exceed the budget stops the idle model used longest ago, and only
+        once it has exited does the new model start.
+        """
+        supervisor = self.make_budget("10GiB", {"a": "4GiB", "b": "4GiB", "c": "4GiB"})
+        self.lease(supervisor, "a").release()
+        self.clock.advance(1)
+        self.lease(supervisor, "b").release()
+        ticket = supervisor.request("c")
+        self.assertEqual((self.ups["a"].state, self.ups["b"].state), (State.STOPPING, State.READY))
+        self.assertEqual((ticket.stage, ticket.waiting_for), ("stopping", ("a",)))
+        self.assertEqual(self.ups["c"].start_count, 0)
+        self.ups["a"].exited()
+        self.ups["c"].become_ready()
+        self.successResultOf(ticket.wait())
+        self.assertEqual(self.ups.running(), ["b", "c"])
+
+    def test_fits_without_stopping_anything(self) -> None:
+        supervisor = self.make_budget("12GiB", {"a": "4GiB", "b": "4GiB", "c": "4GiB"})
+        for model_id in "abc":
+            self.lease(supervisor, model_id).release()
+        self.assertEqual(self.ups.running(), ["a", "b", "c"])
+
+    def test_idle_model_goes_before_a_busy_one(self) -> None:
+        """
+        A busy model is kept even if it was used longer ago; a busy one is stopped only when no
+        idle one is left, and never mid-request.
+        """
+        supervisor = self.make_budget("8GiB", {"a": "4GiB", "b": "4GiB", "c": "4GiB"})
+        busy = self.lease(supervisor, "a")
+        self.clock.advance(1)
+        self.lease(supervisor, "b").release()
+        first_c = supervisor.request("c").wait()
+        self.assertEqual((self.ups["a"].state, self.ups["b"].state), (State.READY, State.STOPPING))
+        self.ups["b"].exited()
+        self.ups["c"].become_ready()
+        self.successResultOf(first_c).release()
+        busy_c = self.successResultOf(supervisor.request("c").wait())
+        ticket = supervisor.request("b")
+        self.assertEqual((ticket.stage, ticket.waiting_for), ("queued", ("a",)))
+        self.assertEqual((self.ups["a"].state, self.ups["c"].state), (State.READY, State.READY))
+        busy_c.release()
+        self.assertEqual((self.ups["a"].state, self.ups["c"].state), (State.READY, State.STOPPING))
+
+    def test_persistent_models_are_kept(self) -> None:
+        supervisor = self.make_budget(
+            "8GiB", {"a": "4GiB", "b": "4GiB", "c": "4GiB"},
+            groups={"resident": {"persistent": True, "swap": False, "exclusive": False, "members": ["a"]},
+                    "others": {"swap": False, "exclusive": False, "members": ["b", "c"]}})
+        self.lease(supervisor, "a").release()
+        self.clock.advance(1)
+        self.lease(supervisor, "b").release()
+        supervisor.request("c")
+        self.assertEqual((self.ups["a"].state, self.ups["b"].state), (State.READY, State.STOPPING))
+
+    def test_model_that_never_fits_is_refused(self) -> None:
+        """
+        A model larger than the whole budget is answered 507 at once, with the numbers.
+        """
+        supervisor = self.make_budget("22GiB", {"big": "30GiB", "a": ""})
+        error = self.assertRaises(InsufficientMemory, supervisor.request, "big")
+        self.assertEqual((error.status, error.code), (507, "insufficient_memory"))
+        self.assertEqual(str(error), "model 'big' needs 30.0 GiB (declared), more than the memory budget of"
+                                     " 22.0 GiB (memoryBudget)")
+        self.assertEqual(self.ups["big"].start_count, 0)
+
+    def test_persistent_models_can_leave_too_little(self) -> None:
+        supervisor = self.make_budget(
+            "10GiB", {"a": "8GiB", "b": "4GiB"},
+            groups={"resident": {"persistent": True, "swap": False, "exclusive": False, "members": ["a"]},
+                    "others": {"exclusive": False, "members": ["b"]}})
+        self.lease(supervisor, "a").release()
+        error = self.assertRaises(InsufficientMemory, supervisor.request, "b")
+        self.assertEqual(str(error), "model 'b' needs 4.0 GiB (declared), but 8.0 GiB of the 10.0 GiB memory"
+                                     " budget is held by persistent models a; unload them first")
+
+    def test_measured_footprint_counts_when_none_is_declared(self) -> None:
+        """
+        A model without ``memory`` is counted for what it was measured to use once loaded.
+        """
+        supervisor = self.make_budget("10GiB", {"a": "", "b": "", "c": ""})
+        self.assertEqual(supervisor.memory_of("a"), {"declared": None, "measured": None})
+        for model_id in "ab":
+            ticket = supervisor.request(model_id)
+            self.rss[self.ups[model_id].pid] = 4 * GIB
+            self.ups[model_id].become_ready()
+            self.successResultOf(ticket.wait()).release()
+            self.clock.advance(1)
+        self.assertEqual(supervisor.memory_of("a"), {"declared": None, "measured": 4 * GIB})
+        ticket = supervisor.request("c")
+        self.assertEqual(self.ups["c"].start_count, 1, "c was never measured: counted as 0")
+        self.rss[self.ups["c"].pid] = 4 * GIB
+        self.ups["c"].become_ready()
+        self.successResultOf(ticket.wait()).release()
+        self.ups["a"].stop()
+        self.ups["a"].exited()
+        self.assertEqual(self.ups.running(), ["b", "c"])
+        supervisor.request("a")
+        self.assertEqual(self.ups["b"].state, State.STOPPING, "a's measured 4 GiB needs room now")
+
+    def test_declared_memory_wins_over_measured(self) -> None:
+        supervisor = self.make_budget("10GiB", {"a": "6GiB"})
+        ticket = supervisor.request("a")
+        self.rss[self.ups["a"].pid] = 1 * GIB
+        self.ups["a"].become_ready()
+        self.successResultOf(ticket.wait())
+        self.assertEqual(supervisor.memory_of("a"), {"declared": 6 * GIB, "measured": GIB})
+
+    def test_footprint_is_remeasured_while_running(self) -> None:
+        """
+        A model that grows while it serves (its context cache fills) is measured again when a
+        request ends, at most every 30 s; the largest figure is kept.
+        """
+        supervisor = self.make_budget("10GiB", {"a": ""})
+        lease = self.lease(supervisor, "a")
+        pid = self.ups["a"].pid
+        self.rss[pid] = GIB
+        self.clock.advance(31)
+        lease.release()
+        self.assertEqual(supervisor.memory_of("a")["measured"], GIB)
+        self.rss[pid] = 3 * GIB
+        self.clock.advance(1)
+        self.lease(supervisor, "a").release()
+        self.assertEqual(supervisor.memory_of("a")["measured"], GIB, "measured again within 30 s")
+        self.clock.advance(30)
+        self.lease(supervisor, "a").release()
+        self.assertEqual(supervisor.memory_of("a")["measured"], 3 * GIB)
+
+    def test_auto_budget_is_what_is_free(self) -> None:
+        supervisor = self.make_budget("auto", {"a": "1GiB"})
+        self.assertGreater(supervisor.memory_budget, 0)
+        self.assertLessEqual(supervisor.memory_budget, psutil.virtual_memory().total)
+
+    def test_no_budget_no_limit(self) -> None:
+        supervisor = self.make({"a": {"memory": "1000GiB"}})
+        self.assertIsNone(supervisor.memory_budget)
+        self.lease(supervisor, "a")
+
+    def test_groups_still_apply(self) -> None:
+        """
+        The budget adds to the group rules: a swap group still swaps even with memory to spare.
+        """
+        supervisor = self.make({"a": {"memory": "1GiB"}, "b": {"memory": "1GiB"}}, memoryBudget="100GiB")
+        self.lease(supervisor, "a").release()
+        supervisor.request("b")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+
+    def test_running_shows_declared_and_measured(self) -> None:
+        supervisor = self.make_budget("10GiB", {"a": "6GiB"})
+        ticket = supervisor.request("a")
+        self.rss[self.ups["a"].pid] = 5 * GIB
+        self.ups["a"].become_ready()
+        self.successResultOf(ticket.wait())
+        request = DummyRequest([b""])
+        body = Running(supervisor, self.clock).render_GET(request)
+        entry = json.loads(body)["running"][0]
+        self.assertEqual(entry["memory"], {"declared": 6 * GIB, "measured": 5 * GIB})
+
+
+    def test_metrics_show_declared_measured_and_budget(self) -> None:
+        supervisor = self.make_budget("10GiB", {"a": "6GiB", "b": ""})
+        ticket = supervisor.request("a")
+        self.rss[self.ups["a"].pid] = 5 * GIB
+        self.ups["a"].become_ready()
+        self.successResultOf(ticket.wait())
+        text = generate_latest(Metrics(supervisor, self.clock, process_metrics=False).registry).decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        memory = {labels: value for (name, labels), value in samples.items() if name == "swapproxy_model_memory_bytes"}
+        self.assertEqual(memory, {(("model", "a"), ("source", "declared")): 6 * GIB,
+                                  (("model", "a"), ("source", "measured")): 5 * GIB})
+        self.assertEqual(samples[("swapproxy_memory_budget_bytes", ())], 10 * GIB)
 
 
 class Probe:

@@ -99,7 +99,7 @@ class Health(JSONResource):
 class Running(JSONResource):
     """
     ``GET /running``: each model that has a process: its state, pid, port, uptime, in-flight and
-    queued requests, and while it is idle with a TTL, how long it has been idle (``idle``) and
+    queued requests, its memory in bytes (``declared`` and ``measured``, ``null`` when unknown), and while it is idle with a TTL, how long it has been idle (``idle``) and
     how long until the TTL unloads it (``ttl_remaining``); both are ``null`` otherwise. A process
     that a config reload replaced or removed is listed with ``"replaced": true`` until it ends.
     """
@@ -125,6 +125,7 @@ class Running(JSONResource):
                 "ttl": model.ttl,
                 "in_flight": self._supervisor.in_flight[model.id],
                 "queued": self._supervisor.queued(model.id),
+                "memory": self._supervisor.memory_of(model.id),
             }
             if upstream.started_at is not None:
                 entry["uptime"] = round(now - upstream.started_at, 3)
