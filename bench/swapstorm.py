@@ -78,11 +78,12 @@ class Storm:
     One run of the workload against a fresh swapproxy with the given scheduler settings.
     """
 
-    def __init__(self, args: argparse.Namespace, work: str, label: str, fifo: dict[str, Any]) -> None:
+    def __init__(self, args: argparse.Namespace, work: str, label: str, fifo: dict[str, Any], seed: int) -> None:
         self.args = args
         self.work = os.path.join(work, label)
         self.label = label
         self.fifo = fifo
+        self.seed = seed
         os.makedirs(self.work)
 
     def config(self, port: int) -> str:
@@ -107,7 +108,7 @@ class Storm:
         swapproxy = Swapproxy(processes, self.config(first + 1), port, os.path.join(self.work, "state"),
                               os.path.join(self.work, "swapproxy.log"))
         models = [f"m{i + 1}" for i in range(self.args.models)]
-        plan = sequences(self.args.seed, self.args.clients, self.args.requests, models)
+        plan = sequences(self.seed, self.args.clients, self.args.requests, models)
         waits: list[float] = []
         errors: list[str] = []
         lock = threading.Lock()
@@ -158,19 +159,29 @@ class Storm:
         }
 
 
-def format_table(runs: list[dict[str, Any]], args: argparse.Namespace) -> str:
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    One variant's runs (one per seed): the mean of each figure, the largest max wait, and the
+    range of starts.
+    """
+    mean = {key: statistics.mean(run[key] for run in runs) for key in ("wall_s", "starts", "wait_p50_s", "wait_p99_s")}
+    return {**mean, "wait_max_s": max(run["wait_max_s"] for run in runs),
+            "starts_range": (min(run["starts"] for run in runs), max(run["starts"] for run in runs))}
+
+
+def format_table(variants: list[tuple[str, dict[str, Any]]], args: argparse.Namespace) -> str:
     low, high = LLAMA_SWAP_HEAD["wall_s"]
     fewest, most = LLAMA_SWAP_HEAD["starts"]
     header = ("scheduler", "wall (s)", "starts", "wait p50 (s)", "p99 (s)", "max (s)")
     rows = [header] + [
-        (run["label"], f"{run['wall_s']:.2f}", str(run["starts"]), f"{run['wait_p50_s']:.2f}",
-         f"{run['wait_p99_s']:.2f}", f"{run['wait_max_s']:.2f}")
-        for run in runs
+        (label, f"{run['wall_s']:.2f}", f"{run['starts']:.1f} ({run['starts_range'][0]}-{run['starts_range'][1]})",
+         f"{run['wait_p50_s']:.2f}", f"{run['wait_p99_s']:.2f}", f"{run['wait_max_s']:.2f}")
+        for label, run in variants
     ]
     rows.append(("llama-swap head (issue 12)", f"{low:g}-{high:g}", f"{fewest}-{most}", "", "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [f"swap storm: {args.clients} clients, {args.models} models in one swap group, {args.requests} requests,"
-             f" {args.load_time:g} s loads, seed {args.seed}"]
+             f" {args.load_time:g} s loads; mean of seeds {args.seeds} (max wait: the largest)"]
     for index, row in enumerate(rows):
         lines.append(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
         if index == 0:
@@ -185,7 +196,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=60, help="requests in all")
     parser.add_argument("--load-time", type=float, default=0.3, help="seconds the fake upstream takes to load")
     parser.add_argument("--request-time", type=float, default=0.0, help="seconds each answer takes")
-    parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument("--seeds", default="12,13,14", help="one run per seed (the request mix), comma-separated")
     parser.add_argument("--sweep", action="store_true",
                         help="also run maxOvertakes 4, 8, 32, linger 0 and unbounded")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "swapstorm.json"), help="JSON results file")
@@ -200,13 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         variants += [("linger 0", {"linger": 0}), ("unbounded", {"maxOvertakes": 1_000_000, "maxWait": 0})]
     work = tempfile.mkdtemp(prefix="swapproxy-swapstorm-")
     processes = Processes()
-    runs = []
+    runs: dict[str, list[dict[str, Any]]] = {}
     failed = True
     try:
-        for label, fifo in variants:
-            print(f"bench: swap storm, {label} ...", file=sys.stderr, flush=True)
-            runs.append(Storm(args, work, label.split(" (")[0].replace(" ", "-"), fifo).run(processes))
-            runs[-1]["label"] = label
+        for seed in [int(seed) for seed in args.seeds.split(",")]:
+            for label, fifo in variants:
+                print(f"bench: swap storm, {label}, seed {seed} ...", file=sys.stderr, flush=True)
+                name = f"{label.split(' (')[0].replace(' ', '-')}-{seed}"
+                run = Storm(args, work, name, fifo, seed).run(processes)
+                runs.setdefault(label, []).append({**run, "label": label, "seed": seed})
         failed = False
     finally:
         processes.stop_all()
@@ -218,13 +231,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench: work directory kept: {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    table = format_table(runs, args)
+    combined = [(label, combine(label_runs)) for label, label_runs in runs.items()]
+    table = format_table(combined, args)
     print(table)
     load = os.getloadavg()
     print(f"\n{os.cpu_count()} CPUs; load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     with open(args.out, "w", encoding="utf-8") as f:
-        json.dump({"settings": vars(args), "runs": runs, "llama_swap_head": LLAMA_SWAP_HEAD, "table": table,
-                   "load_average_at_end": list(load)}, f, indent=2)
+        json.dump({"settings": vars(args), "variants": dict(combined), "runs": runs, "llama_swap_head": LLAMA_SWAP_HEAD,
+                   "table": table, "load_average_at_end": list(load)}, f, indent=2)
     print(f"saved to {args.out}")
     return 0
 
