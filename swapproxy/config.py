@@ -791,18 +791,22 @@ def _check_json(ch: _Checker, value: Any, path: str) -> None:
                              f" mapping), got {_show(value)} (quote it to send it as a string)")
 
 
+def _byte_count(value: Any) -> float | None:
+    """
+    The bytes an integer or a size string (``64MiB``, ``512 KiB``, ``1.5GB``) stands for, or ``None``.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    return float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()] if match else None
+
+
 def _size(ch: _Checker, value: Any, path: str, default: int, minimum: int,
           zero_ok: bool = True) -> int:
     """A byte count: an integer, or a string such as ``64MiB``, ``512 KiB`` or ``1.5GB``."""
     if value is None:
         return default
-    count: float | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        count = value
-    elif isinstance(value, str):
-        match = _SIZE.fullmatch(value)
-        if match:
-            count = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+    count = _byte_count(value)
     if count is None or count >= 1 << 62 or not ((count == 0 and zero_ok) or count >= minimum):
         no_limit = "0 (no limit) or " if zero_ok else ""
         raise ch.error(path, f"must be {no_limit}a size of at least {minimum} bytes, such as"
@@ -889,13 +893,7 @@ def _memory_size(ch: _Checker, value: Any, path: str, auto_ok: bool = False) -> 
     """
     if value is None:
         return None
-    count: float | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        count = value
-    elif isinstance(value, str):
-        match = _SIZE.fullmatch(value)
-        if match:
-            count = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+    count = _byte_count(value)
     if count is None or not 1 <= count < 1 << 62:
         auto = " or auto (what is free when swapproxy starts)" if auto_ok else ""
         raise ch.error(path, f"must be a size such as 6GiB, 512MiB or 8000000000{auto}, got {_show(value)}")

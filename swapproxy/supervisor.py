@@ -45,6 +45,8 @@ from swapproxy.upstream import StartError, State, Upstream, needs_restart
 
 #: How long a start is put off so that the caller's first bytes reach the client before the fork.
 DEFERRED_START_DELAY = 0.001
+#: Seconds after a model becomes ready that its footprint is first measured.
+MEASURE_DELAY = 1.0
 
 
 class Rejected(Exception):
@@ -244,6 +246,8 @@ class Supervisor(Service):
         self._wakeup_call: IDelayedCall | None = None
         #: When each model's last request in flight ended.
         self.last_used: dict[str, float] = {}
+        #: The first measurement of each ready model's footprint, due `MEASURE_DELAY` after ready.
+        self._measure_calls: dict[Upstream, IDelayedCall] = {}
         self._ttl_calls: dict[str, IDelayedCall] = {}
         self._pumping = False
         self._pump_again = False
@@ -330,8 +334,9 @@ class Supervisor(Service):
             self.last_used[model_id] = self._reactor.seconds()
             if self.in_flight[model_id] == 0:
                 self._arm_ttl(model_id)
-            self._measure(upstream)
         self._pump()
+        if self.upstreams.get(model_id) is upstream and upstream.state is State.READY:
+            self._measure(upstream)
 
     def _in_flight_of(self, upstream: Upstream) -> int:
         retiree = self._retiring.get(upstream)
@@ -449,6 +454,10 @@ class Supervisor(Service):
                     f" {show_bytes(self.memory_budget)} memory budget is held by persistent models {names};"
                     f" unload them first")
         return None
+
+    def _first_measure(self, upstream: Upstream) -> None:
+        del self._measure_calls[upstream]
+        self._measure(upstream, force=True)
 
     def _measure(self, upstream: Upstream, force: bool = False) -> None:
         self.footprints.measure(upstream.model.id, upstream.pid, force).addErrback(
@@ -784,8 +793,12 @@ class Supervisor(Service):
             self.footprints.started(upstream.model.id)
         elif new is not State.READY:
             self._unserved.discard(upstream)
-        else:
-            self._measure(upstream, force=True)
+        call = self._measure_calls.pop(upstream, None)
+        if call is not None and call.active():
+            call.cancel()
+        if new is State.READY:
+            # Not at once: it takes a millisecond or two, which the first requests should not wait for.
+            self._measure_calls[upstream] = self._reactor.callLater(MEASURE_DELAY, self._first_measure, upstream)
         self._pump()
         if self.upstreams.get(upstream.model.id) is not upstream:
             return
@@ -879,6 +892,10 @@ class Supervisor(Service):
             self._fail_ticket(ticket, ShuttingDown("swapproxy is shutting down"))
         if self._wakeup_call is not None and self._wakeup_call.active():
             self._wakeup_call.cancel()
+        for call in self._measure_calls.values():
+            if call.active():
+                call.cancel()
+        self._measure_calls.clear()
         for model_id in list(self._ttl_calls):
             self._cancel_ttl(model_id)
         running = [model_id for model_id, up in self.upstreams.items() if up.running]

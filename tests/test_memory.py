@@ -90,6 +90,7 @@ class RealProcessTests(TestCase):
         self.addCleanup(supervisor.stopService)
         lease = await supervisor.request("heavy").wait()
         lease.release()
+        await wait_until(lambda: supervisor.memory_of("heavy")["measured"] is not None, what="the first measurement")
         measured = supervisor.memory_of("heavy")["measured"]
         self.assertIsNotNone(measured)
         self.assertGreater(measured, 64 * 1024**2)

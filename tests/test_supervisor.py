@@ -26,6 +26,7 @@ from swapproxy.config import ModelConfig, parse_config
 from swapproxy.memory import Footprints, GpuMemory
 from swapproxy.metrics import Metrics
 from swapproxy.supervisor import (
+    MEASURE_DELAY,
     InsufficientMemory,
     Lease,
     Rejected,
@@ -489,17 +490,17 @@ class CollationTests(SupervisorTestCase):
         record = Recorder(supervisor)
         record.ask("a1")
         self.ups["a"].become_ready()
+        self.clock.advance(MEASURE_DELAY)  # a's footprint is measured
         self.assertEqual(self.clock.getDelayedCalls(), [])
         record.ask("b1")
-        self.assertEqual([call.getTime() for call in self.clock.getDelayedCalls()], [30])
+        self.assertEqual([call.getTime() for call in self.clock.getDelayedCalls()], [MEASURE_DELAY + 30])
         record.leave("b1")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-    def test_start_serves_its_first_request_before_it_can_be_stopped(self) -> None:
+    def side_model_starting(self) -> tuple[Supervisor, Lease, Recorder]:
         """
-        A model started for a request serves it even if, meanwhile, an older-order request that
-        may not wait any longer needs the model gone: no start is wasted. Later requests for it
-        wait their turn.
+        In strict order: a busy; x (in a non-exclusive group) starts for x1; b1, which needs x
+        and a gone, and x2 wait.
         """
         supervisor = self.make(
             ["a", "b", "x"],
@@ -509,6 +510,15 @@ class CollationTests(SupervisorTestCase):
         busy = self.lease(supervisor, "a")
         record = Recorder(supervisor)
         record.ask("x1", "b1", "x2")
+        return supervisor, busy, record
+
+    def test_start_serves_its_first_request_before_it_can_be_stopped(self) -> None:
+        """
+        A model started for a request serves it even if, meanwhile, an older-order request that
+        may not wait any longer needs the model gone: no start is wasted. Later requests for it
+        wait their turn.
+        """
+        _, busy, record = self.side_model_starting()
         self.assertEqual(self.ups["x"].start_count, 1)
         self.assertEqual(record.tickets["x1"].stage, "starting")
         self.assertEqual(self.ups["x"].stop_graces, [], "stopped while starting for a request")
@@ -531,14 +541,7 @@ class CollationTests(SupervisorTestCase):
         When the request a start was for goes away, the next request for that model takes its
         place: the start carries on and serves it.
         """
-        supervisor = self.make(
-            ["a", "b", "x"],
-            groups={"main": {"members": ["a", "b"]}, "side": {"exclusive": False, "members": ["x"]}},
-            **STRICT,
-        )
-        busy = self.lease(supervisor, "a")
-        record = Recorder(supervisor)
-        record.ask("x1", "b1", "x2")
+        _, busy, record = self.side_model_starting()
         record.leave("x1")
         self.assertEqual(self.ups["x"].state, State.STARTING)
         self.ups["x"].become_ready()
@@ -1728,6 +1731,8 @@ class MemoryBudgetTests(SupervisorTestCase):
         self.rss[self.ups["a"].pid] = 1 * GIB
         self.ups["a"].become_ready()
         self.successResultOf(ticket.wait())
+        self.assertEqual(supervisor.memory_of("a"), {"declared": 6 * GIB, "measured": None})
+        self.clock.advance(MEASURE_DELAY)
         self.assertEqual(supervisor.memory_of("a"), {"declared": 6 * GIB, "measured": GIB})
 
     def test_footprint_is_remeasured_while_running(self) -> None:
@@ -1775,6 +1780,7 @@ class MemoryBudgetTests(SupervisorTestCase):
         self.rss[self.ups["a"].pid] = 5 * GIB
         self.ups["a"].become_ready()
         self.successResultOf(ticket.wait())
+        self.clock.advance(MEASURE_DELAY)
         request = DummyRequest([b""])
         body = Running(supervisor, self.clock).render_GET(request)
         entry = json.loads(body)["running"][0]
@@ -1787,6 +1793,7 @@ class MemoryBudgetTests(SupervisorTestCase):
         self.rss[self.ups["a"].pid] = 5 * GIB
         self.ups["a"].become_ready()
         self.successResultOf(ticket.wait())
+        self.clock.advance(MEASURE_DELAY)
         text = generate_latest(Metrics(supervisor, self.clock, process_metrics=False).registry).decode()
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for family in text_string_to_metric_families(text) for s in family.samples}
