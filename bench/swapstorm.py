@@ -199,7 +199,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="12,13,14", help="one run per seed (the request mix), comma-separated")
     parser.add_argument("--sweep", action="store_true",
                         help="also run maxOvertakes 4, 8, 32, linger 0 and unbounded")
-    parser.add_argument("--out", default=os.path.join(REPO, "bench", "swapstorm.json"), help="JSON results file")
+    parser.add_argument("--out", default=os.path.join(REPO, "bench", "results-swapstorm.json"), help="JSON results file")
     return parser.parse_args(argv)
 
 

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_memory -*-
 """
 How much memory the models take: what they declare (``memory``), what they are measured to use
-once loaded, and the budget they share (``memoryBudget``).
+once loaded, and the budget they share (``memoryBudget``): `make_room` picks the models to stop
+for a start to fit, `never_fits` says why one never can.
 
 A model's footprint is the resident memory (RSS) of its whole process tree, read with psutil, plus
 the GPU memory that ``nvidia-smi --query-compute-apps`` reports for those processes when that
@@ -13,9 +14,10 @@ used for the model's next start when it declares no ``memory``.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import attrs
 import psutil
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.utils import getProcessOutputAndValue
@@ -38,6 +40,63 @@ def show_bytes(count: int) -> str:
         if count >= size:
             return f"{count / size:.1f} {unit}"
     return f"{count} B"
+
+
+@attrs.frozen
+class Resident:
+    """
+    A running model process as the budget sees it.
+
+    :ivar process: what `make_room` hands back (the supervisor's upstream).
+    :ivar need: the bytes it is counted for.
+    :ivar stopping: it is already stopping (its memory is about to be free).
+    :ivar busy: it has requests in flight or waiting.
+    :ivar last_used: when its last request ended (clock seconds).
+    :ivar protected: it may not be stopped for memory (a member of another, persistent, group).
+    """
+
+    process: Any
+    model_id: str
+    need: int
+    stopping: bool
+    busy: bool
+    last_used: float
+    protected: bool
+
+
+def make_room(need: int, budget: int, resident: Sequence[Resident]) -> list[Resident]:
+    """
+    The residents to stop so that ``need`` more bytes fit in ``budget``: those already stopping
+    first, then idle ones least recently used first, then busy ones; never protected ones nor
+    ones that count for nothing. As many as can be, if that is still not enough.
+    """
+    excess = sum(r.need for r in resident) + need - budget
+    room = []
+    candidates = sorted((r for r in resident if r.need and not r.protected),
+                        key=lambda r: (not r.stopping, r.busy, r.last_used))
+    for candidate in candidates:
+        if excess <= 0:
+            break
+        room.append(candidate)
+        excess -= candidate.need
+    return room
+
+
+def never_fits(model_id: str, need: int, source: str, budget: int, resident: Sequence[Resident]) -> str | None:
+    """
+    Why a model that needs ``need`` bytes (``source``: declared or measured) can never fit in
+    ``budget``, with the numbers; ``None`` when it can once the unprotected residents are stopped.
+    """
+    if need > budget:
+        return (f"model {model_id!r} needs {show_bytes(need)} ({source}), more than the memory budget of"
+                f" {show_bytes(budget)} (memoryBudget)")
+    kept = [r for r in resident if r.protected]
+    held = sum(r.need for r in kept)
+    if need + held > budget:
+        names = ", ".join(sorted(r.model_id for r in kept))
+        return (f"model {model_id!r} needs {show_bytes(need)} ({source}), but {show_bytes(held)} of the"
+                f" {show_bytes(budget)} memory budget is held by persistent models {names}; unload them first")
+    return None
 
 
 def tree_pids(pid: int) -> list[int]:

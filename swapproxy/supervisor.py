@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 
 from swapproxy.config import Config, GroupConfig, ModelConfig
 from swapproxy.logs import proxy_logger
-from swapproxy.memory import Footprints, available_memory, show_bytes
+from swapproxy.memory import Footprints, Resident, available_memory, make_room, never_fits, show_bytes
 from swapproxy.upstream import StartError, State, Upstream, needs_restart
 
 
@@ -298,7 +298,7 @@ class Supervisor(Service):
                 f"model {model_id!r} already has {load} requests (concurrencyLimit "
                 f"{upstream.model.concurrency_limit}); retry later"
             )
-        shortfall = self._never_fits(model_id)
+        shortfall = None if upstream.running else self._never_fits(model_id)
         if shortfall is not None:
             raise InsufficientMemory(shortfall)
         ticket = Ticket(self, upstream, self._reactor.seconds(), next(self._arrivals))
@@ -408,52 +408,39 @@ class Supervisor(Service):
         group = self.config.group_of(upstream.model.id)
         return group.persistent and group.id != self.config.group_of(model_id).id
 
+    def _residents(self, model_id: str, leaving: list[Upstream]) -> list[Resident]:
+        """
+        The running processes, except those ``leaving``, as the budget sees them when
+        ``model_id`` must start.
+        """
+        return [
+            Resident(up, up.model.id, self._need(up.model), up.state is State.STOPPING,
+                     bool(self._in_flight_of(up) or self.queued(up.model.id)),
+                     self.last_used.get(up.model.id, up.started_at or 0.0), self._memory_protected(up, model_id))
+            for up in self._processes() if up not in leaving
+        ]
+
     def _memory_evictions(self, model_id: str, placement: list[Upstream]) -> list[Upstream]:
         """
-        The models to stop, beyond ``placement``, for ``model_id`` to fit in the budget: those
-        already stopping, then idle ones least recently used first, then busy ones.
+        The models to stop, beyond ``placement``, for ``model_id`` to fit in the budget.
         """
         assert self.memory_budget is not None
         target = self.upstreams[model_id]
         if target.running:
             return []
-        resident = [up for up in self._processes() if up not in placement]
-        excess = sum(self._need(up.model) for up in resident) + self._need(target.model) - self.memory_budget
-        evictions: list[Upstream] = []
-        candidates = sorted(
-            (up for up in resident if self._need(up.model) and not self._memory_protected(up, model_id)),
-            key=lambda up: (up.state is not State.STOPPING,
-                            bool(self._in_flight_of(up) or self.queued(up.model.id)),
-                            self.last_used.get(up.model.id, up.started_at or 0.0)),
-        )
-        for upstream in candidates:
-            if excess <= 0:
-                break
-            evictions.append(upstream)
-            excess -= self._need(upstream.model)
-        return evictions
+        room = make_room(self._need(target.model), self.memory_budget, self._residents(model_id, placement))
+        return [resident.process for resident in room]
 
     def _never_fits(self, model_id: str) -> str | None:
         """
         Why ``model_id`` cannot fit in the memory budget even with every model stopped that may
-        be; ``None`` when it can.
+        be; ``None`` when it can (or there is no budget).
         """
         if self.memory_budget is None:
             return None
         model = self.config.models[model_id]
-        need = self._need(model)
-        source = "declared" if model.memory else "measured"
-        if need > self.memory_budget:
-            return (f"model {model_id!r} needs {show_bytes(need)} ({source}), more than the memory budget of"
-                    f" {show_bytes(self.memory_budget)} (memoryBudget)")
-        kept = [up for up in self._processes() if self._memory_protected(up, model_id)]
-        held = sum(self._need(up.model) for up in kept)
-        if need + held > self.memory_budget:
-            names = ", ".join(sorted(up.model.id for up in kept))
-            return (f"model {model_id!r} needs {show_bytes(need)} ({source}), but {show_bytes(held)} of the"
-                    f" {show_bytes(self.memory_budget)} memory budget is held by persistent models {names};"
-                    f" unload them first")
-        return None
+        return never_fits(model_id, self._need(model), "declared" if model.memory else "measured",
+                          self.memory_budget, self._residents(model_id, []))
 
     def _first_measure(self, upstream: Upstream) -> None:
         del self._measure_calls[upstream]
@@ -537,16 +524,7 @@ class Supervisor(Service):
                         claimed.add(other)
                         wakeups.append(lingers_until)
                         continue
-                    why = (self._why_evicted(ticket.model_id) if other in self._placement_conflicts(ticket.model_id)
-                           else f" (memoryBudget {show_bytes(self.memory_budget or 0)})")
-                    self.log.info("stopping model {other} to make room for {model}{why}", other=other.model.id,
-                                  model=ticket.model_id, why=why)
-                    for observer in list(self.swap_observers):
-                        observer(other.model.id, ticket.model_id)
-                    if self.upstreams.get(other.model.id) is other:
-                        self._cancel_ttl(other.model.id)
-                    # Its own unloadTimeout (llama-swap gives a swap healthCheckTimeout).
-                    other.stop()
+                    self._make_room(other, ticket.model_id)
             elif upstream.state is not State.READY and (ticket._start is None or ticket._start.called):
                 if upstream.state is State.STOPPING or (
                         not upstream.running and self._would_displace(upstream, claimed)):
@@ -564,6 +542,21 @@ class Supervisor(Service):
         # 3. What each waiting ticket is told.
         self._describe([ticket for ticket in order if ticket in self._queue])
         self._arm_wakeup(wakeups)
+
+    def _make_room(self, other: Upstream, model_id: str) -> None:
+        """
+        Stop ``other`` so that ``model_id`` can start, and say why.
+        """
+        why = (self._why_evicted(model_id) if other in self._placement_conflicts(model_id)
+               else f" (memoryBudget {show_bytes(self.memory_budget or 0)})")
+        self.log.info("stopping model {other} to make room for {model}{why}", other=other.model.id,
+                      model=model_id, why=why)
+        for observer in list(self.swap_observers):
+            observer(other.model.id, model_id)
+        if self.upstreams.get(other.model.id) is other:
+            self._cancel_ttl(other.model.id)
+        # Its own unloadTimeout (llama-swap gives a swap healthCheckTimeout).
+        other.stop()
 
     def _would_displace(self, upstream: Upstream, claimed: set[Upstream]) -> bool:
         """

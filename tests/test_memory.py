@@ -17,7 +17,16 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from swapproxy.config import ConfigError, parse_config
-from swapproxy.memory import Footprints, GpuMemory, available_memory, parse_compute_apps, show_bytes
+from swapproxy.memory import (
+    Footprints,
+    GpuMemory,
+    Resident,
+    available_memory,
+    make_room,
+    never_fits,
+    parse_compute_apps,
+    show_bytes,
+)
 from swapproxy.supervisor import Supervisor
 from tests.helpers import FAKE_UPSTREAM, free_port_range, process_pipes_open, wait_until
 
@@ -44,6 +53,39 @@ class MemoryConfigTests(SynchronousTestCase):
         error = self.assertRaises(ConfigError, self.parse, memoryBudget=0)
         self.assertEqual(str(error), "config.yaml: memoryBudget: must be a size such as 6GiB, 512MiB or 8000000000"
                                      " or auto (what is free when swapproxy starts), got 0")
+
+
+def resident(name: str, need: int, stopping: bool = False, busy: bool = False, last_used: float = 0.0,
+             protected: bool = False) -> Resident:
+    return Resident(name, name, need, stopping, busy, last_used, protected)
+
+
+class MakeRoomTests(SynchronousTestCase):
+    """
+    `make_room` and `never_fits`, the budget's decisions.
+    """
+
+    def test_order(self) -> None:
+        """
+        Stopping models count first, then idle ones by age of last use, then busy ones; what is
+        protected or counts 0 is never picked; no more than needed.
+        """
+        residents = [resident("busy-old", 4, busy=True, last_used=1), resident("idle-new", 4, last_used=9),
+                     resident("idle-old", 4, last_used=2), resident("stopping", 4, stopping=True, last_used=10),
+                     resident("kept", 4, protected=True), resident("unknown", 0)]
+        room = make_room(4, 16, residents)
+        self.assertEqual([r.process for r in room], ["stopping", "idle-old"])
+        room = make_room(16, 20, residents)
+        self.assertEqual([r.process for r in room], ["stopping", "idle-old", "idle-new", "busy-old"])
+        self.assertEqual(make_room(4, 24, residents), [])
+
+    def test_never_fits(self) -> None:
+        self.assertIsNone(never_fits("m", 8 * GIB, "declared", 10 * GIB, [resident("x", 8 * GIB)]))
+        self.assertIn("more than the memory budget", never_fits("m", 11 * GIB, "measured", 10 * GIB, []) or "")
+        self.assertEqual(
+            never_fits("m", 4 * GIB, "measured", 10 * GIB, [resident("p", 7 * GIB, protected=True)]),
+            "model 'm' needs 4.0 GiB (measured), but 7.0 GiB of the 10.0 GiB memory budget is held by"
+            " persistent models p; unload them first")
 
 
 class FootprintTests(SynchronousTestCase):
