@@ -591,7 +591,7 @@ class Supervisor(Service):
         priority = policy.priority
         if policy.max_wait > 0 and not policy.strict:
             for ticket in self._queue:
-                if not ticket.due and now - ticket.arrived_at >= policy.max_wait:
+                if not ticket.due and ticket.arrived_at + policy.max_wait <= now:  # as _arm_wakeup reckons
                     ticket.due = True
         return sorted(
             self._queue,
@@ -754,6 +754,10 @@ class Supervisor(Service):
             if waiting:
                 deadlines.append(min(waiting) + policy.max_wait)
         deadline = min(deadlines) if deadlines and not self._shutting_down else None
+        if deadline is not None and deadline <= self._reactor.seconds():
+            # Never a timer for now: it would look at the queue again and again.
+            self.log.warn("scheduler wake-up for {deadline} is not in the future; not armed", deadline=deadline)
+            deadline = None
         call = self._wakeup_call
         if call is not None and call.active():
             if deadline is not None and call.getTime() == deadline:
@@ -771,7 +775,10 @@ class Supervisor(Service):
         ticket.stage = "failed"
         ticket.error = failure.value
         ticket._result.errback(failure)
-        self._pump()
+        if ticket.upstream.state is not State.STARTING:
+            # A model still "starting" while it fails its waiters is about to change state, and
+            # that change looks at the queue; looking now would let a request join the dying start.
+            self._pump()
         return None
 
     def _upstream_changed(self, upstream: Upstream, old: State, new: State) -> None:

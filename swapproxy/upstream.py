@@ -417,9 +417,12 @@ class Upstream:
         self._stop_waiters.append(waiter)
         if self.state is State.STOPPING:
             return waiter
-        if self.state is State.STARTING:
-            self._fail_start_waiters(StartError(self.model.id, "unloaded while starting"))
+        starting = self.state is State.STARTING
+        # Stop first: whoever hears of the failure sees a model that is already stopping (and
+        # cannot join the start that is being aborted).
         self._terminate(self.model.unload_timeout if grace is None else grace)
+        if starting:
+            self._fail_start_waiters(StartError(self.model.id, "unloaded while starting"))
         return waiter
 
     def reconfigure(
@@ -625,10 +628,13 @@ class Upstream:
         self._record_failure(error)
 
     def _record_failure(self, error: StartError) -> None:
+        self._note_failure(error)
+        self._fail_start_waiters(error)
+
+    def _note_failure(self, error: StartError) -> None:
         self.last_error = error
         self._end_state = State.FAILED
         self.log.error("{error}", error=str(error), model=self.model.id)
-        self._fail_start_waiters(error)
 
     def _fail_start_waiters(self, error: StartError) -> None:
         waiters, self._start_waiters = self._start_waiters, []
@@ -770,15 +776,17 @@ class Upstream:
         self.client = None
         previous = self.state
         if previous is State.STARTING:
-            self._record_failure(
-                StartError(
-                    self.model.id,
-                    f"process exited with {description} while starting",
-                    exit_code=code,
-                    last_lines=self._tail(),
-                )
+            error = StartError(
+                self.model.id,
+                f"process exited with {description} while starting",
+                exit_code=code,
+                last_lines=self._tail(),
             )
+            # Failed first: whoever hears of the failure sees a model that has failed (and
+            # cannot join the start that just ended).
+            self._note_failure(error)
             self._set_state(State.FAILED)
+            self._fail_start_waiters(error)
         elif previous is State.READY:
             self.log.warn(
                 "model {model} exited unexpectedly with {status}", model=self.model.id, status=description

@@ -9,6 +9,7 @@ reactor (for how the two interact), and one spawns real children to check shutdo
 from __future__ import annotations
 
 import json
+import random
 import signal
 import sys
 from typing import Any
@@ -1801,6 +1802,102 @@ class MemoryBudgetTests(SupervisorTestCase):
         self.assertEqual(memory, {(("model", "a"), ("source", "declared")): 6 * GIB,
                                   (("model", "a"), ("source", "measured")): 5 * GIB})
         self.assertEqual(samples[("swapproxy_memory_budget_bytes", ())], 10 * GIB)
+
+
+class InvariantTests(SupervisorTestCase):
+    """
+    Random (seeded) mixes of requests, releases, cancels, starts that succeed or fail, exits and
+    time, under each policy: every request is answered, no model is stopped mid-request, and a
+    swap group never runs two models.
+    """
+
+    CONFIGS: list[dict[str, Any]] = [
+        {},
+        STRICT,
+        fifo(maxOvertakes=2, maxWait=5, priority={"c": 3}),
+        {"groups": {"p": {"swap": False, "members": ["a", "b"]}, "q": {"exclusive": False, "members": ["c"]},
+                    "r": {"persistent": True, "swap": False, "exclusive": False, "members": ["d"]}}},
+        {"routing": {"router": {"use": "matrix", "settings": {"matrix": {
+            "sets": {"s": "(a | b) & c", "t": "d"}, "evict_costs": {"c": 3}}}}}},
+        {"memoryBudget": "9GiB", "groups": {"all": {"swap": False, "exclusive": False, "members": ["a", "b", "c", "d"]}}},
+    ]
+
+    def run_mix(self, seed: int, top: dict[str, Any]) -> None:
+        rng = random.Random(seed)
+        models = ["a", "b", "c", "d"]
+        memory = {"memory": "4GiB"} if "memoryBudget" in top else {}
+        supervisor = self.make({m: dict(memory) for m in models}, **top)
+        one_at_a_time = top in ({}, STRICT) or "priority" in str(top)
+
+        def watch(upstream: Any, old: State, new: State) -> None:
+            if new is State.STOPPING and old is State.READY:
+                self.assertEqual(supervisor.in_flight[upstream.model.id], 0, f"seed {seed}: stopped mid-request")
+
+        for model_id in models:
+            self.ups[model_id].state_observers.append(watch)
+        waits: list[Deferred[Lease]] = []
+        leases: list[Lease] = []
+        for _ in range(400):
+            roll = rng.random()
+            if roll < 0.35:
+                try:
+                    d = supervisor.request(rng.choice(models)).wait()
+                except Rejected:
+                    continue
+                d.addCallbacks(leases.append, lambda f: f.trap(CancelledError, StartError, Rejected))
+                waits.append(d)
+            elif roll < 0.6 and leases:
+                leases.pop(rng.randrange(len(leases))).release()
+            elif roll < 0.8:
+                for upstream in (self.ups[m] for m in models):
+                    if upstream.state is State.STARTING and rng.random() < 0.5:
+                        upstream.fail_start() if rng.random() < 0.05 else upstream.become_ready()
+                    elif upstream.state is State.STOPPING and rng.random() < 0.5:
+                        upstream.exited()
+            elif roll < 0.83:
+                pending = [d for d in waits if not d.called]
+                if pending:
+                    rng.choice(pending).cancel()
+            else:
+                self.clock.advance(rng.choice([0.01, 0.05, 1, 30, 70]))
+            if one_at_a_time:
+                live = [m for m in models if self.ups[m].state in (State.STARTING, State.READY)]
+                self.assertLessEqual(len(live), 1, f"seed {seed}: {live} run together")
+        for _ in range(1000):
+            while leases:
+                leases.pop().release()
+            moved = False
+            for upstream in (self.ups[m] for m in models):
+                if upstream.state is State.STARTING:
+                    upstream.become_ready()
+                    moved = True
+                elif upstream.state is State.STOPPING:
+                    upstream.exited()
+                    moved = True
+            self.clock.advance(1)
+            if not moved and not supervisor.queued() and not leases:
+                break
+        self.assertEqual([d for d in waits if not d.called], [], f"seed {seed}, {top}: requests never answered")
+
+    def test_every_request_is_answered(self) -> None:
+        for top in self.CONFIGS:
+            for seed in range(10):
+                self.run_mix(seed, top)
+
+    def test_max_wait_deadline_is_reached(self) -> None:
+        """
+        A ticket becomes due exactly when the ``maxWait`` timer fires, whatever the rounding of
+        its arrival time (the timer does not fire again and again).
+        """
+        supervisor = self.make(["a", "b"], **fifo(maxWait=5))
+        self.lease(supervisor, "a")
+        self.clock.advance(30.05)  # 30.05 + 5 - 30.05 < 5 in floating point
+        ticket = supervisor.request("b")
+        self.clock.advance(4.5)
+        self.assertFalse(ticket.due)
+        self.clock.advance(0.5)
+        self.assertTrue(ticket.due)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class Probe:
