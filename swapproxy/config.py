@@ -35,6 +35,8 @@ from urllib.parse import urlsplit
 import attrs
 import yaml
 
+from swapproxy.matrix import Matrix, MatrixError
+
 DEFAULT_GROUP = "(default)"
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_TO_STDOUT = ("proxy", "upstream", "both", "none")
@@ -64,15 +66,17 @@ _TOP_KEYS = frozenset({
     "defaultModel", "cors", "store",
     # llama-swap head's keys of issue 14: see _build_head_keys.
     "peers", "selectors", "includeAliasesInList", "upstream",
-    # Parsed by the scheduling work (issue 12): accepted here so that a llama-swap head config
-    # starts without a warning.
-    "routing", "slotCache"}) | _HANG_KEYS
+    # Scheduling (issue 12): _build_router, _build_scheduler, memoryBudget.
+    "routing", "matrix", "memoryBudget", "slotCache"}) | _HANG_KEYS
 _MODEL_KEYS = frozenset({
     "cmd", "cmdStop", "proxy", "checkEndpoint", "ttl", "aliases", "useModelName", "env",
     "unlisted", "name", "description", "metadata", "concurrencyLimit", "sendLoadingState",
-    "loadingStateField", "macros", "filters", "unloadTimeout", "capabilities", "compat", "slotCache"}) | _HANG_KEYS
+    "loadingStateField", "macros", "filters", "unloadTimeout", "capabilities", "compat", "slotCache", "memory"}) | _HANG_KEYS
 _GROUP_KEYS = frozenset({"swap", "exclusive", "persistent", "members"})
 _STORE_KEYS = frozenset({"path", "maxRows"})
+_MATRIX_KEYS = frozenset({"vars", "evict_costs", "sets"})
+_MATRIX_VAR = re.compile(r"[A-Za-z0-9.-]{1,32}")
+_FIFO_KEYS = frozenset({"priority", "maxOvertakes", "maxWait", "linger"})
 _FILTER_KEYS = frozenset({"stripParams", "strip_params", "setParams", "setParamsByID"})
 _RESERVED_MACROS = frozenset({"PORT", "MODEL_ID", "PID"})
 _MACRO_NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
@@ -188,6 +192,8 @@ class ModelConfig:
     #: Whether its server's slots are saved before it stops and restored when it starts again
     #: (``slotCache``; the model's own setting, else the global one).
     slot_cache: bool = False
+    #: Bytes the model is declared to need (``memory``); ``None`` when not declared.
+    memory: int | None = None
 
 
 @attrs.frozen
@@ -416,6 +422,42 @@ class SlotCacheConfig:
     restore_timeout: float = 30.0
 
 
+#: Default ``routing.scheduler.settings.fifo.maxOvertakes`` (see README, "Scheduling").
+DEFAULT_MAX_OVERTAKES = 16
+#: Default ``routing.scheduler.settings.fifo.maxWait``, seconds.
+DEFAULT_MAX_WAIT = 60.0
+#: Default ``routing.scheduler.settings.fifo.linger``, seconds.
+DEFAULT_LINGER = 0.05
+
+
+@attrs.frozen
+class SchedulerConfig:
+    """
+    How waiting requests are ordered (``routing.scheduler``).
+
+    :ivar priority: model id -> priority; higher is served first, 0 by default.
+    :ivar max_overtakes: how many later requests may be served ahead of a waiting one, on the
+        models it waits for, before those models get no new requests until it has run; 0 means
+        strict arrival order.
+    :ivar max_wait: seconds after which a waiting request is no longer overtaken; 0 means no
+        time bound.
+    :ivar linger: seconds a model that is in demand is kept after its last request ended, for a
+        follow-up request, before it is swapped out for a waiting one.
+    """
+
+    priority: Mapping[str, int] = attrs.Factory(dict)
+    max_overtakes: int = DEFAULT_MAX_OVERTAKES
+    max_wait: float = DEFAULT_MAX_WAIT
+    linger: float = DEFAULT_LINGER
+
+    @property
+    def strict(self) -> bool:
+        """
+        Whether requests are served strictly in arrival (and priority) order.
+        """
+        return self.max_overtakes == 0
+
+
 @attrs.frozen
 class Config:
     """
@@ -472,6 +514,14 @@ class Config:
     #: The global `HangLimits`, each model's default.
     hang_limits: HangLimits = HangLimits()
     slot_cache: SlotCacheConfig = attrs.Factory(SlotCacheConfig)
+    scheduler: SchedulerConfig = attrs.Factory(SchedulerConfig)
+    #: The swap matrix when ``routing.router.use`` is ``matrix`` (or a top-level ``matrix``); then
+    #: ``groups`` holds only the default group.
+    matrix: Matrix | None = None
+    #: Bytes the running models may use together (``memoryBudget``); ``None`` for no budget.
+    memory_budget: int | None = None
+    #: ``memoryBudget: auto``: the budget is what the machine has free when swapproxy starts.
+    memory_budget_auto: bool = False
 
     @property
     def start_ceiling(self) -> int:
@@ -970,6 +1020,7 @@ def _build_model(ch: _Checker, mid: str, raw: Any, global_macros: dict[str, Any]
         ignore_websockets=_build_compat(ch, m.get("compat"), f"{path}.compat"),
         hang_limits=_build_hang_limits(ch, m, path, top["hang_limits"], timeouts.response_header),
         slot_cache=slot_cache,
+        memory=_memory_size(ch, m.get("memory"), f"{path}.memory"),
     )
 
 
@@ -1090,18 +1141,22 @@ def _check_json(ch: _Checker, value: Any, path: str) -> None:
                              f" mapping), got {_show(value)} (quote it to send it as a string)")
 
 
+def _byte_count(value: Any) -> float | None:
+    """
+    The bytes an integer or a size string (``64MiB``, ``512 KiB``, ``1.5GB``) stands for, or ``None``.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
+    return float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()] if match else None
+
+
 def _size(ch: _Checker, value: Any, path: str, default: int, minimum: int,
           zero_ok: bool = True) -> int:
     """A byte count: an integer, or a string such as ``64MiB``, ``512 KiB`` or ``1.5GB``."""
     if value is None:
         return default
-    count: float | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        count = value
-    elif isinstance(value, str):
-        match = _SIZE.fullmatch(value)
-        if match:
-            count = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+    count = _byte_count(value)
     if count is None or count >= 1 << 62 or not ((count == 0 and zero_ok) or count >= minimum):
         no_limit = "0 (no limit) or " if zero_ok else ""
         raise ch.error(path, f"must be {no_limit}a size of at least {minimum} bytes, such as"
@@ -1208,27 +1263,8 @@ def _build_aliases(ch: _Checker, models: dict[str, ModelConfig]) -> dict[str, st
     return aliases
 
 
-def _groups_source(ch: _Checker, data: dict[Any, Any]) -> tuple[Any, str]:
-    """
-    The raw groups and their key path: the top-level ``groups``, or llama-swap head's
-    ``routing.router.settings.groups``.
-
-    Only the group router's part of ``routing``; the scheduling work (issue 12) parses the rest
-    of ``routing`` (``router.use: matrix``, ``scheduler``), and replaces this.
-    """
-    routing = ch.mapping(data.get("routing"), "routing")
-    router = ch.mapping(routing.get("router"), "routing.router")
-    settings = ch.mapping(router.get("settings"), "routing.router.settings")
-    if settings.get("groups"):
-        if data.get("groups"):
-            raise ch.error("groups", "cannot be used together with routing.router; move it to"
-                                     " routing.router.settings.groups")
-        return settings["groups"], "routing.router.settings.groups"
-    return data.get("groups"), "groups"
-
-
-def _build_groups(ch: _Checker, raw: Any, where: str, models: dict[str, ModelConfig],
-                  aliases: dict[str, str]) -> dict[str, GroupConfig]:
+def _build_groups(ch: _Checker, raw: Any, models: dict[str, ModelConfig],
+                  aliases: dict[str, str], where: str = "groups") -> dict[str, GroupConfig]:
     groups: dict[str, GroupConfig] = {}
     owner: dict[str, str] = {}
     for gid, graw in ch.mapping(raw, where).items():
@@ -1260,6 +1296,132 @@ def _build_groups(ch: _Checker, raw: Any, where: str, models: dict[str, ModelCon
     groups[DEFAULT_GROUP] = GroupConfig(DEFAULT_GROUP, True, True, False,
                                         tuple(m for m in models if m not in owner))
     return groups
+
+
+def _memory_size(ch: _Checker, value: Any, path: str, auto_ok: bool = False) -> int | None:
+    """
+    A memory size (``memory``, ``memoryBudget``): an integer of bytes or a string such as ``6GiB``,
+    ``512MiB`` or ``1.5GB``; ``None`` when not set.
+    """
+    if value is None:
+        return None
+    count = _byte_count(value)
+    if count is None or not 1 <= count < 1 << 62:
+        auto = " or auto (what is free when swapproxy starts)" if auto_ok else ""
+        raise ch.error(path, f"must be a size such as 6GiB, 512MiB or 8000000000{auto}, got {_show(value)}")
+    return int(count)
+
+
+def _build_router(ch: _Checker, data: dict[Any, Any], models: dict[str, ModelConfig],
+                  aliases: dict[str, str]) -> tuple[dict[str, GroupConfig], Matrix | None]:
+    """
+    The groups, or the swap matrix, from the top-level ``groups``/``matrix`` keys or from
+    ``routing.router`` (llama-swap head accepts either style, not both).
+    """
+    routing = ch.mapping(data.get("routing"), "routing")
+    ch.known(routing, "routing", frozenset({"router", "scheduler"}))
+    router = ch.mapping(routing.get("router"), "routing.router")
+    ch.known(router, "routing.router", frozenset({"use", "settings"}))
+    settings = ch.mapping(router.get("settings"), "routing.router.settings")
+    ch.known(settings, "routing.router.settings", frozenset({"groups", "matrix"}))
+    top_groups, top_matrix = data.get("groups"), data.get("matrix")
+    if top_matrix is not None or top_groups:
+        if router.get("use") is not None or settings.get("matrix") is not None or settings.get("groups"):
+            key = "matrix" if top_matrix is not None else "groups"
+            raise ch.error(key, "cannot be used together with routing.router; move it to"
+                                f" routing.router.settings.{key}")
+        if top_matrix is not None and top_groups:
+            raise ch.error("matrix", "cannot be used together with groups: use one or the other")
+        use, groups_raw, groups_path, matrix_raw, matrix_path = (
+            "matrix" if top_matrix is not None else "group", top_groups, "groups", top_matrix, "matrix")
+    else:
+        use = ch.choice(router.get("use"), "routing.router.use", "group", ("group", "matrix"))
+        groups_raw, groups_path = settings.get("groups"), "routing.router.settings.groups"
+        matrix_raw, matrix_path = settings.get("matrix"), "routing.router.settings.matrix"
+        if use == "matrix" and matrix_raw is None:
+            raise ch.error("routing.router.use", "is matrix, but routing.router.settings.matrix is not set")
+        # The other one may be set too, as in llama-swap's own example, to switch by changing
+        # `use`: it is checked, and not used.
+        if use == "matrix" and settings.get("groups"):
+            _build_groups(ch, groups_raw, models, aliases, groups_path)
+        elif use == "group" and settings.get("matrix") is not None:
+            _build_matrix(ch, matrix_raw, matrix_path, models, aliases)
+    if use == "group":
+        return _build_groups(ch, groups_raw, models, aliases, groups_path), None
+    groups = {DEFAULT_GROUP: GroupConfig(DEFAULT_GROUP, True, True, False, tuple(models))}
+    return groups, _build_matrix(ch, matrix_raw, matrix_path, models, aliases)
+
+
+def _build_matrix(ch: _Checker, raw: Any, path: str, models: dict[str, ModelConfig],
+                  aliases: dict[str, str]) -> Matrix:
+    matrix = ch.mapping(raw, path)
+    ch.known(matrix, path, _MATRIX_KEYS)
+    names: dict[str, str] = {}
+    for key, model in ch.mapping(matrix.get("vars"), f"{path}.vars").items():
+        where = _join(f"{path}.vars", key)
+        if not isinstance(key, str) or not _MATRIX_VAR.fullmatch(key):
+            raise ch.error(where, "var names must be 1 to 32 letters, digits, '-' or '.'")
+        if not isinstance(model, str) or model not in models:
+            hint = (f"'{model}' is an alias of '{aliases[model]}', vars need model ids"
+                    if isinstance(model, str) and model in aliases else
+                    "models are: " + (", ".join(models) or "(none)"))
+            raise ch.error(where, f"unknown model {_show(model)}; {hint}")
+        names[key] = model
+
+    def resolve(name: str) -> str | None:
+        return names.get(name) or (name if name in models else None)
+
+    costs: dict[str, int] = {}
+    for key, cost in ch.mapping(matrix.get("evict_costs"), f"{path}.evict_costs").items():
+        where = _join(f"{path}.evict_costs", key)
+        model = resolve(key) if isinstance(key, str) else None
+        if model is None:
+            raise ch.error(where, "unknown var or model")
+        costs[model] = ch.integer(cost, where, 1, minimum=1)
+    sets = []
+    for name, expression in ch.mapping(matrix.get("sets"), f"{path}.sets").items():
+        where = _join(f"{path}.sets", name)
+        if not isinstance(name, str) or not name.strip():
+            raise ch.error(where, "set names must be non-empty strings")
+        sets.append((name, ch.string(expression, where)))
+    if not sets:
+        raise ch.error(f"{path}.sets", "define at least one set, such as main: 'a & b'")
+    try:
+        return Matrix(sets, resolve, costs)
+    except MatrixError as e:
+        where = _join(f"{path}.sets", e.set_name) if e.set_name is not None else f"{path}.sets"
+        raise ch.error(where, str(e)) from None
+
+
+def _build_scheduler(ch: _Checker, raw: Any, models: dict[str, ModelConfig],
+                     aliases: dict[str, str]) -> SchedulerConfig:
+    path = "routing.scheduler"
+    scheduler = ch.mapping(ch.mapping(raw, "routing").get("scheduler"), path)
+    ch.known(scheduler, path, frozenset({"use", "settings"}))
+    ch.choice(scheduler.get("use"), f"{path}.use", "fifo", ("fifo",))
+    settings = ch.mapping(scheduler.get("settings"), f"{path}.settings")
+    ch.known(settings, f"{path}.settings", frozenset({"fifo"}))
+    fifo = ch.mapping(settings.get("fifo"), f"{path}.settings.fifo")
+    ch.known(fifo, f"{path}.settings.fifo", _FIFO_KEYS)
+    where = f"{path}.settings.fifo.priority"
+    priority: dict[str, int] = {}
+    named: dict[str, str] = {}
+    for name, value in ch.mapping(fifo.get("priority"), where).items():
+        key = _join(where, name)
+        model = name if name in models else aliases.get(name) if isinstance(name, str) else None
+        if model is None:
+            raise ch.error(key, "unknown model; models are: " + (", ".join(models) or "(none)"))
+        if model in priority:
+            raise ch.error(key, f"model '{model}' already has a priority (as '{named[model]}')")
+        priority[model] = ch.integer(value, key, 0)
+        named[model] = name
+    return SchedulerConfig(
+        priority=priority,
+        max_overtakes=ch.integer(fifo.get("maxOvertakes"), f"{path}.settings.fifo.maxOvertakes",
+                                 DEFAULT_MAX_OVERTAKES, minimum=0),
+        max_wait=ch.number(fifo.get("maxWait"), f"{path}.settings.fifo.maxWait", DEFAULT_MAX_WAIT),
+        linger=ch.number(fifo.get("linger"), f"{path}.settings.fifo.linger", DEFAULT_LINGER),
+    )
 
 
 def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
@@ -1318,7 +1480,11 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         models[mid] = _build_model(ch, mid, raw_models[mid], global_macros, top, next_port)
         next_port += models[mid].port is not None
     aliases = _build_aliases(ch, models)
-    groups = _build_groups(ch, *_groups_source(ch, data), models, aliases)
+    groups, matrix = _build_router(ch, data, models, aliases)
+    scheduler = _build_scheduler(ch, data.get("routing"), models, aliases)
+    budget_raw = data.get("memoryBudget")
+    budget_auto = isinstance(budget_raw, str) and budget_raw.strip().lower() == "auto"
+    budget = None if budget_auto else _memory_size(ch, budget_raw, "memoryBudget", auto_ok=True)
     default_model = _build_default_model(ch, data.get("defaultModel"), models, aliases)
     cors = _build_cors(ch, data.get("cors"))
 
@@ -1372,6 +1538,10 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
         **head,
         hang_limits=top["hang_limits"],
         slot_cache=top["slot_cache"],
+        scheduler=scheduler,
+        matrix=matrix,
+        memory_budget=budget,
+        memory_budget_auto=budget_auto,
     )
 
 

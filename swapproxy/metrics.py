@@ -294,15 +294,26 @@ class _LiveCollector:
         queued = GaugeMetricFamily(
             "swapproxy_requests_queued", "Requests waiting for each model to be ready", labels=["model"]
         )
+        memory = GaugeMetricFamily(
+            "swapproxy_model_memory_bytes", "Each model's memory: as declared (memory), and as measured once loaded"
+            " (resident memory of its process tree plus GPU memory)", labels=["model", "source"]
+        )
         supervisor = self._supervisor
         for model_id, upstream in sorted(supervisor.upstreams.items()):
             for candidate in State:
                 state.add_metric([model_id, candidate.value], 1.0 if upstream.state is candidate else 0.0)
             in_flight.add_metric([model_id], float(supervisor.in_flight.get(model_id, 0)))
             queued.add_metric([model_id], float(supervisor.queued(model_id)))
+            for source, size in supervisor.memory_of(model_id).items():
+                if size is not None:
+                    memory.add_metric([model_id, source], float(size))
         yield state
         yield in_flight
         yield queued
+        yield memory
+        if supervisor.memory_budget is not None:
+            yield GaugeMetricFamily("swapproxy_memory_budget_bytes", "memoryBudget: what the running models may use",
+                                    value=float(supervisor.memory_budget))
 
 
 EventSubscriber = Callable[[str, Any], None]

@@ -1,12 +1,24 @@
 # -*- test-case-name: tests.test_supervisor -*-
 """
-Which children run: swap groups, the request queue, concurrency limits, TTL and shutdown.
+Which children run: swap groups or the swap matrix, the request queue, concurrency limits, TTL
+and shutdown.
 
-Every request for a model takes a `Ticket`. Tickets are served in arrival order: a ticket whose
-model is ready and conflicts with nothing is granted a `Lease` at once; one that needs other
-models stopped waits until those models have no request in flight, and from then on later
-tickets for those models wait behind it, so that a busy model cannot keep its group forever.
-Models are stopped for a swap only when no request is in flight on them.
+Every request for a model takes a `Ticket`. A ticket whose model is ready and conflicts with
+nothing is granted a `Lease` at once. The others wait, in service order: by ``priority``, then
+arrival. The first waiting ticket whose model cannot run yet has the models in its way stopped as
+soon as no request is in flight on them (never mid-request), then its model is started.
+
+Requests are *collated*: while a model runs, later requests for it are granted ahead of older
+requests that wait for other models, so a burst for one model is served by one start instead of
+a swap per change of model. That is bounded: once a waiting ticket has been overtaken by
+``maxOvertakes`` later requests on the models in its way, or has waited ``maxWait`` seconds, it
+is *due*: those models get no new requests until it has run, and due tickets go first in arrival
+order. ``maxOvertakes: 0`` is strict order: every ticket holds back the models in its way, as
+llama-swap's FIFO does without its collation.
+
+A model is never stopped while it starts for a waiting ticket, and a model that has not served
+anyone since it started serves its first waiting ticket before anything can stop it; so no model
+is started only to be stopped.
 
 `Supervisor.reload` applies a new configuration without dropping a request: a model whose process
 settings changed, or that was removed, keeps its old process until the requests in flight on it
@@ -15,6 +27,7 @@ are done (it is "retiring"), and a new process is started only once that one has
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -26,7 +39,12 @@ from twisted.python.failure import Failure
 
 from swapproxy.config import Config, GroupConfig, ModelConfig
 from swapproxy.logs import proxy_logger
+from swapproxy.memory import Footprints, Resident, available_memory, make_room, never_fits, show_bytes
 from swapproxy.upstream import StartError, State, Upstream, needs_restart
+
+
+#: Seconds after a model becomes ready that its footprint is first measured.
+MEASURE_DELAY = 1.0
 
 
 class Rejected(Exception):
@@ -53,6 +71,16 @@ class ShuttingDown(Rejected):
     status = 503
     error_type = "server_error"
     code = "shutting_down"
+
+
+class InsufficientMemory(Rejected):
+    """
+    The model can never fit in ``memoryBudget``, even with every model that may be stopped stopped.
+    """
+
+    status = 507
+    error_type = "server_error"
+    code = "insufficient_memory"
 
 
 class UnknownModel(Rejected):
@@ -122,18 +150,25 @@ class Ticket:
 
     :ivar stage: ``queued`` (behind other requests), ``stopping`` (other models are being
         stopped to make room), ``starting`` (this model is loading), ``ready`` or ``failed``.
-    :ivar waiting_for: the models that must stop before this one can run.
-    :ivar position: 1-based place among the waiting tickets.
+    :ivar waiting_for: the models that must stop, or be served, before this one runs.
+    :ivar position: 1-based place in the order the waiting tickets are expected to be served.
+    :ivar reason: why it waits, for people: "3 requests for qwen finish first, then gemma starts".
+    :ivar overtaken: how many later requests were served, on the models in its way, while it waited.
+    :ivar due: whether it may no longer be overtaken (see the module docstring).
     """
 
-    def __init__(self, supervisor: Supervisor, upstream: Upstream, arrived_at: float) -> None:
+    def __init__(self, supervisor: Supervisor, upstream: Upstream, arrived_at: float, seq: int) -> None:
         self._supervisor = supervisor
         self.upstream = upstream
         self.model_id = upstream.model.id
         self.arrived_at = arrived_at
+        self.seq = seq
         self.stage = "queued"
         self.waiting_for: tuple[str, ...] = ()
         self.position = 0
+        self.reason = ""
+        self.overtaken = 0
+        self.due = False
         self.granted_at: float | None = None
         self.error: Exception | None = None
         self._start: Deferred[None] | None = None
@@ -160,6 +195,7 @@ class Supervisor(Service):
     :param reactor: provides ``IReactorProcess`` and ``IReactorTime``.
     :param environ: the environment children inherit (``os.environ`` by default).
     :param upstream_factory: makes the `Upstream` of a model (tests pass fakes).
+    :param footprints: measures what the models use (tests pass fakes).
 
     ``config``, ``upstreams`` and ``in_flight`` change on `reload`: read them when needed, do not
     keep them.
@@ -171,10 +207,14 @@ class Supervisor(Service):
         reactor: Any,
         environ: Mapping[str, str] | None = None,
         upstream_factory: Callable[[ModelConfig], Upstream] | None = None,
+        footprints: Footprints | None = None,
     ) -> None:
         self.log = proxy_logger("swapproxy.supervisor")
         self.config = config
         self._reactor = reactor
+        self.footprints = footprints if footprints is not None else Footprints(reactor)
+        #: Bytes the running models may use together; ``None`` for no budget.
+        self.memory_budget = available_memory() if config.memory_budget_auto else config.memory_budget
         if upstream_factory is None:
 
             def upstream_factory(model: ModelConfig) -> Upstream:
@@ -198,6 +238,16 @@ class Supervisor(Service):
         for model in config.models.values():
             self._add_upstream(model)
         self._queue: list[Ticket] = []
+        self._arrivals = itertools.count()
+        #: Upstreams that started and have not granted a request since.
+        self._unserved: set[Upstream] = set()
+        #: The timer that looks at the queue again: when the oldest held-back ticket reaches
+        #: ``maxWait``, or a model's ``linger`` ends.
+        self._wakeup_call: IDelayedCall | None = None
+        #: When each model's last request in flight ended.
+        self.last_used: dict[str, float] = {}
+        #: The first measurement of each ready model's footprint, due `MEASURE_DELAY` after ready.
+        self._measure_calls: dict[Upstream, IDelayedCall] = {}
         self._ttl_calls: dict[str, IDelayedCall] = {}
         self._pumping = False
         self._pump_again = False
@@ -248,7 +298,10 @@ class Supervisor(Service):
                 f"model {model_id!r} already has {load} requests (concurrencyLimit "
                 f"{upstream.model.concurrency_limit}); retry later"
             )
-        ticket = Ticket(self, upstream, self._reactor.seconds())
+        shortfall = None if upstream.running else self._never_fits(model_id)
+        if shortfall is not None:
+            raise InsufficientMemory(shortfall)
+        ticket = Ticket(self, upstream, self._reactor.seconds(), next(self._arrivals))
         ticket.defer_start = defer_start
         self._queue.append(ticket)
         self._pump()
@@ -278,9 +331,12 @@ class Supervisor(Service):
                 self._stop_retiree(upstream)
         elif self.upstreams.get(model_id) is upstream:
             self.in_flight[model_id] -= 1
+            self.last_used[model_id] = self._reactor.seconds()
             if self.in_flight[model_id] == 0:
                 self._arm_ttl(model_id)
         self._pump()
+        if self.upstreams.get(model_id) is upstream and upstream.state is State.READY:
+            self._measure(upstream)
 
     def _in_flight_of(self, upstream: Upstream) -> int:
         retiree = self._retiring.get(upstream)
@@ -299,6 +355,19 @@ class Supervisor(Service):
         return list(dict.fromkeys(upstream.model.id for upstream in self._conflicting(model_id)))
 
     def _conflicting(self, model_id: str) -> list[Upstream]:
+        """
+        The running processes that must stop before ``model_id`` may start: by its group or the
+        swap matrix, then, with a ``memoryBudget``, the least recently used models that must go
+        for it to fit.
+        """
+        placement = self._placement_conflicts(model_id)
+        if self.memory_budget is None:
+            return placement
+        return placement + self._memory_evictions(model_id, placement)
+
+    def _placement_conflicts(self, model_id: str) -> list[Upstream]:
+        if self.config.matrix is not None:
+            return self._matrix_evictions(model_id)
         group = self.config.group_of(model_id)
         result = []
         for other_id, other in self.upstreams.items():
@@ -309,6 +378,87 @@ class Supervisor(Service):
             if other.running and (other.model.id == model_id or _displaces(group, retiree.group)):
                 result.append(other)
         return result
+
+    # -- memory -------------------------------------------------------------------------------
+
+    def memory_of(self, model_id: str) -> dict[str, int | None]:
+        """
+        A model's declared (``memory``) and measured footprints in bytes; ``None`` when unknown.
+        """
+        model = self.config.models.get(model_id)
+        return {"declared": model.memory if model is not None else None,
+                "measured": self.footprints.measured.get(model_id)}
+
+    def _need(self, model: ModelConfig) -> int:
+        """
+        What a model is counted for: its ``memory``, else what it was measured to use, else 0.
+        """
+        return model.memory or self.footprints.measured.get(model.id, 0)
+
+    def _processes(self) -> list[Upstream]:
+        return [up for up in self.upstreams.values() if up.running] + [up for up in self._retiring if up.running]
+
+    def _memory_protected(self, upstream: Upstream, model_id: str) -> bool:
+        """
+        Whether a memory shortage for ``model_id`` may not stop ``upstream`` (a member of another,
+        ``persistent``, group).
+        """
+        if self.config.matrix is not None or self.upstreams.get(upstream.model.id) is not upstream:
+            return False
+        group = self.config.group_of(upstream.model.id)
+        return group.persistent and group.id != self.config.group_of(model_id).id
+
+    def _residents(self, model_id: str, leaving: list[Upstream]) -> list[Resident]:
+        """
+        The running processes, except those ``leaving``, as the budget sees them when
+        ``model_id`` must start.
+        """
+        return [
+            Resident(up, up.model.id, self._need(up.model), up.stopping,
+                     bool(self._in_flight_of(up) or self.queued(up.model.id)),
+                     self.last_used.get(up.model.id, up.started_at or 0.0), self._memory_protected(up, model_id))
+            for up in self._processes() if up not in leaving
+        ]
+
+    def _memory_evictions(self, model_id: str, placement: list[Upstream]) -> list[Upstream]:
+        """
+        The models to stop, beyond ``placement``, for ``model_id`` to fit in the budget.
+        """
+        assert self.memory_budget is not None
+        target = self.upstreams[model_id]
+        if target.running:
+            return []
+        room = make_room(self._need(target.model), self.memory_budget, self._residents(model_id, placement))
+        return [resident.process for resident in room]
+
+    def _never_fits(self, model_id: str) -> str | None:
+        """
+        Why ``model_id`` cannot fit in the memory budget even with every model stopped that may
+        be; ``None`` when it can (or there is no budget).
+        """
+        if self.memory_budget is None:
+            return None
+        model = self.config.models[model_id]
+        return never_fits(model_id, self._need(model), "declared" if model.memory else "measured",
+                          self.memory_budget, self._residents(model_id, []))
+
+    def _first_measure(self, upstream: Upstream) -> None:
+        del self._measure_calls[upstream]
+        self._measure(upstream, force=True)
+
+    def _measure(self, upstream: Upstream, force: bool = False) -> None:
+        self.footprints.measure(upstream.model.id, upstream.pid, force).addErrback(
+            lambda failure: self.log.failure("measuring the memory of {model}", failure, model=upstream.model.id))
+
+    def _matrix_evictions(self, model_id: str) -> list[Upstream]:
+        assert self.config.matrix is not None
+        running = [up for up in self.upstreams.values() if up.running]
+        running += [up for up in self._retiring if up.running]
+        decision = self.config.matrix.solve(model_id, list(dict.fromkeys(up.model.id for up in running)))
+        return [
+            up for up in running
+            if up.model.id in decision.evict or (up.model.id == model_id and up in self._retiring)
+        ]
 
     def _pump(self) -> None:
         if self._pumping:
@@ -326,53 +476,77 @@ class Supervisor(Service):
             observer()
 
     def _schedule(self) -> None:
-        blocked: set[Upstream] = set()
-        claimed: set[Upstream] = set()
-        position = 0
-        for ticket in list(self._queue):
-            model_id = ticket.model_id
+        """
+        One look at the queue: grant what can be granted, stop what is in the way of the first
+        waiting tickets, start what can start, then tell each waiting ticket where it stands.
+        """
+        order = self._service_order()
+        strict = self.config.scheduler.strict
+        cache: dict[str, list[Upstream]] = {}
+
+        def in_way(model_id: str) -> list[Upstream]:
+            if model_id not in cache:
+                cache[model_id] = self._conflicting(model_id)
+            return cache[model_id]
+
+        # 1. Grants. A ticket that may no longer be overtaken holds back the models in its way.
+        first_riders = self._first_riders(order)
+        held: set[Upstream] = set()
+        for ticket in order:
+            if strict or ticket.due:
+                held.update(in_way(ticket.model_id))
+            if ticket.upstream in held and ticket not in first_riders:
+                continue
+            if not in_way(ticket.model_id) and ticket.upstream.state is State.READY:
+                for now_due in self._grant(ticket, in_way):
+                    held.update(in_way(now_due.model_id))
+
+        # 2. Stops and starts, for the waiting tickets in service order (the state changes as we go).
+        order = [ticket for ticket in order if ticket in self._queue]
+        first_riders = self._first_riders(order)
+        claimed = {ticket.upstream for ticket in first_riders}
+        wakeups: list[float] = []
+        for ticket in order:
             upstream = ticket.upstream
-            if upstream in blocked:
-                position += 1
-                ticket.stage, ticket.position = "queued", position
-                ticket.waiting_for = tuple(sorted({other.model.id for other in blocked}))
-                claimed.add(upstream)
+            if ticket not in self._queue or (upstream in held and ticket not in first_riders):
                 continue
-            conflicts = self._conflicting(model_id)
-            if not conflicts and upstream.state is State.READY:
-                self._grant(ticket)
+            shortfall = None if upstream.running else self._never_fits(ticket.model_id)
+            if shortfall is not None:
+                # What it was measured to need, or what persistent models hold, grew meanwhile.
+                self._fail_ticket(ticket, InsufficientMemory(shortfall))
                 continue
-            position += 1
-            ticket.position = position
-            claimed.add(upstream)
-            if conflicts:
-                ticket.waiting_for = tuple(dict.fromkeys(other.model.id for other in conflicts))
-                busy = [c for c in conflicts if self._in_flight_of(c) or c in claimed]
-                ticket.stage = "queued" if busy else "stopping"
-                blocked.update(conflicts)
-                if ticket.defer_start:
-                    self._after_io(self._pump)
-                    continue
+            conflicts = self._conflicting(ticket.model_id)
+            if conflicts and ticket.defer_start:
+                # The request that would stop them answers its client first: signals and walks
+                # of the process tree wait for the reactor's next round of I/O, as the start does.
+                self._after_io(self._pump)
+            elif conflicts:
                 for other in conflicts:
-                    if other not in busy and not other.stopping:
-                        self.log.info(
-                            "stopping model {other} to make room for {model}", other=other.model.id, model=model_id
-                        )
-                        for observer in list(self.swap_observers):
-                            observer(other.model.id, model_id)
-                        if self.upstreams.get(other.model.id) is other:
-                            self._cancel_ttl(other.model.id)
-                        # Its own unloadTimeout (llama-swap gives a swap healthCheckTimeout).
-                        other.stop()
-                continue
-            ticket.waiting_for = ()
-            ticket.stage = "starting"
-            if ticket._start is None:
-                if ticket.defer_start:
+                    if other in claimed or self._in_flight_of(other) or other.stopping:
+                        continue
+                    lingers_until = self._lingers_until(other, ticket)
+                    if lingers_until is not None:
+                        # Kept for its follow-up also against the tickets behind this one.
+                        claimed.add(other)
+                        wakeups.append(lingers_until)
+                        continue
+                    self._make_room(other, ticket.model_id)
+            elif upstream.state is not State.READY and (ticket._start is None or ticket._start.called):
+                if upstream.stopping or (
+                        not upstream.running and self._would_displace(upstream, claimed)):
+                    # Wait for it to exit (a start now would restart it behind our back), and do
+                    # not put it in the way of a request ahead of this one.
+                    pass
+                elif ticket.defer_start and not upstream.running:
                     self._after_io(self._pump)
-                    continue
-                ticket._start = upstream.start()
-                ticket._start.addErrback(self._start_failed, ticket)
+                else:
+                    ticket._start = upstream.start()
+                    ticket._start.addErrback(self._start_failed, ticket)
+            claimed.add(upstream)
+
+        # 3. What each waiting ticket is told.
+        self._describe([ticket for ticket in order if ticket in self._queue])
+        self._arm_wakeup(wakeups)
 
     def _after_io(self, call: Callable[[], None]) -> None:
         """
@@ -383,15 +557,229 @@ class Supervisor(Service):
         """
         self._reactor.callLater(0, self._reactor.callLater, 0, call)
 
-    def _grant(self, ticket: Ticket) -> None:
+    def _make_room(self, other: Upstream, model_id: str) -> None:
+        """
+        Stop ``other`` so that ``model_id`` can start, and say why.
+        """
+        why = (self._why_evicted(model_id) if other in self._placement_conflicts(model_id)
+               else f" (memoryBudget {show_bytes(self.memory_budget or 0)})")
+        self.log.info("stopping model {other} to make room for {model}{why}", other=other.model.id,
+                      model=model_id, why=why)
+        for observer in list(self.swap_observers):
+            observer(other.model.id, model_id)
+        if self.upstreams.get(other.model.id) is other:
+            self._cancel_ttl(other.model.id)
+        # Its own unloadTimeout (llama-swap gives a swap healthCheckTimeout).
+        other.stop()
+
+    def _would_displace(self, upstream: Upstream, claimed: set[Upstream]) -> bool:
+        """
+        Whether a model that one of the ``claimed`` models (wanted by requests ahead) needs
+        stopped would be ``upstream``'s model, once it runs.
+        """
+        model_id = upstream.model.id
+        matrix = self.config.matrix
+        if matrix is not None:
+            running = [up.model.id for up in self.upstreams.values() if up.running] + [model_id]
+            return any(model_id in matrix.solve(other.model.id, running).evict
+                       for other in claimed if other is not upstream)
+        group = self.config.group_of(model_id)
+        for other in claimed:
+            if other is upstream:
+                continue
+            try:
+                other_group = self.config.group_of(other.model.id)
+            except KeyError:
+                continue
+            if _displaces(other_group, group):
+                return True
+        return False
+
+    def _service_order(self) -> list[Ticket]:
+        """
+        The waiting tickets in the order they are served: due tickets first, by arrival; then by
+        priority (higher first), then arrival. Marks the tickets that ``maxWait`` has made due.
+        """
+        policy = self.config.scheduler
+        now = self._reactor.seconds()
+        priority = policy.priority
+        if policy.max_wait > 0 and not policy.strict:
+            for ticket in self._queue:
+                if not ticket.due and ticket.arrived_at + policy.max_wait <= now:  # as _arm_wakeup reckons
+                    ticket.due = True
+        return sorted(
+            self._queue,
+            key=lambda t: (0, 0, t.seq) if t.due else (1, -priority.get(t.model_id, 0), t.seq),
+        )
+
+    def _first_riders(self, order: list[Ticket]) -> set[Ticket]:
+        """
+        For each model that started and has served no one yet, its first waiting ticket: it is
+        served before anything can stop the model, so that no start is wasted.
+        """
+        riders: dict[Upstream, Ticket] = {}
+        for ticket in order:
+            if ticket.upstream in self._unserved:
+                riders.setdefault(ticket.upstream, ticket)
+        return set(riders.values())
+
+    def _grant(self, ticket: Ticket, in_way: Callable[[str], list[Upstream]] | None = None) -> list[Ticket]:
+        """
+        Give ``ticket`` its lease; count it against the older tickets whose way it stands in.
+
+        :returns: the tickets this overtaking made due.
+        """
         self._queue.remove(ticket)
+        upstream = ticket.upstream
         model_id = ticket.model_id
         self.in_flight[model_id] += 1
+        self._unserved.discard(upstream)
         self._cancel_ttl(model_id)
         ticket.stage = "ready"
         ticket.position = 0
+        ticket.reason = ""
         ticket.granted_at = self._reactor.seconds()
-        ticket._result.callback(Lease(self, ticket.upstream))
+        now_due = []
+        limit = self.config.scheduler.max_overtakes
+        if in_way is not None and limit > 0:
+            for waiting in self._queue:
+                if waiting.seq < ticket.seq and not waiting.due and upstream in in_way(waiting.model_id):
+                    waiting.overtaken += 1
+                    if waiting.overtaken >= limit:
+                        waiting.due = True
+                        now_due.append(waiting)
+        ticket._result.callback(Lease(self, upstream))
+        return now_due
+
+    def _describe(self, order: list[Ticket]) -> None:
+        """
+        Set each waiting ticket's stage, position, ``waiting_for`` and reason from the order in
+        which the tickets are expected to be served: in batches of one model, a starting model's
+        batch first, the others in service order. A ticket joins the batch of its model unless a
+        ticket that may not be overtaken (strict order, or due) stands between them.
+        """
+        strict = self.config.scheduler.strict
+        batches: list[tuple[Upstream, list[Ticket]]] = []
+        open_batch: dict[Upstream, list[Ticket]] = {}
+        for ticket in order:
+            upstream = ticket.upstream
+            if upstream in open_batch:
+                open_batch[upstream].append(ticket)
+            else:
+                open_batch[upstream] = [ticket]
+                batches.append((upstream, open_batch[upstream]))
+            if strict or ticket.due:
+                for other in list(open_batch):
+                    if other is not upstream and self._exclusive(other.model.id, ticket.model_id):
+                        del open_batch[other]
+        # The riders of a start are served first, wherever they are in the order.
+        starting = {}
+        for batch in batches:
+            if batch[0].state is State.STARTING:
+                starting.setdefault(batch[0], id(batch))
+        batches.sort(key=lambda batch: starting.get(batch[0]) != id(batch))
+        position = 0
+        ahead: list[tuple[str, int]] = []
+        for upstream, tickets in batches:
+            model_id = upstream.model.id
+            conflicts = self._conflicting(model_id)
+            in_way = list(dict.fromkeys(c.model.id for c in conflicts))
+            busy = [(c.model.id, self._in_flight_of(c)) for c in conflicts if self._in_flight_of(c)]
+            before = [(other, count) for other, count in ahead if other == model_id or self._exclusive(other, model_id)]
+            if not in_way and not before:
+                # Starting, or just became ready (the next pass grants it).
+                ready = upstream.state is State.READY
+                stage, waiting_for, reason = "starting", (), f"{model_id} is {'ready' if ready else 'starting'}"
+            elif in_way and not before and not busy:
+                verb = "is" if len(in_way) == 1 else "are"
+                stage, waiting_for = "stopping", tuple(in_way)
+                reason = f"{_and(in_way)} {verb} stopping to make room for {model_id}"
+            else:
+                first = _merge(busy + before)
+                stage = "queued"
+                waiting_for = tuple(dict.fromkeys(in_way + [m for m, _ in first if m != model_id]))
+                then = f"{model_id} starts" + (" again" if upstream.running else "")
+                if first:
+                    total = sum(count for _, count in first)
+                    reason = f"{_counts(first)} {'finishes' if total == 1 else 'finish'} first, then {then}"
+                else:
+                    reason = f"waiting for {_and(in_way)} to stop, then {then}"
+            for ticket in tickets:
+                position += 1
+                ticket.position = position
+                ticket.stage, ticket.waiting_for, ticket.reason = stage, waiting_for, reason
+            ahead.append((model_id, len(tickets)))
+
+    def _why_evicted(self, model_id: str) -> str:
+        """
+        For the log: the matrix set a swap makes room for, and its cost.
+        """
+        matrix = self.config.matrix
+        if matrix is None:
+            return ""
+        running = list(dict.fromkeys(up.model.id for up in self.upstreams.values() if up.running))
+        decision = matrix.solve(model_id, running)
+        if not decision.set_name:
+            return f" ({model_id} is in no matrix set, so it runs alone)"
+        return (f" (matrix set {decision.set_name}: {' & '.join(decision.members)},"
+                f" evict cost {decision.cost})")
+
+    def _exclusive(self, first: str, second: str) -> bool:
+        """
+        Whether two models cannot run together (by their groups or the matrix).
+        """
+        if self.config.matrix is not None:
+            return bool(self.config.matrix.solve(first, [second]).evict)
+        group_of = self.config.group_of
+        try:
+            first_group, second_group = group_of(first), group_of(second)
+        except KeyError:  # a model a reload removed
+            return True
+        return _displaces(first_group, second_group) or _displaces(second_group, first_group)
+
+    def _lingers_until(self, upstream: Upstream, ticket: Ticket) -> float | None:
+        """
+        Until when ``upstream`` is kept for a follow-up request before it is stopped for
+        ``ticket``: ``linger`` seconds after its last request ended, if it was busy when
+        ``ticket`` came (a client that just got its answer may well ask again), and ``ticket`` is
+        not due. ``None``: stop it now.
+        """
+        policy = self.config.scheduler
+        model_id = upstream.model.id
+        if policy.strict or ticket.due or policy.linger <= 0:
+            return None
+        if self.upstreams.get(model_id) is not upstream or model_id not in self.last_used:
+            return None
+        if self.last_used[model_id] <= ticket.arrived_at:
+            # It was idle when this ticket came: no sign of a follow-up.
+            return None
+        until = self.last_used[model_id] + policy.linger
+        return until if until > self._reactor.seconds() else None
+
+    def _arm_wakeup(self, deadlines: list[float]) -> None:
+        """
+        Have the queue looked at again at the earliest of ``deadlines`` and of the moment the
+        oldest ticket that is not due reaches ``maxWait``.
+        """
+        policy = self.config.scheduler
+        deadlines = list(deadlines)
+        if policy.max_wait > 0 and not policy.strict:
+            waiting = [t.arrived_at for t in self._queue if not t.due and t.stage != "starting"]
+            if waiting:
+                deadlines.append(min(waiting) + policy.max_wait)
+        deadline = min(deadlines) if deadlines and not self._shutting_down else None
+        if deadline is not None and deadline <= self._reactor.seconds():
+            # Never a timer for now: it would look at the queue again and again.
+            self.log.warn("scheduler wake-up for {deadline} is not in the future; not armed", deadline=deadline)
+            deadline = None
+        call = self._wakeup_call
+        if call is not None and call.active():
+            if deadline is not None and call.getTime() == deadline:
+                return
+            call.cancel()
+        self._wakeup_call = None
+        if deadline is not None:
+            self._wakeup_call = self._reactor.callLater(max(0.0, deadline - self._reactor.seconds()), self._pump)
 
     def _start_failed(self, failure: Failure, ticket: Ticket) -> None:
         if failure.check(CancelledError):
@@ -401,7 +789,10 @@ class Supervisor(Service):
         ticket.stage = "failed"
         ticket.error = failure.value
         ticket._result.errback(failure)
-        self._pump()
+        if ticket.upstream.state is not State.STARTING:
+            # A model still "starting" while it fails its waiters is about to change state, and
+            # that change looks at the queue; looking now would let a request join the dying start.
+            self._pump()
         return None
 
     def _upstream_changed(self, upstream: Upstream, old: State, new: State) -> None:
@@ -411,6 +802,17 @@ class Supervisor(Service):
                 self.log.info("the replaced process of model {model} has ended", model=upstream.model.id)
             self._pump()
             return
+        if new is State.STARTING:
+            self._unserved.add(upstream)
+            self.footprints.started(upstream.model.id)
+        elif new is not State.READY:
+            self._unserved.discard(upstream)
+        call = self._measure_calls.pop(upstream, None)
+        if call is not None and call.active():
+            call.cancel()
+        if new is State.READY:
+            # Not at once: it takes a millisecond or two, which the first requests should not wait for.
+            self._measure_calls[upstream] = self._reactor.callLater(MEASURE_DELAY, self._first_measure, upstream)
         self._pump()
         if self.upstreams.get(upstream.model.id) is not upstream:
             return
@@ -516,6 +918,12 @@ class Supervisor(Service):
             run.cancel()
         for ticket in list(self._queue):
             self._fail_ticket(ticket, ShuttingDown("swapproxy is shutting down"))
+        if self._wakeup_call is not None and self._wakeup_call.active():
+            self._wakeup_call.cancel()
+        for call in self._measure_calls.values():
+            if call.active():
+                call.cancel()
+        self._measure_calls.clear()
         for model_id in list(self._ttl_calls):
             self._cancel_ttl(model_id)
         running = [model_id for model_id, up in self.upstreams.items() if up.running]
@@ -569,6 +977,11 @@ class Supervisor(Service):
             else:
                 unchanged.append(model_id)
         self.config = config
+        if config.memory_budget_auto:
+            if not old.memory_budget_auto:
+                self.memory_budget = available_memory()
+        else:
+            self.memory_budget = config.memory_budget
         retired = []
         for model_id in removed + tuple(changed):
             upstream = self.upstreams.pop(model_id)
@@ -632,3 +1045,29 @@ def _displaces(group: GroupConfig, other: GroupConfig) -> bool:
         return group.swap
     return group.exclusive and not other.persistent
 
+
+def _and(items: list[str]) -> str:
+    """
+    ``a``, ``a and b``, ``a, b and c``.
+    """
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _merge(counts: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """
+    Add up the counts of the same model, keeping the order of first appearance.
+    """
+    merged: dict[str, int] = {}
+    for model_id, count in counts:
+        merged[model_id] = merged.get(model_id, 0) + count
+    return list(merged.items())
+
+
+def _counts(counts: list[tuple[str, int]]) -> str:
+    """
+    ``3 requests for qwen and 1 for llama``.
+    """
+    parts = [f"{count} for {model_id}" for model_id, count in counts]
+    first_count = counts[0][1]
+    parts[0] = f"{first_count} request{'' if first_count == 1 else 's'} for {counts[0][0]}"
+    return _and(parts)

@@ -521,8 +521,12 @@ class Upstream:
             return waiter
         grace = self.model.unload_timeout if grace is None else grace
         if self.state is State.STARTING:
+            # Stop first: whoever hears of the failure sees a model that is already stopping (and
+            # cannot join the start that is being aborted).
+            self._terminate(grace)
             self._fail_start_waiters(StartError(self.model.id, "unloaded while starting"))
-        elif run_hooks and self.stop_hooks:
+            return waiter
+        if run_hooks and self.stop_hooks:
             self._set_state(State.STOPPING)
             generation = self._generation
             hooks = Deferred.fromCoroutine(self._run_hooks(self.stop_hooks, "before stopping"))
@@ -879,10 +883,13 @@ class Upstream:
         self._record_failure(error)
 
     def _record_failure(self, error: StartError) -> None:
+        self._note_failure(error)
+        self._fail_start_waiters(error)
+
+    def _note_failure(self, error: StartError) -> None:
         self.last_error = error
         self._end_state = State.FAILED
         self.log.error("{error}", error=str(error), model=self.model.id)
-        self._fail_start_waiters(error)
 
     def _fail_start_waiters(self, error: StartError) -> None:
         waiters, self._start_waiters = self._start_waiters, []
@@ -1032,15 +1039,17 @@ class Upstream:
         self.client = None
         previous = self.state
         if previous is State.STARTING:
-            self._record_failure(
-                StartError(
-                    self.model.id,
-                    f"process exited with {description} while starting",
-                    exit_code=code,
-                    last_lines=self._tail(),
-                )
+            error = StartError(
+                self.model.id,
+                f"process exited with {description} while starting",
+                exit_code=code,
+                last_lines=self._tail(),
             )
+            # Failed first: whoever hears of the failure sees a model that has failed (and
+            # cannot join the start that just ended).
+            self._note_failure(error)
             self._set_state(State.FAILED)
+            self._fail_start_waiters(error)
         elif previous is State.READY:
             self.log.warn(
                 "model {model} exited unexpectedly with {status}", model=self.model.id, status=description

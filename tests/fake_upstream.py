@@ -33,7 +33,7 @@ Lines on stderr that tests wait for: ``fake upstream pid=N listening on HOST:POR
 ``--quiet``), ``grandchild pid=N``, ``ignoring SIGTERM``, ``client went away after K chunks``,
 ``error: failed to load model 'fake.gguf'``, and with ``--stage-lines`` the llama-server loading
 lines ending in ``main: model loaded``. ``--quiet`` hides only the listening line and the
-per-request log lines.
+per-request log lines. ``--allocate-mb N`` holds N MiB of resident memory, for memory-budget tests.
 
 SIGTERM ends the process with status 0 at once, also in the middle of a stream (it uses
 ``os._exit`` so that no daemon thread can hold up or crash interpreter shutdown).
@@ -156,6 +156,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="while loading: answer /health with 503, or do not listen at all")
     parser.add_argument("--quiet", action="store_true",
                         help="do not print the listening line and the request log")
+    parser.add_argument("--allocate-mb", type=int, default=0, metavar="N",
+                        help="hold N MiB of memory (every page touched, so it is resident) while running")
     return parser.parse_args(argv)
 
 
@@ -1037,6 +1039,8 @@ def install_signal_handlers(settings: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     install_signal_handlers(settings)
+    # Kept referenced for the life of the process: the "model weights" swapproxy can measure.
+    settings.held_memory = bytearray(b"\x01") * (settings.allocate_mb * 1024 * 1024)
     if settings.spawn_grandchild:
         log(f"grandchild pid={spawn_grandchild()}")
     ready = threading.Event()

@@ -302,9 +302,10 @@ class FakeUpstream:
             return waiter
         self.stop_graces.append(self.model.unload_timeout if grace is None else grace)
         self._events.append(("stop", self.model.id))
-        if self.state is State.STARTING:
-            self._fail_waiters(StartError(self.model.id, "unloaded while starting"))
+        starting = self.state is State.STARTING
         self._set_state(State.STOPPING)
+        if starting:
+            self._fail_waiters(StartError(self.model.id, "unloaded while starting"))
         return waiter
 
     def reconfigure(
@@ -342,8 +343,8 @@ class FakeUpstream:
         error = StartError(self.model.id, reason, exit_code=1)
         self.last_error = error
         self._events.append(("failed", self.model.id))
-        self._fail_waiters(error)
         self._set_state(State.FAILED)
+        self._fail_waiters(error)
         return error
 
     def exited(self) -> None:
@@ -355,8 +356,8 @@ class FakeUpstream:
         self._events.append(("exited", self.model.id))
         if self.state is State.STARTING:
             error = StartError(self.model.id, "process exited while starting")
-            self._fail_waiters(error)
             self._set_state(State.FAILED)
+            self._fail_waiters(error)
         else:
             self._set_state(State.STOPPED)
         waiters, self._stop_waiters = self._stop_waiters, []

@@ -578,7 +578,8 @@ class EventSequenceTests(LoadingTestCase):
         self.assertEqual(
             loading_lines(client),
             [
-                ("queued", "\nWaiting for a turn to load qwen: queue position 1, behind requests for llama."),
+                ("queued", "\nWaiting for a turn to load qwen: queue position 1; 1 request for llama finishes first,"
+                           " then qwen starts."),
                 ("queued", "."),
                 ("queued", "."),
                 ("stopping", "\nStopping llama to make room for qwen."),
@@ -591,7 +592,8 @@ class EventSequenceTests(LoadingTestCase):
         self.assertCompleteChunks(client.events(), "qwen-alias")
         twins = [chunk["swapproxy"] for chunk in chunks]
         self.assertEqual(twins[0], {"stage": "queued", "model": "qwen", "progress": None, "elapsed": 0.0,
-                                    "eta": None, "position": 1, "waiting_for": ["llama"]})
+                                    "eta": None, "position": 1, "waiting_for": ["llama"],
+                                    "reason": "1 request for llama finishes first, then qwen starts"})
         self.assertEqual(twins[3]["waiting_for"], ["llama"])
         self.assertEqual(twins[5], {"stage": "loading", "model": "qwen", "progress": 0.1, "elapsed": 4.2,
                                     "eta": None, "label": "loading weights"})

@@ -314,7 +314,10 @@ class EventStreamTests(RouterApiCase):
         progress = [e["data"]["progress"]["value"] for e in self.events(client) if e["data"].get("progress")]
         self.assertEqual(progress, [0.0, 0.1, 0.2])
         upstream.become_ready()
-        self.assertEqual([call.getTime() - self.h.clock.seconds() for call in self.h.clock.getDelayedCalls()],
+        # The supervisor's first measurement of the ready model's memory is not ours.
+        ours = [call for call in self.h.clock.getDelayedCalls()
+                if getattr(call.func, "__name__", "") != "_first_measure"]
+        self.assertEqual([call.getTime() - self.h.clock.seconds() for call in ours],
                          [HEARTBEAT - 2 * PROGRESS_TICK], "only the heartbeat is left")
 
     def test_failed_start(self) -> None:

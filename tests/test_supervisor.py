@@ -9,18 +9,27 @@ reactor (for how the two interact), and one spawns real children to check shutdo
 from __future__ import annotations
 
 import json
+import random
 import signal
 import sys
 from typing import Any
 
 import psutil
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.test.requesthelper import DummyRequest
 
+from swapproxy.board import ModelBoard
 from swapproxy.config import ModelConfig, parse_config
+from swapproxy.memory import Footprints, GpuMemory
+from swapproxy.metrics import Metrics
 from swapproxy.supervisor import (
+    MEASURE_DELAY,
+    InsufficientMemory,
     Lease,
     Rejected,
     ReloadResult,
@@ -31,10 +40,14 @@ from swapproxy.supervisor import (
     UnknownModel,
 )
 from swapproxy.upstream import StartError, State, Upstream
+from swapproxy.web.api import Running
 from tests.fakes import FakeUpstreams, ProcessReactor
 from tests.helpers import FAKE_UPSTREAM, alive, free_port_range, process_pipes_open, wait_until
 
 CMD = "llama-server --port ${PORT}"
+GIB = 1024**3
+#: Top-level settings for strict arrival order.
+STRICT = {"routing": {"scheduler": {"settings": {"fifo": {"maxOvertakes": 0}}}}}
 
 
 def make_config(models: dict[str, dict[str, Any]], **top: Any) -> Any:
@@ -57,7 +70,11 @@ class SupervisorTestCase(SynchronousTestCase):
             models = {mid: {} for mid in models}
         self.clock = Clock()
         self.ups = FakeUpstreams()
-        return Supervisor(make_config(models, **top), self.clock, upstream_factory=self.ups)
+        #: What each fake pid is "measured" to use, in bytes.
+        self.rss: dict[int, int] = {}
+        footprints = Footprints(self.clock, rss=lambda pids: sum(self.rss.get(pid, 0) for pid in pids),
+                                gpu=GpuMemory(self.clock, ""), pids=lambda pid: [pid])
+        return Supervisor(make_config(models, **top), self.clock, upstream_factory=self.ups, footprints=footprints)
 
     def lease(self, supervisor: Supervisor, model_id: str) -> Lease:
         """
@@ -292,12 +309,13 @@ class SwapTests(SupervisorTestCase):
         self.ups["a"].become_ready()
         self.assertIs(self.successResultOf(d).upstream, self.ups["a"])
 
-    def test_arrival_order_and_no_starvation(self) -> None:
+    def test_strict_arrival_order_and_no_starvation(self) -> None:
         """
-        Requests that wait for a swap are served in the order they arrived, and new requests for
-        the busy model queue behind them instead of keeping it loaded forever.
+        With ``maxOvertakes: 0``, requests that wait for a swap are served in the order they
+        arrived, and new requests for the busy model queue behind them instead of keeping it
+        loaded forever: a swap for every change of model.
         """
-        supervisor = self.make(["a", "b", "c"])
+        supervisor = self.make(["a", "b", "c"], **STRICT)
         lease_a = self.lease(supervisor, "a")
         served: list[str] = []
         leases: dict[str, Lease] = {}
@@ -344,6 +362,460 @@ class SwapTests(SupervisorTestCase):
         self.assertEqual((tb.position, tc.position), (1, 2))
         self.assertEqual(tb.waiting_for, ("a",))
         self.assertEqual(tb.stage, "queued")
+
+
+def fifo(**settings: Any) -> dict[str, Any]:
+    """
+    Top-level settings with these ``routing.scheduler.settings.fifo`` keys.
+    """
+    return {"routing": {"scheduler": {"settings": {"fifo": settings}}}}
+
+
+class Recorder:
+    """
+    Requests a model through a supervisor and records the order in which requests are granted.
+    """
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.served: list[str] = []
+        self.leases: dict[str, Lease] = {}
+        self.tickets: dict[str, Ticket] = {}
+
+    def ask(self, *names: str) -> None:
+        """
+        Request ``names[i][0]`` for each name (``b1`` asks for model ``b``).
+        """
+        for name in names:
+            def granted(lease: Lease, name: str = name) -> None:
+                self.served.append(name)
+                self.leases[name] = lease
+
+            self.tickets[name] = ticket = self.supervisor.request(name[0])
+            ticket.wait().addCallbacks(granted, lambda failure: failure.trap(CancelledError))
+
+    def leave(self, name: str) -> None:
+        """
+        The client of request ``name`` goes away.
+        """
+        self.tickets[name].wait().cancel()
+
+    def done(self, *names: str) -> None:
+        for name in names:
+            self.leases[name].release()
+
+
+class CollationTests(SupervisorTestCase):
+    """
+    The default policy: requests for a running model are served ahead of older requests for other
+    models, within ``maxOvertakes`` and ``maxWait``.
+    """
+
+    def test_running_model_serves_later_requests_first(self) -> None:
+        """
+        While a model serves requests, a later request for it is served at once, ahead of an
+        older one that waits for a swap; the swap happens when the model has nothing in flight.
+        """
+        supervisor = self.make(["a", "b"])
+        record = Recorder(supervisor)
+        record.ask("a1", "b1")
+        self.ups["a"].become_ready()
+        record.ask("a2")
+        self.assertEqual(record.served, ["a1", "a2"])
+        self.assertEqual(record.tickets["b1"].overtaken, 1)
+        self.assertEqual(self.ups["a"].stop_graces, [])
+        record.done("a1")
+        self.assertEqual(self.ups["a"].state, State.READY, "stopped with a request in flight")
+        record.done("a2")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.ups["a"].exited()
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served, ["a1", "a2", "b1"])
+
+    def test_one_start_serves_every_waiting_request_for_the_model(self) -> None:
+        """
+        Requests that waited for a model in between requests for others are all served by one
+        start of it: two starts where strict order takes five.
+        """
+        supervisor = self.make(["a", "b", "c"])
+        busy = self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "c1", "b2", "c2", "b3")
+        busy.release()
+        self.ups["a"].exited()
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served, ["b1", "b2", "b3"])
+        record.done("b1", "b2", "b3")
+        self.ups["b"].exited()
+        self.ups["c"].become_ready()
+        self.assertEqual(record.served, ["b1", "b2", "b3", "c1", "c2"])
+        self.assertEqual((self.ups["b"].start_count, self.ups["c"].start_count), (1, 1))
+        self.assert_never_ran_together("a", "b", "c")
+
+    def test_strict_order_swaps_for_every_change(self) -> None:
+        """
+        The same requests with ``maxOvertakes: 0``: served in arrival order, a start each.
+        """
+        supervisor = self.make(["a", "b", "c"], **STRICT)
+        busy = self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "c1", "b2", "c2", "b3")
+        busy.release()
+        for name in ["b1", "c1", "b2", "c2", "b3"]:
+            for other in self.ups.running():
+                if self.ups[other].state is State.STOPPING:
+                    self.ups[other].exited()
+            self.ups[name[0]].become_ready()
+            self.assertEqual(record.served[-1], name)
+            record.done(name)
+        self.assertEqual((self.ups["b"].start_count, self.ups["c"].start_count), (3, 2))
+
+    def test_overtaking_is_bounded(self) -> None:
+        """
+        A waiting request is overtaken by at most ``maxOvertakes`` later ones; after that the
+        model in its way takes no new request, finishes those in flight and is swapped out; the
+        requests it held back are served after the one that waited.
+        """
+        supervisor = self.make(["a", "b"], **fifo(maxOvertakes=3))
+        record = Recorder(supervisor)
+        record.ask("a1")
+        self.ups["a"].become_ready()
+        record.ask("b1", "a2", "a3", "a4", "a5", "a6")
+        self.assertEqual(record.served, ["a1", "a2", "a3", "a4"])
+        b1 = record.tickets["b1"]
+        self.assertEqual((b1.overtaken, b1.due), (3, True))
+        a5 = record.tickets["a5"]
+        self.assertEqual((a5.stage, a5.position), ("queued", 2))
+        self.assertEqual(a5.reason, "1 request for b finishes first, then a starts again")
+        record.done("a1", "a2", "a3")
+        self.assertEqual(self.ups["a"].state, State.READY, "stopped with a request in flight")
+        record.done("a4")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.assertEqual(b1.stage, "stopping")
+        self.ups["a"].exited()
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served[-1], "b1")
+        record.done("b1")
+        self.ups["b"].exited()
+        self.ups["a"].become_ready()
+        self.assertEqual(record.served, ["a1", "a2", "a3", "a4", "b1", "a5", "a6"])
+
+    def test_waiting_is_bounded_in_time(self) -> None:
+        """
+        After ``maxWait`` seconds a waiting request is due even if few requests overtook it: the
+        clock alone makes the busy model take no new request.
+        """
+        supervisor = self.make(["a", "b"], **fifo(maxOvertakes=100, maxWait=30))
+        record = Recorder(supervisor)
+        record.ask("a1")
+        self.ups["a"].become_ready()
+        record.ask("b1")
+        self.clock.advance(29)
+        record.ask("a2")
+        self.assertEqual(record.served, ["a1", "a2"])
+        self.clock.advance(1)
+        self.assertTrue(record.tickets["b1"].due)
+        record.ask("a3")
+        self.assertEqual(record.served, ["a1", "a2"])
+        record.done("a1", "a2")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.ups["a"].exited()
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served, ["a1", "a2", "b1"])
+
+    def test_no_timer_without_waiting_requests(self) -> None:
+        """
+        The ``maxWait`` timer runs only while a request waits behind another model.
+        """
+        supervisor = self.make(["a", "b"], **fifo(maxWait=30))
+        record = Recorder(supervisor)
+        record.ask("a1")
+        self.ups["a"].become_ready()
+        self.clock.advance(MEASURE_DELAY)  # a's footprint is measured
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        record.ask("b1")
+        self.assertEqual([call.getTime() for call in self.clock.getDelayedCalls()], [MEASURE_DELAY + 30])
+        record.leave("b1")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def side_model_starting(self) -> tuple[Supervisor, Lease, Recorder]:
+        """
+        In strict order: a busy; x (in a non-exclusive group) starts for x1; b1, which needs x
+        and a gone, and x2 wait.
+        """
+        supervisor = self.make(
+            ["a", "b", "x"],
+            groups={"main": {"members": ["a", "b"]}, "side": {"exclusive": False, "members": ["x"]}},
+            **STRICT,
+        )
+        busy = self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("x1", "b1", "x2")
+        return supervisor, busy, record
+
+    def test_start_serves_its_first_request_before_it_can_be_stopped(self) -> None:
+        """
+        A model started for a request serves it even if, meanwhile, an older-order request that
+        may not wait any longer needs the model gone: no start is wasted. Later requests for it
+        wait their turn.
+        """
+        _, busy, record = self.side_model_starting()
+        self.assertEqual(self.ups["x"].start_count, 1)
+        self.assertEqual(record.tickets["x1"].stage, "starting")
+        self.assertEqual(self.ups["x"].stop_graces, [], "stopped while starting for a request")
+        self.ups["x"].become_ready()
+        self.assertEqual(record.served, ["x1"])
+        busy.release()
+        record.done("x1")
+        self.assertEqual((self.ups["a"].state, self.ups["x"].state), (State.STOPPING, State.STOPPING))
+        self.ups["a"].exited()
+        self.ups["x"].exited()
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served, ["x1", "b1"])
+        record.done("b1")
+        self.assertEqual(self.ups["b"].state, State.READY, "x does not displace b")
+        self.ups["x"].become_ready()
+        self.assertEqual(record.served, ["x1", "b1", "x2"])
+
+    def test_start_whose_first_request_left_serves_the_next(self) -> None:
+        """
+        When the request a start was for goes away, the next request for that model takes its
+        place: the start carries on and serves it.
+        """
+        _, busy, record = self.side_model_starting()
+        record.leave("x1")
+        self.assertEqual(self.ups["x"].state, State.STARTING)
+        self.ups["x"].become_ready()
+        self.assertEqual(record.served, ["x2"])
+        busy.release()
+        self.assertEqual(self.ups["x"].state, State.READY, "stopped with a request in flight")
+
+    def test_request_for_a_stopping_model_waits_its_turn(self) -> None:
+        """
+        A request for a model that is being stopped for another one does not restart it beside
+        the other: it waits until the other has served its requests.
+        """
+        supervisor = self.make(["a", "b"])
+        self.lease(supervisor, "a").release()
+        record = Recorder(supervisor)
+        record.ask("b1", "a2")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.ups["a"].exited()
+        self.assertEqual(self.ups.running(), ["b"])
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served, ["b1"])
+        record.done("b1")
+        self.ups["b"].exited()
+        self.ups["a"].become_ready()
+        self.assertEqual(record.served, ["b1", "a2"])
+        self.assert_never_ran_together("a", "b")
+
+    def test_shared_start_survives_one_waiter_leaving(self) -> None:
+        """
+        Collated requests share one start; one of them leaving neither stops the start nor
+        withdraws the others.
+        """
+        supervisor = self.make(["a", "b"])
+        busy = self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "a2", "b2", "b3")
+        busy.release()
+        record.done("a2")
+        self.ups["a"].exited()
+        record.leave("b1")
+        self.assertEqual((self.ups["b"].state, self.ups["b"].stop_graces), (State.STARTING, []))
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served, ["a2", "b2", "b3"])
+        self.assertEqual(self.ups["b"].start_count, 1)
+
+
+class LingerTests(SupervisorTestCase):
+    """
+    ``linger``: a model that was busy when a request for another one came is kept a moment after
+    its last request, for a follow-up, before it is swapped out.
+    """
+
+    def test_busy_model_waits_for_a_follow_up(self) -> None:
+        """
+        The model stays for ``linger`` seconds after its last request ends; a follow-up within
+        that time is served without a swap, and the model is stopped ``linger`` after that one.
+        """
+        supervisor = self.make(["a", "b"], **fifo(linger=0.5))
+        record = Recorder(supervisor)
+        record.ask("a1")
+        self.ups["a"].become_ready()
+        record.ask("b1")
+        self.clock.advance(1)
+        record.done("a1")
+        self.assertEqual(self.ups["a"].state, State.READY)
+        self.clock.advance(0.25)
+        record.ask("a2")
+        self.assertEqual(record.served, ["a1", "a2"])
+        record.done("a2")
+        self.clock.advance(0.25)
+        self.assertEqual(self.ups["a"].state, State.READY)
+        self.clock.advance(0.25)
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+        self.assertEqual(self.ups["a"].start_count, 1)
+
+    def test_idle_model_is_swapped_at_once(self) -> None:
+        """
+        A request that finds the other model idle does not wait for ``linger``: one client
+        switching models gets its swap at once.
+        """
+        supervisor = self.make(["a", "b"], **fifo(linger=0.05))
+        self.lease(supervisor, "a").release()
+        self.clock.advance(0.001)
+        supervisor.request("b")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+
+    def test_due_request_does_not_wait_for_linger(self) -> None:
+        """
+        A request that may no longer be overtaken has the model stopped as soon as it is idle.
+        """
+        supervisor = self.make(["a", "b"], **fifo(linger=0.05, maxOvertakes=1))
+        record = Recorder(supervisor)
+        record.ask("a1")
+        self.ups["a"].become_ready()
+        record.ask("b1", "a2")
+        self.assertTrue(record.tickets["b1"].due)
+        self.clock.advance(1)
+        record.done("a1", "a2")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+
+    def test_no_linger_in_strict_order(self) -> None:
+        supervisor = self.make(["a", "b"], **STRICT)
+        busy = self.lease(supervisor, "a")
+        supervisor.request("b")
+        self.clock.advance(1)
+        busy.release()
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+
+
+class QueueReportTests(SupervisorTestCase):
+    """
+    What a waiting request is told: its place in the order requests will really be served, and why.
+    """
+
+    def test_position_follows_the_collated_order(self) -> None:
+        """
+        Requests for the same model are counted together: the second request for b is second,
+        ahead of the older request for c.
+        """
+        supervisor = self.make(["a", "b", "c"])
+        first, second = self.lease(supervisor, "a"), self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "c1", "b2")
+        positions = {name: ticket.position for name, ticket in record.tickets.items()}
+        self.assertEqual(positions, {"b1": 1, "b2": 2, "c1": 3})
+        self.assertEqual(record.tickets["b1"].reason, "2 requests for a finish first, then b starts")
+        self.assertEqual(
+            record.tickets["c1"].reason, "2 requests for a and 2 for b finish first, then c starts"
+        )
+        self.assertEqual(record.tickets["c1"].waiting_for, ("a", "b"))
+        first.release()
+        self.assertEqual(record.tickets["b1"].reason, "1 request for a finishes first, then b starts")
+        second.release()
+        self.assertEqual(record.tickets["b1"].stage, "stopping")
+        self.assertEqual(record.tickets["b1"].reason, "a is stopping to make room for b")
+        self.assertEqual(record.tickets["c1"].stage, "queued")
+        self.ups["a"].exited()
+        self.assertEqual(
+            [(t.stage, t.position, t.reason) for t in record.tickets.values()],
+            [("starting", 1, "b is starting"), ("queued", 3, "2 requests for b finish first, then c starts"),
+             ("starting", 2, "b is starting")],
+        )
+
+    def test_strict_positions_are_arrival_order(self) -> None:
+        """
+        In strict order the position is the place in arrival order, and the reason lists every
+        model to be served before.
+        """
+        supervisor = self.make(["a", "b", "c"], **STRICT)
+        self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "c1", "b2")
+        positions = {name: ticket.position for name, ticket in record.tickets.items()}
+        self.assertEqual(positions, {"b1": 1, "c1": 2, "b2": 3})
+        self.assertEqual(
+            record.tickets["b2"].reason, "1 request for a, 1 for b and 1 for c finish first, then b starts"
+        )
+
+
+class PriorityTests(SupervisorTestCase):
+    """
+    ``routing.scheduler.settings.fifo.priority``: higher first from the queue, within the bound.
+    """
+
+    def test_higher_priority_starts_first(self) -> None:
+        """
+        When the running model is done, the waiting request with the higher priority goes first
+        even though it arrived later.
+        """
+        supervisor = self.make(["a", "b", "c"], **fifo(priority={"c": 5}))
+        busy = self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "c1")
+        self.assertEqual((record.tickets["c1"].position, record.tickets["b1"].position), (1, 2))
+        busy.release()
+        self.ups["a"].exited()
+        self.assertEqual((self.ups["b"].start_count, self.ups["c"].start_count), (0, 1))
+        self.ups["c"].become_ready()
+        self.assertEqual(record.served, ["c1"])
+
+    def test_priority_by_alias(self) -> None:
+        """
+        A priority may name a model by an alias.
+        """
+        supervisor = self.make({"a": {}, "b": {}, "c": {"aliases": ["fast"]}}, **fifo(priority={"fast": 5}))
+        self.assertEqual(supervisor.config.scheduler.priority, {"c": 5})
+
+    def test_priority_is_bounded_too(self) -> None:
+        """
+        Higher-priority requests overtake an older one at most ``maxOvertakes`` times.
+        """
+        supervisor = self.make(["a", "b", "c"], **fifo(priority={"c": 5}, maxOvertakes=2))
+        busy = self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "c1", "c2")
+        busy.release()
+        self.ups["a"].exited()
+        self.ups["c"].become_ready()
+        self.assertEqual(record.served, ["c1", "c2"])
+        self.assertTrue(record.tickets["b1"].due)
+        record.ask("c3")
+        self.assertEqual(record.served, ["c1", "c2"])
+        record.done("c1", "c2")
+        self.ups["c"].exited()
+        self.ups["b"].become_ready()
+        self.assertEqual(record.served, ["c1", "c2", "b1"])
+
+    def test_priority_never_stops_a_starting_model(self) -> None:
+        """
+        A later request of higher priority waits for a model that is starting for others and
+        for the requests queued for it; then it goes first.
+        """
+        supervisor = self.make(["a", "b", "c"], **fifo(priority={"c": 9}))
+        record = Recorder(supervisor)
+        record.ask("a1", "a2", "c1", "b1")
+        self.assertEqual(self.ups["a"].stop_graces, [])
+        self.ups["a"].become_ready()
+        self.assertEqual(record.served, ["a1", "a2"])
+        record.done("a1", "a2")
+        self.ups["a"].exited()
+        self.assertEqual((self.ups["b"].start_count, self.ups["c"].start_count), (0, 1))
+
+    def test_strict_order_keeps_priority(self) -> None:
+        """
+        With ``maxOvertakes: 0`` priorities still order the queue, as in llama-swap.
+        """
+        supervisor = self.make(["a", "b", "c"], **fifo(priority={"c": 5}, maxOvertakes=0))
+        busy = self.lease(supervisor, "a")
+        record = Recorder(supervisor)
+        record.ask("b1", "c1")
+        busy.release()
+        self.ups["a"].exited()
+        self.assertEqual(self.ups["c"].start_count, 1)
 
 
 class ConcurrencyLimitTests(SupervisorTestCase):
@@ -499,6 +971,68 @@ class GroupTests(SupervisorTestCase):
         self.successResultOf(d).release()
         self.assertEqual(self.ups.running(), ["a", "x"])
         self.assertEqual(self.ups["x"].stop_graces, [])
+
+
+class MatrixTests(SupervisorTestCase):
+    """
+    ``routing.router.use: matrix``: the cheapest set containing the requested model decides
+    what is stopped.
+    """
+
+    def make_matrix(self, sets: dict[str, str], costs: dict[str, int] | None = None) -> Supervisor:
+        matrix: dict[str, Any] = {"sets": sets}
+        if costs:
+            matrix["evict_costs"] = costs
+        return self.make(["llm1", "llm2", "tts", "big"],
+                         routing={"router": {"use": "matrix", "settings": {"matrix": matrix}}})
+
+    def test_models_of_a_set_run_together(self) -> None:
+        """
+        A model that may run with the running ones starts beside them; an alternative replaces
+        only the model it is an alternative to.
+        """
+        supervisor = self.make_matrix({"standard": "(llm1 | llm2) & tts", "full": "big"})
+        self.lease(supervisor, "tts").release()
+        self.lease(supervisor, "llm1").release()
+        self.assertEqual(self.ups.running(), ["llm1", "tts"])
+        d = supervisor.request("llm2").wait()
+        self.assertEqual((self.ups["llm1"].state, self.ups["tts"].state), (State.STOPPING, State.READY))
+        self.ups["llm1"].exited()
+        self.ups["llm2"].become_ready()
+        self.successResultOf(d)
+        self.assertEqual(self.ups.running(), ["llm2", "tts"])
+
+    def test_cheapest_eviction_wins(self) -> None:
+        """
+        With two sets that each keep one running model, the costlier model to lose is kept.
+        """
+        supervisor = self.make_matrix({"with_llm": "big & llm1", "with_tts": "big & tts", "pair": "llm1 & tts"},
+                                      costs={"tts": 5})
+        self.lease(supervisor, "llm1").release()
+        self.lease(supervisor, "tts").release()
+        supervisor.request("big")
+        self.assertEqual((self.ups["llm1"].state, self.ups["tts"].state), (State.STOPPING, State.READY))
+
+    def test_model_in_no_set_runs_alone(self) -> None:
+        supervisor = self.make_matrix({"pair": "llm1 & tts"})
+        self.lease(supervisor, "llm1").release()
+        self.lease(supervisor, "tts").release()
+        supervisor.request("big")
+        self.assertEqual((self.ups["llm1"].state, self.ups["tts"].state), (State.STOPPING, State.STOPPING))
+
+    def test_busy_model_is_evicted_only_when_idle(self) -> None:
+        supervisor = self.make_matrix({"standard": "(llm1 | llm2) & tts"})
+        busy = self.lease(supervisor, "llm1")
+        ticket = supervisor.request("llm2")
+        self.assertEqual((ticket.stage, ticket.waiting_for), ("queued", ("llm1",)))
+        self.assertEqual(ticket.reason, "1 request for llm1 finishes first, then llm2 starts")
+        self.assertEqual(self.ups["llm1"].state, State.READY)
+        busy.release()
+        self.assertEqual(self.ups["llm1"].state, State.STOPPING)
+        self.ups["llm1"].exited()
+        self.ups["llm2"].become_ready()
+        self.successResultOf(ticket.wait())
+        self.assert_never_ran_together("llm1", "llm2")
 
 
 class TTLTests(SupervisorTestCase):
@@ -1119,6 +1653,291 @@ class ReloadTests(SupervisorTestCase):
         current.become_ready()
         self.assertIs(self.successResultOf(d).upstream, current)
         self.assertEqual(supervisor.in_flight["a"], 1)
+
+
+class MemoryBudgetTests(SupervisorTestCase):
+    """
+    ``memoryBudget`` with ``memory`` per model: idle models make room, least recently used first.
+    """
+
+    def make_budget(self, budget: str, memory: dict[str, str], **top: Any) -> Supervisor:
+        models = {mid: ({"memory": size} if size else {}) for mid, size in memory.items()}
+        top.setdefault("groups", {"all": {"swap": False, "members": list(memory)}})
+        return self.make(models, memoryBudget=budget, **top)
+
+    def test_least_recently_used_idle_model_makes_room(self) -> None:
+        """
+        A start that would exceed the budget stops the idle model used longest ago, and only
+        once it has exited does the new model start.
+        """
+        supervisor = self.make_budget("10GiB", {"a": "4GiB", "b": "4GiB", "c": "4GiB"})
+        self.lease(supervisor, "a").release()
+        self.clock.advance(1)
+        self.lease(supervisor, "b").release()
+        ticket = supervisor.request("c")
+        self.assertEqual((self.ups["a"].state, self.ups["b"].state), (State.STOPPING, State.READY))
+        self.assertEqual((ticket.stage, ticket.waiting_for), ("stopping", ("a",)))
+        self.assertEqual(self.ups["c"].start_count, 0)
+        self.ups["a"].exited()
+        self.ups["c"].become_ready()
+        self.successResultOf(ticket.wait())
+        self.assertEqual(self.ups.running(), ["b", "c"])
+
+    def test_fits_without_stopping_anything(self) -> None:
+        supervisor = self.make_budget("12GiB", {"a": "4GiB", "b": "4GiB", "c": "4GiB"})
+        for model_id in "abc":
+            self.lease(supervisor, model_id).release()
+        self.assertEqual(self.ups.running(), ["a", "b", "c"])
+
+    def test_idle_model_goes_before_a_busy_one(self) -> None:
+        """
+        A busy model is kept even if it was used longer ago; a busy one is stopped only when no
+        idle one is left, and never mid-request.
+        """
+        supervisor = self.make_budget("8GiB", {"a": "4GiB", "b": "4GiB", "c": "4GiB"})
+        busy = self.lease(supervisor, "a")
+        self.clock.advance(1)
+        self.lease(supervisor, "b").release()
+        first_c = supervisor.request("c").wait()
+        self.assertEqual((self.ups["a"].state, self.ups["b"].state), (State.READY, State.STOPPING))
+        self.ups["b"].exited()
+        self.ups["c"].become_ready()
+        self.successResultOf(first_c).release()
+        busy_c = self.successResultOf(supervisor.request("c").wait())
+        ticket = supervisor.request("b")
+        self.assertEqual((ticket.stage, ticket.waiting_for), ("queued", ("a",)))
+        self.assertEqual((self.ups["a"].state, self.ups["c"].state), (State.READY, State.READY))
+        busy_c.release()
+        self.assertEqual((self.ups["a"].state, self.ups["c"].state), (State.READY, State.STOPPING))
+
+    def test_persistent_models_are_kept(self) -> None:
+        supervisor = self.make_budget(
+            "8GiB", {"a": "4GiB", "b": "4GiB", "c": "4GiB"},
+            groups={"resident": {"persistent": True, "swap": False, "exclusive": False, "members": ["a"]},
+                    "others": {"swap": False, "exclusive": False, "members": ["b", "c"]}})
+        self.lease(supervisor, "a").release()
+        self.clock.advance(1)
+        self.lease(supervisor, "b").release()
+        supervisor.request("c")
+        self.assertEqual((self.ups["a"].state, self.ups["b"].state), (State.READY, State.STOPPING))
+
+    def test_model_that_never_fits_is_refused(self) -> None:
+        """
+        A model larger than the whole budget is answered 507 at once, with the numbers.
+        """
+        supervisor = self.make_budget("22GiB", {"big": "30GiB", "a": ""})
+        error = self.assertRaises(InsufficientMemory, supervisor.request, "big")
+        self.assertEqual((error.status, error.code), (507, "insufficient_memory"))
+        self.assertEqual(str(error), "model 'big' needs 30.0 GiB (declared), more than the memory budget of"
+                                     " 22.0 GiB (memoryBudget)")
+        self.assertEqual(self.ups["big"].start_count, 0)
+
+    def test_persistent_models_can_leave_too_little(self) -> None:
+        supervisor = self.make_budget(
+            "10GiB", {"a": "8GiB", "b": "4GiB"},
+            groups={"resident": {"persistent": True, "swap": False, "exclusive": False, "members": ["a"]},
+                    "others": {"exclusive": False, "members": ["b"]}})
+        self.lease(supervisor, "a").release()
+        error = self.assertRaises(InsufficientMemory, supervisor.request, "b")
+        self.assertEqual(str(error), "model 'b' needs 4.0 GiB (declared), but 8.0 GiB of the 10.0 GiB memory"
+                                     " budget is held by persistent models a; unload them first")
+
+    def test_measured_footprint_counts_when_none_is_declared(self) -> None:
+        """
+        A model without ``memory`` is counted for what it was measured to use once loaded.
+        """
+        supervisor = self.make_budget("10GiB", {"a": "", "b": "", "c": ""})
+        self.assertEqual(supervisor.memory_of("a"), {"declared": None, "measured": None})
+        for model_id in "ab":
+            ticket = supervisor.request(model_id)
+            self.rss[self.ups[model_id].pid] = 4 * GIB
+            self.ups[model_id].become_ready()
+            self.successResultOf(ticket.wait()).release()
+            self.clock.advance(1)
+        self.assertEqual(supervisor.memory_of("a"), {"declared": None, "measured": 4 * GIB})
+        ticket = supervisor.request("c")
+        self.assertEqual(self.ups["c"].start_count, 1, "c was never measured: counted as 0")
+        self.rss[self.ups["c"].pid] = 4 * GIB
+        self.ups["c"].become_ready()
+        self.successResultOf(ticket.wait()).release()
+        self.ups["a"].stop()
+        self.ups["a"].exited()
+        self.assertEqual(self.ups.running(), ["b", "c"])
+        supervisor.request("a")
+        self.assertEqual(self.ups["b"].state, State.STOPPING, "a's measured 4 GiB needs room now")
+
+    def test_declared_memory_wins_over_measured(self) -> None:
+        supervisor = self.make_budget("10GiB", {"a": "6GiB"})
+        ticket = supervisor.request("a")
+        self.rss[self.ups["a"].pid] = 1 * GIB
+        self.ups["a"].become_ready()
+        self.successResultOf(ticket.wait())
+        self.assertEqual(supervisor.memory_of("a"), {"declared": 6 * GIB, "measured": None})
+        self.clock.advance(MEASURE_DELAY)
+        self.assertEqual(supervisor.memory_of("a"), {"declared": 6 * GIB, "measured": GIB})
+
+    def test_footprint_is_remeasured_while_running(self) -> None:
+        """
+        A model that grows while it serves (its context cache fills) is measured again when a
+        request ends, at most every 30 s; the largest figure is kept.
+        """
+        supervisor = self.make_budget("10GiB", {"a": ""})
+        lease = self.lease(supervisor, "a")
+        pid = self.ups["a"].pid
+        self.rss[pid] = GIB
+        self.clock.advance(31)
+        lease.release()
+        self.assertEqual(supervisor.memory_of("a")["measured"], GIB)
+        self.rss[pid] = 3 * GIB
+        self.clock.advance(1)
+        self.lease(supervisor, "a").release()
+        self.assertEqual(supervisor.memory_of("a")["measured"], GIB, "measured again within 30 s")
+        self.clock.advance(30)
+        self.lease(supervisor, "a").release()
+        self.assertEqual(supervisor.memory_of("a")["measured"], 3 * GIB)
+
+    def test_auto_budget_is_what_is_free(self) -> None:
+        supervisor = self.make_budget("auto", {"a": "1GiB"})
+        self.assertGreater(supervisor.memory_budget, 0)
+        self.assertLessEqual(supervisor.memory_budget, psutil.virtual_memory().total)
+
+    def test_no_budget_no_limit(self) -> None:
+        supervisor = self.make({"a": {"memory": "1000GiB"}})
+        self.assertIsNone(supervisor.memory_budget)
+        self.lease(supervisor, "a")
+
+    def test_groups_still_apply(self) -> None:
+        """
+        The budget adds to the group rules: a swap group still swaps even with memory to spare.
+        """
+        supervisor = self.make({"a": {"memory": "1GiB"}, "b": {"memory": "1GiB"}}, memoryBudget="100GiB")
+        self.lease(supervisor, "a").release()
+        supervisor.request("b")
+        self.assertEqual(self.ups["a"].state, State.STOPPING)
+
+    def test_running_shows_declared_and_measured(self) -> None:
+        supervisor = self.make_budget("10GiB", {"a": "6GiB"})
+        ticket = supervisor.request("a")
+        self.rss[self.ups["a"].pid] = 5 * GIB
+        self.ups["a"].become_ready()
+        self.successResultOf(ticket.wait())
+        self.clock.advance(MEASURE_DELAY)
+        request = DummyRequest([b""])
+        body = Running(supervisor, self.clock, ModelBoard(supervisor, self.clock, {})).render_GET(request)
+        entry = json.loads(body)["running"][0]
+        self.assertEqual(entry["memory"], {"declared": 6 * GIB, "measured": 5 * GIB})
+
+
+    def test_metrics_show_declared_measured_and_budget(self) -> None:
+        supervisor = self.make_budget("10GiB", {"a": "6GiB", "b": ""})
+        ticket = supervisor.request("a")
+        self.rss[self.ups["a"].pid] = 5 * GIB
+        self.ups["a"].become_ready()
+        self.successResultOf(ticket.wait())
+        self.clock.advance(MEASURE_DELAY)
+        text = generate_latest(Metrics(supervisor, self.clock, process_metrics=False).registry).decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for family in text_string_to_metric_families(text) for s in family.samples}
+        memory = {labels: value for (name, labels), value in samples.items() if name == "swapproxy_model_memory_bytes"}
+        self.assertEqual(memory, {(("model", "a"), ("source", "declared")): 6 * GIB,
+                                  (("model", "a"), ("source", "measured")): 5 * GIB})
+        self.assertEqual(samples[("swapproxy_memory_budget_bytes", ())], 10 * GIB)
+
+
+class InvariantTests(SupervisorTestCase):
+    """
+    Random (seeded) mixes of requests, releases, cancels, starts that succeed or fail, exits and
+    time, under each policy: every request is answered, no model is stopped mid-request, and a
+    swap group never runs two models.
+    """
+
+    CONFIGS: list[dict[str, Any]] = [
+        {},
+        STRICT,
+        fifo(maxOvertakes=2, maxWait=5, priority={"c": 3}),
+        {"groups": {"p": {"swap": False, "members": ["a", "b"]}, "q": {"exclusive": False, "members": ["c"]},
+                    "r": {"persistent": True, "swap": False, "exclusive": False, "members": ["d"]}}},
+        {"routing": {"router": {"use": "matrix", "settings": {"matrix": {
+            "sets": {"s": "(a | b) & c", "t": "d"}, "evict_costs": {"c": 3}}}}}},
+        {"memoryBudget": "9GiB", "groups": {"all": {"swap": False, "exclusive": False, "members": ["a", "b", "c", "d"]}}},
+    ]
+
+    def run_mix(self, seed: int, top: dict[str, Any]) -> None:
+        rng = random.Random(seed)
+        models = ["a", "b", "c", "d"]
+        memory = {"memory": "4GiB"} if "memoryBudget" in top else {}
+        supervisor = self.make({m: dict(memory) for m in models}, **top)
+        one_at_a_time = top in ({}, STRICT) or "priority" in str(top)
+
+        def watch(upstream: Any, old: State, new: State) -> None:
+            if new is State.STOPPING and old is State.READY:
+                self.assertEqual(supervisor.in_flight[upstream.model.id], 0, f"seed {seed}: stopped mid-request")
+
+        for model_id in models:
+            self.ups[model_id].state_observers.append(watch)
+        waits: list[Deferred[Lease]] = []
+        leases: list[Lease] = []
+        for _ in range(400):
+            roll = rng.random()
+            if roll < 0.35:
+                try:
+                    d = supervisor.request(rng.choice(models)).wait()
+                except Rejected:
+                    continue
+                d.addCallbacks(leases.append, lambda f: f.trap(CancelledError, StartError, Rejected))
+                waits.append(d)
+            elif roll < 0.6 and leases:
+                leases.pop(rng.randrange(len(leases))).release()
+            elif roll < 0.8:
+                for upstream in (self.ups[m] for m in models):
+                    if upstream.state is State.STARTING and rng.random() < 0.5:
+                        upstream.fail_start() if rng.random() < 0.05 else upstream.become_ready()
+                    elif upstream.state is State.STOPPING and rng.random() < 0.5:
+                        upstream.exited()
+            elif roll < 0.83:
+                pending = [d for d in waits if not d.called]
+                if pending:
+                    rng.choice(pending).cancel()
+            else:
+                self.clock.advance(rng.choice([0.01, 0.05, 1, 30, 70]))
+            if one_at_a_time:
+                live = [m for m in models if self.ups[m].state in (State.STARTING, State.READY)]
+                self.assertLessEqual(len(live), 1, f"seed {seed}: {live} run together")
+        for _ in range(1000):
+            while leases:
+                leases.pop().release()
+            moved = False
+            for upstream in (self.ups[m] for m in models):
+                if upstream.state is State.STARTING:
+                    upstream.become_ready()
+                    moved = True
+                elif upstream.state is State.STOPPING:
+                    upstream.exited()
+                    moved = True
+            self.clock.advance(1)
+            if not moved and not supervisor.queued() and not leases:
+                break
+        self.assertEqual([d for d in waits if not d.called], [], f"seed {seed}, {top}: requests never answered")
+
+    def test_every_request_is_answered(self) -> None:
+        for top in self.CONFIGS:
+            for seed in range(10):
+                self.run_mix(seed, top)
+
+    def test_max_wait_deadline_is_reached(self) -> None:
+        """
+        A ticket becomes due exactly when the ``maxWait`` timer fires, whatever the rounding of
+        its arrival time (the timer does not fire again and again).
+        """
+        supervisor = self.make(["a", "b"], **fifo(maxWait=5))
+        self.lease(supervisor, "a")
+        self.clock.advance(30.05)  # 30.05 + 5 - 30.05 < 5 in floating point
+        ticket = supervisor.request("b")
+        self.clock.advance(4.5)
+        self.assertFalse(ticket.due)
+        self.clock.advance(0.5)
+        self.assertTrue(ticket.due)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class Probe:

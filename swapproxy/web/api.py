@@ -155,10 +155,11 @@ class Health(JSONResource):
 class Running(JSONResource):
     """
     ``GET /running``: each model that has a process: its state, ``status`` (`ModelBoard.status`),
-    pid, port, uptime, in-flight and queued requests, while it loads its ``progress``, and while
-    it is idle with a TTL, how long it has been idle (``idle``) and how long until the TTL
-    unloads it (``ttl_remaining``); both are ``null`` otherwise. A process that a config reload
-    replaced or removed is listed with ``"replaced": true`` until it ends.
+    pid, port, uptime, in-flight and queued requests, while it loads its ``progress``, its memory
+    in bytes (``declared`` and ``measured``, ``null`` when unknown), and while it is idle with a
+    TTL, how long it has been idle (``idle``) and how long until the TTL unloads it
+    (``ttl_remaining``); both are ``null`` otherwise. A process that a config reload replaced or
+    removed is listed with ``"replaced": true`` until it ends.
     """
 
     isLeaf = True
@@ -184,6 +185,7 @@ class Running(JSONResource):
                 "ttl": model.ttl,
                 "in_flight": self._supervisor.in_flight[model.id],
                 "queued": self._supervisor.queued(model.id),
+                "memory": self._supervisor.memory_of(model.id),
             }
             if upstream.started_at is not None:
                 entry["uptime"] = round(now - upstream.started_at, 3)

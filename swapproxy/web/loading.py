@@ -153,11 +153,11 @@ class LoadingStream:
         ticket = self._ticket
         model_id = ticket.model_id
         if ticket.stage == "queued":
-            behind = ", ".join(ticket.waiting_for)
             text = f"Waiting for a turn to load {model_id}: queue position {ticket.position}"
-            text += f", behind requests for {behind}." if behind else "."
-            status = self._status("queued", None, None, position=ticket.position, waiting_for=list(ticket.waiting_for))
-            return "\n" + text, status, ("queued", ticket.position, ticket.waiting_for)
+            text += f"; {ticket.reason}." if ticket.reason else "."
+            status = self._status("queued", None, None, position=ticket.position, waiting_for=list(ticket.waiting_for),
+                                  reason=ticket.reason)
+            return "\n" + text, status, ("queued", ticket.position, ticket.reason)
         if ticket.stage == "stopping":
             others = ", ".join(ticket.waiting_for)
             text = f"Stopping {others} to make room for {model_id}."
