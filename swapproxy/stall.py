@@ -176,6 +176,8 @@ class StallWatch:
         #: The CPU time its process had used at the first sample of that silence, and when.
         self._cpu_mark: float | None = None
         self._cpu_mark_at = 0.0
+        #: The last sample found the model stalled; this one confirms it after a round of I/O.
+        self._confirming = False
 
     def begin(self, stream: bool) -> Exchange:
         """
@@ -271,12 +273,24 @@ class StallWatch:
                 return
             if self._busy(cpu, now):
                 self._reset()  # processing a long prompt, say
+            elif not self._confirming:
+                # A reactor runs its timers before it reads its sockets: after a pause of its own,
+                # the model's bytes may be waiting unread. Look again once they have been read.
+                self._confirming = True
+                self.clock.callLater(0, self.clock.callLater, 0, self._confirm)
+                return
             else:
                 self._stall(silent)
                 return
         if self._cpu_mark is None and cpu is not None:
             self._cpu_mark, self._cpu_mark_at = cpu, now
         self._arm(min(timeout / SAMPLES, max(0.0, self._quiet_since + timeout - now)))
+
+    def _confirm(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._sample()
+        self._confirming = False
 
     def _busy(self, cpu: float | None, now: float) -> bool:
         """

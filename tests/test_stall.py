@@ -104,6 +104,36 @@ class StallWatchTests(SynchronousTestCase):
         self.wait(TIMEOUT / SAMPLES)
         self.assertEqual(self.stalls, [])
 
+    def test_bytes_waiting_unread_are_seen_before_a_stall(self) -> None:
+        """
+        A reactor runs its timers before it reads its sockets: after a pause of its own, the
+        sample that finds the model silent for the timeout may come while the model's next bytes
+        wait unread. The verdict is confirmed after the next round of I/O, which reads them.
+        """
+        quiet_since: list[float] = []
+        watch = StallWatch("qwen", self.clock, lambda: self.timeout, lambda: unread(), self.stalls.append)
+        exchange = watch.begin(stream=True)
+        sending: Deferred[object] = Deferred()
+        exchange.send(sending, 0)
+        sending.callback("head")
+        relay = Relay()
+        exchange.relaying(relay)
+
+        def unread() -> float:
+            # Read at each sample; at the verdict, the bytes are in the socket: the round of I/O
+            # that follows the timers (here: right after this sample) delivers them.
+            if quiet_since and self.clock.seconds() >= quiet_since[0] + TIMEOUT and relay.bytes == 100:
+                self.clock.callLater(0, setattr, relay, "bytes", 110)
+            return 0.0
+
+        relay.bytes = 100
+        self.wait(TIMEOUT / SAMPLES)
+        quiet_since.append(self.clock.seconds())
+        self.wait(TIMEOUT + TIMEOUT / SAMPLES)
+        self.assertEqual(self.stalls, [])
+        self.assertIsNone(relay.aborted)
+        self.assertEqual(relay.bytes, 110)
+
     def test_late_samples_measure_before_judging(self) -> None:
         """
         When the samples of a silence come late (a busy reactor), so that the first one after
