@@ -17,7 +17,7 @@ applies ``logToStdout`` to twistd's log while swapproxy runs.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, tzinfo
 from typing import Any
 
@@ -277,11 +277,25 @@ class LogHistory:
         return {"proxy": self.proxy, "upstream": self.upstream, "combined": self.combined}.get(name)
 
     def _prefix(self, event: LogEvent) -> str:
-        stamp = self._stamper()
-        if stamp is None:
-            return ""
         when = event.get("log_time")
-        return stamp(when if isinstance(when, (int, float)) else 0.0) + " "
+        return self._prefix_at(when if isinstance(when, (int, float)) else 0.0)
+
+    def _prefix_at(self, when: float) -> str:
+        stamp = self._stamper()
+        return "" if stamp is None else stamp(when) + " "
+
+    def log_lines(self, model_id: str, lines: Sequence[str], when: float) -> None:
+        """
+        Keep lines ``model_id`` printed at ``when``; see `swapproxy.logs.LogSink`. Each history
+        gets them in one write.
+        """
+        prefix = self._prefix_at(when)
+        text = "".join([f"{prefix}[{model_id}] {line}\n" for line in lines]).encode("utf-8", "replace")
+        self.upstream.write(text)
+        self.combined.write(text)
+        if model_id:
+            own = "".join([f"{prefix}{line}\n" for line in lines]).encode("utf-8", "replace")
+            self.model(model_id).write(own)
 
     def log_event(self, source: str, event: LogEvent) -> None:
         """

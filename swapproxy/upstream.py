@@ -51,7 +51,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProduce
 from zope.interface import implementer
 
 from swapproxy.config import ModelConfig, start_ceiling
-from swapproxy.logs import proxy_logger, upstream_logger
+from swapproxy.logs import ModelOutput, proxy_logger
 from swapproxy.relayclient import RelayPool
 from swapproxy.stall import Stalled, StallWatch
 
@@ -311,21 +311,21 @@ class _ChildProtocol(ProcessProtocol):
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         self._upstream._child_output(data)
-        buffered = self._partial.pop(childFD, b"") + data
-        *lines, rest = buffered.split(b"\n")
+        partial = self._partial.pop(childFD, None)
+        buffered = partial + data if partial else data
+        complete, newline, rest = buffered.rpartition(b"\n")
         if len(rest) > 65536:
-            lines.append(rest)
-            rest = b""
+            complete, newline, rest = buffered, b"\n", b""
         if rest:
             self._partial[childFD] = rest
-        stream = "stderr" if childFD == 2 else "stdout"
-        for line in lines:
-            self._upstream._child_line(stream, line.rstrip(b"\r").decode("utf-8", "replace"))
+        if newline:
+            # The whole lines of one read, decoded at once (no UTF-8 sequence contains "\n").
+            lines = [line.rstrip("\r") for line in complete.decode("utf-8", "replace").split("\n")]
+            self._upstream._child_lines("stderr" if childFD == 2 else "stdout", lines)
 
     def processExited(self, reason: Failure) -> None:
         for fd, rest in sorted(self._partial.items()):
-            stream = "stderr" if fd == 2 else "stdout"
-            self._upstream._child_line(stream, rest.decode("utf-8", "replace"))
+            self._upstream._child_lines("stderr" if fd == 2 else "stdout", [rest.decode("utf-8", "replace")])
         self._partial.clear()
         self._upstream._child_exited(self, reason)
 
@@ -343,8 +343,7 @@ class _StopCommandProtocol(ProcessProtocol):
         self.transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        for line in data.decode("utf-8", "replace").splitlines():
-            self._upstream._child_line("cmdStop", line)
+        self._upstream._child_lines("cmdStop", data.decode("utf-8", "replace").splitlines())
 
     def processEnded(self, reason: Failure) -> None:
         description, code = _describe_exit(reason)
@@ -382,7 +381,7 @@ class Upstream:
     ) -> None:
         self.model = model
         self.log = proxy_logger("swapproxy.upstream")
-        self._output_log = upstream_logger(model.id)
+        self._output_log = ModelOutput(model.id)
         self._reactor: IReactorTime | IReactorProcess | Any = reactor
         self._health_check_timeout = health_check_timeout
         self._health_check_ceiling = start_ceiling(health_check_timeout, health_check_ceiling)
@@ -906,15 +905,23 @@ class Upstream:
         for observer in list(self.output_observers):
             observer(self, data)
 
-    def _child_line(self, stream: str, line: str) -> None:
-        self.recent_lines.append(line)
-        self._output_log.info("[{model}] {line}", model=self.model.id, line=line, stream=stream)
-        for observer in list(self.line_observers):
-            observer(self, line)
+    def _child_lines(self, stream: str, lines: list[str]) -> None:
+        """
+        Whole lines the child printed, those of one read: each is logged and shown to the line
+        observers, in order.
+        """
+        self.recent_lines.extend(lines)
+        self._output_log.lines(stream, lines)
+        if self.line_observers:
+            observers = list(self.line_observers)
+            for line in lines:
+                for observer in observers:
+                    observer(self, line)
         if self.state is not State.STARTING or self.model.check_endpoint is None:
             return
-        if self._probe_echo.search(line):
-            return  # the server logging our own probe: nothing new
+        echo = self._probe_echo.search
+        if all(echo(line) for line in lines):
+            return  # the server logging our own probes: nothing new
         # A child that prints is doing something; it may just have become ready (llama-server
         # prints "model loaded" as it does). A probe in flight looks again when it is done.
         self._hint_at = self.last_sign_of_life = self._reactor.seconds()

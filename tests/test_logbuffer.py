@@ -14,14 +14,14 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent, LogLevel, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from swapproxy import __version__, tap
 from swapproxy.logbuffer import LogHistory, LogRouting, LogStream, timestamp_formatter
-from swapproxy.logs import proxy_logger, set_log_level, upstream_logger
+from swapproxy.logs import ModelOutput, proxy_logger, set_log_level, upstream_logger
 from swapproxy.requestlog import log_request
 from swapproxy.web.live import LiveWriter, dropped_log_marker
 from tests.fakes import ThreadedMemoryReactor
@@ -293,6 +293,57 @@ class LogRoutingTests(SynchronousTestCase):
 
     def test_none(self) -> None:
         self.check("none", [])
+
+    def check_output(self, log_to_stdout: str, published: bool) -> None:
+        """
+        The lines of one read of a model's output are each a line of the histories, and, where
+        ``logToStdout`` sends the models' output, each an event of its own with the model id.
+        """
+        events = capture_global(self)
+        history = routed(self, log_to_stdout)
+        ModelOutput("llama").lines("stderr", ["slot launch_slot_: processing", "", "slot release: done"])
+        self.assertEqual(history.upstream.history(),
+                         b"[llama] slot launch_slot_: processing\n[llama] \n[llama] slot release: done\n")
+        self.assertEqual(history.combined.history(), history.upstream.history())
+        self.assertEqual(history.model("llama").history(), b"slot launch_slot_: processing\n\nslot release: done\n")
+        lines = [e for e in events if e.get("log_namespace") == "upstream.llama"]
+        if not published:
+            self.assertEqual(lines, [])
+            return
+        self.assertEqual([formatEvent(e) for e in lines],
+                         ["[llama] slot launch_slot_: processing", "[llama] ", "[llama] slot release: done"])
+        self.assertEqual([e["line"] for e in lines], ["slot launch_slot_: processing", "", "slot release: done"])
+        self.assertEqual({(e["model"], e["stream"], e["log_level"]) for e in lines}, {("llama", "stderr", LogLevel.info)})
+
+    def test_model_output_proxy(self) -> None:
+        self.check_output("proxy", False)
+
+    def test_model_output_upstream(self) -> None:
+        self.check_output("upstream", True)
+
+    def test_model_output_both(self) -> None:
+        self.check_output("both", True)
+
+    def test_model_output_none(self) -> None:
+        self.check_output("none", False)
+
+    def test_model_output_with_a_broken_sink(self) -> None:
+        """
+        A sink that raises does not reach the model's output reader.
+        """
+
+        class Broken:
+            def log_event(self, source: str, event: LogEvent) -> None:
+                raise RuntimeError("sink down")
+
+            def log_lines(self, model_id: str, lines: Any, when: float) -> None:
+                raise RuntimeError("sink down")
+
+        events = capture_global(self)
+        routed(self, "upstream", history=Broken())  # type: ignore[arg-type]
+        ModelOutput("llama").lines("stdout", ["still fine"])
+        self.assertEqual([e.get("line") for e in events if e.get("log_namespace") == "upstream.llama"], ["still fine"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_failures_always_reach_the_log(self) -> None:
         """

@@ -438,6 +438,29 @@ class StartTests(UpstreamTestMixin, SynchronousTestCase):
         )
         self.assertEqual(formatEvent(lines[0]), "[m] load_tensors: loading")
 
+    def test_lines_of_one_read(self) -> None:
+        """
+        Several lines that come in one read are still logged one event each, in order, with the
+        model id and the stream; the line observers see each of them, and the start error quotes
+        them as lines.
+        """
+        upstream = self.make_upstream()
+        seen: list[str] = []
+        upstream.line_observers.append(lambda up, line: seen.append(line))
+        d = upstream.start()
+        process = self.reactor.spawned[0]
+        with capturedLogs() as events:
+            process.output(b"first\r\nsecond\n\nthird\npartial", fd=2)
+            process.output(b" line\n", fd=2)
+        lines = [e for e in events if e.get("model") == "m" and "line" in e]
+        self.assertEqual([e["line"] for e in lines], ["first", "second", "", "third", "partial line"])
+        self.assertEqual({e["stream"] for e in lines}, {"stderr"})
+        self.assertEqual({e["log_namespace"] for e in lines}, {"upstream.m"})
+        self.assertEqual(formatEvent(lines[1]), "[m] second")
+        self.assertEqual(seen, ["first", "second", "", "third", "partial line"])
+        process.exit(1)
+        self.assertIn("first | second | third | partial line", str(self.failureResultOf(d, StartError).value))
+
 
 def run_clock(clock: Any, until: float, step: float = 0.25) -> None:
     """
@@ -1323,6 +1346,23 @@ class ProbeOnOutputTests(UpstreamTestMixin, SynchronousTestCase):
         process.output(b"main: model loaded\n", fd=2)
         before = len(self.probe.calls)
         run_clock(self.reactor, 3 + MIN_PROBE_INTERVAL, step=0.001)
+        self.assertEqual(len(self.probe.calls), before + 1)
+
+    def test_a_read_with_an_echo_and_news(self) -> None:
+        """
+        A read that brings a probe's echo and another line brings a probe forward; a read of
+        echoes alone does not.
+        """
+        upstream = self.make_upstream()
+        upstream.start()
+        process = self.reactor.spawned[0]
+        run_clock(self.reactor, 3, step=0.001)
+        before = len(self.probe.calls)
+        process.output(b'fake upstream: 127.0.0.1 "GET /health HTTP/1.1" 503\n' * 2, fd=2)
+        run_clock(self.reactor, 3 + MIN_PROBE_INTERVAL, step=0.001)
+        self.assertEqual(len(self.probe.calls), before)
+        process.output(b'fake upstream: 127.0.0.1 "GET /health HTTP/1.1" 503\nmain: model loaded\n', fd=2)
+        run_clock(self.reactor, 3 + 2 * MIN_PROBE_INTERVAL, step=0.001)
         self.assertEqual(len(self.probe.calls), before + 1)
 
     def test_a_logged_probe_is_no_sign_of_life(self) -> None:
