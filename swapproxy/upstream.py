@@ -70,6 +70,16 @@ OUTPUT_PROBE_BURST = 4
 OUTPUT_PROBE_WINDOW = 0.1
 #: How many of the child's last output lines a start error quotes.
 ERROR_TAIL_LINES = 5
+#: While a model is ready, its output is read at most this often. llama-server prints about ten
+#: lines per request, a few at a time: read as they came, they were five reads of a pipe per
+#: request, each a round of the reactor in the middle of the requests' own bytes; read every
+#: 20 ms, a read takes the lines of several requests. A loading model's output is read as it
+#: comes (it brings health probes forward and shows the load's progress), and so is a read that
+#: filled the read buffer (`_PIPE_READ`): more is waiting, and a child must never block on a
+#: full pipe.
+READY_OUTPUT_INTERVAL = 0.02
+#: The most Twisted reads from a child's pipe at once.
+_PIPE_READ = 8192
 #: While a model is ready: how many health checks in a row must fail for it to be unhealthy,
 #: the most a check may take, and how soon a failed check is repeated. A frozen model is found
 #: within about healthCheckInterval + 3 x 5 s + 2 x 1 s.
@@ -300,16 +310,58 @@ def _describe_exit(reason: Failure) -> tuple[str, int | None]:
 class _ChildProtocol(ProcessProtocol):
     """
     Reads a child's stdout and stderr line by line and reports its exit.
+
+    While the model is ready, the pipes are read at most every `READY_OUTPUT_INTERVAL`: after a
+    read, reading pauses until then. When the child exits, what its pipes still hold is read
+    before the exit is reported, so that its last words are in the log and in the exit message.
     """
 
-    def __init__(self, upstream: Upstream) -> None:
+    def __init__(self, upstream: Upstream, clock: IReactorTime) -> None:
         self._upstream = upstream
+        self._clock = clock
         self._partial: dict[int, bytes] = {}
+        self._resume_call: IDelayedCall | None = None
+        self._exited = False
 
     def connectionMade(self) -> None:
         self.transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self._take_output(childFD, data)
+        if (
+            self._resume_call is None
+            and not self._exited
+            and len(data) < _PIPE_READ
+            and self._upstream.state is State.READY
+        ):
+            pause = getattr(self.transport, "pauseProducing", None)
+            if pause is not None:
+                pause()
+                self._resume_call = self._clock.callLater(READY_OUTPUT_INTERVAL, self._resume)
+
+    def _resume(self) -> None:
+        self._resume_call = None
+        self.transport.resumeProducing()
+
+    def _read_held_output(self) -> None:
+        """
+        If reading is paused, read what the pipes hold now, and read on as output comes.
+        """
+        call, self._resume_call = self._resume_call, None
+        if call is None:
+            return
+        call.cancel()
+        for fd, pipe in sorted(getattr(self.transport, "pipes", {}).items()):
+            if fd not in (1, 2):
+                continue
+            try:
+                while data := os.read(pipe.fileno(), 65536):
+                    self._take_output(fd, data)
+            except OSError:
+                pass  # drained (EAGAIN), or closed
+        self.transport.resumeProducing()
+
+    def _take_output(self, childFD: int, data: bytes) -> None:
         self._upstream._child_output(data)
         partial = self._partial.pop(childFD, None)
         buffered = partial + data if partial else data
@@ -324,6 +376,8 @@ class _ChildProtocol(ProcessProtocol):
             self._upstream._child_lines("stderr" if childFD == 2 else "stdout", lines)
 
     def processExited(self, reason: Failure) -> None:
+        self._exited = True
+        self._read_held_output()
         for fd, rest in sorted(self._partial.items()):
             self._upstream._child_lines("stderr" if fd == 2 else "stdout", [rest.decode("utf-8", "replace")])
         self._partial.clear()
@@ -658,7 +712,7 @@ class Upstream:
         self._set_state(State.STARTING)
         try:
             self._process = self._reactor.spawnProcess(
-                _ChildProtocol(self), launcher[0], launcher + argv[1:], env=env
+                _ChildProtocol(self, self._reactor), launcher[0], launcher + argv[1:], env=env
             )
         except OSError as e:
             self._process = None
