@@ -736,7 +736,25 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         lines = [line.partition(" [")[2] for line in log.splitlines()]
         self.assertEqual(lines[0], f"WARN] {config}: unsupported keys ignored: newerFeature")
         self.assertEqual(lines[1], f"INFO] swapproxy {__version__}: 2 models from {config}")
-        self.assertIn("INFO] /v1/chat/completions (no model): 404 in 0 ms", lines)
+        self.assertIn("INFO] /v1/chat/completions (no model): 404 in 0 ms from 192.168.1.1", lines)
+
+    def test_one_access_line_per_request(self) -> None:
+        """
+        In twistd's log, a model request has swapproxy's request line and not Twisted's access
+        log line as well; a request for any other route has Twisted's access log line.
+        """
+        events = capture_global(self)
+        reactor, service = self.start(self.write_config(GOOD))
+        self.addCleanup(reactor.stop_service, service)
+        site = reactor.tcpServers[0][1]
+        site.startFactory()  # turns Twisted's access log on, as listening does
+        self.addCleanup(site.stopFactory)
+        self.get(reactor, b"POST", b"/v1/chat/completions", b'{"model": "nope"}')
+        self.get(reactor, b"GET", b"/health")
+        lines = [formatEvent(e) for e in events]
+        self.assertEqual([line for line in lines if "/v1/chat/completions" in line],
+                         ["/v1/chat/completions (no model): 404 in 0 ms from 192.168.1.1"])
+        self.assertEqual(len([line for line in lines if '"GET /health HTTP/1.1" 200' in line]), 1, lines)
 
     def test_timestamps_by_default(self) -> None:
         """
@@ -760,14 +778,15 @@ class RequestLogTests(SynchronousTestCase):
 
     def test_line_names_model_route_status_and_durations(self) -> None:
         """
-        The line says the route, the model, the status and how long the request took; it is in
-        the model's own log too. A client that hung up first is said to have.
+        The line says the route, the model, the status, how long the request took and the
+        client's address; it is in the model's own log too. A client that hung up first is said
+        to have.
         """
         history = routed(self, "proxy")
         log_request({"model": "qwen", "route": "/v1/chat/completions", "status": 200, "duration_ms": 1234,
-                     "ttfb_ms": 1200})
+                     "ttfb_ms": 1200, "client": "10.0.0.7"})
         log_request({"model": "qwen", "route": "/upstream", "status": 499, "duration_ms": 80, "ttfb_ms": None})
-        expected = (b"[INFO] /v1/chat/completions qwen: 200 in 1234 ms (first byte after 1200 ms)\n"
+        expected = (b"[INFO] /v1/chat/completions qwen: 200 in 1234 ms (first byte after 1200 ms) from 10.0.0.7\n"
                     b"[INFO] /upstream qwen: 499 (the client hung up) in 80 ms\n")
         self.assertEqual(history.combined.history(), expected)
         self.assertEqual(history.model("qwen").history(), expected)
