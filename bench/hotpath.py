@@ -25,18 +25,22 @@ import json
 import os
 import resource
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 
-from twisted.internet import reactor
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
 from swapproxy.tap import Options, makeService
-from tests.helpers import REPO, free_port_range
 
-TOKEN_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "token_server.py")
+# Nothing here imports Twisted's TCP module before the options are parsed: as under twistd, that
+# leaves pyOpenSSL out (`swapproxy.tap.leave_out_tls`).
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+TOKEN_SERVER = os.path.join(BENCH, "token_server.py")
 
 CLIENT = """
 import json, sys, time
@@ -86,15 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-lines", type=int, default=0, help="lines the model prints per request")
     parser.add_argument("--profile", metavar="PATH", help="write a cProfile of the measured part here")
     args = parser.parse_args(argv)
-    first = free_port_range(2)
+    first, model_port = free_ports(2)
     state = tempfile.mkdtemp(prefix="swapproxy-hotpath-")
     config_path = os.path.join(state, "config.yaml")
     with open(config_path, "w") as config:
-        config.write(f"startPort: {first + 1}\nmodels:\n  tokens:\n"
+        config.write(f"startPort: {model_port}\nmodels:\n  tokens:\n"
                      f"    cmd: {shlex.quote(sys.executable)} {shlex.quote(TOKEN_SERVER)} --port ${{PORT}}"
                      f" --log-lines {args.log_lines}\n")
     options = Options()
     options.parseOptions(["-c", config_path, "-l", f"tcp:{first}:interface=127.0.0.1", "--state-dir", state])
+    from twisted.internet import reactor
     # As twistd -n: Twisted's log (with the access log lines) goes to a file.
     log_file = open(os.path.join(state, "twistd.log"), "a")
     globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)], redirectStandardIO=False)
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     service.startService()
     reactor.run()
     log_file.close()
+    shutil.rmtree(state, ignore_errors=True)
     if profile is not None:
         profile.dump_stats(args.profile)
     cpu_us = measured["cpu"] * 1e6
@@ -137,6 +143,20 @@ def main(argv: list[str] | None = None) -> int:
         result["wall_ms_per_stream"] = round(measured["seconds"] / args.streams * 1000, 2)
     print(json.dumps(result))
     return 0
+
+
+def free_ports(count: int) -> list[int]:
+    """
+    ``count`` loopback ports that nothing listens on just now.
+    """
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def cpu() -> float:
