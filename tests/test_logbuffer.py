@@ -166,6 +166,20 @@ class TimestampTests(SynchronousTestCase):
         self.assertEqual(self.stamp("stamp", 1_704_067_200), "Jan  1 00:00:00")
         self.assertEqual(self.stamp("kitchen", 1_704_067_200), "12:00AM")
 
+    def test_same_second_and_the_next(self) -> None:
+        """
+        Lines of the same second get the same text, the next second its own, and fractions of a
+        second are still shown by the layouts that show them.
+        """
+        for name in ("datetime", "rfc3339", "%H:%M:%S"):
+            formatter = timestamp_formatter(name, timezone.utc)
+            assert formatter is not None
+            self.assertEqual(formatter(WHEN + 0.5), formatter(WHEN), name)
+            self.assertNotEqual(formatter(WHEN + 1), formatter(WHEN), name)
+            self.assertEqual(formatter(WHEN - 0.5), self.stamp(name, WHEN - 1), name)
+        self.assertEqual(self.stamp("stampmilli", WHEN + 0.5), "Nov 14 22:13:20.750")
+        self.assertEqual(self.stamp("%S.%f", WHEN + 0.5), "20.750000")
+
     def test_none(self) -> None:
         self.assertIsNone(timestamp_formatter(""))
         self.assertIsNone(timestamp_formatter("  "))
