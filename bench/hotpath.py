@@ -1,16 +1,20 @@
 """
-The cost of swapproxy's hot path, measured in-process where a profiler can see it: swapproxy's
-Site and Supervisor run in this process on loopback, the upstream is `bench.token_server` (started
-by the supervisor, as any model), and a client in a child process sends requests back to back.
+The cost of swapproxy's hot path, measured in-process where a profiler can see it: the whole of
+swapproxy runs in this process as ``twistd swapproxy`` runs it (`swapproxy.tap.makeService`: the
+log routing and history, the request log line, the activity store with its SQLite file, Twisted's
+log written to a file), on loopback; the upstream is `bench.token_server` (started by the
+supervisor, as any model), and a client in a child process sends requests back to back.
 
     python -m bench.hotpath --requests 2000                # CPU microseconds per proxied request
+    python -m bench.hotpath --requests 2000 --log-lines 9  # ... with llama-server's output lines
     python -m bench.hotpath --streams 20 --tokens 2000     # ... per relayed token chunk
     python -m bench.hotpath --requests 2000 --profile /tmp/hot.prof   # cProfile of the same
     valgrind --tool=callgrind python -m bench.hotpath --requests 2000 # instructions (this process only)
 
 Only the work between the client's first and last request is counted in the CPU figure (the
-client and the token server are other processes). No llama-server runs, so its log lines do not
-count either. Run it twice with different counts under callgrind to subtract the start-up.
+client and the token server are other processes). ``--log-lines`` has the token server print, per
+request, the lines llama-server prints (9 for a recent one); by default it prints none. Run it
+twice with different counts under callgrind to subtract the start-up.
 """
 
 from __future__ import annotations
@@ -21,19 +25,22 @@ import json
 import os
 import resource
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 
-from twisted.internet import reactor
 from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import globalLogBeginner, textFileLogObserver
 
-from swapproxy.config import parse_config
-from swapproxy.supervisor import Supervisor
-from swapproxy.web.root import build_site
-from tests.helpers import REPO, free_port_range
+from swapproxy.tap import Options, makeService
 
-TOKEN_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "token_server.py")
+# Nothing here imports Twisted's TCP module before the options are parsed: as under twistd, that
+# leaves pyOpenSSL out (`swapproxy.tap.leave_out_tls`).
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+TOKEN_SERVER = os.path.join(BENCH, "token_server.py")
 
 CLIENT = """
 import json, sys, time
@@ -80,15 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=0, help="non-streaming requests (max_tokens 1)")
     parser.add_argument("--streams", type=int, default=0, help="streams of --tokens token chunks")
     parser.add_argument("--tokens", type=int, default=2000)
+    parser.add_argument("--log-lines", type=int, default=0, help="lines the model prints per request")
     parser.add_argument("--profile", metavar="PATH", help="write a cProfile of the measured part here")
     args = parser.parse_args(argv)
-    first = free_port_range(2)
+    first, model_port = free_ports(2)
     state = tempfile.mkdtemp(prefix="swapproxy-hotpath-")
-    text = (f"startPort: {first + 1}\nmodels:\n  tokens:\n"
-            f"    cmd: {shlex.quote(sys.executable)} {shlex.quote(TOKEN_SERVER)} --port ${{PORT}}\n")
-    config = parse_config(text, os.path.join(state, "config.yaml"))
-    supervisor = Supervisor(config, reactor)
-    reactor.listenTCP(first, build_site(supervisor, reactor), interface="127.0.0.1")
+    config_path = os.path.join(state, "config.yaml")
+    with open(config_path, "w") as config:
+        config.write(f"startPort: {model_port}\nmodels:\n  tokens:\n"
+                     f"    cmd: {shlex.quote(sys.executable)} {shlex.quote(TOKEN_SERVER)} --port ${{PORT}}"
+                     f" --log-lines {args.log_lines}\n")
+    options = Options()
+    options.parseOptions(["-c", config_path, "-l", f"tcp:{first}:interface=127.0.0.1", "--state-dir", state])
+    from twisted.internet import reactor
+    # As twistd -n: Twisted's log (with the access log lines) goes to a file.
+    log_file = open(os.path.join(state, "twistd.log"), "a")
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)], redirectStandardIO=False)
+    service = makeService(options, reactor)
     profile = cProfile.Profile() if args.profile else None
     measured: dict[str, float] = {}
     client_process: list[object] = []
@@ -104,19 +119,22 @@ def main(argv: list[str] | None = None) -> int:
             profile.disable()
         measured["cpu"] += cpu()
         measured.update(json.loads(output.strip().splitlines()[-1]) if output.strip() else {"seconds": -1})
-        supervisor.stopService().addBoth(lambda _: reactor.stop())
+        service.stopService().addBoth(lambda _: reactor.stop())
 
     env = dict(os.environ, PYTHONPATH=REPO)
     client_process.append(reactor.spawnProcess(
         Client(ready, done), sys.executable,
         [sys.executable, "-c", CLIENT, str(first), str(args.requests), str(args.streams), str(args.tokens)],
         env=env, childFDs={0: "w", 1: "r", 2: 2}))
-    supervisor.startService()
+    service.privilegedStartService()
+    service.startService()
     reactor.run()
+    log_file.close()
+    shutil.rmtree(state, ignore_errors=True)
     if profile is not None:
         profile.dump_stats(args.profile)
     cpu_us = measured["cpu"] * 1e6
-    result = {"requests": args.requests, "streams": args.streams, "tokens": args.tokens,
+    result = {"requests": args.requests, "streams": args.streams, "tokens": args.tokens, "log_lines": args.log_lines,
               "cpu_seconds": round(measured["cpu"], 4), "wall_seconds": round(measured["seconds"], 4)}
     if args.requests and not args.streams:
         result["cpu_us_per_request"] = round(cpu_us / args.requests, 1)
@@ -125,6 +143,20 @@ def main(argv: list[str] | None = None) -> int:
         result["wall_ms_per_stream"] = round(measured["seconds"] / args.streams * 1000, 2)
     print(json.dumps(result))
     return 0
+
+
+def free_ports(count: int) -> list[int]:
+    """
+    ``count`` loopback ports that nothing listens on just now.
+    """
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def cpu() -> float:

@@ -12,12 +12,18 @@ what the stream figure measures is then the proxy's cost per chunk, not the mode
 ``POST /v1/chat/completions`` with ``{"stream": true, "max_tokens": N}`` streams N tokens (a
 non-streaming request gets one JSON answer); ``GET /health`` answers 200. One thread per
 connection, keep-alive, HTTP/1.1 only; no error handling beyond closing the connection.
+
+``--log-lines 9`` prints, per chat request, the 9 lines a recent llama-server prints to stderr
+for one (4 as it takes the request, 5 once it has answered), each written on its own and 0.1 ms
+after the one before, as llama-server's log thread does: what swapproxy reads and logs of a
+model's output per request.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import threading
 import time
@@ -59,6 +65,46 @@ def tail_chunks(tokens: int, millis: float) -> bytes:
     return out + b"0\r\n\r\n"
 
 
+#: What llama-server prints for a request as it takes it on, and once it has answered.
+LOG_BEFORE = [
+    "I slot get_availabl: id  3 | task -1 | selected slot by LCP similarity, f_sim_best = 1.000 (> 0.100 thold)",
+    "I slot launch_slot_: id  3 | task {task} | processing task, is_child = 0",
+    "W slot   operator(): id  3 | task {task} | need to evaluate at least 1 token for each active slot",
+    "W slot   operator(): id  3 | task {task} | n_past was set to 28",
+]
+LOG_AFTER = [
+    "I slot print_timing: id  3 | task {task} | prompt eval time =  0.62 ms / 1 tokens (0.62 ms per token)",
+    "I slot print_timing: id  3 | task {task} |        eval time =  0.00 ms / 1 tokens (0.00 ms per token)",
+    "I slot print_timing: id  3 | task {task} |       total time =  0.62 ms / 2 tokens",
+    "I slot print_timing: id  3 | task {task} |    graphs reused =  3",
+    "I slot      release: id  3 | task {task} | stop processing: n_tokens = 29, truncated = 0",
+]
+
+
+#: Seconds between two lines (llama-server's log thread writes them 0.01 to 0.1 ms apart).
+LOG_LINE_GAP = 0.0001
+
+
+class LogLines:
+    """
+    Prints llama-server's lines for each request, each in its own write to stderr.
+    """
+
+    def __init__(self, count: int) -> None:
+        lines = (LOG_BEFORE + LOG_AFTER) * (count // 9 + 1)
+        self.before = lines[: min(count, len(LOG_BEFORE))]
+        self.after = lines[len(self.before) : count]
+        self.task = 0
+        self.lock = threading.Lock()
+
+    def write(self, lines: list[str]) -> None:
+        with self.lock:
+            for index, line in enumerate(lines):
+                if index:
+                    time.sleep(LOG_LINE_GAP)
+                os.write(2, f"{line.format(task=self.task)}\n".encode())
+
+
 def answer(stream: bool, tokens: int, sock: socket.socket) -> None:
     if not stream:
         body = json.dumps({
@@ -79,7 +125,7 @@ def answer(stream: bool, tokens: int, sock: socket.socket) -> None:
     send(tail_chunks(tokens, (time.perf_counter() - started) * 1000))
 
 
-def serve_connection(sock: socket.socket) -> None:
+def serve_connection(sock: socket.socket, log: LogLines | None) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buffer = b""
     try:
@@ -108,7 +154,12 @@ def serve_connection(sock: socket.socket) -> None:
                              b'{"status":"ok"}')
                 continue
             request = json.loads(body) if body else {}
+            if log is not None:
+                log.task += 1
+                log.write(log.before)
             answer(request.get("stream") is True, int(request.get("max_tokens") or 16), sock)
+            if log is not None:
+                log.write(log.after)
     except OSError:
         return
     finally:
@@ -119,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.token_server", description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--log-lines", type=int, default=0, help="lines printed to stderr per chat request")
     args = parser.parse_args(argv)
+    log = LogLines(args.log_lines) if args.log_lines > 0 else None
     listener = socket.create_server((args.host, args.port), backlog=128)
     while True:
         connection, _ = listener.accept()
-        threading.Thread(target=serve_connection, args=(connection,), daemon=True).start()
+        threading.Thread(target=serve_connection, args=(connection, log), daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ applies ``logToStdout`` to twistd's log while swapproxy runs.
 
 from __future__ import annotations
 
+import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, tzinfo
 from typing import Any
 
@@ -190,7 +191,8 @@ def timestamp_formatter(
         or ``stampmilli`` (any case), a Go layout constant, or a ``strftime`` pattern (anything
         with a ``%``).
     :param tz: the time zone; local time by default, as llama-swap.
-    :returns: ``None`` for no timestamp.
+    :returns: ``None`` for no timestamp. A format without fractions of a second gives the text
+        of a second once: the lines of the same second reuse it.
     :raises ValueError: for a format that is none of these.
     """
     text = time_format.strip()
@@ -199,13 +201,41 @@ def timestamp_formatter(
     name = _GO_LAYOUTS.get(text, text.lower())
     layout = TIME_LAYOUTS.get(name)
     if layout is None and "%" in text:
-        return lambda t: _as_datetime(t, tz).strftime(text)
+
+        def by_pattern(t: float) -> str:
+            return _as_datetime(t, tz).strftime(text)
+
+        return by_pattern if "%f" in text else _per_second(by_pattern)
     if layout is None:
         raise ValueError(
             f"logTimeFormat: unknown format {time_format!r}; use one of {', '.join(TIME_LAYOUTS)}, "
             "a strftime pattern, or \"\" for none"
         )
-    return lambda t: layout(_as_datetime(t, tz))
+    if name in _FRACTIONS:
+        return lambda t: layout(_as_datetime(t, tz))
+    return _per_second(lambda t: layout(_as_datetime(t, tz)))
+
+
+#: The layouts that show fractions of a second.
+_FRACTIONS = frozenset({"rfc3339nano", "stampmilli", "stampmicro", "stampnano"})
+
+
+def _per_second(stamp: Callable[[float], str]) -> Callable[[float], str]:
+    """
+    ``stamp`` for a format whose text changes once a second at most: the last second's text is
+    kept.
+    """
+    last_second: int | None = None
+    last_text = ""
+
+    def stamp_second(t: float) -> str:
+        nonlocal last_second, last_text
+        second = math.floor(t)
+        if second != last_second:
+            last_second, last_text = second, stamp(second)
+        return last_text
+
+    return stamp_second
 
 
 def _as_datetime(t: float, tz: tzinfo | None) -> datetime:
@@ -277,11 +307,25 @@ class LogHistory:
         return {"proxy": self.proxy, "upstream": self.upstream, "combined": self.combined}.get(name)
 
     def _prefix(self, event: LogEvent) -> str:
-        stamp = self._stamper()
-        if stamp is None:
-            return ""
         when = event.get("log_time")
-        return stamp(when if isinstance(when, (int, float)) else 0.0) + " "
+        return self._prefix_at(when if isinstance(when, (int, float)) else 0.0)
+
+    def _prefix_at(self, when: float) -> str:
+        stamp = self._stamper()
+        return "" if stamp is None else stamp(when) + " "
+
+    def log_lines(self, model_id: str, lines: Sequence[str], when: float) -> None:
+        """
+        Keep lines ``model_id`` printed at ``when``; see `swapproxy.logs.LogSink`. Each history
+        gets them in one write.
+        """
+        prefix = self._prefix_at(when)
+        text = "".join([f"{prefix}[{model_id}] {line}\n" for line in lines]).encode("utf-8", "replace")
+        self.upstream.write(text)
+        self.combined.write(text)
+        if model_id:
+            own = "".join([f"{prefix}{line}\n" for line in lines]).encode("utf-8", "replace")
+            self.model(model_id).write(own)
 
     def log_event(self, source: str, event: LogEvent) -> None:
         """

@@ -9,12 +9,17 @@ so that ``twistd`` writes them wherever it was told to; an event that carries a 
 does, so that no traceback is ever lost and trial still sees logged failures. Every event of
 either source is also offered to the attached `LogSink`\ s (the in-memory history behind
 ``/logs``), whatever ``logToStdout`` says.
+
+A model's output comes a pipe read at a time, several lines at once (`ModelOutput`): the sinks
+get a read's lines in one call, and the global publisher one event per line, only when
+``logToStdout`` sends it the models' output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from time import time
 from typing import Protocol
 
 from twisted.logger import (
@@ -50,6 +55,11 @@ class LogSink(Protocol):
         Keep one event.
 
         :param source: ``proxy`` or ``upstream``.
+        """
+
+    def log_lines(self, model_id: str, lines: Sequence[str], when: float) -> None:
+        """
+        Keep lines a model printed (upstream events, each ``[{model}] {line}``), all at ``when``.
         """
 
 
@@ -178,3 +188,48 @@ def upstream_logger(model_id: str) -> Logger:
     A logger for the output of one model's child process.
     """
     return Logger(namespace="upstream." + model_id, observer=upstream_observer)
+
+
+class ModelOutput:
+    """
+    Logs the lines one model's child prints: each is an upstream event of its own, as
+    ``upstream_logger(model_id).info("[{model}] {line}", model=..., line=..., stream=...)``
+    would make it, but a read's lines go out together.
+
+    The sinks get them in one `LogSink.log_lines` call, and the events themselves are only made
+    when ``logToStdout`` sends the models' output to the global publisher: a model that prints
+    a dozen lines per request costs a sink call per pipe read, not a log event per line.
+    """
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+        self._logger = upstream_logger(model_id)
+
+    def lines(self, stream: str, lines: Sequence[str]) -> None:
+        """
+        Log ``lines`` (without their line ends) that the child printed on ``stream``
+        (``stdout``, ``stderr``, ``cmdStop``).
+        """
+        if not lines:
+            return
+        when = time()
+        for sink in _routing.sinks:
+            try:
+                sink.log_lines(self.model_id, lines, when)
+            except Exception:
+                _own_log.failure("log sink {sink!r} failed", sink=sink)
+        if "upstream" not in LOG_SOURCES.get(_routing.to_stdout(), ("proxy",)):
+            return
+        logger = self._logger
+        for line in lines:
+            globalLogPublisher({
+                "log_logger": logger,
+                "log_level": LogLevel.info,
+                "log_namespace": logger.namespace,
+                "log_source": None,
+                "log_format": "[{model}] {line}",
+                "log_time": when,
+                "model": self.model_id,
+                "line": line,
+                "stream": stream,
+            })

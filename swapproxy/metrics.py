@@ -215,6 +215,7 @@ class RequestMeter:
     :ivar model: the model id, once the route has chosen it (``""`` before, and for requests
         that never got that far).
     :ivar route: the route label (``/v1/chat/completions``, ``/upstream``...).
+    :ivar client: the client's address (its host), or ``""``.
     """
 
     def __init__(self, metrics: Metrics, request: Request, route: str, started_at: float) -> None:
@@ -222,6 +223,7 @@ class RequestMeter:
         self.request = request
         self.route = route
         self.model = ""
+        self.client = str(getattr(request.getClientAddress(), "host", "") or "")
         self.started_at = started_at
         self.first_byte_at: float | None = None
         self.scanner: UsageScanner | None = UsageScanner()
@@ -418,7 +420,8 @@ class Metrics:
         """
         Call ``subscriber(kind, payload)`` for each event: ``metrics`` (a list of one new
         token-metric record) and ``request`` (one finished model request: its model, route,
-        status, ``time``, ``duration_ms``, ``ttfb_ms`` and, when the answer said, its ``tokens``).
+        status, ``time``, ``duration_ms``, ``ttfb_ms``, ``client`` (the client's host) and, when
+        the answer said, its ``tokens``).
 
         :returns: a function that unsubscribes.
         """
@@ -496,6 +499,7 @@ class Metrics:
             "time": round(now, 3),
             "duration_ms": int(round(duration * 1000)),
             "ttfb_ms": None if meter.first_byte_at is None else int(round((meter.first_byte_at - meter.started_at) * 1000)),
+            "client": meter.client,
         }
         scanner = meter.scanner
         counts = None

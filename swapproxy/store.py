@@ -6,9 +6,11 @@ durations, token counts), kept in a SQLite database so that it survives a restar
 `ActivityStore` hears of each request from `swapproxy.metrics.Metrics` (its ``request`` events)
 and costs the reactor O(1) per request: the row goes into a bounded in-memory list of the most
 recent requests (what a dashboard is sent when it connects) and into a queue of rows to write.
-The database is only ever touched by one thread of a pool of its own: one batch of rows at a time
-is inserted there, the oldest rows beyond ``store.maxRows`` are deleted, and reads of older
-history (`ActivityStore.older`) run there too. The reactor never waits for the disk.
+The database is only ever touched by one thread of a pool of its own: the rows that waited are
+inserted there in one batch, at most `WRITE_DELAY` after the first of them (one trip to the
+thread and one transaction for however many requests ended meanwhile), the oldest rows beyond
+``store.maxRows`` are deleted, and reads of older history (`ActivityStore.older`) run there too,
+once every waiting row is written. The reactor never waits for the disk.
 
 If the database cannot be opened or written, the store says so once in the log and goes on in
 memory, so a full disk or a read-only state directory never stops swapproxy from serving.
@@ -24,6 +26,7 @@ from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -40,6 +43,10 @@ RECENT = 200
 #: The most rows waiting to be written; beyond it the oldest waiting rows are lost (the disk is
 #: far behind, or the database failed).
 PENDING_LIMIT = 10_000
+#: Seconds a recorded request may wait to be written, so that the rows of the requests that end
+#: meanwhile go with it: a trip to the database's thread per request cost as much CPU time as
+#: the rest of recording it.
+WRITE_DELAY = 1.0
 
 #: The columns of a row, in order; each row is a dict of these keys. Unknown values are ``None``.
 COLUMNS = (
@@ -154,7 +161,7 @@ class ActivityStore(Service):
     The recent model requests: in memory for dashboards, in SQLite for the long history.
 
     :param path: the database file; ``None`` keeps the history in memory only.
-    :param reactor: provides ``callFromThread`` (what a thread pool needs).
+    :param reactor: provides ``callFromThread`` (what a thread pool needs) and ``callLater``.
     :param max_rows: the most rows the database keeps; a number, or a function that returns the
         current ``store.maxRows`` (read at each write, so that a reload takes effect).
     :param recent: how many of the newest rows `recent` keeps.
@@ -178,6 +185,7 @@ class ActivityStore(Service):
         self._subscribers = Subscribers("activity")
         self._database: _Database | None = None
         self._busy: Deferred[Any] | None = None
+        self._write_call: IDelayedCall | None = None
         self._flushed: list[Deferred[None]] = []
         self._pool: ThreadPool | None = None
         self._run = run
@@ -206,7 +214,8 @@ class ActivityStore(Service):
         self.recent.append(row)
         if self.path is not None:
             self._pending.append(row)
-            self._write_pending()
+            if self._write_call is None:
+                self._write_call = self._reactor.callLater(WRITE_DELAY, self._write_soon)
         self._subscribers.publish(row)
 
     def older(self, limit: int, before: float | None = None, model: str | None = None) -> Deferred[list[Row]]:
@@ -238,7 +247,17 @@ class ActivityStore(Service):
             return succeed(None)
         waiter: Deferred[None] = Deferred()
         self._flushed.append(waiter)
+        self._write_pending()
         return waiter
+
+    def _write_soon(self) -> None:
+        self._write_call = None
+        self._write_pending()
+
+    def _cancel_write_call(self) -> None:
+        if self._write_call is not None and self._write_call.active():
+            self._write_call.cancel()
+        self._write_call = None
 
     # -- the database -----------------------------------------------------------------------------
 
@@ -275,9 +294,11 @@ class ActivityStore(Service):
         )
         self.path = None
         self._pending.clear()
+        self._cancel_write_call()
         self._notify_flushed()
 
     def _write_pending(self) -> None:
+        self._cancel_write_call()
         if self._database is None or self._busy is not None or not self._pending:
             if self._busy is None:
                 self._notify_flushed()
@@ -289,6 +310,17 @@ class ActivityStore(Service):
 
     def _written(self, _: object) -> None:
         self._busy = None
+        self._write_more()
+
+    def _write_more(self) -> None:
+        """
+        After a write: rows recorded meanwhile wait for their own `WRITE_DELAY`, unless someone
+        waits for them.
+        """
+        if self._pending and not self._flushed:
+            if self._write_call is None:
+                self._write_call = self._reactor.callLater(WRITE_DELAY, self._write_soon)
+            return
         self._write_pending()
 
     def _write_failed(self, failure: Failure, count: int) -> None:
@@ -297,7 +329,7 @@ class ActivityStore(Service):
             "could not write {count} requests to the activity database {path}: {error}",
             count=count, path=self.path, error=failure.getErrorMessage(),
         )
-        self._write_pending()
+        self._write_more()
 
     def _notify_flushed(self) -> None:
         waiters, self._flushed = self._flushed, []
@@ -309,6 +341,7 @@ class ActivityStore(Service):
         return self.flush().addCallback(self._close)
 
     def _close(self, _: object) -> None:
+        self._cancel_write_call()
         database, self._database = self._database, None
         if self._pool is not None:
             if database is not None:

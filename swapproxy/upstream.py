@@ -51,7 +51,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProduce
 from zope.interface import implementer
 
 from swapproxy.config import ModelConfig, start_ceiling
-from swapproxy.logs import proxy_logger, upstream_logger
+from swapproxy.logs import ModelOutput, proxy_logger
 from swapproxy.relayclient import RelayPool
 from swapproxy.stall import Stalled, StallWatch
 
@@ -70,6 +70,16 @@ OUTPUT_PROBE_BURST = 4
 OUTPUT_PROBE_WINDOW = 0.1
 #: How many of the child's last output lines a start error quotes.
 ERROR_TAIL_LINES = 5
+#: While a model is ready, its output is read at most this often. llama-server prints about ten
+#: lines per request, a few at a time: read as they came, they were five reads of a pipe per
+#: request, each a round of the reactor in the middle of the requests' own bytes; read every
+#: 20 ms, a read takes the lines of several requests. A loading model's output is read as it
+#: comes (it brings health probes forward and shows the load's progress), and so is a read that
+#: filled the read buffer (`_PIPE_READ`): more is waiting, and a child must never block on a
+#: full pipe.
+READY_OUTPUT_INTERVAL = 0.02
+#: The most Twisted reads from a child's pipe at once.
+_PIPE_READ = 8192
 #: While a model is ready: how many health checks in a row must fail for it to be unhealthy,
 #: the most a check may take, and how soon a failed check is repeated. A frozen model is found
 #: within about healthCheckInterval + 3 x 5 s + 2 x 1 s.
@@ -300,32 +310,76 @@ def _describe_exit(reason: Failure) -> tuple[str, int | None]:
 class _ChildProtocol(ProcessProtocol):
     """
     Reads a child's stdout and stderr line by line and reports its exit.
+
+    While the model is ready, the pipes are read at most every `READY_OUTPUT_INTERVAL`: after a
+    read, reading pauses until then. When the child exits, what its pipes still hold is read
+    before the exit is reported, so that its last words are in the log and in the exit message.
     """
 
-    def __init__(self, upstream: Upstream) -> None:
+    def __init__(self, upstream: Upstream, clock: IReactorTime) -> None:
         self._upstream = upstream
+        self._clock = clock
         self._partial: dict[int, bytes] = {}
+        self._resume_call: IDelayedCall | None = None
+        self._exited = False
 
     def connectionMade(self) -> None:
         self.transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
+        self._take_output(childFD, data)
+        if (
+            self._resume_call is None
+            and not self._exited
+            and len(data) < _PIPE_READ
+            and self._upstream.state is State.READY
+        ):
+            pause = getattr(self.transport, "pauseProducing", None)
+            if pause is not None:
+                pause()
+                self._resume_call = self._clock.callLater(READY_OUTPUT_INTERVAL, self._resume)
+
+    def _resume(self) -> None:
+        self._resume_call = None
+        self.transport.resumeProducing()
+
+    def _read_held_output(self) -> None:
+        """
+        If reading is paused, read what the pipes hold now, and read on as output comes.
+        """
+        call, self._resume_call = self._resume_call, None
+        if call is None:
+            return
+        call.cancel()
+        for fd, pipe in sorted(getattr(self.transport, "pipes", {}).items()):
+            if fd not in (1, 2):
+                continue
+            try:
+                while data := os.read(pipe.fileno(), 65536):
+                    self._take_output(fd, data)
+            except OSError:
+                pass  # drained (EAGAIN), or closed
+        self.transport.resumeProducing()
+
+    def _take_output(self, childFD: int, data: bytes) -> None:
         self._upstream._child_output(data)
-        buffered = self._partial.pop(childFD, b"") + data
-        *lines, rest = buffered.split(b"\n")
+        partial = self._partial.pop(childFD, None)
+        buffered = partial + data if partial else data
+        complete, newline, rest = buffered.rpartition(b"\n")
         if len(rest) > 65536:
-            lines.append(rest)
-            rest = b""
+            complete, newline, rest = buffered, b"\n", b""
         if rest:
             self._partial[childFD] = rest
-        stream = "stderr" if childFD == 2 else "stdout"
-        for line in lines:
-            self._upstream._child_line(stream, line.rstrip(b"\r").decode("utf-8", "replace"))
+        if newline:
+            # The whole lines of one read, decoded at once (no UTF-8 sequence contains "\n").
+            lines = [line.rstrip("\r") for line in complete.decode("utf-8", "replace").split("\n")]
+            self._upstream._child_lines("stderr" if childFD == 2 else "stdout", lines)
 
     def processExited(self, reason: Failure) -> None:
+        self._exited = True
+        self._read_held_output()
         for fd, rest in sorted(self._partial.items()):
-            stream = "stderr" if fd == 2 else "stdout"
-            self._upstream._child_line(stream, rest.decode("utf-8", "replace"))
+            self._upstream._child_lines("stderr" if fd == 2 else "stdout", [rest.decode("utf-8", "replace")])
         self._partial.clear()
         self._upstream._child_exited(self, reason)
 
@@ -343,8 +397,7 @@ class _StopCommandProtocol(ProcessProtocol):
         self.transport.closeStdin()
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        for line in data.decode("utf-8", "replace").splitlines():
-            self._upstream._child_line("cmdStop", line)
+        self._upstream._child_lines("cmdStop", data.decode("utf-8", "replace").splitlines())
 
     def processEnded(self, reason: Failure) -> None:
         description, code = _describe_exit(reason)
@@ -391,7 +444,7 @@ class Upstream:
     ) -> None:
         self.model = model
         self.log = proxy_logger("swapproxy.upstream")
-        self._output_log = upstream_logger(model.id)
+        self._output_log = ModelOutput(model.id)
         self._reactor: IReactorTime | IReactorProcess | Any = reactor
         self._health_check_timeout = health_check_timeout
         self._health_check_ceiling = start_ceiling(health_check_timeout, health_check_ceiling)
@@ -672,7 +725,7 @@ class Upstream:
         self._set_state(State.STARTING)
         try:
             self._process = self._reactor.spawnProcess(
-                _ChildProtocol(self), launcher[0], launcher + argv[1:], env=env
+                _ChildProtocol(self, self._reactor), launcher[0], launcher + argv[1:], env=env
             )
         except OSError as e:
             self._process = None
@@ -922,15 +975,23 @@ class Upstream:
         for observer in list(self.output_observers):
             observer(self, data)
 
-    def _child_line(self, stream: str, line: str) -> None:
-        self.recent_lines.append(line)
-        self._output_log.info("[{model}] {line}", model=self.model.id, line=line, stream=stream)
-        for observer in list(self.line_observers):
-            observer(self, line)
+    def _child_lines(self, stream: str, lines: list[str]) -> None:
+        """
+        Whole lines the child printed, those of one read: each is logged and shown to the line
+        observers, in order.
+        """
+        self.recent_lines.extend(lines)
+        self._output_log.lines(stream, lines)
+        if self.line_observers:
+            observers = list(self.line_observers)
+            for line in lines:
+                for observer in observers:
+                    observer(self, line)
         if self.state is not State.STARTING or self.model.check_endpoint is None:
             return
-        if self._probe_echo.search(line):
-            return  # the server logging our own probe: nothing new
+        echo = self._probe_echo.search
+        if all(echo(line) for line in lines):
+            return  # the server logging our own probes: nothing new
         # A child that prints is doing something; it may just have become ready (llama-server
         # prints "model loaded" as it does). A probe in flight looks again when it is done.
         self._hint_at = self.last_sign_of_life = self._reactor.seconds()

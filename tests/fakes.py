@@ -137,6 +137,39 @@ class FakeProcess:
         return self.args
 
 
+class PausableProcess(FakeProcess):
+    """
+    A `FakeProcess` whose output reading can be paused, as a real process transport's: what the
+    child prints while reading is paused waits in its pipes, and comes when reading resumes.
+
+    :ivar paused: whether reading is paused.
+    :ivar pauses: how many times reading was paused.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.paused = False
+        self.pauses = 0
+        self._held: list[tuple[int, bytes]] = []
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        held, self._held = self._held, []
+        for fd, data in held:
+            self.proto.childDataReceived(fd, data)
+
+    def output(self, data: bytes, fd: int = 1) -> None:
+        if self.paused:
+            assert not self.ended, "a process that has exited prints nothing"
+            self._held.append((fd, data))
+            return
+        super().output(data, fd)
+
+
 class ThreadedMemoryReactor(MemoryReactorClock):
     """
     A `MemoryReactorClock` that threads may hand calls to (``callFromThread``), for services that
@@ -186,7 +219,11 @@ class ProcessReactor(MemoryReactorClock):
 
     :ivar spawned: every process spawned, in order.
     :ivar spawn_error: raised by the next ``spawnProcess`` when set.
+    :ivar process_type: the transport of each process (`PausableProcess` for one whose reading
+        can be paused).
     """
+
+    process_type: type[FakeProcess] = FakeProcess
 
     def __init__(self) -> None:
         super().__init__()
@@ -215,7 +252,7 @@ class ProcessReactor(MemoryReactorClock):
             error, self.spawn_error = self.spawn_error, None
             raise error
         self._next_pid += 1
-        process = FakeProcess(self, processProtocol, executable, args, env, self._next_pid)
+        process = self.process_type(self, processProtocol, executable, args, env, self._next_pid)
         self.spawned.append(process)
         processProtocol.makeConnection(process)
         return process

@@ -123,7 +123,7 @@ class EventStreamTests(SynchronousTestCase):
         self.assertEqual(
             request,
             {"model": "llama", "route": "/v1/chat/completions", "status": 200, "time": 1_700_000_002.0,
-             "duration_ms": 2000, "ttfb_ms": 2000, "metrics_id": 0},
+             "duration_ms": 2000, "ttfb_ms": 2000, "client": "127.0.0.1", "metrics_id": 0},
         )
         self.assertEqual((tokens["input_tokens"], tokens["output_tokens"]), (11, 7))
         (record,) = messages[5][1]

@@ -14,14 +14,14 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
-from twisted.logger import LogEvent, LogLevel, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
 from swapproxy import __version__, tap
 from swapproxy.logbuffer import LogHistory, LogRouting, LogStream, timestamp_formatter
-from swapproxy.logs import proxy_logger, set_log_level, upstream_logger
+from swapproxy.logs import ModelOutput, proxy_logger, set_log_level, upstream_logger
 from swapproxy.requestlog import log_request
 from swapproxy.web.live import LiveWriter, dropped_log_marker
 from tests.fakes import ThreadedMemoryReactor
@@ -166,6 +166,20 @@ class TimestampTests(SynchronousTestCase):
         self.assertEqual(self.stamp("stamp", 1_704_067_200), "Jan  1 00:00:00")
         self.assertEqual(self.stamp("kitchen", 1_704_067_200), "12:00AM")
 
+    def test_same_second_and_the_next(self) -> None:
+        """
+        Lines of the same second get the same text, the next second its own, and fractions of a
+        second are still shown by the layouts that show them.
+        """
+        for name in ("datetime", "rfc3339", "%H:%M:%S"):
+            formatter = timestamp_formatter(name, timezone.utc)
+            assert formatter is not None
+            self.assertEqual(formatter(WHEN + 0.5), formatter(WHEN), name)
+            self.assertNotEqual(formatter(WHEN + 1), formatter(WHEN), name)
+            self.assertEqual(formatter(WHEN - 0.5), self.stamp(name, WHEN - 1), name)
+        self.assertEqual(self.stamp("stampmilli", WHEN + 0.5), "Nov 14 22:13:20.750")
+        self.assertEqual(self.stamp("%S.%f", WHEN + 0.5), "20.750000")
+
     def test_none(self) -> None:
         self.assertIsNone(timestamp_formatter(""))
         self.assertIsNone(timestamp_formatter("  "))
@@ -293,6 +307,57 @@ class LogRoutingTests(SynchronousTestCase):
 
     def test_none(self) -> None:
         self.check("none", [])
+
+    def check_output(self, log_to_stdout: str, published: bool) -> None:
+        """
+        The lines of one read of a model's output are each a line of the histories, and, where
+        ``logToStdout`` sends the models' output, each an event of its own with the model id.
+        """
+        events = capture_global(self)
+        history = routed(self, log_to_stdout)
+        ModelOutput("llama").lines("stderr", ["slot launch_slot_: processing", "", "slot release: done"])
+        self.assertEqual(history.upstream.history(),
+                         b"[llama] slot launch_slot_: processing\n[llama] \n[llama] slot release: done\n")
+        self.assertEqual(history.combined.history(), history.upstream.history())
+        self.assertEqual(history.model("llama").history(), b"slot launch_slot_: processing\n\nslot release: done\n")
+        lines = [e for e in events if e.get("log_namespace") == "upstream.llama"]
+        if not published:
+            self.assertEqual(lines, [])
+            return
+        self.assertEqual([formatEvent(e) for e in lines],
+                         ["[llama] slot launch_slot_: processing", "[llama] ", "[llama] slot release: done"])
+        self.assertEqual([e["line"] for e in lines], ["slot launch_slot_: processing", "", "slot release: done"])
+        self.assertEqual({(e["model"], e["stream"], e["log_level"]) for e in lines}, {("llama", "stderr", LogLevel.info)})
+
+    def test_model_output_proxy(self) -> None:
+        self.check_output("proxy", False)
+
+    def test_model_output_upstream(self) -> None:
+        self.check_output("upstream", True)
+
+    def test_model_output_both(self) -> None:
+        self.check_output("both", True)
+
+    def test_model_output_none(self) -> None:
+        self.check_output("none", False)
+
+    def test_model_output_with_a_broken_sink(self) -> None:
+        """
+        A sink that raises does not reach the model's output reader.
+        """
+
+        class Broken:
+            def log_event(self, source: str, event: LogEvent) -> None:
+                raise RuntimeError("sink down")
+
+            def log_lines(self, model_id: str, lines: Any, when: float) -> None:
+                raise RuntimeError("sink down")
+
+        events = capture_global(self)
+        routed(self, "upstream", history=Broken())  # type: ignore[arg-type]
+        ModelOutput("llama").lines("stdout", ["still fine"])
+        self.assertEqual([e.get("line") for e in events if e.get("log_namespace") == "upstream.llama"], ["still fine"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_failures_always_reach_the_log(self) -> None:
         """
@@ -685,7 +750,25 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         lines = [line.partition(" [")[2] for line in log.splitlines()]
         self.assertEqual(lines[0], f"WARN] {config}: unsupported keys ignored: newerFeature")
         self.assertEqual(lines[1], f"INFO] swapproxy {__version__}: 2 models from {config}")
-        self.assertIn("INFO] /v1/chat/completions (no model): 404 in 0 ms", lines)
+        self.assertIn("INFO] /v1/chat/completions (no model): 404 in 0 ms from 192.168.1.1", lines)
+
+    def test_one_access_line_per_request(self) -> None:
+        """
+        In twistd's log, a model request has swapproxy's request line and not Twisted's access
+        log line as well; a request for any other route has Twisted's access log line.
+        """
+        events = capture_global(self)
+        reactor, service = self.start(self.write_config(GOOD))
+        self.addCleanup(reactor.stop_service, service)
+        site = reactor.tcpServers[0][1]
+        site.startFactory()  # turns Twisted's access log on, as listening does
+        self.addCleanup(site.stopFactory)
+        self.get(reactor, b"POST", b"/v1/chat/completions", b'{"model": "nope"}')
+        self.get(reactor, b"GET", b"/health")
+        lines = [formatEvent(e) for e in events]
+        self.assertEqual([line for line in lines if "/v1/chat/completions" in line],
+                         ["/v1/chat/completions (no model): 404 in 0 ms from 192.168.1.1"])
+        self.assertEqual(len([line for line in lines if '"GET /health HTTP/1.1" 200' in line]), 1, lines)
 
     def test_timestamps_by_default(self) -> None:
         """
@@ -709,14 +792,15 @@ class RequestLogTests(SynchronousTestCase):
 
     def test_line_names_model_route_status_and_durations(self) -> None:
         """
-        The line says the route, the model, the status and how long the request took; it is in
-        the model's own log too. A client that hung up first is said to have.
+        The line says the route, the model, the status, how long the request took and the
+        client's address; it is in the model's own log too. A client that hung up first is said
+        to have.
         """
         history = routed(self, "proxy")
         log_request({"model": "qwen", "route": "/v1/chat/completions", "status": 200, "duration_ms": 1234,
-                     "ttfb_ms": 1200})
+                     "ttfb_ms": 1200, "client": "10.0.0.7"})
         log_request({"model": "qwen", "route": "/upstream", "status": 499, "duration_ms": 80, "ttfb_ms": None})
-        expected = (b"[INFO] /v1/chat/completions qwen: 200 in 1234 ms (first byte after 1200 ms)\n"
+        expected = (b"[INFO] /v1/chat/completions qwen: 200 in 1234 ms (first byte after 1200 ms) from 10.0.0.7\n"
                     b"[INFO] /upstream qwen: 499 (the client hung up) in 80 ms\n")
         self.assertEqual(history.combined.history(), expected)
         self.assertEqual(history.model("qwen").history(), expected)

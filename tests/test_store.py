@@ -10,10 +10,11 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from swapproxy.store import COLUMNS, ActivityStore, activity_row
+from swapproxy.store import COLUMNS, WRITE_DELAY, ActivityStore, activity_row
 
 
 def row(n: int, model: str = "qwen", **extra: Any) -> dict[str, Any]:
@@ -112,6 +113,37 @@ class StoreTests(SynchronousTestCase):
         errors = [e for e in events if "cannot use the activity database" in e.get("log_format", "")]
         self.assertEqual(len(errors), 1)
         self.successResultOf(store.stopService())
+
+    def test_written_together(self) -> None:
+        """
+        The requests that end within WRITE_DELAY of each other go to the database in one write,
+        WRITE_DELAY after the first; a reader of the history does not wait for it.
+        """
+        clock = Clock()
+        writes: list[str] = []
+
+        def run(f: Any, *args: Any) -> Deferred[Any]:
+            writes.append(f.__name__)
+            return maybeDeferred(f, *args)
+
+        store = ActivityStore(self.path, clock, run=run)
+        store.startService()
+        self.addCleanup(lambda: store.running and store.stopService())
+
+        def stored() -> int:
+            return int(sqlite3.connect(self.path).execute("SELECT COUNT(*) FROM activity").fetchone()[0])
+
+        for n in range(3):
+            store.record(row(n))
+            clock.advance(WRITE_DELAY / 4)
+        self.assertEqual(stored(), 0)
+        clock.advance(WRITE_DELAY / 4)
+        self.assertEqual(stored(), 3)
+        self.assertEqual(writes.count("insert"), 1)
+        store.record(row(3))
+        self.assertEqual(self.successResultOf(store.older(1)), [row(3)])
+        self.assertEqual(writes.count("insert"), 2)
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_in_memory_only(self) -> None:
         store = ActivityStore(None, reactor, recent=2)

@@ -31,6 +31,7 @@ from swapproxy.upstream import (
     MIN_PROBE_INTERVAL,
     OUTPUT_PROBE_BURST,
     OUTPUT_PROBE_WINDOW,
+    READY_OUTPUT_INTERVAL,
     StartError,
     StartStep,
     State,
@@ -39,7 +40,7 @@ from swapproxy.upstream import (
     needs_restart,
     probe_echo,
 )
-from tests.fakes import ProcessReactor
+from tests.fakes import PausableProcess, ProcessReactor
 from tests.helpers import FAKE_UPSTREAM, alive, free_port, process_pipes_open, wait_until
 
 
@@ -441,6 +442,29 @@ class StartTests(UpstreamTestMixin, SynchronousTestCase):
             ["load_tensors: loading", "llama_context: n_ctx = 4096", "server listening"],
         )
         self.assertEqual(formatEvent(lines[0]), "[m] load_tensors: loading")
+
+    def test_lines_of_one_read(self) -> None:
+        """
+        Several lines that come in one read are still logged one event each, in order, with the
+        model id and the stream; the line observers see each of them, and the start error quotes
+        them as lines.
+        """
+        upstream = self.make_upstream()
+        seen: list[str] = []
+        upstream.line_observers.append(lambda up, line: seen.append(line))
+        d = upstream.start()
+        process = self.reactor.spawned[0]
+        with capturedLogs() as events:
+            process.output(b"first\r\nsecond\n\nthird\npartial", fd=2)
+            process.output(b" line\n", fd=2)
+        lines = [e for e in events if e.get("model") == "m" and "line" in e]
+        self.assertEqual([e["line"] for e in lines], ["first", "second", "", "third", "partial line"])
+        self.assertEqual({e["stream"] for e in lines}, {"stderr"})
+        self.assertEqual({e["log_namespace"] for e in lines}, {"upstream.m"})
+        self.assertEqual(formatEvent(lines[1]), "[m] second")
+        self.assertEqual(seen, ["first", "second", "", "third", "partial line"])
+        process.exit(1)
+        self.assertIn("first | second | third | partial line", str(self.failureResultOf(d, StartError).value))
 
 
 def run_clock(clock: Any, until: float, step: float = 0.25) -> None:
@@ -1184,6 +1208,32 @@ class RealProcessTests(TestCase):
         self.assertFalse(alive(pid))
         await wait_until(lambda: not alive(grandchild), what="the grandchild to be killed")
 
+    async def test_last_words_of_a_crash(self) -> None:
+        """
+        A ready model that logs a request and crashes right after: what it printed last is among
+        its recent lines when its exit is reported, although its output was being read only every
+        READY_OUTPUT_INTERVAL.
+        """
+        upstream = self.make_upstream()
+        await upstream.start()
+        assert upstream.client is not None
+        at_exit: list[list[str]] = []
+        exited = Deferred[None]()
+
+        def changed(up: Upstream, old: State, new: State) -> None:
+            if new is State.STOPPED:
+                at_exit.append(list(up.recent_lines))
+                exited.callback(None)
+
+        upstream.state_observers.append(changed)
+        url = upstream.url_for("/v1/chat/completions")
+        response = await upstream.client.post(url, json={"messages": []})
+        await response.content()
+        crash = upstream.client.post(url, json={"messages": [], "fake_crash_after": 0})
+        crash.addErrback(lambda _: None)
+        await exited
+        self.assertTrue(any("crashing before answering" in line for line in at_exit[0]), at_exit[0])
+
     async def test_crash_kills_grandchildren(self) -> None:
         """
         When the model's process dies on its own, what it left behind is killed too, and the
@@ -1329,6 +1379,23 @@ class ProbeOnOutputTests(UpstreamTestMixin, SynchronousTestCase):
         run_clock(self.reactor, 3 + MIN_PROBE_INTERVAL, step=0.001)
         self.assertEqual(len(self.probe.calls), before + 1)
 
+    def test_a_read_with_an_echo_and_news(self) -> None:
+        """
+        A read that brings a probe's echo and another line brings a probe forward; a read of
+        echoes alone does not.
+        """
+        upstream = self.make_upstream()
+        upstream.start()
+        process = self.reactor.spawned[0]
+        run_clock(self.reactor, 3, step=0.001)
+        before = len(self.probe.calls)
+        process.output(b'fake upstream: 127.0.0.1 "GET /health HTTP/1.1" 503\n' * 2, fd=2)
+        run_clock(self.reactor, 3 + MIN_PROBE_INTERVAL, step=0.001)
+        self.assertEqual(len(self.probe.calls), before)
+        process.output(b'fake upstream: 127.0.0.1 "GET /health HTTP/1.1" 503\nmain: model loaded\n', fd=2)
+        run_clock(self.reactor, 3 + 2 * MIN_PROBE_INTERVAL, step=0.001)
+        self.assertEqual(len(self.probe.calls), before + 1)
+
     def test_a_logged_probe_is_no_sign_of_life(self) -> None:
         """
         A hung server that still answers 503 and logs each health check is given up after
@@ -1347,6 +1414,86 @@ class ProbeOnOutputTests(UpstreamTestMixin, SynchronousTestCase):
         run_clock(self.reactor, 15.3)
         error = str(self.failureResultOf(d, StartError).value)
         self.assertIn("no output and no new health answer for 15s", error)
+
+
+class ReadyOutputTests(UpstreamTestMixin, SynchronousTestCase):
+    """
+    A ready model's output is read at most every READY_OUTPUT_INTERVAL, a loading model's as it
+    comes; none of it is lost, and a child's last words are read before its exit is reported.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.reactor.process_type = PausableProcess
+
+    def lines(self, events: Any) -> list[str]:
+        return [e["line"] for e in events if e.get("model") == "m" and "line" in e]
+
+    def test_ready_output_waits_for_the_interval(self) -> None:
+        """
+        After a read, what a ready model prints waits until READY_OUTPUT_INTERVAL has passed,
+        then comes in order.
+        """
+        upstream = self.ready_upstream()
+        process = self.reactor.spawned[0]
+        assert isinstance(process, PausableProcess)
+        with capturedLogs() as events:
+            process.output(b"slot launch_slot_: processing task\n", fd=2)
+            self.assertEqual(self.lines(events), ["slot launch_slot_: processing task"])
+            self.assertTrue(process.paused)
+            process.output(b"slot print_timing: eval time\n", fd=2)
+            process.output(b"slot release: stop processing\n", fd=1)
+            self.assertEqual(len(self.lines(events)), 1)
+            self.reactor.advance(READY_OUTPUT_INTERVAL)
+            self.assertEqual(self.lines(events), ["slot launch_slot_: processing task", "slot print_timing: eval time",
+                                                  "slot release: stop processing"])
+        self.assertEqual(process.pauses, 2, "the late read paused reading again")
+        self.assertEqual(list(upstream.recent_lines)[-3:], self.lines(events))
+
+    def test_loading_output_is_read_as_it_comes(self) -> None:
+        """
+        While the model loads, its output is never held back: it may be the line that says it
+        is ready.
+        """
+        self.make_upstream().start()
+        process = self.reactor.spawned[0]
+        assert isinstance(process, PausableProcess)
+        with capturedLogs() as events:
+            for i in range(3):
+                process.output(b"load_tensors: loading %d\n" % i, fd=2)
+        self.assertEqual(len(self.lines(events)), 3)
+        self.assertEqual(process.pauses, 0)
+
+    def test_full_read_is_not_held(self) -> None:
+        """
+        A read that filled the read buffer is followed by the next at once: more is waiting, and
+        the child must not block on a full pipe.
+        """
+        self.ready_upstream()
+        process = self.reactor.spawned[0]
+        assert isinstance(process, PausableProcess)
+        process.output(b"x" * 8191 + b"\n", fd=2)
+        self.assertFalse(process.paused)
+
+    def test_last_words_before_the_exit(self) -> None:
+        """
+        A ready model that prints and exits while its output is held back: its last lines are in
+        the log and in its recent lines before the exit is reported.
+        """
+        upstream = self.ready_upstream()
+        process = self.reactor.spawned[0]
+        assert isinstance(process, PausableProcess)
+        at_exit: list[list[str]] = []
+        upstream.state_observers.append(lambda up, old, new: at_exit.append(list(up.recent_lines)))
+        with capturedLogs() as events:
+            process.output(b"slot release: stop processing\n", fd=2)
+            process.output(b"GGML_ASSERT failed\n", fd=2)
+            process.exit(134)
+        self.assertEqual(self.lines(events), ["slot release: stop processing", "GGML_ASSERT failed"])
+        self.assertEqual(at_exit[0][-1], "GGML_ASSERT failed")
+        self.assertEqual(upstream.state, State.STOPPED)
+        self.assertFalse(process.paused)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 
 class ProbeEchoTests(SynchronousTestCase):

@@ -32,6 +32,7 @@ from twisted.web.server import Request, Site
 
 from swapproxy.config import Limits
 from swapproxy.logs import proxy_logger
+from swapproxy.metrics import IRequestMeter
 from swapproxy.web.errors import error_object
 
 log = proxy_logger("swapproxy.web")
@@ -365,6 +366,15 @@ class SwapproxySite(Site):
             self.refusals.add(refusal)
             return refusal
         return super().buildProtocol(addr)
+
+    def log(self, request: Request) -> None:  # type: ignore[override]
+        """
+        Twisted's access log line, for the requests that are not model requests: a model
+        request has the request line of `swapproxy.requestlog` instead, which says the same and
+        more (the model, the time to the first byte).
+        """
+        if request.getComponent(IRequestMeter) is None:
+            super().log(request)
 
     def connection_opened(self, channel: LimitedChannel) -> None:
         self.connections.add(channel)
