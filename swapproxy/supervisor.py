@@ -218,13 +218,7 @@ class Supervisor(Service):
         if upstream_factory is None:
 
             def upstream_factory(model: ModelConfig) -> Upstream:
-                return Upstream(
-                    model,
-                    reactor,
-                    self.config.health_check_timeout,
-                    environ,
-                    health_check_ceiling=self.config.start_ceiling,
-                )
+                return Upstream(model, reactor, environ)
 
         self._upstream_factory = upstream_factory
         self._upstream_watchers: list[Callable[[Upstream], None]] = []
@@ -1000,9 +994,7 @@ class Supervisor(Service):
         self.in_flight.clear()
         self.in_flight.update(counts)
         for model_id in updated + unchanged:
-            self.upstreams[model_id].reconfigure(
-                config.models[model_id], config.health_check_timeout, config.start_ceiling
-            )
+            self.upstreams[model_id].reconfigure(config.models[model_id])
             if model_id in updated:
                 self._cancel_ttl(model_id)
                 self._arm_ttl(model_id)

@@ -50,7 +50,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
-from swapproxy.config import ModelConfig, start_ceiling
+from swapproxy.config import ModelConfig
 from swapproxy.logs import ModelOutput, proxy_logger
 from swapproxy.relayclient import RelayPool
 from swapproxy.stall import Stalled, StallWatch
@@ -421,33 +421,26 @@ class Upstream:
     """
     One model's child process: start, health, stop.
 
-    :param model: the model's configuration.
+    :param model: the model's configuration; its ``health_check_timeout`` and ``start_ceiling``
+        bound a start.
     :param reactor: provides `IReactorProcess` and `IReactorTime`.
-    :param health_check_timeout: seconds a start may go without a sign of life (a byte of
-        output, a change in the health answer) before it is given up.
     :param environ: the environment the child inherits (``os.environ`` by default);
         the model's ``env`` entries are added to it.
     :param health_probe: asks the child's health endpoint once and returns the HTTP status
         (or fails when it cannot connect); an HTTP GET of ``checkEndpoint`` by default.
-    :param health_check_ceiling: seconds a start may take in all, however lively the child
-        is; `swapproxy.config.start_ceiling` of ``health_check_timeout`` by default.
     """
 
     def __init__(
         self,
         model: ModelConfig,
         reactor: Any,
-        health_check_timeout: float,
         environ: Mapping[str, str] | None = None,
         health_probe: Callable[[Upstream], Deferred[int]] | None = None,
-        health_check_ceiling: float | None = None,
     ) -> None:
         self.model = model
         self.log = proxy_logger("swapproxy.upstream")
         self._output_log = ModelOutput(model.id)
         self._reactor: IReactorTime | IReactorProcess | Any = reactor
-        self._health_check_timeout = health_check_timeout
-        self._health_check_ceiling = start_ceiling(health_check_timeout, health_check_ceiling)
         self._environ = dict(os.environ if environ is None else environ)
         self.state = State.STOPPED
         self.state_observers: list[Callable[[Upstream, State, State], None]] = []
@@ -599,12 +592,11 @@ class Upstream:
             except Exception:
                 self.log.failure("{when} model {model}", when=when, model=self.model.id)
 
-    def reconfigure(
-        self, model: ModelConfig, health_check_timeout: float, health_check_ceiling: float | None = None
-    ) -> None:
+    def reconfigure(self, model: ModelConfig) -> None:
         """
         Take new settings that do not need a restart (ttl, aliases, ``cmdStop``, ``unloadTimeout``,
-        timeouts...); a running child keeps running.
+        timeouts, ``healthCheckTimeout``...); a running child keeps running, a start in progress
+        takes the new limits.
 
         :param model: the model's new configuration; same id, same ``cmd``, ``proxy``,
             ``checkEndpoint`` and ``env``.
@@ -613,8 +605,6 @@ class Upstream:
         if model.id != self.model.id or needs_restart(self.model, model):
             raise ValueError(f"model {model.id!r}: its new settings need a new process")
         self.model = model
-        self._health_check_timeout = health_check_timeout
-        self._health_check_ceiling = start_ceiling(health_check_timeout, health_check_ceiling)
         if self._timeout_call is not None:
             self._arm_start_deadline()
         self._schedule_check(model.hang_limits.health_check_interval)
@@ -783,7 +773,7 @@ class Upstream:
         assert self.client is not None and self.model.check_endpoint is not None
         response = await self.client.get(
             self.url_for(self.model.check_endpoint),
-            timeout=min(5.0, self._health_check_timeout),
+            timeout=min(5.0, self.model.health_check_timeout),
             reactor=self._reactor,
             allow_redirects=False,
         )
@@ -900,8 +890,8 @@ class Upstream:
         """
         assert self.started_at is not None and self.last_sign_of_life is not None
         return (
-            self.last_sign_of_life + self._health_check_timeout,
-            self.started_at + self._health_check_ceiling,
+            self.last_sign_of_life + self.model.health_check_timeout,
+            self.started_at + self.model.start_ceiling,
         )
 
     def _arm_start_deadline(self) -> None:
@@ -922,9 +912,9 @@ class Upstream:
         assert self.started_at is not None
         elapsed = now - self.started_at
         if ceiling_at <= now:
-            why = f"not healthy within the healthCheckCeiling of {self._health_check_ceiling:g}s"
+            why = f"not healthy within the healthCheckCeiling of {self.model.start_ceiling:g}s"
         else:
-            why = f"no output and no new health answer for {self._health_check_timeout:g}s (healthCheckTimeout)"
+            why = f"no output and no new health answer for {self.model.health_check_timeout:g}s (healthCheckTimeout)"
         error = StartError(
             self.model.id,
             f"health check timed out after {elapsed:.0f}s: {why}"

@@ -282,9 +282,7 @@ class FakeUpstream:
         for waiter in waiters:
             waiter.callback(None)
 
-    def reconfigure(
-        self, model: ModelConfig, health_check_timeout: float, health_check_ceiling: float | None = None
-    ) -> None:
+    def reconfigure(self, model: ModelConfig) -> None:
         self.model = model
 
     def fail_start(self, error: StartError) -> None:
