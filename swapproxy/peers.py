@@ -36,7 +36,7 @@ from zope.interface import implementer
 from swapproxy.config import Config, PeerConfig
 from swapproxy.logs import proxy_logger
 from swapproxy.relayclient import RelayPool
-from swapproxy.upstream import BytesProducer
+from swapproxy.httpclient import BytesProducer
 from swapproxy.web.relay import describe_error
 
 log = proxy_logger("swapproxy.peers")
