@@ -15,12 +15,13 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
 from swapproxy.relayclient import RelayPool
+from swapproxy.twistedinternals import quiet_pool
 
 
 @implementer(IBodyProducer)
@@ -57,14 +58,6 @@ def body_producer(data: Any) -> IBodyProducer:
     if isinstance(data, bytes):
         return BytesProducer(data)
     return IBodyProducer(data)
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """
-    The pool's connection factory, without a log line for every connection.
-    """
-
-    noisy = False
 
 
 @implementer(IAgentEndpointFactory)
@@ -138,7 +131,7 @@ def make_http_client(reactor: Any, max_idle: int) -> tuple[HTTPClient, HTTPConne
     pool = RelayPool(reactor, max(2, max_idle))
     pool.maxPersistentPerHost = max(2, max_idle)
     pool.retryAutomatically = False
-    pool._factory = _QuietClientFactory
+    quiet_pool(pool)
     # A proxy must never replay one client's upstream cookies to another client.
     no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
     agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor), pool=pool)

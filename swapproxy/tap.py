@@ -139,8 +139,11 @@ class Listener(StreamServerEndpointService):
 
     def __init__(self, description: str, endpoint: IStreamServerEndpoint, factory: Any) -> None:
         super().__init__(endpoint, factory)
+        # Imported here, as the rest of swapproxy is: it imports Twisted's TCP module.
+        from swapproxy.twistedinternals import raise_listen_errors
+
         # As strports.service does: a failure to listen is raised by privilegedStartService.
-        self._raiseSynchronously = True
+        raise_listen_errors(self)
         self.description = description
 
     def privilegedStartService(self) -> None:

@@ -33,6 +33,7 @@ from twisted.web.server import Request, Site
 from swapproxy.config import Limits
 from swapproxy.logs import proxy_logger
 from swapproxy.metrics import IRequestMeter
+from swapproxy.twistedinternals import handling_request, skip_form_parsing, unregister_channel
 from swapproxy.web.errors import error_object
 
 log = proxy_logger("swapproxy.web")
@@ -128,7 +129,7 @@ class LimitedRequest(Request):
         # of a proxied JSON request. Form bodies still get it.
         content_type = self.requestHeaders.getRawHeaders(b"content-type", [b""])[0]
         if content_type.split(b";", 1)[0].strip().lower() not in _FORM_TYPES:
-            self._parsePOSTFormSubmission = False
+            skip_form_parsing(self)
         try:
             super().requestReceived(command, path, version)
         except Exception as e:
@@ -180,7 +181,7 @@ class LimitedChannel(HTTPChannel):
         if self.refused:
             return
         timeout = self.limits.request_timeout
-        if timeout and self._deadline is None and not self._handlingRequest:
+        if timeout and self._deadline is None and not handling_request(self):
             # The first byte of a request: all of it must arrive in time.
             self._deadline = self.callLater(timeout, self._too_slow)
         super().dataReceived(data)
@@ -277,7 +278,7 @@ class LimitedChannel(HTTPChannel):
             # A response is already on its way: the only honest signal left is a cut.
             self.transport.abortConnection()
             return
-        self._networkProducer.unregisterProducer()
+        unregister_channel(self)
         self.transport.write(error_head(status, message))
         self._linger = _Linger(self.transport, self.site.reactor)
 

@@ -29,6 +29,7 @@ from swapproxy.config import ModelConfig
 from swapproxy.logs import proxy_logger
 from swapproxy.relayclient import MAX_HEAD
 from swapproxy.supervisor import Rejected, Supervisor
+from swapproxy.twistedinternals import hand_over
 from swapproxy.upstream import StartError, State
 from swapproxy.web.errors import write_error
 from swapproxy.web.render import ClientState
@@ -206,7 +207,7 @@ def _take_over(request: Request, client: ClientState, upstream: _UpstreamSide, h
     channel.setTimeout(None)
     channel_lost = channel.connectionLost
     # Twisted's own websocket support takes a connection over the same way.
-    channel._protocolUpgradeForWebsockets(_ClientSide(upstream.transport, channel_lost))
+    hand_over(channel, _ClientSide(upstream.transport, channel_lost))
     transport.unregisterProducer()
     transport.write(head)
     upstream.splice(transport)
