@@ -20,6 +20,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
 from zope.interface import implementer
 
+from swapproxy.reactors import IClientReactor
 from swapproxy.relayclient import RelayPool
 from swapproxy.twistedinternals import quiet_pool
 
@@ -68,7 +69,7 @@ class _Endpoints:
     gets a plain TCP endpoint, since there is no name to resolve.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: IClientReactor) -> None:
         self._reactor = reactor
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
         self._tls = BrowserLikePolicyForHTTPS()
@@ -105,7 +106,7 @@ class _RelayClient(HTTPClient):
         super().__init__(agent, cookiejar=cookiejar, data_to_body_producer=body_producer)  # type: ignore[arg-type]
         self._relay = pool.relay
 
-    def request(self, method: str, url: Any, **kwargs: Any) -> Deferred[Any]:  # type: ignore[override]
+    def request(self, method: str, url: Any, **kwargs: Any) -> Deferred[Any]:
         headers = kwargs.get("headers")
         data = kwargs.get("data")
         if (
@@ -122,7 +123,7 @@ class _RelayClient(HTTPClient):
         return super().request(method, url, **kwargs)
 
 
-def make_http_client(reactor: Any, max_idle: int) -> tuple[HTTPClient, HTTPConnectionPool]:
+def make_http_client(reactor: IClientReactor, max_idle: int) -> tuple[HTTPClient, HTTPConnectionPool]:
     """
     An HTTP client with its own connection pool, no cookie memory and in-memory bodies.
 

@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IDelayedCall
 from swapproxy.config import Config, GroupConfig, ModelConfig
 from swapproxy.logs import proxy_logger
 from swapproxy.memory import Footprints, Resident, available_memory, make_room, never_fits, show_bytes
+from swapproxy.reactors import IUpstreamReactor
 from swapproxy.scheduler import Scheduler, Ticket
 from swapproxy.upstream import StartError, State, Upstream, needs_restart
 
@@ -143,7 +144,7 @@ class Supervisor(Service):
     Owns one `Upstream` per configured model and decides which of them run.
 
     :param config: the loaded configuration.
-    :param reactor: provides ``IReactorProcess`` and ``IReactorTime``.
+    :param reactor: spawns the models' processes, keeps time and connects to the models.
     :param environ: the environment children inherit (``os.environ`` by default).
     :param upstream_factory: makes the `Upstream` of a model (tests pass fakes).
     :param footprints: measures what the models use (tests pass fakes).
@@ -155,7 +156,7 @@ class Supervisor(Service):
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: IUpstreamReactor,
         environ: Mapping[str, str] | None = None,
         upstream_factory: Callable[[ModelConfig], Upstream] | None = None,
         footprints: Footprints | None = None,

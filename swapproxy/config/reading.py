@@ -77,7 +77,7 @@ class _NodeChecker:
         value = _ENV_REF.sub(replace, node.value)
         if node.style is None and node.tag == _STR_TAG:
             # An unquoted scalar is re-typed, as if the value had been written in the file.
-            node.tag = self.loader.resolve(  # type: ignore[no-untyped-call]
+            node.tag = self.loader.resolve(
                 yaml.ScalarNode, value, (True, False))
         node.value = value
 

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
@@ -84,7 +85,7 @@ class ModelList(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, supervisor: Supervisor, reactor: Any, board: ModelBoard, peers: PeerSet | None = None,
+    def __init__(self, supervisor: Supervisor, reactor: IReactorTime, board: ModelBoard, peers: PeerSet | None = None,
                  profile: ActiveProfile | None = None) -> None:
         super().__init__()
         self._supervisor = supervisor
@@ -164,7 +165,7 @@ class Running(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, supervisor: Supervisor, reactor: Any, board: ModelBoard) -> None:
+    def __init__(self, supervisor: Supervisor, reactor: IReactorTime, board: ModelBoard) -> None:
         super().__init__()
         self._supervisor = supervisor
         self._reactor = reactor
@@ -254,7 +255,7 @@ class ApiUnload(Resource):
     def render(self, request: Request) -> bytes | int:
         if request.method != b"POST":
             return _method_not_allowed(request, b"POST")
-        name = unquote("/".join(s.decode("utf-8", "replace") for s in request.postpath)).strip("/")
+        name = unquote("/".join(s.decode("utf-8", "replace") for s in request.postpath or [])).strip("/")
         model_id = None
         if name:
             model = self._supervisor.config.resolve(name)
@@ -288,7 +289,7 @@ class ApiLoad(Resource):
     def render(self, request: Request) -> bytes:
         if request.method != b"POST":
             return _method_not_allowed(request, b"POST")
-        name = unquote("/".join(s.decode("utf-8", "replace") for s in request.postpath)).strip("/")
+        name = unquote("/".join(s.decode("utf-8", "replace") for s in request.postpath or [])).strip("/")
         if not name:
             return error_response(request, 400, "name the model to load: POST /api/models/load/<model>")
         model = self._supervisor.config.resolve(name)

@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -44,7 +45,7 @@ from swapproxy.upstream import StartError, State, Upstream
 from swapproxy.web.api import JSONResource
 from swapproxy.web.errors import NotFound
 from swapproxy.web.live import LiveWriter, dropped_event_marker
-from swapproxy.web.render import ClientState, render_async
+from swapproxy.web.render import ClientState, render_async, request_body
 from swapproxy.web.sse import SSE_HEADERS, comment
 
 log = proxy_logger("swapproxy.router_api")
@@ -100,7 +101,7 @@ class RouterStatus:
     :param clock: drives the progress check of a load that prints nothing for a while.
     """
 
-    def __init__(self, supervisor: Supervisor, trackers: Mapping[str, LoadTracker], clock: Any) -> None:
+    def __init__(self, supervisor: Supervisor, trackers: Mapping[str, LoadTracker], clock: IReactorTime) -> None:
         self._supervisor = supervisor
         self._trackers = trackers
         self._subscribers: list[Callable[[bytes], None]] = []
@@ -268,7 +269,7 @@ def _model_named(request: Request, supervisor: Supervisor) -> tuple[str, ModelCo
 
     :raises ValueError: the body is not a JSON object naming a model; the message says why.
     """
-    body = request.content.read()
+    body = request_body(request)
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -285,7 +286,7 @@ class RouterModels(JSONResource):
     ignored: swapproxy reloads its config on SIGHUP or with ``--watch-config``).
     """
 
-    def __init__(self, status: RouterStatus, clock: Any) -> None:
+    def __init__(self, status: RouterStatus, clock: IReactorTime) -> None:
         super().__init__()
         self._status = status
         self._clock = clock
@@ -387,7 +388,7 @@ class RouterEvents(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, status: RouterStatus, clock: Any) -> None:
+    def __init__(self, status: RouterStatus, clock: IReactorTime) -> None:
         super().__init__()
         self._status = status
         self._clock = clock
