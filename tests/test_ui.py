@@ -191,7 +191,10 @@ class ActivityTests(ErrorAssertions, SynchronousTestCase):
 
     def test_bad_queries(self) -> None:
         for query, message in [("limit=0", "between 1 and 1000"), ("limit=1001", "between 1 and 1000"),
-                               ("limit=ten", "must be an integer"), ("before=yesterday", "Unix time")]:
+                               ("limit=ten", "limit must be an integer, got 'ten'"),
+                               ("before=yesterday", "before must be a Unix time in seconds, got 'yesterday'"),
+                               ("before=nan", "before must be a Unix time"), ("before=inf", "before must be a Unix time"),
+                               ("before=-Infinity", "before must be a Unix time")]:
             response, body = self.h.call("GET", "/api/activity?" + query)
             self.assertJSONError(response, body, 400, message)
 

@@ -11,6 +11,7 @@ bounded amount of memory and never holds anything up.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 from urllib.parse import unquote
 
@@ -285,10 +286,17 @@ class ActivityPage(JSONResource):
 
         try:
             limit = int(argument(b"limit") or 100)
-            before = argument(b"before")
-            before_time = float(before) if before is not None else None
         except ValueError:
-            return error_response(request, 400, "limit must be an integer and before a Unix time in seconds")
+            return error_response(request, 400, f"limit must be an integer, got {argument(b'limit')!r}")
+        before = argument(b"before")
+        before_time = None
+        if before is not None:
+            try:
+                before_time = float(before)
+            except ValueError:
+                before_time = math.nan
+            if not math.isfinite(before_time):
+                return error_response(request, 400, f"before must be a Unix time in seconds, got {before!r}")
         if not 1 <= limit <= 1000:
             return error_response(request, 400, f"limit must be between 1 and 1000, got {limit}")
         model = argument(b"model")
