@@ -51,6 +51,9 @@ LIST_WAIT = 2.0
 MAX_LIST_BYTES = 1 << 20
 #: Idle connections kept per peer.
 MAX_IDLE = 8
+#: The state of a configured peer model that the peer does not list (a typo in ``models``, or
+#: a model the peer no longer has).
+NOT_OFFERED = "not offered by the peer"
 
 
 class PeerTimeout(Exception):
@@ -86,14 +89,14 @@ class PeerHealth:
         """
         The state of one of the peer's models, for ``/v1/models``: the peer's own word for it
         (``ready``, ``stopped``, ``loaded``...), ``available`` when the peer lists it without a
-        state, ``unlisted`` when it does not list it, ``unreachable`` when the peer is down and
+        state, `NOT_OFFERED` when it does not list it, ``unreachable`` when the peer is down and
         ``unknown`` before swapproxy has heard from the peer.
         """
         if self.reachable is False:
             return "unreachable"
         if self.states is None:
             return "unknown"
-        return self.states.get(model, "unlisted")
+        return self.states.get(model, NOT_OFFERED)
 
     def model_status(self, model: str) -> dict[str, Any] | None:
         """

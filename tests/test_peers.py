@@ -63,7 +63,7 @@ class PeerSetTests(SynchronousTestCase):
         self.successResultOf(second)
         self.assertEqual(self.peers.health["a"].states, {"m1": "ready", "m2": "stopped"})
         self.assertEqual(self.peers.health["b"].states, {"n": "loaded", "x": "available"})
-        self.assertEqual(self.peers.health["a"].model_state("zz"), "unlisted")
+        self.assertEqual(self.peers.health["a"].model_state("zz"), "not offered by the peer")
 
     def test_a_swapproxy_peer_shows_its_load_progress(self) -> None:
         """
