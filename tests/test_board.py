@@ -45,6 +45,19 @@ def get_json(harness: Harness, path: str) -> Any:
     return json.loads(body)
 
 
+def post(harness: Harness, path: str) -> tuple[bytes, Any]:
+    """
+    ``POST path`` with an empty JSON body; the status line and the decoded JSON answer.
+    """
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    channel = harness.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    channel.makeConnection(transport)
+    channel.dataReceived(f"POST {path} HTTP/1.1\r\nHost: swapproxy.test\r\nContent-Type: application/json\r\n"
+                         "Content-Length: 2\r\n\r\n{}".encode("ascii"))
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], json.loads(body)
+
+
 class Dashboard:
     """
     A dashboard following ``/api/events``.
@@ -255,6 +268,30 @@ class EntryTests(SynchronousTestCase):
         self.assertEqual((llama["status"], llama["queued"]), ("queued", 1))
         lease.release()
         self.assertEqual(dashboard.latest("qwen")["status"], "stopping")
+        harness.process("qwen").exit(0)
+        self.assertEqual(dashboard.latest("llama")["status"], "starting")
+
+    def test_a_load_is_not_a_waiting_request(self) -> None:
+        """
+        A load asked for with ``POST /api/models/load`` shows as the model loading, or waiting
+        for its turn to load, and never as a request waiting: no one waits for its answer.
+        """
+        harness = self.harness
+        dashboard = Dashboard(self, harness)
+        status, _ = post(harness, "/api/models/load/qwen")
+        self.assertEqual(status, b"HTTP/1.1 202 Accepted")
+        qwen = dashboard.latest("qwen")
+        self.assertEqual((qwen["status"], qwen["queued"]), ("starting", 0))
+        self.assertEqual(get_json(harness, "/running")["running"][0]["queued"], 0)
+        harness.become_ready("qwen")
+        lease = harness.lease("qwen")
+        # llama's turn comes once qwen's request has ended (they swap).
+        post(harness, "/api/models/load/llama")
+        llama = dashboard.latest("llama")
+        self.assertEqual((llama["status"], llama["queued"]), ("queued", 0))
+        harness.supervisor.request("llama")
+        self.assertEqual(dashboard.latest("llama")["queued"], 1, "a request for it does wait")
+        lease.release()
         harness.process("qwen").exit(0)
         self.assertEqual(dashboard.latest("llama")["status"], "starting")
 

@@ -196,7 +196,7 @@ class Running(JSONResource):
                 "proxy": model.proxy,
                 "ttl": model.ttl,
                 "in_flight": self._supervisor.in_flight[model.id],
-                "queued": self._supervisor.queued(model.id),
+                "queued": self._supervisor.queued(model.id, requests_only=True),
                 "memory": self._supervisor.memory_of(model.id),
             }
             if upstream.started_at is not None:
@@ -309,7 +309,7 @@ class ApiLoad(Resource):
         if self._supervisor.upstreams[model.id].state is State.READY:
             return write_json(request, {"msg": "ok", "model": model.id, "state": "ready"})
         try:
-            ticket = self._supervisor.request(model.id)
+            ticket = self._supervisor.request(model.id, load_only=True)
         except Rejected as e:
             return error_response(request, e.status, str(e), e.error_type, e.code)
         # Not tied to this request: the load goes on when the client has its answer.

@@ -341,7 +341,7 @@ class RouterLoad(_ModelAction):
         if self._supervisor.upstreams[model.id].state in (State.STARTING, State.READY):
             return llama_error(request, 400, "model is already running")
         try:
-            ticket = self._supervisor.request(model.id)
+            ticket = self._supervisor.request(model.id, load_only=True)
         except Rejected as e:
             return llama_error(request, e.status, str(e), e.error_type)
         ticket.wait().addCallbacks(lambda lease: lease.release(), self._failed, errbackArgs=(model.id,))

@@ -130,7 +130,9 @@ export class ModelsView {
         parts.push(h("div", { class: "line", text: "stays loaded (no ttl)" }));
       }
     } else if (entry.status === "queued") {
-      parts.push(h("div", { class: "line", text: `waiting for its turn to load: ${plural(entry.queued, "request")}` }));
+      // Waiting requests, or a load that no request waits for (Load, /api/models/load).
+      const waiting = entry.queued ? `: ${plural(entry.queued, "request")}` : "";
+      parts.push(h("div", { class: "line", text: `waiting for its turn to load${waiting}` }));
     } else if (entry.status === "stopping") {
       parts.push(h("div", { class: "line", text: "stopping…" }));
     } else if (entry.status === "unhealthy") {
