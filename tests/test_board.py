@@ -178,6 +178,62 @@ class ProgressTests(SynchronousTestCase):
         harness.advance(0.25)
         self.assertEqual(dashboard.latest("qwen")["status"], "ready")
 
+    def test_progress_never_goes_back_during_a_restore(self) -> None:
+        """
+        A load that got to 95 % (llama-server said the model is loaded), then restores saved
+        slots: the dashboard, ``/running`` and llama.cpp's router API (``GET /models`` and
+        ``/models/sse``) show its progress going on from there to 100 %, never back to the
+        restore's own 0 %.
+        """
+        harness = self.harness
+        restored: Deferred[None] = Deferred()
+        label = "restoring 2 cached conversations, 1.1 GB"
+
+        def restore(upstream: Upstream) -> Deferred[None]:
+            upstream.start_step = StartStep("restoring", label, 0.0)
+            return restored
+
+        harness.upstream("qwen").start_hooks.append(restore)
+        dashboard = Dashboard(self, harness)
+        router = StreamClient(harness.site.resource, "/models/sse")
+        self.addCleanup(router.disconnect)
+
+        def router_value() -> float:
+            (model,) = get_json(harness, "/models")["data"]
+            return float(model["status"]["progress"]["value"])
+
+        def running_fraction() -> float:
+            (model,) = get_json(harness, "/running")["running"]
+            return float(model["progress"]["fraction"])
+
+        Client(harness, CHAT, chat_body())
+        harness.prints("qwen", STAGE_LINES + "." * 100 + "\nllama_context: constructing\nmain: model loaded\n")
+        harness.advance(TICK)
+        looked = [(router_value(), running_fraction())]
+        self.assertGreaterEqual(looked[0][0], 0.95)
+        harness.health["qwen"] = 200
+        harness.advance(0.5)
+        self.assertEqual(dashboard.latest("qwen")["progress"]["stage"], "restoring")
+        looked.append((router_value(), running_fraction()))
+        harness.upstream("qwen").start_step = StartStep("restoring", label, 0.5)
+        harness.advance(TICK)
+        looked.append((router_value(), running_fraction()))
+        restored.callback(None)
+        harness.advance(TICK)
+
+        self.assertEqual(looked, sorted(looked))
+        self.assertLess(looked[0], looked[-1])
+        fractions = [e["progress"]["fraction"] for e in dashboard.entries("qwen")
+                     if e["progress"] and e["progress"]["fraction"] is not None]
+        self.assertGreaterEqual(len(fractions), 3)
+        self.assertEqual(fractions, sorted(fractions))
+        self.assertEqual(dashboard.latest("qwen")["status"], "ready")
+        events = [event.json() for event in parse_events(router.body()) if event.data is not None]
+        values = [e["data"]["progress"]["value"] for e in events if "progress" in e["data"]]
+        self.assertGreaterEqual(len(values), 4)
+        self.assertEqual(values, sorted(values))
+        self.assertEqual((values[-1], events[-1]["data"]["status"]), (1.0, "loaded"))
+
     def test_a_new_load_starts_from_nothing(self) -> None:
         """
         A model loaded once (to 95 %), unloaded, and loaded again, shows no stale stage or

@@ -14,7 +14,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy.config import parse_config
 from swapproxy.upstream import StartError, State
-from swapproxy.web.router_api import HEARTBEAT, PROGRESS_TICK
+from swapproxy.board import TICK
+from swapproxy.web.router_api import HEARTBEAT
 from tests.test_loading import parse_events
 from tests.test_logbuffer import StreamClient
 from tests.test_web import Harness, header
@@ -268,16 +269,21 @@ class EventStreamTests(RouterApiCase):
     def test_a_load_and_an_unload(self) -> None:
         """
         Loading: ``model_status`` loading, progress that rises with the model's output (and with
-        time), 1.0, ``loaded`` with the model's info; unloading: ``unloaded`` with exit code 0.
+        time), as the board sees it at each tick, 1.0, ``loaded`` with the model's info;
+        unloading: ``unloaded`` with exit code 0.
         """
         client = self.connect()
         upstream = self.h.upstreams["llama"]
         upstream.auto_ready = False
         self.post_json("/models/load", {"model": "llama"})
-        print_lines(upstream, LOAD_LINES)
+        for line in LOAD_LINES:
+            print_lines(upstream, [line])
+            self.h.clock.advance(TICK)
         for _ in range(3):
             print_dots(upstream, 10)
+            self.h.clock.advance(TICK)
         print_dots(upstream, 0)  # output that moves nothing sends nothing
+        self.h.clock.advance(TICK)
         upstream.become_ready()
         self.post_json("/models/unload", {"model": "llama"})
 
@@ -299,7 +305,8 @@ class EventStreamTests(RouterApiCase):
     def test_progress_from_time_alone(self) -> None:
         """
         A model that prints nothing, whose last load took 10 s: its progress moves with the
-        clock, checked once a second while it loads, and the check stops with the load.
+        clock, looked at by the board at each tick while it loads, and the looking stops with the
+        load.
         """
         upstream = self.h.upstreams["qwen"]
         upstream.auto_ready = False
@@ -309,16 +316,16 @@ class EventStreamTests(RouterApiCase):
         self.post_json("/models/unload", {"model": "qwen"})
         client = self.connect()
         self.post_json("/models/load", {"model": "qwen"})
-        self.h.clock.advance(PROGRESS_TICK)
-        self.h.clock.advance(PROGRESS_TICK)
+        for _ in range(8):
+            self.h.clock.advance(TICK)
         progress = [e["data"]["progress"]["value"] for e in self.events(client) if e["data"].get("progress")]
-        self.assertEqual(progress, [0.0, 0.1, 0.2])
+        self.assertEqual(progress, [round(tick * TICK / 10, 3) for tick in range(9)])
         upstream.become_ready()
         # The supervisor's first measurement of the ready model's memory is not ours.
         ours = [call for call in self.h.clock.getDelayedCalls()
                 if getattr(call.func, "__name__", "") != "_first_measure"]
         self.assertEqual([call.getTime() - self.h.clock.seconds() for call in ours],
-                         [HEARTBEAT - 2 * PROGRESS_TICK], "only the heartbeat is left")
+                         [HEARTBEAT - 8 * TICK], "only the heartbeat is left")
 
     def test_failed_start(self) -> None:
         client = self.connect()

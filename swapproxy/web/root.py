@@ -177,7 +177,7 @@ def build_root(
         mount(root, path, route)
     mount(root, "/upstream", UpstreamPassthrough(supervisor, reactor, trackers, metrics=metrics, targets=targets,
                                                  peer_forward=peer_forward))
-    status = RouterStatus(supervisor, trackers, reactor)
+    status = RouterStatus(board, supervisor, reactor)
     mount(root, "/models", RouterModels(status, reactor))
     mount(root, "/models/load", RouterLoad(supervisor))
     mount(root, "/models/unload", RouterUnload(supervisor))
