@@ -10,13 +10,16 @@ import json
 import textwrap
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy.config import parse_config
+from swapproxy.peers import PeerSet
 from swapproxy.upstream import StartError, State
 from swapproxy.board import TICK
 from swapproxy.web.router_api import HEARTBEAT
 from tests.test_loading import parse_events
+from tests.fakes import FakePeerClient, FakePeerResponse
 from tests.test_logbuffer import StreamClient
 from tests.test_web import Harness, header
 
@@ -174,6 +177,48 @@ class ModelListTests(RouterApiCase):
         self.assertEqual(len(listing["data"]), 2)
         response, body = self.h.call("GET", "/models/nothing")
         self.assertEqual(response.code, 404)
+
+
+class PeerModelTests(SynchronousTestCase):
+    """
+    ``GET /models`` lists the peers' models too, with the state their peer reports.
+    """
+
+    def test_peer_models_listed(self) -> None:
+        clients: list[FakePeerClient] = []
+        peer_clock = Clock()
+        h: Harness | None = None
+        peers = PeerSet(lambda: h.supervisor.config if h is not None else None, peer_clock,  # type: ignore[arg-type,return-value]
+                        FakePeerClient.factory(clients))
+        text = CONFIG + '    peers:\n      box: {proxy: "http://10.0.0.9:8080", models: [big, small, gone]}\n'
+        h = Harness(self, textwrap.dedent(text), peers=peers)
+        asked = peers.refresh()
+        progress = {"stage": "loading", "label": "loading weights", "fraction": 0.42, "percent": 42,
+                    "elapsed": 2.0, "eta": 2.8, "expected": 4.8}
+        clients[0].sent[0][3].callback(FakePeerResponse(200, json.dumps({"data": [
+            {"id": "big", "state": "starting", "status": {"value": "loaded", "state": "loading", "progress": progress}},
+            {"id": "small", "state": "ready", "status": {"value": "loaded", "state": "ready"}},
+        ]}).encode()))
+        self.successResultOf(asked)
+        response, body = h.call("GET", "/models")
+        self.assertEqual(response.code, 200)
+        listing = json.loads(body)
+        self.assertEqual([entry["id"] for entry in listing["data"]], ["box/big", "box/gone", "box/small", "llama", "qwen"])
+        records = {entry["id"]: entry for entry in listing["data"]}
+        big = records["box/big"]
+        self.assertEqual(big["status"], {"value": "loading", "args": [],
+                                         "progress": {"stages": ["text_model"], "current": "text_model", "value": 0.42}})
+        self.assertEqual({key: big[key] for key in ("aliases", "tags", "object", "owned_by", "can_remove", "name", "peer")},
+                         {"aliases": [], "tags": [], "object": "model", "owned_by": "box", "can_remove": False,
+                          "name": "box: big", "peer": {"id": "box", "reachable": True}})
+        self.assertEqual(records["box/small"]["status"], {"value": "loaded", "args": []})
+        self.assertEqual(records["box/gone"]["status"], {"value": "unloaded", "args": []})
+        self.assertEqual(len(clients[0].sent), 1, "what the peer said is fresh: not asked again")
+        peers.unreachable(h.supervisor.config.peers["box"], "connection refused")
+        _, body = h.call("GET", "/models")
+        big = next(entry for entry in json.loads(body)["data"] if entry["id"] == "box/big")
+        self.assertEqual((big["status"], big["peer"]), ({"value": "unloaded", "args": []},
+                                                        {"id": "box", "reachable": False}))
 
 
 class LoadUnloadTests(RouterApiCase):

@@ -97,7 +97,7 @@ class PageTests(ErrorAssertions, SynchronousTestCase):
             names += re.findall(r'(?:src|href)="(?!#)([^"]+)"', text)
             names += [found.removeprefix("./") for found in re.findall(r'from "(\./[^"]+)"', text)]
         self.assertEqual(served, {"index.html", "style.css", "favicon.svg", "app.js", "models.js", "logs.js",
-                                  "activity.js", "stream.js", "format.js"})
+                                  "activity.js", "stream.js", "format.js", "peers.js"})
         response, _ = self.h.call("GET", "/ui/app.js")
         self.assertEqual(header(response, b"content-type"), [b"text/javascript; charset=utf-8"])
 

@@ -24,6 +24,7 @@ from twisted.web.server import Request
 from swapproxy.board import ModelBoard
 from swapproxy.logbuffer import LogHistory, LogStream
 from swapproxy.metrics import Metrics
+from swapproxy.peers import PeerSet
 from swapproxy.store import ActivityStore
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.api import JSONResource, write_json
@@ -181,6 +182,9 @@ class EventStream(JSONResource):
     metrics, then sends ``modelStatus`` on every state change, ``model`` (one entry) when
     anything else of a model changes (load progress among it), ``request`` when a model request
     ends, ``metrics`` for each new token-metric record, and a ``: ping`` comment every 15 s.
+    With ``peers`` configured, ``peers`` (`swapproxy.peers.PeerSet.entries`: each peer model's
+    state and load progress, and its peer's reachability) at once and each time it changes; a
+    dashboard watching makes swapproxy ask the peers for their models now and then.
 
     ``?logs`` adds the log histories and then each new log text as ``logData``
     (``{"source": "proxy" | "upstream", "data": text}``); ``?logs=models`` does so for the proxy
@@ -199,8 +203,10 @@ class EventStream(JSONResource):
         board: ModelBoard,
         activity: ActivityStore,
         supervisor: Supervisor,
+        peers: PeerSet | None = None,
     ) -> None:
         super().__init__()
+        self._peers = peers
         self._metrics = metrics
         self._logs = logs
         self._clock = clock
@@ -240,6 +246,11 @@ class EventStream(JSONResource):
         send("modelStatus", self._board.entries())
         send("metrics", list(self._metrics.records))
         unsubscribes = [self._board.subscribe(send), self._metrics.subscribe(send)]
+        if self._peers is not None:
+            peers = self._peers.entries()
+            if peers:
+                send("peers", peers)
+            unsubscribes.append(self._peers.subscribe(send))
         if with_activity:
             send("activity", list(self._activity.recent))
             unsubscribes.append(self._activity.subscribe(lambda row: send("activity", [row])))

@@ -40,6 +40,7 @@ from swapproxy import __version__
 from swapproxy.board import ModelBoard
 from swapproxy.config import ModelConfig
 from swapproxy.logs import proxy_logger
+from swapproxy.peers import PeerSet
 from swapproxy.subscribers import Subscribers
 from swapproxy.supervisor import Rejected, Supervisor
 from swapproxy.upstream import StartError, State
@@ -65,6 +66,9 @@ _VALUES = {
 _STAGES = ["text_model"]
 #: The board states in which a model is ``unloaded``.
 _DOWN = frozenset({State.STOPPED.value, State.FAILED.value})
+#: The router's value of a peer model, by the peer's word for it (``unloaded`` for any other).
+_PEER_VALUES = {"ready": "loaded", "loaded": "loaded", "stopping": "loaded", "unhealthy": "loaded",
+                "starting": "loading", "loading": "loading"}
 
 
 def llama_error(request: Request, status: int, message: str, error_type: str = "invalid_request_error") -> bytes:
@@ -119,15 +123,21 @@ class RouterStatus:
     changes: a view of the `ModelBoard`, which owns each model's state and load progress and
     says when they change.
 
+    The peers' models are listed too, as ``<peer>/<model>``, with the state their peer reported
+    (`swapproxy.peers.PeerSet.entries`) and a ``peer`` object (``id``, ``reachable``); they are
+    the peers' to load and unload.
+
     :param board: every model's live state; followed while someone reads ``/models/sse``.
     :param supervisor: whose configuration gives each model's command (the ``args``).
     :param clock: provides ``seconds()``.
+    :param peers: the peers, whose models are listed.
     """
 
-    def __init__(self, board: ModelBoard, supervisor: Supervisor, clock: Any) -> None:
+    def __init__(self, board: ModelBoard, supervisor: Supervisor, clock: Any, peers: PeerSet | None = None) -> None:
         self._board = board
         self._supervisor = supervisor
         self._clock = clock
+        self._peers = peers
         self._subscribers = Subscribers("/models/sse")
         self._unsubscribe: Callable[[], None] | None = None
         self._shown: dict[str, _Shown] = {}
@@ -172,7 +182,26 @@ class RouterStatus:
             if entry["description"].strip():
                 record["description"] = entry["description"].strip()
             data.append(record)
+        for entry in self._peers.entries() if self._peers is not None else []:
+            status = {"value": _PEER_VALUES.get(entry["status"], "unloaded"), "args": []}
+            if status["value"] == "loading":
+                status["progress"] = _progress(entry)
+            data.append({
+                "id": entry["id"], "aliases": [], "tags": [], "object": "model", "owned_by": entry["peer"],
+                "created": created, "status": status,
+                "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
+                "source": "preset", "can_remove": False, "name": f"{entry['peer']}: {entry['model']}",
+                "peer": {"id": entry["peer"], "reachable": entry["reachable"]},
+            })
+        data.sort(key=lambda record: record["id"])
         return {"data": data, "object": "list"}
+
+    async def refresh(self) -> None:
+        """
+        Learn the peers' models' states, if what is known of them is stale (`PeerSet.refresh`).
+        """
+        if self._peers is not None and self._supervisor.config.peers:
+            await self._peers.refresh()
 
     # -- events -------------------------------------------------------------------------------
 
@@ -272,9 +301,15 @@ class RouterModels(JSONResource):
             return self
         return NotFound()
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> int:
+        return render_async(request, lambda client: self._list(request))
+
+    async def _list(self, request: Request) -> None:
+        await self._status.refresh()
+        body = _json(self._status.listing(int(self._clock.seconds())))
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
-        return _json(self._status.listing(int(self._clock.seconds())))
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
 
 
 class _ModelAction(Resource):
