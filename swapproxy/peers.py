@@ -32,6 +32,7 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -41,6 +42,7 @@ from swapproxy.config import Config, PeerConfig
 from swapproxy.logs import proxy_logger
 from swapproxy.relayclient import RelayPool
 from swapproxy.subscribers import Subscribers
+from swapproxy.supervisor import ShuttingDown
 from swapproxy.upstream import BytesProducer
 from swapproxy.web.relay import describe_error
 
@@ -364,6 +366,8 @@ class PeerSet(Service):
         #: The next question to the peers for the subscribers, while there are any.
         self._watch_call: IDelayedCall | None = None
         self._stopped = False
+        #: The answers of peers being relayed to clients, each ended when swapproxy stops.
+        self._relays: set[Any] = set()
 
     @property
     def peers(self) -> Mapping[str, PeerConfig]:
@@ -488,6 +492,17 @@ class PeerSet(Service):
             log.failure("asking peer {peer} for its models", result, peer=peer_id)
         self._changed()
 
+    def relaying(self, relay: Any) -> Callable[[], None]:
+        """
+        A peer's answer is being relayed to a client by ``relay`` (a
+        `swapproxy.web.relay.BodyRelay`): `stopService` aborts it with `ShuttingDown`, so that
+        the client's stream ends with an error event rather than being cut.
+
+        :returns: a function that forgets it, for when the relay has ended.
+        """
+        self._relays.add(relay)
+        return lambda: self._relays.discard(relay)
+
     # -- what the dashboard shows -------------------------------------------------------------
 
     def entries(self) -> list[dict[str, Any]]:
@@ -610,13 +625,25 @@ class PeerSet(Service):
             log.info("peer {peer}: cannot read its /v1/models: {error}", peer=peer.id, error=e)
 
     def stopService(self) -> Deferred[Any]:
+        """
+        End the relays of peers' answers (each client's stream ends with an error event saying
+        that swapproxy is shutting down), withdraw the questions, close the connections.
+        """
         super().stopService()
         self._stopped = True
         if self._watch_call is not None and self._watch_call.active():
             self._watch_call.cancel()
         self._watch_call = None
+        relays = list(self._relays)
+        for relay in relays:
+            relay.abort(ShuttingDown("swapproxy is shutting down"))
         for question in list(self._questions.values()):
             question.cancel()
         closing = [client.close() for client in self._clients.values()]
         self._clients.clear()
-        return DeferredList(closing)
+        done: Deferred[Any] = DeferredList(closing)
+        if relays:
+            # What was just written to those clients leaves with the next round of I/O, before
+            # the reactor drops their connections.
+            done.addCallback(lambda _: deferLater(self._reactor, 0, lambda: None))
+        return done

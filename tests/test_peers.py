@@ -28,6 +28,7 @@ from swapproxy.peers import (
     PeerTimeout,
     model_states,
 )
+from swapproxy.supervisor import ShuttingDown
 from swapproxy.web.listing import peer_records
 from tests.fakes import FakePeerClient, FakePeerResponse
 
@@ -182,6 +183,34 @@ class PeerSetTests(SynchronousTestCase):
         self.assertTrue(all(c.closed for c in self.clients))
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertIsNone(self.peers.health["a"].reachable)
+
+
+class StopTests(SynchronousTestCase):
+    setUp = PeerSetTests.setUp
+
+    def test_stop_ends_the_relays_first(self) -> None:
+        """
+        Stopping ends each relay of a peer's answer with `ShuttingDown` (its client's stream then
+        ends with an error event), and is done only after a round of I/O has carried that out;
+        a relay that has ended is not touched.
+        """
+        ended: list[BaseException] = []
+        relay, finished = FakeRelay(ended), FakeRelay(ended)
+        self.peers.relaying(relay)
+        self.peers.relaying(finished)()
+        stopping = self.peers.stopService()
+        self.assertEqual([(type(e), str(e)) for e in ended], [(ShuttingDown, "swapproxy is shutting down")])
+        self.assertNoResult(stopping)
+        self.clock.advance(0)
+        self.successResultOf(stopping)
+
+
+class FakeRelay:
+    def __init__(self, ended: list[BaseException]) -> None:
+        self.ended = ended
+
+    def abort(self, error: BaseException) -> None:
+        self.ended.append(error)
 
 
 class WatchedTests(SynchronousTestCase):
