@@ -45,6 +45,21 @@ def get_json(harness: Harness, path: str) -> Any:
     return json.loads(body)
 
 
+def restore_on_start(harness: Harness, step: StartStep) -> Deferred[None]:
+    """
+    Give qwen a start hook that says it does ``step`` (restoring saved slots) until the
+    returned Deferred fires.
+    """
+    restored: Deferred[None] = Deferred()
+
+    def restore(upstream: Upstream) -> Deferred[None]:
+        upstream.start_step = step
+        return restored
+
+    harness.upstream("qwen").start_hooks.append(restore)
+    return restored
+
+
 def post(harness: Harness, path: str) -> tuple[bytes, Any]:
     """
     ``POST path`` with an empty JSON body; the status line and the decoded JSON answer.
@@ -154,14 +169,8 @@ class ProgressTests(SynchronousTestCase):
         loading stream does; not ``starting`` again after the load's last percent.
         """
         harness = self.harness
-        restored: Deferred[None] = Deferred()
         label = "restoring 2 cached conversations, 1.1 GB"
-
-        def restore(upstream: Upstream) -> Deferred[None]:
-            upstream.start_step = StartStep("restoring", label, 0.5)
-            return restored
-
-        harness.upstream("qwen").start_hooks.append(restore)
+        restored = restore_on_start(harness, StartStep("restoring", label, 0.5))
         dashboard = Dashboard(self, harness)
         Client(harness, CHAT, chat_body())
         harness.prints("qwen", STAGE_LINES)
@@ -186,14 +195,8 @@ class ProgressTests(SynchronousTestCase):
         restore's own 0 %.
         """
         harness = self.harness
-        restored: Deferred[None] = Deferred()
         label = "restoring 2 cached conversations, 1.1 GB"
-
-        def restore(upstream: Upstream) -> Deferred[None]:
-            upstream.start_step = StartStep("restoring", label, 0.0)
-            return restored
-
-        harness.upstream("qwen").start_hooks.append(restore)
+        restored = restore_on_start(harness, StartStep("restoring", label, 0.0))
         dashboard = Dashboard(self, harness)
         router = StreamClient(harness.site.resource, "/models/sse")
         self.addCleanup(router.disconnect)

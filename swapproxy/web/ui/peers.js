@@ -1,7 +1,7 @@
 // The peer models: one table row per model of each peer swapproxy relays to, as the peer reports
 // it. Read-only: a peer loads and unloads its own models.
 
-import { duration, h } from "./format.js";
+import { duration, h, syncRows } from "./format.js";
 
 const LOADING = new Set(["starting", "loading"]);
 
@@ -24,14 +24,7 @@ export class PeersView {
 
   /** Every peer model's entry, sorted by id (a `peers` message). */
   setAll(entries) {
-    const ids = new Set(entries.map((entry) => entry.id));
-    for (const [id, row] of this.rows) {
-      if (!ids.has(id)) {
-        row.tr.remove();
-        this.rows.delete(id);
-      }
-    }
-    for (const entry of entries) {
+    syncRows(this.rows, entries, this.tbody, (entry) => {
       let row = this.rows.get(entry.id);
       if (!row) {
         row = this.createRow(entry.id);
@@ -40,8 +33,7 @@ export class PeersView {
       row.entry = entry;
       row.received = performance.now();
       this.draw(row);
-      this.tbody.append(row.tr); // keeps the rows in id order
-    }
+    });
     this.section.hidden = entries.length === 0;
   }
 
