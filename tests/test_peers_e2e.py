@@ -47,7 +47,9 @@ def stream_chat(url: str, model: str, key: str) -> list[Any]:
         client.close()
 
 
-def stream_until_error(url: str, model: str, after: int, then: Callable[[], None]) -> tuple[list[str], BaseException | None]:
+def stream_until_error(
+    url: str, model: str, after: int, then: Callable[[], None]
+) -> tuple[list[str], BaseException | None]:
     """
     Stream a chat through ``url``; call ``then`` once ``after`` content chunks have arrived.
     Returns the content read, and the exception that ended the stream (``None`` if none did).

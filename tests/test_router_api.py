@@ -188,8 +188,8 @@ class PeerModelTests(SynchronousTestCase):
         clients: list[FakePeerClient] = []
         peer_clock = Clock()
         h: Harness | None = None
-        peers = PeerSet(lambda: h.supervisor.config if h is not None else None, peer_clock,  # type: ignore[arg-type,return-value]
-                        FakePeerClient.factory(clients))
+        peers = PeerSet(lambda: h.supervisor.config,  # type: ignore[union-attr]
+                        peer_clock, FakePeerClient.factory(clients))
         text = CONFIG + '    peers:\n      box: {proxy: "http://10.0.0.9:8080", models: [big, small, gone]}\n'
         h = Harness(self, textwrap.dedent(text), peers=peers)
         asked = peers.refresh()
@@ -203,11 +203,12 @@ class PeerModelTests(SynchronousTestCase):
         response, body = h.call("GET", "/models")
         self.assertEqual(response.code, 200)
         listing = json.loads(body)
-        self.assertEqual([entry["id"] for entry in listing["data"]], ["box/big", "box/gone", "box/small", "llama", "qwen"])
+        self.assertEqual([entry["id"] for entry in listing["data"]],
+                         ["box/big", "box/gone", "box/small", "llama", "qwen"])
         records = {entry["id"]: entry for entry in listing["data"]}
         big = records["box/big"]
-        self.assertEqual(big["status"], {"value": "loading", "args": [],
-                                         "progress": {"stages": ["text_model"], "current": "text_model", "value": 0.42}})
+        progress = {"stages": ["text_model"], "current": "text_model", "value": 0.42}
+        self.assertEqual(big["status"], {"value": "loading", "args": [], "progress": progress})
         self.assertEqual({key: big[key] for key in ("aliases", "tags", "object", "owned_by", "can_remove", "name", "peer")},
                          {"aliases": [], "tags": [], "object": "model", "owned_by": "box", "can_remove": False,
                           "name": "box: big", "peer": {"id": "box", "reachable": True}})
