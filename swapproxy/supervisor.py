@@ -155,6 +155,7 @@ class Ticket:
     :ivar reason: why it waits, for people: "3 requests for qwen finish first, then gemma starts".
     :ivar overtaken: how many later requests were served, on the models in its way, while it waited.
     :ivar due: whether it may no longer be overtaken (see the module docstring).
+    :ivar load_only: whether it is a load that no request waits for (``/api/models/load``).
     """
 
     def __init__(self, supervisor: Supervisor, upstream: Upstream, arrived_at: float, seq: int) -> None:
@@ -173,6 +174,7 @@ class Ticket:
         self.error: Exception | None = None
         self._start: Deferred[None] | None = None
         self.defer_start = False
+        self.load_only = False
         self._result: Deferred[Lease] = Deferred(self._cancel)
 
     def wait(self) -> Deferred[Lease]:
@@ -274,7 +276,7 @@ class Supervisor(Service):
 
     # -- requests -----------------------------------------------------------------------------
 
-    def request(self, model_id: str, defer_start: bool = False) -> Ticket:
+    def request(self, model_id: str, defer_start: bool = False, load_only: bool = False) -> Ticket:
         """
         Queue a request for a model.
 
@@ -283,6 +285,8 @@ class Supervisor(Service):
             to make room for it, do that only after the reactor's next round of I/O, so that
             the bytes the caller writes now reach its client first (the loading stream's first
             byte must not wait for a fork, a signal or a walk of a process tree).
+        :param load_only: no request waits: the caller only wants the model loaded (it is not
+            counted by ``queued(requests_only=True)``).
         :raises TooManyRequests: the model already has ``concurrencyLimit`` requests.
         :raises ShuttingDown: swapproxy is stopping.
         :raises UnknownModel: the model is not configured (a reload removed it).
@@ -303,17 +307,20 @@ class Supervisor(Service):
             raise InsufficientMemory(shortfall)
         ticket = Ticket(self, upstream, self._reactor.seconds(), next(self._arrivals))
         ticket.defer_start = defer_start
+        ticket.load_only = load_only
         self._queue.append(ticket)
         self._pump()
         # Only the start this request itself would trigger is put off; later ones are not.
         ticket.defer_start = False
         return ticket
 
-    def queued(self, model_id: str | None = None) -> int:
+    def queued(self, model_id: str | None = None, requests_only: bool = False) -> int:
         """
-        How many requests wait (for one model, or for all).
+        How many tickets wait (for one model, or for all); with ``requests_only``, not counting
+        the loads no request waits for.
         """
-        return sum(1 for t in self._queue if model_id is None or t.model_id == model_id)
+        return sum(1 for t in self._queue
+                   if (model_id is None or t.model_id == model_id) and not (requests_only and t.load_only))
 
     def _withdraw(self, ticket: Ticket) -> None:
         if ticket in self._queue:

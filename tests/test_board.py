@@ -45,6 +45,34 @@ def get_json(harness: Harness, path: str) -> Any:
     return json.loads(body)
 
 
+def restore_on_start(harness: Harness, step: StartStep) -> Deferred[None]:
+    """
+    Give qwen a start hook that says it does ``step`` (restoring saved slots) until the
+    returned Deferred fires.
+    """
+    restored: Deferred[None] = Deferred()
+
+    def restore(upstream: Upstream) -> Deferred[None]:
+        upstream.start_step = step
+        return restored
+
+    harness.upstream("qwen").start_hooks.append(restore)
+    return restored
+
+
+def post(harness: Harness, path: str) -> tuple[bytes, Any]:
+    """
+    ``POST path`` with an empty JSON body; the status line and the decoded JSON answer.
+    """
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    channel = harness.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    channel.makeConnection(transport)
+    channel.dataReceived(f"POST {path} HTTP/1.1\r\nHost: swapproxy.test\r\nContent-Type: application/json\r\n"
+                         "Content-Length: 2\r\n\r\n{}".encode("ascii"))
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    return head.split(b"\r\n")[0], json.loads(body)
+
+
 class Dashboard:
     """
     A dashboard following ``/api/events``.
@@ -141,14 +169,8 @@ class ProgressTests(SynchronousTestCase):
         loading stream does; not ``starting`` again after the load's last percent.
         """
         harness = self.harness
-        restored: Deferred[None] = Deferred()
         label = "restoring 2 cached conversations, 1.1 GB"
-
-        def restore(upstream: Upstream) -> Deferred[None]:
-            upstream.start_step = StartStep("restoring", label, 0.5)
-            return restored
-
-        harness.upstream("qwen").start_hooks.append(restore)
+        restored = restore_on_start(harness, StartStep("restoring", label, 0.5))
         dashboard = Dashboard(self, harness)
         Client(harness, CHAT, chat_body())
         harness.prints("qwen", STAGE_LINES)
@@ -164,6 +186,56 @@ class ProgressTests(SynchronousTestCase):
         restored.callback(None)
         harness.advance(0.25)
         self.assertEqual(dashboard.latest("qwen")["status"], "ready")
+
+    def test_progress_never_goes_back_during_a_restore(self) -> None:
+        """
+        A load that got to 95 % (llama-server said the model is loaded), then restores saved
+        slots: the dashboard, ``/running`` and llama.cpp's router API (``GET /models`` and
+        ``/models/sse``) show its progress going on from there to 100 %, never back to the
+        restore's own 0 %.
+        """
+        harness = self.harness
+        label = "restoring 2 cached conversations, 1.1 GB"
+        restored = restore_on_start(harness, StartStep("restoring", label, 0.0))
+        dashboard = Dashboard(self, harness)
+        router = StreamClient(harness.site.resource, "/models/sse")
+        self.addCleanup(router.disconnect)
+
+        def router_value() -> float:
+            (model,) = get_json(harness, "/models")["data"]
+            return float(model["status"]["progress"]["value"])
+
+        def running_fraction() -> float:
+            (model,) = get_json(harness, "/running")["running"]
+            return float(model["progress"]["fraction"])
+
+        Client(harness, CHAT, chat_body())
+        harness.prints("qwen", STAGE_LINES + "." * 100 + "\nllama_context: constructing\nmain: model loaded\n")
+        harness.advance(TICK)
+        looked = [(router_value(), running_fraction())]
+        self.assertGreaterEqual(looked[0][0], 0.95)
+        harness.health["qwen"] = 200
+        harness.advance(0.5)
+        self.assertEqual(dashboard.latest("qwen")["progress"]["stage"], "restoring")
+        looked.append((router_value(), running_fraction()))
+        harness.upstream("qwen").start_step = StartStep("restoring", label, 0.5)
+        harness.advance(TICK)
+        looked.append((router_value(), running_fraction()))
+        restored.callback(None)
+        harness.advance(TICK)
+
+        self.assertEqual(looked, sorted(looked))
+        self.assertLess(looked[0], looked[-1])
+        fractions = [e["progress"]["fraction"] for e in dashboard.entries("qwen")
+                     if e["progress"] and e["progress"]["fraction"] is not None]
+        self.assertGreaterEqual(len(fractions), 3)
+        self.assertEqual(fractions, sorted(fractions))
+        self.assertEqual(dashboard.latest("qwen")["status"], "ready")
+        events = [event.json() for event in parse_events(router.body()) if event.data is not None]
+        values = [e["data"]["progress"]["value"] for e in events if "progress" in e["data"]]
+        self.assertGreaterEqual(len(values), 4)
+        self.assertEqual(values, sorted(values))
+        self.assertEqual((values[-1], events[-1]["data"]["status"]), (1.0, "loaded"))
 
     def test_a_new_load_starts_from_nothing(self) -> None:
         """
@@ -255,6 +327,30 @@ class EntryTests(SynchronousTestCase):
         self.assertEqual((llama["status"], llama["queued"]), ("queued", 1))
         lease.release()
         self.assertEqual(dashboard.latest("qwen")["status"], "stopping")
+        harness.process("qwen").exit(0)
+        self.assertEqual(dashboard.latest("llama")["status"], "starting")
+
+    def test_a_load_is_not_a_waiting_request(self) -> None:
+        """
+        A load asked for with ``POST /api/models/load`` shows as the model loading, or waiting
+        for its turn to load, and never as a request waiting: no one waits for its answer.
+        """
+        harness = self.harness
+        dashboard = Dashboard(self, harness)
+        status, _ = post(harness, "/api/models/load/qwen")
+        self.assertEqual(status, b"HTTP/1.1 202 Accepted")
+        qwen = dashboard.latest("qwen")
+        self.assertEqual((qwen["status"], qwen["queued"]), ("starting", 0))
+        self.assertEqual(get_json(harness, "/running")["running"][0]["queued"], 0)
+        harness.become_ready("qwen")
+        lease = harness.lease("qwen")
+        # llama's turn comes once qwen's request has ended (they swap).
+        post(harness, "/api/models/load/llama")
+        llama = dashboard.latest("llama")
+        self.assertEqual((llama["status"], llama["queued"]), ("queued", 0))
+        harness.supervisor.request("llama")
+        self.assertEqual(dashboard.latest("llama")["queued"], 1, "a request for it does wait")
+        lease.release()
         harness.process("qwen").exit(0)
         self.assertEqual(dashboard.latest("llama")["status"], "starting")
 

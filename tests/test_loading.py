@@ -1200,7 +1200,8 @@ class MessagesTests(LoadingTestCase):
         self.assertTrue(client.finished)
         spliced = client.body()[0][len(loading):]
         # The model's message_start is dropped (the loading stream sent one), its content blocks
-        # move up one index past the thinking block, and the other events pass byte for byte.
+        # move up one index past the thinking block, its message_delta carries the usage of the
+        # dropped message_start, and the other events pass byte for byte.
         model_events = parse_events(spliced)
         self.assertEqual([event.name for event in model_events],
                          ["content_block_start", "content_block_delta", "content_block_delta",
@@ -1208,7 +1209,10 @@ class MessagesTests(LoadingTestCase):
         self.assertEqual([event.json().get("index") for event in model_events], [1, 1, 1, 1, None, None])
         self.assertEqual([event.json() for event in model_events[:2]][1]["delta"],
                          {"type": "text_delta", "text": "Hello"})
-        self.assertTrue(spliced.endswith(upstream[-2] + upstream[-1]))
+        self.assertEqual(model_events[4].json(), {"type": "message_delta",
+                                                  "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                                  "usage": {"input_tokens": 3, "output_tokens": 2}})
+        self.assertTrue(spliced.endswith(upstream[-1]))
 
         events = parse_events(loading)
         self.assertEqual([event.name for event in events],

@@ -222,7 +222,8 @@ class PeerForwardTests(TestCase):
         proxy, server = self.serve("p: {proxy: PEER, models: [m, other, gone]}\n")
         listing = await proxy.get_json("/v1/models")
         states = {r["id"]: r["state"] for r in listing["data"]}
-        self.assertEqual(states, {"local": "stopped", "p/m": "ready", "p/other": "stopped", "p/gone": "unlisted"})
+        self.assertEqual(states, {"local": "stopped", "p/m": "ready", "p/other": "stopped",
+                                  "p/gone": "not offered by the peer"})
         server.states["other"] = "starting"
         await proxy.post_json("/v1/chat/completions", {"model": "other"})
         listing = await proxy.get_json("/v1/models")

@@ -97,7 +97,7 @@ class PageTests(ErrorAssertions, SynchronousTestCase):
             names += re.findall(r'(?:src|href)="(?!#)([^"]+)"', text)
             names += [found.removeprefix("./") for found in re.findall(r'from "(\./[^"]+)"', text)]
         self.assertEqual(served, {"index.html", "style.css", "favicon.svg", "app.js", "models.js", "logs.js",
-                                  "activity.js", "stream.js", "format.js"})
+                                  "activity.js", "stream.js", "format.js", "peers.js"})
         response, _ = self.h.call("GET", "/ui/app.js")
         self.assertEqual(header(response, b"content-type"), [b"text/javascript; charset=utf-8"])
 
@@ -191,7 +191,10 @@ class ActivityTests(ErrorAssertions, SynchronousTestCase):
 
     def test_bad_queries(self) -> None:
         for query, message in [("limit=0", "between 1 and 1000"), ("limit=1001", "between 1 and 1000"),
-                               ("limit=ten", "must be an integer"), ("before=yesterday", "Unix time")]:
+                               ("limit=ten", "limit must be an integer, got 'ten'"),
+                               ("before=yesterday", "before must be a Unix time in seconds, got 'yesterday'"),
+                               ("before=nan", "before must be a Unix time"), ("before=inf", "before must be a Unix time"),
+                               ("before=-Infinity", "before must be a Unix time")]:
             response, body = self.h.call("GET", "/api/activity?" + query)
             self.assertJSONError(response, body, 400, message)
 

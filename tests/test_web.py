@@ -864,6 +864,24 @@ class ApiTests(ErrorAssertions, SynchronousTestCase):
         self.assertNotIn("name", qwen)
         self.assertNotIn("meta", qwen)
 
+    def test_one_model(self) -> None:
+        """
+        ``GET /v1/models/<id>`` answers that model's record alone, as OpenAI's retrieve call
+        does (an id with ``/`` too); an unknown id is a JSON 404.
+        """
+        _, body = self.h.call("GET", "/v1/models")
+        records = {record["id"]: record for record in json.loads(body)["data"]}
+        for model_id in ("llama", "org/model/big"):
+            response, body = self.h.call("GET", "/v1/models/" + model_id)
+            self.assertEqual((response.code, json.loads(body)), (200, records[model_id]))
+        response, body = self.h.call("GET", "/v1/models/org%2Fmodel")
+        self.assertEqual((response.code, json.loads(body)["id"]), (200, "org/model"))
+        response, body = self.h.call("GET", "/v1/models/nothing")
+        self.assertJSONError(response, body, 404, "model 'nothing' not found")
+        self.assertEqual(json.loads(body)["error"]["code"], "model_not_found")
+        response, body = self.h.call("GET", "/v1/models/")
+        self.assertEqual(len(json.loads(body)["data"]), len(records))
+
     def test_models_list_echoes_origin(self) -> None:
         """
         A browser's Origin is echoed so a web UI on another origin can read the list.
