@@ -26,7 +26,7 @@ import time
 
 from bench.http import Connection, get
 from bench.processes import answers_200, wait_for
-from tests.helpers import LOOPBACK, free_port_range
+from swapproxy.testing.local import LOOPBACK, free_port_range
 from tests.real_llama import find_llama_server, find_vocab_dir, tiny_model
 
 

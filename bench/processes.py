@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import psutil
 
 from bench.http import LOOPBACK, Connection, get
-from tests.helpers import TWISTD
+from swapproxy.testing.local import TWISTD
 from tests.real_llama import HOW_TO_GET_ONE, find_llama_server, find_vocab_dir
 
 

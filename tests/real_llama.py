@@ -19,7 +19,7 @@ import sys
 
 import psutil
 
-from tests.helpers import LOOPBACK, REPO
+from swapproxy.testing.local import LOOPBACK, REPO
 
 SCRIPTS = os.path.join(REPO, "scripts")
 MAKE_TINY_GGUF = os.path.join(SCRIPTS, "make_tiny_gguf.py")

@@ -21,7 +21,9 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from swapproxy.config import parse_config
-from tests.helpers import RunningProxy, alive, config_yaml, fake_command, start_proxy, wait_until
+from swapproxy.testing.local import fake_command
+from tests.support.live import RunningProxy, config_yaml, start_proxy
+from tests.support.processes import alive, wait_until
 
 #: The limits these tests run with, in seconds: short, so that the tests are quick.
 STALL = 1.5

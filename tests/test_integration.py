@@ -26,25 +26,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from swapproxy.config import parse_config
-from tests.helpers import (
-    REPO,
-    RunningProxy,
-    alive,
-    config_yaml,
-    fake_command,
-    fake_upstream_descendants,
-    free_port,
-    free_port_range,
-    make_client,
-    port_is_free,
-    post_chat,
-    spawn_twistd,
-    start_proxy,
-    survivors,
-    wait_for_http,
-    wait_until,
-    write_config,
-)
+from swapproxy.testing.local import REPO, fake_command, free_port, free_port_range, port_is_free
+from tests.support.live import RunningProxy, config_yaml, make_client, post_chat, start_proxy, write_config
+from tests.support.processes import alive, fake_upstream_descendants, spawn_twistd, survivors, wait_for_http, wait_until
 
 
 def serve(testcase: TestCase, models: dict[str, dict[str, Any]], **top: Any) -> RunningProxy:

@@ -27,7 +27,7 @@ from zope.interface import directlyProvides
 
 from swapproxy.config import ConfigError, Limits, parse_config
 from swapproxy.web.site import LINGER_SECONDS, SwapproxySite, describe_size
-from tests.helpers import wait_until
+from tests.support.processes import wait_until
 from tests.rawhttp import RawConnection, RawResponse, parse_responses
 from tests.test_web import Harness
 

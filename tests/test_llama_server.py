@@ -31,21 +31,18 @@ from swapproxy.slotcache import SlotCache
 from swapproxy.supervisor import Supervisor
 from swapproxy.upstream import State
 from swapproxy.web.root import build_site
-from tests.helpers import (
+from swapproxy.testing.local import free_port, free_port_range
+from tests.support.live import (
     LogCapture,
     TrackingFactory,
     capture_logs,
-    free_port,
-    free_port_range,
     loading_status,
     make_client,
     openai_client,
     post_chat,
-    spawn_twistd,
-    survivors,
-    wait_for_http,
     write_config,
 )
+from tests.support.processes import spawn_twistd, survivors, wait_for_http
 from tests.real_llama import (
     HOW_TO_GET_ONE,
     find_llama_server,

@@ -39,7 +39,7 @@ from swapproxy.web.filters import strip_loading_text
 from swapproxy.web.root import build_site
 from swapproxy.web.sse import LOADING_TEXT_END, LOADING_TEXT_START
 from tests.fakes import FakeProcess, ProcessReactor
-from tests.helpers import visible
+from tests.support.live import visible
 
 #: The clock starts at a realistic Unix time, so that ``created`` is checkable.
 EPOCH = 1_750_000_000

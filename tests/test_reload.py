@@ -25,20 +25,9 @@ from swapproxy.logs import set_log_level
 from swapproxy.reload import WATCH_INTERVAL, ConfigReloader
 from swapproxy.supervisor import Supervisor
 from tests.fakes import FakeUpstreams
-from tests.helpers import (
-    alive,
-    config_yaml,
-    fake_command,
-    free_port,
-    free_port_range,
-    make_client,
-    post_chat,
-    spawn_twistd,
-    survivors,
-    wait_for_http,
-    wait_until,
-    write_config,
-)
+from swapproxy.testing.local import fake_command, free_port, free_port_range
+from tests.support.live import config_yaml, make_client, post_chat, write_config
+from tests.support.processes import alive, spawn_twistd, survivors, wait_for_http, wait_until
 
 GOOD = """
     models:

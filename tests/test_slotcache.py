@@ -29,7 +29,8 @@ from swapproxy.slotfiles import RECORD_SUFFIX, SlotFile
 from swapproxy.supervisor import Supervisor
 from swapproxy.upstream import StartError, State, Upstream
 from tests.fakes import FakeSlotServer, ProcessReactor, write_slot_file
-from tests.helpers import config_yaml, fake_command, start_proxy
+from swapproxy.testing.local import fake_command
+from tests.support.live import config_yaml, start_proxy
 
 #: When the health probe answers 200 after a start: the first probe goes out within this.
 PROBE_BOUND = 0.25

@@ -30,7 +30,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from swapproxy.config import parse_config
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.root import build_site
-from tests.helpers import LOOPBACK, config_yaml, fake_command, wait_until
+from swapproxy.testing.local import LOOPBACK, fake_command
+from tests.support.live import config_yaml
+from tests.support.processes import wait_until
 
 log = Logger(namespace="tests.soak")
 

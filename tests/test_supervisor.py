@@ -42,7 +42,8 @@ from swapproxy.supervisor import (
 from swapproxy.upstream import StartError, State, Upstream
 from swapproxy.web.api import Running
 from tests.fakes import FakeUpstreams, ProcessReactor
-from tests.helpers import FAKE_UPSTREAM, alive, free_port_range, process_pipes_open, wait_until
+from swapproxy.testing.local import FAKE_UPSTREAM, free_port_range
+from tests.support.processes import alive, process_pipes_open, wait_until
 
 CMD = "llama-server --port ${PORT}"
 GIB = 1024**3

@@ -32,7 +32,7 @@ from swapproxy.slotcache import SlotCache
 from swapproxy.store import ActivityStore
 from swapproxy.supervisor import Supervisor
 from tests.fakes import ThreadedMemoryReactor
-from tests.helpers import TWISTD
+from swapproxy.testing.local import TWISTD
 
 GOOD = """
     models:

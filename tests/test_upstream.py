@@ -41,7 +41,8 @@ from swapproxy.upstream import (
     probe_echo,
 )
 from tests.fakes import PausableProcess, ProcessReactor
-from tests.helpers import FAKE_UPSTREAM, alive, free_port, process_pipes_open, wait_until
+from swapproxy.testing.local import FAKE_UPSTREAM, free_port
+from tests.support.processes import alive, process_pipes_open, wait_until
 
 
 #: The issue's bounds on readiness polling: the first probe after at most 50 ms, and never more

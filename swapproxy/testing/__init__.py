@@ -1,0 +1,10 @@
+"""
+What swapproxy's tests, its benchmark (``bench/``) and its scripts share, as treq ships
+``treq.testing``; swapproxy itself imports nothing from here.
+
+- `swapproxy.testing.local`: loopback, free ports, the paths of a source checkout (``twistd``,
+  ``tests/fake_upstream.py``) and model commands that run the fake upstream.
+
+The tests' own support (harnesses, fake reactors, raw HTTP clients, process helpers) is in
+``tests/support/``.
+"""
