@@ -27,8 +27,8 @@ from zope.interface import directlyProvides
 
 from swapproxy.config import ConfigError, Limits, parse_config
 from swapproxy.web.site import LINGER_SECONDS, SwapproxySite, describe_size
-from tests.support.processes import wait_until
 from tests.rawhttp import RawConnection, RawResponse, parse_responses
+from tests.support.processes import wait_until
 from tests.test_web import Harness
 
 CHAT = b'{"model": "llama", "messages": []}'

@@ -23,13 +23,13 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from swapproxy.config import parse_config
+from swapproxy.testing.llama import BASE_FLAGS, HOW_TO_GET_ONE, llama_command
+from swapproxy.testing.local import fake_command, free_port_range
 from swapproxy.web.sse import LOADING_TEXT_END, LOADING_TEXT_START
 from tests.support.differential import Answer, Differential, LlamaServerProcess, cors_allows, preflight_allows, shape
-from swapproxy.testing.local import fake_command, free_port_range
 from tests.support.live import config_yaml, loading_status, openai_client, start_proxy, visible
+from tests.support.llama import LLAMA_SERVER, model_file
 from tests.support.processes import wait_until
-from tests.real_llama import BASE_FLAGS, HOW_TO_GET_ONE, llama_command
-from tests.test_llama_server import LLAMA_SERVER, model_file
 
 #: llama-server's flags for every server here (BASE_FLAGS without host and port, which differ).
 FLAGS = ("-c", "512", "-ngl", "0", "--no-webui", "-np", "1", "-fit", "off")

@@ -24,8 +24,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from swapproxy.config import parse_config
 from swapproxy.progress import LoadHistory
 from swapproxy.supervisor import Supervisor
-from swapproxy.web.root import build_site
 from swapproxy.testing.local import fake_command
+from swapproxy.web.root import build_site
 from tests.support.live import TrackingFactory, config_yaml, loading_status, openai_client, visible
 
 LOAD_TIME = "1.5"

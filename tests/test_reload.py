@@ -24,8 +24,8 @@ from swapproxy.config import ConfigError, load_config
 from swapproxy.logs import set_log_level
 from swapproxy.reload import WATCH_INTERVAL, ConfigReloader
 from swapproxy.supervisor import Supervisor
-from tests.fakes import FakeUpstreams
 from swapproxy.testing.local import fake_command, free_port, free_port_range
+from tests.fakes import FakeUpstreams
 from tests.support.live import config_yaml, make_client, post_chat, write_config
 from tests.support.processes import alive, spawn_twistd, survivors, wait_for_http, wait_until
 

@@ -27,9 +27,9 @@ from swapproxy.config import SlotCacheConfig, parse_config
 from swapproxy.slotcache import SlotCache, is_llama_server, save_path_in
 from swapproxy.slotfiles import RECORD_SUFFIX, SlotFile
 from swapproxy.supervisor import Supervisor
+from swapproxy.testing.local import fake_command
 from swapproxy.upstream import StartError, State, Upstream
 from tests.fakes import FakeSlotServer, ProcessReactor, write_slot_file
-from swapproxy.testing.local import fake_command
 from tests.support.live import config_yaml, start_proxy
 
 #: When the health probe answers 200 after a start: the first probe goes out within this.

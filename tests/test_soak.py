@@ -29,8 +29,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from swapproxy.config import parse_config
 from swapproxy.supervisor import Supervisor
-from swapproxy.web.root import build_site
 from swapproxy.testing.local import LOOPBACK, fake_command
+from swapproxy.web.root import build_site
 from tests.support.live import config_yaml
 from tests.support.processes import wait_until
 

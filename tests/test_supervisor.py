@@ -39,10 +39,10 @@ from swapproxy.supervisor import (
     TooManyRequests,
     UnknownModel,
 )
+from swapproxy.testing.local import FAKE_UPSTREAM, free_port_range
 from swapproxy.upstream import StartError, State, Upstream
 from swapproxy.web.api import Running
 from tests.fakes import FakeUpstreams, ProcessReactor
-from swapproxy.testing.local import FAKE_UPSTREAM, free_port_range
 from tests.support.processes import alive, process_pipes_open, wait_until
 
 CMD = "llama-server --port ${PORT}"

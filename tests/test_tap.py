@@ -31,8 +31,8 @@ from swapproxy.reload import ConfigReloader
 from swapproxy.slotcache import SlotCache
 from swapproxy.store import ActivityStore
 from swapproxy.supervisor import Supervisor
-from tests.fakes import ThreadedMemoryReactor
 from swapproxy.testing.local import TWISTD
+from tests.fakes import ThreadedMemoryReactor
 
 GOOD = """
     models:

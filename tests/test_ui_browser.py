@@ -20,8 +20,8 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.support.browser import REQUIRE_VARIABLE, Browser, in_thread, missing
 from swapproxy.testing.local import fake_command, free_port
+from tests.support.browser import REQUIRE_VARIABLE, Browser, in_thread, missing
 from tests.support.live import config_yaml, make_client, post_chat, write_config
 from tests.support.processes import TwistdProcess, spawn_twistd, wait_for_http, wait_until
 

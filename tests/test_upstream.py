@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseNeverReceived
 
 from swapproxy.config import ModelConfig, parse_config
+from swapproxy.testing.local import FAKE_UPSTREAM, free_port
 from swapproxy.upstream import (
     MAX_PROBE_DELAY,
     MIN_PROBE_INTERVAL,
@@ -41,7 +42,6 @@ from swapproxy.upstream import (
     probe_echo,
 )
 from tests.fakes import PausableProcess, ProcessReactor
-from swapproxy.testing.local import FAKE_UPSTREAM, free_port
 from tests.support.processes import alive, process_pipes_open, wait_until
 
 

@@ -3,9 +3,10 @@ What the tests share, one module an idea; no test module imports another test mo
 
 - `tests.support.live`: swapproxy served by this process on loopback, with real clients.
 - `tests.support.processes`: real child processes, and ``twistd swapproxy`` as one.
+- `tests.support.llama`: the real llama-server of this run and its tiny models.
 - `tests.support.differential`: the same request sent to a real llama-server and to swapproxy.
 - `tests.support.browser`: a headless Chromium for the dashboard.
 
 What the benchmark and the scripts share with the tests (loopback ports, the fake upstream's
-command) is in `swapproxy.testing`.
+command, llama-server and tiny models) is in `swapproxy.testing`.
 """
