@@ -4,9 +4,9 @@ streams a request for a model that is not ready reads, byte by byte, on a `Clock
 
 The whole route runs in memory: the client's HTTP/1.1 request goes through the real `Site` over a
 `StringTransport`, the `Supervisor` runs real `Upstream` objects whose child processes are fakes
-(`tests.fakes.ProcessReactor`: the test prints their llama-server lines and ends them), their
-health probes answer what the test says, and their HTTP client is a fake whose responses the test
-writes.
+(`tests.support.reactors.ProcessReactor`: the test prints their llama-server lines and ends
+them), their health probes answer what the test says, and their HTTP client is a fake whose
+responses the test writes.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from swapproxy.web import forward as forward_module
 from swapproxy.web.filters import strip_loading_text
 from swapproxy.web.root import build_site
 from swapproxy.web.sse import LOADING_TEXT_END, LOADING_TEXT_START
-from tests.fakes import FakeProcess, ProcessReactor
 from tests.support.live import visible
+from tests.support.reactors import FakeProcess, ProcessReactor
 
 #: The clock starts at a realistic Unix time, so that ``created`` is checkable.
 EPOCH = 1_750_000_000

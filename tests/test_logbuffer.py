@@ -24,7 +24,7 @@ from swapproxy.logbuffer import LogHistory, LogRouting, LogStream, timestamp_for
 from swapproxy.logs import ModelOutput, proxy_logger, set_log_level, upstream_logger
 from swapproxy.requestlog import log_request
 from swapproxy.web.live import LiveWriter, dropped_log_marker
-from tests.fakes import ThreadedMemoryReactor
+from tests.support.reactors import ThreadedMemoryReactor
 from tests.test_tap import GOOD, ConfigFileMixin
 from tests.test_web import Harness, header
 

@@ -20,7 +20,7 @@ from twisted.web.http_headers import Headers
 from swapproxy.config import Config, parse_config
 from swapproxy.peers import FRESH_SECONDS, LIST_WAIT, POLL_TIMEOUT, PeerClient, PeerSet, PeerTimeout, model_states
 from swapproxy.web.listing import peer_records
-from tests.fakes import FakePeerClient, FakePeerResponse
+from tests.support.doubles import FakePeerClient, FakePeerResponse
 
 CONFIG = """
     peers:

@@ -32,7 +32,7 @@ from swapproxy.slotcache import SlotCache
 from swapproxy.store import ActivityStore
 from swapproxy.supervisor import Supervisor
 from swapproxy.testing.local import TWISTD
-from tests.fakes import ThreadedMemoryReactor
+from tests.support.reactors import ThreadedMemoryReactor
 
 GOOD = """
     models:

@@ -41,8 +41,8 @@ from swapproxy.upstream import (
     needs_restart,
     probe_echo,
 )
-from tests.fakes import PausableProcess, ProcessReactor
 from tests.support.processes import alive, process_pipes_open, wait_until
+from tests.support.reactors import PausableProcess, ProcessReactor
 
 
 #: The issue's bounds on readiness polling: the first probe after at most 50 ms, and never more

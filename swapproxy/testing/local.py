@@ -17,6 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FAKE_UPSTREAM = os.path.join(REPO, "tests", "fake_upstream.py")
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 LOOPBACK = "127.0.0.1"
+#: Fake pids start above the largest pid Linux can hand out (2**22), so that a fake pid can never
+#: name a real process, even if some code path asks the real OS about it.
+FAKE_PID_BASE = 5_000_000
 
 
 def port_is_free(port: int) -> bool:

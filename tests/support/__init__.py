@@ -1,6 +1,9 @@
 """
 What the tests share, one module an idea; no test module imports another test module.
 
+- `tests.support.reactors`: fake reactors: `ProcessReactor` (its children are `FakeProcess`es the
+  test prints from and ends), `ThreadedMemoryReactor`.
+- `tests.support.doubles`: stand-ins for a peer's client and for llama-server's slot API.
 - `tests.support.live`: swapproxy served by this process on loopback, with real clients.
 - `tests.support.processes`: real child processes, and ``twistd swapproxy`` as one.
 - `tests.support.llama`: the real llama-server of this run and its tiny models.
@@ -8,5 +11,6 @@ What the tests share, one module an idea; no test module imports another test mo
 - `tests.support.browser`: a headless Chromium for the dashboard.
 
 What the benchmark and the scripts share with the tests (loopback ports, the fake upstream's
-command, llama-server and tiny models) is in `swapproxy.testing`.
+command, llama-server and tiny models, the supervisor's scripted upstreams) is in
+`swapproxy.testing`.
 """
