@@ -15,8 +15,8 @@ from twisted.web.resource import Resource
 
 from swapproxy.web import auth
 from swapproxy.web.auth import ApiKeys, presented_key
+from tests.support.harness import CONFIG, ErrorAssertions, Harness, header
 from tests.test_relay import RawClient
-from tests.test_web import CONFIG, ErrorAssertions, Harness, header
 
 KEYS_CONFIG = CONFIG.replace(
     "healthCheckTimeout: 15", 'healthCheckTimeout: 15\n    apiKeys: ["sk-first-key", "sk-second"]'

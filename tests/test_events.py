@@ -12,10 +12,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy.logs import proxy_logger, upstream_logger
 from swapproxy.web.monitor import HEARTBEAT
-from tests.test_logbuffer import StreamClient, routed
+from tests.support.harness import Harness, answer_later
 from tests.test_loading import parse_events
+from tests.test_logbuffer import StreamClient, routed
 from tests.test_metrics import CHAT_ANSWER, answer_with
-from tests.test_web import Harness, answer_later
 
 CONFIG = """
     models:

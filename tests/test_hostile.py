@@ -27,8 +27,8 @@ from swapproxy.config import Limits
 from swapproxy.upstream import Upstream, _body_producer
 from swapproxy.web.root import INFERENCE_ROUTES
 from swapproxy.web.site import SwapproxySite
-from tests.rawhttp import RawConnection, RawResponse
-from tests.test_web import CONFIG, ErrorAssertions, Harness
+from tests.support.harness import CONFIG, ErrorAssertions, Harness
+from tests.support.rawhttp import RawConnection, RawResponse
 
 HOSTILE_CONFIG = CONFIG + textwrap.indent(textwrap.dedent("""
     based:

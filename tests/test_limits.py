@@ -27,9 +27,9 @@ from zope.interface import directlyProvides
 
 from swapproxy.config import ConfigError, Limits, parse_config
 from swapproxy.web.site import LINGER_SECONDS, SwapproxySite, describe_size
-from tests.rawhttp import RawConnection, RawResponse, parse_responses
+from tests.support.harness import Harness
 from tests.support.processes import wait_until
-from tests.test_web import Harness
+from tests.support.rawhttp import RawConnection, RawResponse, parse_responses
 
 CHAT = b'{"model": "llama", "messages": []}'
 

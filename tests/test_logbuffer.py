@@ -24,9 +24,9 @@ from swapproxy.logbuffer import LogHistory, LogRouting, LogStream, timestamp_for
 from swapproxy.logs import ModelOutput, proxy_logger, set_log_level, upstream_logger
 from swapproxy.requestlog import log_request
 from swapproxy.web.live import LiveWriter, dropped_log_marker
+from tests.support.harness import Harness, header
 from tests.support.reactors import ThreadedMemoryReactor
 from tests.test_tap import GOOD, ConfigFileMixin
-from tests.test_web import Harness, header
 
 #: 2023-11-14T22:13:20.25Z
 WHEN = 1_700_000_000.25

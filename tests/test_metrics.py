@@ -15,7 +15,7 @@ from twisted.web.server import Request
 
 from swapproxy.metrics import UsageScanner, token_counts
 from swapproxy.upstream import StartError
-from tests.test_web import Harness, Received, answer_event_stream, answer_later, header
+from tests.support.harness import Harness, Received, answer_event_stream, answer_later, header
 
 CONFIG = """
     healthCheckTimeout: 15

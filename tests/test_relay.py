@@ -2,7 +2,7 @@
 Tests for L{swapproxy.web.forward} and L{swapproxy.web.relay}: what reaches the upstream, and how
 its answer reaches the client. (The same pipeline behind a loading stream: L{tests.test_loading}.)
 
-Most tests use L{tests.test_web.Harness} (a treq client, swapproxy's Resource tree, fake
+Most tests use L{tests.support.harness.Harness} (a treq client, swapproxy's Resource tree, fake
 upstreams, all in memory). Tests about the bytes on the client's connection (hop-by-hop headers,
 flow control, hanging up) talk to swapproxy's real C{Site} over a C{StringTransport}.
 """
@@ -25,10 +25,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.server import NOT_DONE_YET, Request
 
+from swapproxy.upstream import State
 from swapproxy.web import forward
 from swapproxy.web.root import build_site
-from swapproxy.upstream import State
-from tests.test_web import (
+from tests.support.harness import (
     ErrorAssertions,
     Harness,
     Received,

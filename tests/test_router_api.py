@@ -1,7 +1,7 @@
 """
 Tests for L{swapproxy.web.router_api}: llama.cpp's router-mode API (``/models``, ``/models/load``,
-``/models/unload``, ``/models/sse``, the router's ``/props``) over swapproxy's models, driven in
-memory with the fake upstreams of L{tests.test_web}.
+``/models/unload``, ``/models/sse``, the router's ``/props``) over swapproxy's models, driven
+with the in-memory upstreams of L{tests.support.harness}.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from swapproxy.config import parse_config
 from swapproxy.upstream import StartError, State
 from swapproxy.web.router_api import HEARTBEAT, PROGRESS_TICK
+from tests.support.harness import Harness, header
 from tests.test_loading import parse_events
 from tests.test_logbuffer import StreamClient
-from tests.test_web import Harness, header
 
 CONFIG = """
     healthCheckTimeout: 15

@@ -18,11 +18,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from swapproxy.logs import proxy_logger, upstream_logger
 from swapproxy.store import ActivityStore
 from swapproxy.upstream import StartError
+from tests.support.harness import ErrorAssertions, Harness, header
 from tests.test_auth import KEY, KEYS_CONFIG, basic
 from tests.test_loading import parse_events
 from tests.test_logbuffer import StreamClient, routed
 from tests.test_metrics import CHAT_ANSWER, answer_with
-from tests.test_web import ErrorAssertions, Harness, header
 
 CONFIG = """
     models:

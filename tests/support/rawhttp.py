@@ -14,7 +14,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from tests.test_web import Harness
+from tests.support.harness import Harness
 
 
 @attrs.frozen
