@@ -9,40 +9,33 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy.board import TICK
 from swapproxy.upstream import StartStep, Upstream
+from tests.support.rawhttp import RawConnection, follow, parse_events
 from tests.test_events import LLAMA_SWAP_FIELDS
 from tests.test_loading import (
     CHAT,
     EPOCH,
     FAILURE_LINES,
     STAGE_LINES,
-    Client,
     Harness,
     UpstreamResponse,
     chat_body,
     config_text,
-    parse_events,
 )
-from tests.test_logbuffer import StreamClient
 
 
 def get_json(harness: Harness, path: str) -> Any:
     """
     ``GET path`` from swapproxy's site; the decoded JSON answer (which must be a 200).
     """
-    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-    channel = harness.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-    channel.makeConnection(transport)
-    channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: swapproxy.test\r\n\r\n".encode("ascii"))
-    head, _, body = transport.value().partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 "), transport.value()
-    return json.loads(body)
+    connection = RawConnection(harness.site)
+    connection.request(b"GET", path.encode("ascii"), None)
+    assert connection.status_line().startswith(b"HTTP/1.1 200 "), connection.value()
+    return json.loads(connection.raw_body())
 
 
 class Dashboard:
@@ -51,8 +44,8 @@ class Dashboard:
     """
 
     def __init__(self, testcase: SynchronousTestCase, harness: Harness) -> None:
-        self.stream = StreamClient(harness.site.resource, "/api/events")
-        testcase.addCleanup(self.stream.disconnect)
+        self.stream = follow(harness.site.resource, "/api/events")
+        testcase.addCleanup(self.stream.close)
 
     def messages(self) -> list[tuple[str, Any]]:
         result = []
@@ -93,7 +86,7 @@ class ProgressTests(SynchronousTestCase):
         """
         harness = self.harness
         dashboard = Dashboard(self, harness)
-        chat = Client(harness, CHAT, chat_body())
+        chat = harness.post(CHAT, chat_body())
         harness.prints("qwen", STAGE_LINES + "." * 30)
         harness.advance(TICK)  # the stream sends the new stage at this tick
         shown = [event.json()["swapproxy"] for event in chat.events()][-1]
@@ -116,7 +109,7 @@ class ProgressTests(SynchronousTestCase):
         """
         harness = self.harness
         dashboard = Dashboard(self, harness)
-        Client(harness, CHAT, chat_body())
+        harness.post(CHAT, chat_body())
         harness.prints("qwen", STAGE_LINES)
         for _ in range(10):
             harness.prints("qwen", "......")
@@ -150,7 +143,7 @@ class ProgressTests(SynchronousTestCase):
 
         harness.upstream("qwen").start_hooks.append(restore)
         dashboard = Dashboard(self, harness)
-        Client(harness, CHAT, chat_body())
+        harness.post(CHAT, chat_body())
         harness.prints("qwen", STAGE_LINES)
         harness.advance(1)
         self.assertEqual(dashboard.latest("qwen")["status"], "loading")
@@ -171,7 +164,7 @@ class ProgressTests(SynchronousTestCase):
         percentage at the start of its second load, on the dashboard or in a chat stream.
         """
         harness = self.harness
-        Client(harness, CHAT, chat_body(stream=False))
+        harness.post(CHAT, chat_body(stream=False))
         harness.prints("qwen", STAGE_LINES + "." * 100 + "\nllama_context: constructing\nmain: model loaded\n")
         harness.become_ready("qwen")
         harness.last_request().respond(UpstreamResponse(200, b"application/json", b"{}"))
@@ -179,7 +172,7 @@ class ProgressTests(SynchronousTestCase):
         harness.process("qwen").exit(0)
         harness.health["qwen"] = "refused"
         dashboard = Dashboard(self, harness)
-        chat = Client(harness, CHAT, chat_body())
+        chat = harness.post(CHAT, chat_body())
         starting = dashboard.latest("qwen")["progress"]
         # Only what the time taken by the first load says: nothing done yet.
         self.assertEqual((starting["stage"], starting["fraction"], starting["label"]), ("starting", 0.0, ""))
@@ -349,5 +342,5 @@ class EntryTests(SynchronousTestCase):
         harness.supervisor.request("llama")
         harness.reactor.advance(0)
         self.assertEqual(len(board_tickers()), 1)
-        dashboard.stream.disconnect()
+        dashboard.stream.close()
         self.assertEqual(board_tickers(), [])

@@ -56,7 +56,7 @@ class LimitsTestMixin:
         self.ports = iter(range(40000, 50000))
 
     def connect(self) -> RawConnection:
-        return RawConnection(self.site, self.h, next(self.ports))
+        return self.h.connect(self.site, next(self.ports))
 
     def assertRefused(self, connection: RawConnection, status: int, *fragments: str) -> RawResponse:
         """

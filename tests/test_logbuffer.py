@@ -12,12 +12,10 @@ from datetime import timezone
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import Site
 
 from swapproxy import __version__, tap
 from swapproxy.logbuffer import LogHistory, LogRouting, LogStream, timestamp_formatter
@@ -25,6 +23,7 @@ from swapproxy.logs import ModelOutput, proxy_logger, set_log_level, upstream_lo
 from swapproxy.requestlog import log_request
 from swapproxy.web.live import LiveWriter, dropped_log_marker
 from tests.support.harness import Harness, header
+from tests.support.rawhttp import RawConnection, follow
 from tests.support.reactors import ThreadedMemoryReactor
 from tests.test_tap import GOOD, ConfigFileMixin
 
@@ -526,54 +525,6 @@ class LiveWriterTests(SynchronousTestCase):
         self.assertEqual(writer.pending, 0)
 
 
-class StreamClient:
-    """
-    One HTTP/1.1 GET to swapproxy's Resource tree over a C{StringTransport}, for the answers that
-    never end.
-    """
-
-    def __init__(self, root: Any, path: str) -> None:
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-        self.channel = Site(root).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        self.channel.makeConnection(self.transport)
-        self.channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: swapproxy.test\r\n\r\n".encode("ascii"))
-
-    def head(self) -> tuple[int, dict[bytes, bytes]]:
-        head, separator, _ = self.transport.value().partition(b"\r\n\r\n")
-        assert separator, f"no response head yet: {self.transport.value()!r}"
-        status_line, *lines = head.split(b"\r\n")
-        headers = {}
-        for line in lines:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        return int(status_line.split()[1]), headers
-
-    def body(self) -> bytes:
-        """
-        The body received so far, chunked encoding removed.
-        """
-        _, _, rest = self.transport.value().partition(b"\r\n\r\n")
-        body = b""
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line, 16)
-            body += rest[:size]
-            rest = rest[size + 2 :]
-        return body
-
-    def pause(self) -> None:
-        """
-        What the reactor does when the client's socket buffer is full.
-        """
-        self.transport.producer.pauseProducing()
-
-    def resume(self) -> None:
-        self.transport.producer.resumeProducing()
-
-    def disconnect(self) -> None:
-        self.channel.connectionLost(Failure(ConnectionDone("the client hung up")))
-
-
 class LogEndpointTests(SynchronousTestCase):
     """
     ``GET /logs`` and ``/logs/stream...`` through swapproxy's Resource tree.
@@ -585,9 +536,9 @@ class LogEndpointTests(SynchronousTestCase):
         self.log = proxy_logger("tests.logbuffer")
         self.model_log = upstream_logger("llama")
 
-    def follow(self, path: str) -> StreamClient:
-        client = StreamClient(self.h.root, path)
-        self.addCleanup(client.disconnect)
+    def follow(self, path: str) -> RawConnection:
+        client = follow(self.h.root, path)
+        self.addCleanup(client.close)
         return client
 
     def test_logs_returns_the_combined_history(self) -> None:
@@ -610,17 +561,17 @@ class LogEndpointTests(SynchronousTestCase):
         leaves is forgotten.
         """
         self.log.info("old news")
-        client = StreamClient(self.h.root, "/logs/stream")
+        client = follow(self.h.root, "/logs/stream")
         status, headers = client.head()
         self.assertEqual(status, 200)
-        self.assertEqual(headers[b"content-type"], b"text/plain; charset=utf-8")
-        self.assertEqual(headers[b"x-content-type-options"], b"nosniff")
-        self.assertEqual(headers[b"x-accel-buffering"], b"no")
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/plain; charset=utf-8"])
+        self.assertEqual(headers.getRawHeaders(b"x-content-type-options"), [b"nosniff"])
+        self.assertEqual(headers.getRawHeaders(b"x-accel-buffering"), [b"no"])
         self.assertEqual(client.body(), b"[INFO] old news\n")
         self.log.info("fresh")
         self.assertEqual(client.body(), b"[INFO] old news\n[INFO] fresh\n")
         self.assertEqual(self.history.combined.subscribers, 1)
-        client.disconnect()
+        client.close()
         self.assertEqual(self.history.combined.subscribers, 0)
         self.log.info("after")
         self.assertNotIn(b"after", client.body())

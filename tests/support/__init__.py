@@ -3,8 +3,9 @@ What the tests share, one module an idea; no test module imports another test mo
 
 - `tests.support.harness`: swapproxy's Resource tree over a real `Supervisor` with in-memory
   upstreams (`MemoryUpstream`), and a treq client: the default way to test a route.
-- `tests.support.rawhttp`: a raw HTTP/1.1 client connection to swapproxy's Site over a
-  `StringTransport`, and a parser for what comes back.
+- `tests.support.rawhttp`: `RawConnection`, the one raw HTTP/1.1 client connection to
+  swapproxy's Site over a `StringTransport`, and parsers for what comes back (responses,
+  chunks, SSE events).
 - `tests.support.reactors`: fake reactors: `ProcessReactor` (its children are `FakeProcess`es the
   test prints from and ends), `ThreadedMemoryReactor`.
 - `tests.support.doubles`: stand-ins for a peer's client and for llama-server's slot API.

@@ -29,7 +29,8 @@ from swapproxy.config import ModelConfig, parse_config
 from swapproxy.stall import Stalled, StallWatch
 from swapproxy.supervisor import Supervisor
 from swapproxy.upstream import StartError, State, _body_producer
-from swapproxy.web.root import build_root
+from swapproxy.web.root import build_root, build_site
+from tests.support.rawhttp import RawConnection
 
 SWAPPROXY = "http://swapproxy.test"
 
@@ -336,6 +337,15 @@ class Harness:
     @property
     def received(self) -> list[Received]:
         return self.server.received
+
+    def connect(self, site: Any = None, port: int = 40000) -> RawConnection:
+        """
+        A raw client connection, from ``192.0.2.7:port``, to ``site``: by default swapproxy's real
+        Site over this harness's supervisor.
+        """
+        if site is None:
+            site = build_site(self.supervisor, self.clock)
+        return RawConnection(site, self.flush, ("192.0.2.7", port))
 
     def flush(self) -> None:
         """

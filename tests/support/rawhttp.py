@@ -1,20 +1,24 @@
 """
-Raw HTTP/1.1 for the tests that send bytes no well-behaved client would: one client connection to
-swapproxy's real Site over an in-memory transport, and a parser for what comes back.
+Raw HTTP/1.1 over an in-memory transport: one client connection to swapproxy's real Site
+(`RawConnection`), for the tests that read the bytes on the client's connection (framing,
+hop-by-hop headers, answers that never end, flow control, hanging up) or send bytes no
+well-behaved client would; and parsers for what comes back: whole responses, chunks, SSE events.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-
-from tests.support.harness import Harness
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 
 @attrs.frozen
@@ -40,22 +44,33 @@ class Incomplete(Exception):
     """
 
 
-def _dechunk(data: bytes) -> tuple[bytes, bytes]:
-    body = b""
+def read_chunks(data: bytes) -> tuple[list[bytes], bool, bytes]:
+    """
+    The complete chunks at the start of the chunked body ``data``, whether its last chunk
+    (``0``, no trailers: twisted.web sends none) came, and the bytes after the body.
+    """
+    chunks = []
     while True:
-        size_line, sep, rest = data.partition(b"\r\n")
-        if not sep:
-            raise Incomplete()
+        size_line, separator, rest = data.partition(b"\r\n")
+        if not separator:
+            return chunks, False, data
         size = int(size_line.split(b";")[0], 16)
-        if len(rest) < size + 2:
-            raise Incomplete()
         if size == 0:
-            # No trailers from twisted.web: the last chunk is "0\r\n\r\n".
             if not rest.startswith(b"\r\n"):
-                raise Incomplete()
-            return body, rest[2:]
-        body += rest[:size]
+                return chunks, False, data
+            return chunks, True, rest[2:]
+        if len(rest) < size + 2:
+            return chunks, False, data
+        chunks.append(rest[:size])
         data = rest[size + 2:]
+
+
+def dechunk(body: bytes) -> tuple[list[bytes], bool]:
+    """
+    The chunks of a chunked body, and whether it ended with its last chunk and nothing after.
+    """
+    chunks, ended, rest = read_chunks(body)
+    return chunks, ended and not rest
 
 
 def parse_responses(data: bytes, methods: list[bytes], closed: bool = False) -> tuple[list[RawResponse], bytes]:
@@ -86,7 +101,10 @@ def parse_responses(data: bytes, methods: list[bytes], closed: bool = False) -> 
             if method == b"HEAD" or status in (204, 304):
                 body = b""
             elif b"chunked" in b"".join(response.header(b"transfer-encoding")).lower():
-                body, rest = _dechunk(rest)
+                chunks, ended, rest = read_chunks(rest)
+                if not ended:
+                    raise Incomplete()
+                body = b"".join(chunks)
             elif lengths:
                 length = int(lengths[0])
                 if len(rest) < length:
@@ -101,6 +119,45 @@ def parse_responses(data: bytes, methods: list[bytes], closed: bool = False) -> 
         responses.append(attrs.evolve(response, body=body))
         data = rest
     return responses, data
+
+
+@attrs.frozen
+class Event:
+    """
+    One SSE event block: its ``event:`` name, its ``data:`` text, its comment lines.
+    """
+
+    name: str | None
+    data: str | None
+    comments: tuple[str, ...]
+
+    def json(self) -> Any:
+        assert self.data is not None, self
+        return json.loads(self.data)
+
+
+def parse_events(body: bytes) -> list[Event]:
+    """
+    The complete SSE event blocks of ``body``; each must be a valid SSE block.
+    """
+    events = []
+    text = body.decode("utf-8")
+    *blocks, _rest = text.split("\n\n")
+    for block in blocks:
+        name = None
+        data: list[str] = []
+        comments = []
+        for line in block.split("\n"):
+            if line.startswith(":"):
+                comments.append(line[1:].strip())
+            elif line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                data.append(line[len("data: "):])
+            else:
+                raise AssertionError(f"not an SSE line: {line!r} in {body!r}")
+        events.append(Event(name, "\n".join(data) if data else None, tuple(comments)))
+    return events
 
 
 class ClientTransport(StringTransport):
@@ -128,42 +185,130 @@ class ClientTransport(StringTransport):
 
 class RawConnection:
     """
-    One client connection to ``site``; the test writes bytes and reads the responses.
+    One client connection to ``site``; the test writes bytes and reads what comes back.
+
+    :param flush: called after each thing the client does, to let what it leads to happen (the
+        in-memory harness's ``flush``).
+    :param client: the client's address and port.
     """
 
-    def __init__(self, site: Any, harness: Harness, port: int = 40000) -> None:
-        self.harness = harness
-        address = IPv4Address("TCP", "192.0.2.9", port)
+    def __init__(
+        self, site: Any, flush: Callable[[], None] = lambda: None, client: tuple[str, int] = ("127.0.0.1", 40000)
+    ) -> None:
+        self.site = site
+        self._flush = flush
+        address = IPv4Address("TCP", *client)
         self.transport = ClientTransport(peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 8080))
         self.protocol = site.buildProtocol(address)
         self.protocol.makeConnection(self.transport)
         self.methods: list[bytes] = []
         self.lost = False
 
+    # -- what the client sends -----------------------------------------------------------------
+
     def send(self, data: bytes) -> None:
         """
-        The client sends ``data``; swapproxy and the fake upstreams do what it leads to.
+        The client sends ``data``; swapproxy (and the fake upstreams) do what it leads to.
 
         A HEAD request sent this way must be noted in `methods` by the caller.
         """
         self.protocol.dataReceived(data)
-        self.harness.flush()
+        self._flush()
 
-    def request(self, method: bytes, path: bytes, body: bytes = b"", headers: list[bytes] | None = None) -> None:
+    def request(
+        self, method: bytes, path: bytes, body: bytes | None = b"", headers: list[bytes] | tuple[bytes, ...] = ()
+    ) -> None:
         """
-        Send one well-formed request with a Content-Length.
+        Send one well-formed request, with a Content-Length unless ``body`` is ``None``.
         """
-        lines = [method + b" " + path + b" HTTP/1.1", b"Host: swapproxy.test", *(headers or [])]
-        lines.append(b"Content-Length: %d" % len(body))
+        lines = [method + b" " + path + b" HTTP/1.1", b"Host: swapproxy.test", *headers]
+        if body is not None:
+            lines.append(b"Content-Length: %d" % len(body))
         self.methods.append(method)
-        self.protocol.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-        self.harness.flush()
+        self.send(b"\r\n".join(lines) + b"\r\n\r\n" + (body or b""))
+
+    # -- what the client reads -----------------------------------------------------------------
+
+    def value(self) -> bytes:
+        """
+        Every byte the client has received.
+        """
+        return self.transport.value()
+
+    def status_line(self) -> bytes:
+        return self.value().partition(b"\r\n")[0]
+
+    def head(self) -> tuple[int, Headers]:
+        """
+        The status and headers of the (first) response; fails when they have not been sent.
+        """
+        head, separator, _ = self.value().partition(b"\r\n\r\n")
+        assert separator, f"no response head yet: {self.value()!r}"
+        status_line, *header_lines = head.split(b"\r\n")
+        headers = Headers()
+        for line in header_lines:
+            name, _, value = line.partition(b":")
+            headers.addRawHeader(name.strip(), value.strip())
+        return int(status_line.split(b" ")[1]), headers
+
+    def header(self, name: bytes) -> list[bytes]:
+        """
+        The values of header ``name`` of the response (none when it has none).
+        """
+        return self.head()[1].getRawHeaders(name, [])
+
+    def raw_body(self) -> bytes:
+        """
+        The bytes after the response head, as they came (chunked framing and all).
+        """
+        return self.value().partition(b"\r\n\r\n")[2]
+
+    def _body(self) -> tuple[bytes, bool]:
+        _, separator, rest = self.value().partition(b"\r\n\r\n")
+        if not separator:
+            return b"", False
+        _, headers = self.head()
+        if headers.getRawHeaders(b"transfer-encoding") != [b"chunked"]:
+            length = int(headers.getRawHeaders(b"content-length", [b"-1"])[0])
+            return rest, len(rest) == length
+        chunks, ended, _ = read_chunks(rest)
+        return b"".join(chunks), ended
+
+    def body(self) -> bytes:
+        """
+        The response body so far, chunked encoding removed.
+        """
+        return self._body()[0]
+
+    @property
+    def finished(self) -> bool:
+        """
+        Whether the whole response body has come.
+        """
+        return self._body()[1]
+
+    def events(self) -> list[Event]:
+        """
+        The SSE events of the body so far.
+        """
+        return parse_events(self.body())
 
     def responses(self) -> list[RawResponse]:
         """
         Every complete response received so far.
         """
-        return parse_responses(self.transport.value(), self.methods, closed=self.transport.closing)[0]
+        return parse_responses(self.value(), self.methods, closed=self.transport.closing)[0]
+
+    # -- the connection ------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """
+        What the reactor does when the client's socket buffer is full.
+        """
+        self.transport.producer.pauseProducing()
+
+    def resume(self) -> None:
+        self.transport.producer.resumeProducing()
 
     def close(self) -> None:
         """
@@ -171,5 +316,23 @@ class RawConnection:
         """
         if not self.lost:
             self.lost = True
-            self.protocol.connectionLost(Failure(ConnectionDone()))
-            self.harness.flush()
+            self.protocol.connectionLost(Failure(ConnectionDone("the client hung up")))
+            self._flush()
+
+    def hang_up(self) -> None:
+        """
+        The client's TCP connection drops, as a real transport reports it.
+        """
+        self.transport.producer.stopProducing()
+        self.lost = True
+        self.protocol.connectionLost(Failure(ConnectionLost("client went away")))
+        self._flush()
+
+
+def follow(root: Resource, path: str) -> RawConnection:
+    """
+    ``GET path`` from ``root`` on a connection of its own, for the answers that never end.
+    """
+    connection = RawConnection(Site(root))
+    connection.request(b"GET", path.encode("ascii"), None)
+    return connection
