@@ -14,21 +14,21 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy.board import TICK
 from swapproxy.upstream import StartStep, Upstream
-from tests.support.rawhttp import RawConnection, follow, parse_events
-from tests.test_events import LLAMA_SWAP_FIELDS
-from tests.test_loading import (
+from tests.support.processharness import (
     CHAT,
     EPOCH,
     FAILURE_LINES,
     STAGE_LINES,
-    Harness,
+    ProcessHarness,
     UpstreamResponse,
     chat_body,
     config_text,
 )
+from tests.support.rawhttp import RawConnection, follow, parse_events
+from tests.test_events import LLAMA_SWAP_FIELDS
 
 
-def get_json(harness: Harness, path: str) -> Any:
+def get_json(harness: ProcessHarness, path: str) -> Any:
     """
     ``GET path`` from swapproxy's site; the decoded JSON answer (which must be a 200).
     """
@@ -43,7 +43,7 @@ class Dashboard:
     A dashboard following ``/api/events``.
     """
 
-    def __init__(self, testcase: SynchronousTestCase, harness: Harness) -> None:
+    def __init__(self, testcase: SynchronousTestCase, harness: ProcessHarness) -> None:
         self.stream = follow(harness.site.resource, "/api/events")
         testcase.addCleanup(self.stream.close)
 
@@ -77,7 +77,7 @@ class ProgressTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.harness = Harness(self, config_text(qwen="ttl: 60"))
+        self.harness = ProcessHarness(self, config_text(qwen="ttl: 60"))
 
     def test_same_numbers_as_the_loading_stream(self) -> None:
         """
@@ -187,7 +187,7 @@ class EntryTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.harness = Harness(
+        self.harness = ProcessHarness(
             self,
             config_text(
                 "groups:\n  pair:\n    members: [qwen, llama]",

@@ -3,6 +3,8 @@ What the tests share, one module an idea; no test module imports another test mo
 
 - `tests.support.harness`: swapproxy's Resource tree over a real `Supervisor` with in-memory
   upstreams (`MemoryUpstream`), and a treq client: the default way to test a route.
+- `tests.support.processharness`: swapproxy's Site over real `Upstream` objects whose children
+  are fake processes, for what depends on the start itself (loading streams, progress, the board).
 - `tests.support.rawhttp`: `RawConnection`, the one raw HTTP/1.1 client connection to
   swapproxy's Site over a `StringTransport`, and parsers for what comes back (responses,
   chunks, SSE events).
