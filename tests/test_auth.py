@@ -16,18 +16,8 @@ from twisted.web.resource import Resource
 from swapproxy.web import auth
 from swapproxy.web.auth import ApiKeys, presented_key
 from swapproxy.web.root import build_site
-from tests.support.harness import CONFIG, ErrorAssertions, Harness, header
+from tests.support.harness import KEY, KEYS_CONFIG, ErrorAssertions, Harness, basic, header
 from tests.support.rawhttp import RawConnection
-
-KEYS_CONFIG = CONFIG.replace(
-    "healthCheckTimeout: 15", 'healthCheckTimeout: 15\n    apiKeys: ["sk-first-key", "sk-second"]'
-)
-KEY = "sk-second"
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
 
 def routes(node: Resource, prefix: bytes = b"") -> list[bytes]:
     """

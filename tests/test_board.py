@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy.board import TICK
 from swapproxy.upstream import StartStep, Upstream
+from tests.support.harness import LLAMA_SWAP_FIELDS
 from tests.support.processharness import (
     CHAT,
     EPOCH,
@@ -25,7 +26,6 @@ from tests.support.processharness import (
     config_text,
 )
 from tests.support.rawhttp import RawConnection, follow, parse_events
-from tests.test_events import LLAMA_SWAP_FIELDS
 
 
 def get_json(harness: ProcessHarness, path: str) -> Any:

@@ -12,10 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy.logs import proxy_logger, upstream_logger
 from swapproxy.web.monitor import HEARTBEAT
-from tests.support.harness import Harness, answer_later
+from tests.support.harness import CHAT_ANSWER, LLAMA_SWAP_FIELDS, Harness, answer_later, answer_with, routed
 from tests.support.rawhttp import RawConnection, follow, parse_events
-from tests.test_logbuffer import routed
-from tests.test_metrics import CHAT_ANSWER, answer_with
 
 CONFIG = """
     models:
@@ -26,10 +24,6 @@ CONFIG = """
         cmd: llama-server --port ${PORT}
         unlisted: true
 """
-
-
-#: What llama-swap's modelStatus says of a model; swapproxy says it first, and then more.
-LLAMA_SWAP_FIELDS = ("id", "name", "description", "state", "unlisted")
 
 
 class EventStreamTests(SynchronousTestCase):

@@ -15,8 +15,7 @@ from twisted.web.server import Request
 
 from swapproxy.web.modelchoice import NO_MODEL
 from swapproxy.web.root import INFERENCE_ROUTES
-from tests.support.harness import CONFIG, ErrorAssertions, Harness, Received
-from tests.test_metrics import sample
+from tests.support.harness import CONFIG, ErrorAssertions, Harness, Received, sample
 
 ONE_MODEL = """
     models:

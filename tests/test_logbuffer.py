@@ -22,10 +22,10 @@ from swapproxy.logbuffer import LogHistory, LogRouting, LogStream, timestamp_for
 from swapproxy.logs import ModelOutput, proxy_logger, set_log_level, upstream_logger
 from swapproxy.requestlog import log_request
 from swapproxy.web.live import LiveWriter, dropped_log_marker
-from tests.support.harness import Harness, header
+from tests.support.harness import Harness, header, routed
+from tests.support.live import ConfigFileMixin
 from tests.support.rawhttp import RawConnection, follow
 from tests.support.reactors import ThreadedMemoryReactor
-from tests.test_tap import GOOD, ConfigFileMixin
 
 #: 2023-11-14T22:13:20.25Z
 WHEN = 1_700_000_000.25
@@ -48,17 +48,6 @@ def capture_global(test: SynchronousTestCase) -> list[LogEvent]:
     globalLogPublisher.addObserver(events.append)
     test.addCleanup(globalLogPublisher.removeObserver, events.append)
     return events
-
-
-def routed(test: SynchronousTestCase, log_to_stdout: str, history: LogHistory | None = None) -> LogHistory:
-    """
-    A history attached to the log routes with ``log_to_stdout`` until the test ends.
-    """
-    history = history if history is not None else LogHistory()
-    routing = LogRouting(history, log_to_stdout)
-    routing.startService()
-    test.addCleanup(routing.stopService)
-    return history
 
 
 class LogStreamTests(SynchronousTestCase):
@@ -656,7 +645,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
     def test_make_service_routes_and_serves_logs(self) -> None:
         events = capture_global(self)
         reactor, service = self.start(
-            self.write_config(GOOD + '    logToStdout: upstream\n    logTimeFormat: "%Y"\n'))
+            self.write_config(CONFIG + '    logToStdout: upstream\n    logTimeFormat: "%Y"\n'))
         try:
             proxy_logger("tests.logbuffer").info("a proxy line")
             upstream_logger("qwen").info("[{model}] {line}", model="qwen", line="a model line")
@@ -693,7 +682,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         ``/logs`` begins with what was logged while the service was built (the config's
         warnings, the start-up line), and has a line for each model request as it ends.
         """
-        config = self.write_config(GOOD + "    newerFeature: true\n")
+        config = self.write_config(CONFIG + "    newerFeature: true\n")
         reactor, service = self.start(config)
         self.addCleanup(reactor.stop_service, service)
         self.assertIn(b"HTTP/1.1 404 ", self.get(reactor, b"POST", b"/v1/chat/completions", b'{"model": "nope"}'))
@@ -709,7 +698,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         log line as well; a request for any other route has Twisted's access log line.
         """
         events = capture_global(self)
-        reactor, service = self.start(self.write_config(GOOD))
+        reactor, service = self.start(self.write_config(CONFIG))
         self.addCleanup(reactor.stop_service, service)
         site = reactor.tcpServers[0][1]
         site.startFactory()  # turns Twisted's access log on, as listening does
@@ -727,7 +716,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         ``logTimeFormat: ""`` turns them off.
         """
         for extra, stamped in (("", True), ('    logTimeFormat: ""\n', False)):
-            reactor, service = self.start(self.write_config(GOOD + extra))
+            reactor, service = self.start(self.write_config(CONFIG + extra))
             log = self.get(reactor, b"GET", b"/logs").partition(b"\r\n\r\n")[2].decode()
             reactor.stop_service(service)
             first = log.splitlines()[0]

@@ -33,6 +33,7 @@ from tests.support.harness import (
     answer_json,
     answer_later,
     header,
+    sample,
 )
 from tests.support.rawhttp import dechunk
 
@@ -485,19 +486,6 @@ HANG_CONFIG = """
 """
 
 
-def scraped(body: bytes, name: str, **labels: str) -> float | None:
-    """
-    The value of the Prometheus sample ``name`` with these labels in ``body`` (None if absent).
-    """
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(body.decode("utf-8")):
-        for found in family.samples:
-            if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
-                return float(found.value)
-    return None
-
-
 def error_events(chunks: list[bytes]) -> list[dict[str, Any]]:
     """
     The error objects of the ``data:`` events in a stream, which must end with ``[DONE]``.
@@ -563,9 +551,9 @@ class HungModelTests(ErrorAssertions, SynchronousTestCase):
         models = json.loads(self.h.call("GET", "/v1/models")[1])["data"]
         self.assertEqual([m["state"] for m in models if m["id"] == "llama"], ["unhealthy"])
         metrics = self.h.call("GET", "/metrics")[1]
-        self.assertEqual(scraped(metrics, "swapproxy_upstream_timeouts_total", model="llama", kind="stream_idle"), 1)
-        self.assertEqual(scraped(metrics, "swapproxy_model_unhealthy_total", model="llama", cause="stream_idle"), 1)
-        self.assertEqual(scraped(metrics, "swapproxy_model_state", model="llama", state="unhealthy"), 1)
+        self.assertEqual(sample(metrics, "swapproxy_upstream_timeouts_total", model="llama", kind="stream_idle"), 1)
+        self.assertEqual(sample(metrics, "swapproxy_model_unhealthy_total", model="llama", cause="stream_idle"), 1)
+        self.assertEqual(sample(metrics, "swapproxy_model_state", model="llama", state="unhealthy"), 1)
 
     def test_stream_that_never_gets_its_head(self) -> None:
         """
@@ -627,7 +615,7 @@ class HungModelTests(ErrorAssertions, SynchronousTestCase):
         self.assertJSONError(response, self.h.read(response), 504, "'qwen' sent no response head within 5s")
         self.assertEqual(self.h.upstreams["qwen"].state, State.READY)
         metrics = self.h.call("GET", "/metrics")[1]
-        self.assertEqual(scraped(metrics, "swapproxy_upstream_timeouts_total", model="qwen", kind="response_header"), 1)
+        self.assertEqual(sample(metrics, "swapproxy_upstream_timeouts_total", model="qwen", kind="response_header"), 1)
 
     def test_other_models_keep_streaming(self) -> None:
         """

@@ -18,11 +18,18 @@ from twisted.trial.unittest import SynchronousTestCase
 from swapproxy.logs import proxy_logger, upstream_logger
 from swapproxy.store import ActivityStore
 from swapproxy.upstream import StartError
-from tests.support.harness import ErrorAssertions, Harness, header
+from tests.support.harness import (
+    CHAT_ANSWER,
+    KEY,
+    KEYS_CONFIG,
+    ErrorAssertions,
+    Harness,
+    answer_with,
+    basic,
+    header,
+    routed,
+)
 from tests.support.rawhttp import RawConnection, follow, parse_events
-from tests.test_auth import KEY, KEYS_CONFIG, basic
-from tests.test_logbuffer import routed
-from tests.test_metrics import CHAT_ANSWER, answer_with
 
 CONFIG = """
     models:

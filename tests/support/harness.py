@@ -8,6 +8,7 @@ reactor is involved.
 
 from __future__ import annotations
 
+import base64
 import json
 import textwrap
 from collections import deque
@@ -16,6 +17,7 @@ from typing import Any
 
 import attrs
 import treq
+from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred, succeed
@@ -26,6 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from swapproxy.config import ModelConfig, parse_config
+from swapproxy.logbuffer import LogHistory, LogRouting
 from swapproxy.stall import Stalled, StallWatch
 from swapproxy.supervisor import Supervisor
 from swapproxy.upstream import StartError, State, _body_producer
@@ -67,6 +70,21 @@ CONFIG = """
 """
 
 
+#: `CONFIG` with two API keys; `KEY` is the second.
+KEYS_CONFIG = CONFIG.replace(
+    "healthCheckTimeout: 15", 'healthCheckTimeout: 15\n    apiKeys: ["sk-first-key", "sk-second"]'
+)
+KEY = "sk-second"
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+#: What llama-swap's modelStatus says of a model; swapproxy says it first, and then more.
+LLAMA_SWAP_FIELDS = ("id", "name", "description", "state", "unlisted")
+
+
 # -- the fake upstream side ------------------------------------------------------------------
 
 
@@ -106,6 +124,23 @@ def answer_event_stream(request: Request, received: Received) -> int:
     """
     request.setHeader(b"content-type", b"text/event-stream")
     return NOT_DONE_YET
+
+
+#: A chat completion as a model answers it, usage included.
+CHAT_ANSWER = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
+}
+
+
+def answer_with(payload: dict[str, Any]) -> Any:
+    def respond(request: Request, received: Received) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(payload).encode()
+
+    return respond
 
 
 class UpstreamServer:
@@ -404,6 +439,28 @@ class Harness:
 
 def header(response: Any, name: bytes) -> list[bytes] | None:
     return response.headers.getRawHeaders(name)
+
+
+def sample(body: bytes, name: str, **labels: str) -> float | None:
+    """
+    The value of the sample ``name`` whose labels include ``labels`` (None when absent).
+    """
+    for family in text_string_to_metric_families(body.decode("utf-8")):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return None
+
+
+def routed(test: SynchronousTestCase, log_to_stdout: str, history: LogHistory | None = None) -> LogHistory:
+    """
+    A history attached to the log routes with ``log_to_stdout`` until the test ends.
+    """
+    history = history if history is not None else LogHistory()
+    routing = LogRouting(history, log_to_stdout)
+    routing.startService()
+    test.addCleanup(routing.stopService)
+    return history
 
 
 class ErrorAssertions:

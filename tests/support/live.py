@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -55,16 +56,26 @@ def config_yaml(models: Mapping[str, Mapping[str, Any]], **top: Any) -> str:
     return yaml.safe_dump(document, sort_keys=False)
 
 
-def write_config(testcase: TestCase, text: str) -> str:
+def write_config(testcase: Any, text: str, name: str = "config.yaml") -> str:
     """
-    Write a config file into the test's temporary directory; returns its path.
+    Write a config file (``text``, dedented) into a new temporary directory of the test's;
+    returns its path.
     """
     directory = testcase.mktemp()
     os.makedirs(directory)
-    path = os.path.abspath(os.path.join(directory, "config.yaml"))
+    path = os.path.abspath(os.path.join(directory, name))
     with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+        f.write(textwrap.dedent(text))
     return path
+
+
+class ConfigFileMixin:
+    """
+    For test cases that write config files: `write_config` as a method.
+    """
+
+    def write_config(self, text: str, name: str = "config.yaml") -> str:
+        return write_config(self, text, name)
 
 
 # -- log capture ------------------------------------------------------------------------------
