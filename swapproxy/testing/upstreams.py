@@ -105,22 +105,34 @@ class ScriptedUpstream:
         for waiter in waiters:
             waiter.callback(None)
 
-    def hang(self, what: str = "its health check failed") -> None:
+    def mark_unhealthy(self, what: str, cause: str) -> None:
         """
-        The ready model is found unhealthy, as `Upstream.mark_unhealthy` finds it: it is being
-        stopped (the test says when it has `exited`).
+        As `Upstream.mark_unhealthy`: the ready model stopped answering and is being stopped (its
+        driver says when it has `exited`). Does nothing unless the model is ready.
         """
-        assert self.state is State.READY, f"{self.model.id} is {self.state.value}, not ready"
+        if self.state is not State.READY:
+            return
         self.unhealthy_reason = what
         self.stop_graces.append(self.model.unload_timeout)
         self._events.append(("unhealthy", self.model.id))
         self._set_state(State.UNHEALTHY)
+        self._hung(what, cause)
         for observer in list(self.hang_observers):
-            observer(self, "health_check", what)
+            observer(self, cause, what)
 
-    def fail_start(self, reason: str = "process exited with exit code 1 while starting") -> StartError:
+    def hang(self, what: str = "its health check failed") -> None:
+        """
+        The ready model is found unhealthy by its health check.
+        """
+        assert self.state is State.READY, f"{self.model.id} is {self.state.value}, not ready"
+        self.mark_unhealthy(what, "health_check")
+
+    def fail_start(self, reason: str | StartError = "process exited with exit code 1 while starting") -> StartError:
+        """
+        The start fails with ``reason`` (an exit code 1 unless it is a whole `StartError`).
+        """
         assert self.state is State.STARTING, f"{self.model.id} is {self.state.value}, not starting"
-        error = StartError(self.model.id, reason, exit_code=1)
+        error = reason if isinstance(reason, StartError) else StartError(self.model.id, reason, exit_code=1)
         self.last_error = error
         self._events.append(("failed", self.model.id))
         self._set_state(State.FAILED)
@@ -158,6 +170,11 @@ class ScriptedUpstream:
         self._events.append(("start", self.model.id))
         self.pid = FAKE_PID_BASE + len(self._events)
         self._set_state(State.STARTING)
+
+    def _hung(self, what: str, cause: str) -> None:
+        """
+        What else happens when the model is found unhealthy, before its observers hear of it.
+        """
 
     def _fail_waiters(self, error: StartError) -> None:
         waiters, self._start_waiters = self._start_waiters, []

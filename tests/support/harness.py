@@ -20,7 +20,7 @@ import treq
 from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
@@ -31,6 +31,7 @@ from swapproxy.config import ModelConfig, parse_config
 from swapproxy.logbuffer import LogHistory, LogRouting
 from swapproxy.stall import Stalled, StallWatch
 from swapproxy.supervisor import Supervisor
+from swapproxy.testing.upstreams import ScriptedUpstream
 from swapproxy.upstream import StartError, State, _body_producer
 from swapproxy.web.root import build_root, build_site
 from tests.support.rawhttp import RawConnection
@@ -180,44 +181,35 @@ class _ModelServer(Resource):
         return self._server.respond(request, received)
 
 
-class MemoryUpstream:
+class MemoryUpstream(ScriptedUpstream):
     """
-    Stands in for L{swapproxy.upstream.Upstream}: the "process" is imaginary, its HTTP server is
-    an in-memory Resource.
+    Stands in for L{swapproxy.upstream.Upstream}: a L{ScriptedUpstream} (its states and
+    waiters) whose "process" starts, stops and prints when the test says, and whose HTTP server
+    is an in-memory Resource. Unless the test says otherwise, a start is ready at once and a stop
+    is over at once.
 
     :ivar auto_ready: whether a start becomes ready at once; otherwise the test calls
         L{become_ready} or L{fail_start}.
     :ivar start_error: when set, every start fails with it.
     """
 
-    def __init__(self, model: ModelConfig, server: UpstreamServer, clock: Clock) -> None:
-        self.model = model
+    def __init__(
+        self,
+        model: ModelConfig,
+        server: UpstreamServer,
+        clock: Clock,
+        siblings: dict[str, Any],
+        events: list[tuple[str, str]],
+    ) -> None:
+        super().__init__(model, siblings, events)
         self.clock = clock
-        self.state = State.STOPPED
-        self.state_observers: list[Callable[[Any, State, State], None]] = []
-        self.line_observers: list[Callable[[Any, str], None]] = []
         self.output_observers: list[Callable[[Any, bytes], None]] = []
-        self.pid: int | None = None
-        self.started_at: float | None = None
-        self.ready_at: float | None = None
-        self.healthy_at: float | None = None
-        self.start_step: Any = None
-        self.reports: dict[str, Callable[[], Any]] = {}
-        self.health_status = ""
-        self.last_error: StartError | None = None
         self.recent_lines: deque[str] = deque(maxlen=50)
-        self.client: Any = None
         self.agent = RequestTraversalAgent(server.resource(model.id))
         #: What C{client} becomes when the model is ready; tests may replace it.
         self.make_client: Callable[[], Any] = lambda: HTTPClient(self.agent, data_to_body_producer=_body_producer)
         self.auto_ready = True
         self.start_error: StartError | None = None
-        self.last_error: StartError | None = None
-        self.starts = 0
-        self.stops = 0
-        self._waiters: list[Deferred[None]] = []
-        self.unhealthy_reason: str | None = None
-        self.hang_observers: list[Callable[[Any, str, str], None]] = []
         #: The CPU seconds its "process" has used, as the stall watch reads them.
         self.cpu_seconds: float | None = 0.0
         self.exchanges = StallWatch(
@@ -229,66 +221,15 @@ class MemoryUpstream:
         )
 
     @property
-    def running(self) -> bool:
-        return self.state in (State.STARTING, State.READY, State.STOPPING, State.UNHEALTHY)
+    def starts(self) -> int:
+        return self.start_count
 
     @property
-    def stopping(self) -> bool:
-        return self.state in (State.STOPPING, State.UNHEALTHY)
-
-    def mark_unhealthy(self, what: str, cause: str) -> None:
-        """
-        As `Upstream.mark_unhealthy`: fail the requests in flight, and stop; the "process" exits
-        when the test calls L{exited}.
-        """
-        if self.state is not State.READY:
-            return
-        self.unhealthy_reason = what
-        self.stops += 1
-        self._set_state(State.UNHEALTHY)
-        self.exchanges.fail_all(Stalled(f"model {self.model.id!r} stopped responding: {what}", cause))
-        for observer in list(self.hang_observers):
-            observer(self, cause, what)
-
-    def exited(self) -> None:
-        """
-        The unhealthy model's process has gone.
-        """
-        self.client = None
-        self.pid = None
-        self._set_state(State.STOPPED)
-        if self._waiters:
-            self.starts += 1
-            self.pid = 4000 + self.starts
-            self.started_at = self.clock.seconds()
-            self._set_state(State.STARTING)
-            if self.auto_ready:
-                self.become_ready()
+    def stops(self) -> int:
+        return len(self.stop_graces)
 
     def url_for(self, path: str) -> str:
         return "http://upstream.test" + path
-
-    def _set_state(self, new: State) -> None:
-        old, self.state = self.state, new
-        if old is not new:
-            for observer in list(self.state_observers):
-                observer(self, old, new)
-
-    def start(self) -> Deferred[None]:
-        if self.state is State.READY:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
-        self._waiters.append(waiter)
-        if self.state in (State.STOPPED, State.FAILED):
-            self.starts += 1
-            self.pid = 4000 + self.starts
-            self.started_at = self.clock.seconds()
-            self._set_state(State.STARTING)
-            if self.start_error is not None:
-                self.fail_start(self.start_error)
-            elif self.auto_ready:
-                self.become_ready()
-        return waiter
 
     def emit(self, text: str) -> None:
         """
@@ -301,45 +242,50 @@ class MemoryUpstream:
             for line_observer in list(self.line_observers):
                 line_observer(self, line)
 
+    def become_ready(self) -> None:
+        self.ready_at = self.clock.seconds()
+        self.client = self.make_client()
+        super().become_ready()
+
+    def fail_start(self, reason: str | StartError = "process exited with exit code 1 while starting") -> StartError:
+        self.client = None
+        self.pid = None
+        return super().fail_start(reason)
+
+    def stop(self, grace: float | None = None) -> Deferred[None]:
+        """
+        As `ScriptedUpstream.stop`, and the "process" exits at once.
+        """
+        self.client = None
+        stopped = super().stop(grace)
+        if self.stopping:
+            self.exited()
+        return stopped
+
+    def exited(self) -> None:
+        """
+        The model's "process" has gone: the end of a stop (an unhealthy model's), or a crash.
+        """
+        self.client = None
+        super().exited()
+
     def crash(self) -> None:
         """
         The process of a ready model dies by itself.
         """
-        self.client = None
-        self.pid = None
-        self._set_state(State.STOPPED)
+        assert self.state is State.READY, f"{self.model.id} is {self.state.value}, not ready"
+        self.exited()
 
-    def become_ready(self) -> None:
-        self.ready_at = self.clock.seconds()
-        self.client = self.make_client()
-        self._set_state(State.READY)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
+    def _spawn(self) -> None:
+        self.started_at = self.clock.seconds()
+        super()._spawn()
+        if self.start_error is not None:
+            self.fail_start(self.start_error)
+        elif self.auto_ready:
+            self.become_ready()
 
-    def reconfigure(
-        self, model: ModelConfig, health_check_timeout: float, health_check_ceiling: float | None = None
-    ) -> None:
-        self.model = model
-
-    def fail_start(self, error: StartError) -> None:
-        self.last_error = error
-        self.client = None
-        self.pid = None
-        self.last_error = error
-        self._set_state(State.FAILED)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.errback(error)
-
-    def stop(self, grace: float | None = None) -> Deferred[None]:
-        if self.running:
-            self.stops += 1
-            self.client = None
-            self._set_state(State.STOPPING)
-            self.pid = None
-            self._set_state(State.STOPPED)
-        return succeed(None)
+    def _hung(self, what: str, cause: str) -> None:
+        self.exchanges.fail_all(Stalled(f"model {self.model.id!r} stopped responding: {what}", cause))
 
 
 # -- the client side -------------------------------------------------------------------------
@@ -357,9 +303,11 @@ class Harness:
         self.config = parse_config(textwrap.dedent(config_text), "config.yaml", {})
         self.server = UpstreamServer()
         self.upstreams: dict[str, MemoryUpstream] = {}
+        #: ``("start" | "stop" | "unhealthy" | "exited" | "failed", model_id)`` in the order they happened.
+        self.events: list[tuple[str, str]] = []
 
         def factory(model: ModelConfig) -> Any:
-            upstream = MemoryUpstream(model, self.server, self.clock)
+            upstream = MemoryUpstream(model, self.server, self.clock, self.upstreams, self.events)
             self.upstreams[model.id] = upstream
             return upstream
 
