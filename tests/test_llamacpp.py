@@ -15,20 +15,11 @@ from twisted.web.server import Request
 
 from swapproxy.web.modelchoice import NO_MODEL
 from swapproxy.web.root import INFERENCE_ROUTES
-from tests.support.harness import CONFIG, ErrorAssertions, Harness, Received, sample
+from tests.support.harness import CONFIG, TWO_MODELS, ErrorAssertions, Harness, Received, sample
 
 ONE_MODEL = """
     models:
       only:
-        cmd: llama-server --port ${PORT}
-"""
-
-TWO_MODELS = """
-    models:
-      llama:
-        cmd: llama-server --port ${PORT}
-        aliases: [fast]
-      qwen:
         cmd: llama-server --port ${PORT}
 """
 

@@ -22,22 +22,13 @@ from swapproxy.logbuffer import LogHistory, LogRouting, LogStream, timestamp_for
 from swapproxy.logs import ModelOutput, proxy_logger, set_log_level, upstream_logger
 from swapproxy.requestlog import log_request
 from swapproxy.web.live import LiveWriter, dropped_log_marker
-from tests.support.harness import Harness, header, routed
+from tests.support.harness import TWO_MODELS, Harness, header, routed
 from tests.support.live import ConfigFileMixin
 from tests.support.rawhttp import RawConnection, follow
 from tests.support.reactors import ThreadedMemoryReactor
 
 #: 2023-11-14T22:13:20.25Z
 WHEN = 1_700_000_000.25
-
-CONFIG = """
-    models:
-      llama:
-        cmd: llama-server --port ${PORT}
-        aliases: [fast]
-      qwen:
-        cmd: llama-server --port ${PORT}
-"""
 
 
 def capture_global(test: SynchronousTestCase) -> list[LogEvent]:
@@ -521,7 +512,7 @@ class LogEndpointTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.history = routed(self, "proxy")
-        self.h = Harness(self, textwrap.dedent(CONFIG), logs=self.history)
+        self.h = Harness(self, textwrap.dedent(TWO_MODELS), logs=self.history)
         self.log = proxy_logger("tests.logbuffer")
         self.model_log = upstream_logger("llama")
 
@@ -645,7 +636,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
     def test_make_service_routes_and_serves_logs(self) -> None:
         events = capture_global(self)
         reactor, service = self.start(
-            self.write_config(CONFIG + '    logToStdout: upstream\n    logTimeFormat: "%Y"\n'))
+            self.write_config(TWO_MODELS + '    logToStdout: upstream\n    logTimeFormat: "%Y"\n'))
         try:
             proxy_logger("tests.logbuffer").info("a proxy line")
             upstream_logger("qwen").info("[{model}] {line}", model="qwen", line="a model line")
@@ -682,7 +673,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         ``/logs`` begins with what was logged while the service was built (the config's
         warnings, the start-up line), and has a line for each model request as it ends.
         """
-        config = self.write_config(CONFIG + "    newerFeature: true\n")
+        config = self.write_config(TWO_MODELS + "    newerFeature: true\n")
         reactor, service = self.start(config)
         self.addCleanup(reactor.stop_service, service)
         self.assertIn(b"HTTP/1.1 404 ", self.get(reactor, b"POST", b"/v1/chat/completions", b'{"model": "nope"}'))
@@ -698,7 +689,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         log line as well; a request for any other route has Twisted's access log line.
         """
         events = capture_global(self)
-        reactor, service = self.start(self.write_config(CONFIG))
+        reactor, service = self.start(self.write_config(TWO_MODELS))
         self.addCleanup(reactor.stop_service, service)
         site = reactor.tcpServers[0][1]
         site.startFactory()  # turns Twisted's access log on, as listening does
@@ -716,7 +707,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         ``logTimeFormat: ""`` turns them off.
         """
         for extra, stamped in (("", True), ('    logTimeFormat: ""\n', False)):
-            reactor, service = self.start(self.write_config(CONFIG + extra))
+            reactor, service = self.start(self.write_config(TWO_MODELS + extra))
             log = self.get(reactor, b"GET", b"/logs").partition(b"\r\n\r\n")[2].decode()
             reactor.stop_service(service)
             first = log.splitlines()[0]

@@ -71,6 +71,16 @@ CONFIG = """
 """
 
 
+#: Two models, one with an alias.
+TWO_MODELS = """
+    models:
+      llama:
+        cmd: llama-server --port ${PORT}
+        aliases: [fast]
+      qwen:
+        cmd: llama-server --port ${PORT}
+"""
+
 #: `CONFIG` with two API keys; `KEY` is the second.
 KEYS_CONFIG = CONFIG.replace(
     "healthCheckTimeout: 15", 'healthCheckTimeout: 15\n    apiKeys: ["sk-first-key", "sk-second"]'
