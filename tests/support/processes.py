@@ -67,6 +67,22 @@ def fake_upstream_descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def freeze(testcase: TestCase, pid: int) -> None:
+    """
+    SIGSTOP process ``pid``; when the test ends it gets SIGCONT and SIGKILL if it still exists.
+    """
+
+    def thaw_and_kill() -> None:
+        for signum in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                return
+
+    testcase.addCleanup(thaw_and_kill)
+    os.kill(pid, signal.SIGSTOP)
+
+
 def process_pipes_open() -> bool:
     """
     Whether the reactor still reads the pipes of a child process.
