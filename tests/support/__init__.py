@@ -11,8 +11,10 @@ What the tests share, one module an idea; no test module imports another test mo
 - `tests.support.reactors`: fake reactors: `ProcessReactor` (its children are `FakeProcess`es the
   test prints from and ends), `ThreadedMemoryReactor`.
 - `tests.support.doubles`: stand-ins for a peer's client and for llama-server's slot API.
-- `tests.support.live`: swapproxy served by this process on loopback, with real clients.
-- `tests.support.processes`: real child processes, and ``twistd swapproxy`` as one.
+- `tests.support.live`: swapproxy served by this process on loopback, with real clients (treq,
+  openai, and `LoopbackClient` for raw bytes).
+- `tests.support.processes`: real child processes (alive, frozen, killed), and ``twistd
+  swapproxy`` as one.
 - `tests.support.llama`: the real llama-server of this run and its tiny models.
 - `tests.support.differential`: the same request sent to a real llama-server and to swapproxy.
 - `tests.support.browser`: a headless Chromium for the dashboard.

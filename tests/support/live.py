@@ -19,6 +19,8 @@ import yaml
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -196,6 +198,52 @@ class RunningProxy:
         """
         listing = await self.get_json("/running")
         return {entry["model"]: entry for entry in listing["running"]}
+
+
+class LoopbackClient(Protocol):
+    """
+    A raw client on a real loopback connection: writes ``request`` (bytes a well-behaved client
+    might not send), keeps what comes back and, when ``hang_up_at`` is given, drops the
+    connection as soon as those bytes have arrived.
+
+    :ivar received: every byte received.
+    :ivar hung_up: whether it dropped the connection at ``hang_up_at``.
+    :ivar done: fires with ``received`` when the connection has ended.
+    """
+
+    def __init__(self, request: bytes, hang_up_at: bytes | None = None) -> None:
+        self._request = request
+        self._hang_up_at = hang_up_at
+        self.received = b""
+        self.hung_up = False
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self._hang_up_at is not None and not self.hung_up and self._hang_up_at in self.received:
+            self.hung_up = True
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.done.callback(self.received)
+
+
+async def connect_raw(
+    port: int, request: bytes, hang_up_at: bytes | None = None, testcase: TestCase | None = None
+) -> LoopbackClient:
+    """
+    A `LoopbackClient` connected to ``port``.
+
+    :param testcase: when given, the connection is dropped when the test ends, if it is still open.
+    """
+    client = LoopbackClient(request, hang_up_at)
+    await connectProtocol(TCP4ClientEndpoint(reactor, LOOPBACK, port), client)
+    if testcase is not None:
+        testcase.addCleanup(lambda: client.transport.abortConnection() if client.transport.connected else None)
+    return client
 
 
 def make_client(testcase: TestCase) -> tuple[HTTPClient, HTTPConnectionPool]:
