@@ -9,43 +9,36 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy.board import TICK
 from swapproxy.upstream import StartStep, Upstream
-from tests.test_events import LLAMA_SWAP_FIELDS
-from tests.test_loading import (
+from tests.support.harness import LLAMA_SWAP_FIELDS
+from tests.support.processharness import (
     CHAT,
     EPOCH,
     FAILURE_LINES,
     STAGE_LINES,
-    Client,
-    Harness,
+    ProcessHarness,
     UpstreamResponse,
     chat_body,
     config_text,
-    parse_events,
 )
-from tests.test_logbuffer import StreamClient
+from tests.support.rawhttp import RawConnection, follow, parse_events
 
 
-def get_json(harness: Harness, path: str) -> Any:
+def get_json(harness: ProcessHarness, path: str) -> Any:
     """
     ``GET path`` from swapproxy's site; the decoded JSON answer (which must be a 200).
     """
-    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-    channel = harness.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-    channel.makeConnection(transport)
-    channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: swapproxy.test\r\n\r\n".encode("ascii"))
-    head, _, body = transport.value().partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 "), transport.value()
-    return json.loads(body)
+    connection = RawConnection(harness.site)
+    connection.request(b"GET", path.encode("ascii"), None)
+    assert connection.status_line().startswith(b"HTTP/1.1 200 "), connection.value()
+    return json.loads(connection.raw_body())
 
 
-def restore_on_start(harness: Harness, step: StartStep) -> Deferred[None]:
+def restore_on_start(harness: ProcessHarness, step: StartStep) -> Deferred[None]:
     """
     Give qwen a start hook that says it does ``step`` (restoring saved slots) until the
     returned Deferred fires.
@@ -60,17 +53,12 @@ def restore_on_start(harness: Harness, step: StartStep) -> Deferred[None]:
     return restored
 
 
-def post(harness: Harness, path: str) -> tuple[bytes, Any]:
+def post(harness: ProcessHarness, path: str) -> tuple[bytes, Any]:
     """
     ``POST path`` with an empty JSON body; the status line and the decoded JSON answer.
     """
-    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-    channel = harness.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-    channel.makeConnection(transport)
-    channel.dataReceived(f"POST {path} HTTP/1.1\r\nHost: swapproxy.test\r\nContent-Type: application/json\r\n"
-                         "Content-Length: 2\r\n\r\n{}".encode("ascii"))
-    head, _, body = transport.value().partition(b"\r\n\r\n")
-    return head.split(b"\r\n")[0], json.loads(body)
+    connection = harness.post(path, b"{}")
+    return connection.status_line(), json.loads(connection.raw_body())
 
 
 class Dashboard:
@@ -78,9 +66,9 @@ class Dashboard:
     A dashboard following ``/api/events``.
     """
 
-    def __init__(self, testcase: SynchronousTestCase, harness: Harness) -> None:
-        self.stream = StreamClient(harness.site.resource, "/api/events")
-        testcase.addCleanup(self.stream.disconnect)
+    def __init__(self, testcase: SynchronousTestCase, harness: ProcessHarness) -> None:
+        self.stream = follow(harness.site.resource, "/api/events")
+        testcase.addCleanup(self.stream.close)
 
     def messages(self) -> list[tuple[str, Any]]:
         result = []
@@ -112,7 +100,7 @@ class ProgressTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.harness = Harness(self, config_text(qwen="ttl: 60"))
+        self.harness = ProcessHarness(self, config_text(qwen="ttl: 60"))
 
     def test_same_numbers_as_the_loading_stream(self) -> None:
         """
@@ -121,7 +109,7 @@ class ProgressTests(SynchronousTestCase):
         """
         harness = self.harness
         dashboard = Dashboard(self, harness)
-        chat = Client(harness, CHAT, chat_body())
+        chat = harness.post(CHAT, chat_body())
         harness.prints("qwen", STAGE_LINES + "." * 30)
         harness.advance(TICK)  # the stream sends the new stage at this tick
         shown = [event.json()["swapproxy"] for event in chat.events()][-1]
@@ -144,7 +132,7 @@ class ProgressTests(SynchronousTestCase):
         """
         harness = self.harness
         dashboard = Dashboard(self, harness)
-        Client(harness, CHAT, chat_body())
+        harness.post(CHAT, chat_body())
         harness.prints("qwen", STAGE_LINES)
         for _ in range(10):
             harness.prints("qwen", "......")
@@ -172,7 +160,7 @@ class ProgressTests(SynchronousTestCase):
         label = "restoring 2 cached conversations, 1.1 GB"
         restored = restore_on_start(harness, StartStep("restoring", label, 0.5))
         dashboard = Dashboard(self, harness)
-        Client(harness, CHAT, chat_body())
+        harness.post(CHAT, chat_body())
         harness.prints("qwen", STAGE_LINES)
         harness.advance(1)
         self.assertEqual(dashboard.latest("qwen")["status"], "loading")
@@ -198,8 +186,8 @@ class ProgressTests(SynchronousTestCase):
         label = "restoring 2 cached conversations, 1.1 GB"
         restored = restore_on_start(harness, StartStep("restoring", label, 0.0))
         dashboard = Dashboard(self, harness)
-        router = StreamClient(harness.site.resource, "/models/sse")
-        self.addCleanup(router.disconnect)
+        router = follow(harness.site.resource, "/models/sse")
+        self.addCleanup(router.close)
 
         def router_value() -> float:
             (model,) = get_json(harness, "/models")["data"]
@@ -209,7 +197,7 @@ class ProgressTests(SynchronousTestCase):
             (model,) = get_json(harness, "/running")["running"]
             return float(model["progress"]["fraction"])
 
-        Client(harness, CHAT, chat_body())
+        harness.post(CHAT, chat_body())
         harness.prints("qwen", STAGE_LINES + "." * 100 + "\nllama_context: constructing\nmain: model loaded\n")
         harness.advance(TICK)
         looked = [(router_value(), running_fraction())]
@@ -243,7 +231,7 @@ class ProgressTests(SynchronousTestCase):
         percentage at the start of its second load, on the dashboard or in a chat stream.
         """
         harness = self.harness
-        Client(harness, CHAT, chat_body(stream=False))
+        harness.post(CHAT, chat_body(stream=False))
         harness.prints("qwen", STAGE_LINES + "." * 100 + "\nllama_context: constructing\nmain: model loaded\n")
         harness.become_ready("qwen")
         harness.last_request().respond(UpstreamResponse(200, b"application/json", b"{}"))
@@ -251,7 +239,7 @@ class ProgressTests(SynchronousTestCase):
         harness.process("qwen").exit(0)
         harness.health["qwen"] = "refused"
         dashboard = Dashboard(self, harness)
-        chat = Client(harness, CHAT, chat_body())
+        chat = harness.post(CHAT, chat_body())
         starting = dashboard.latest("qwen")["progress"]
         # Only what the time taken by the first load says: nothing done yet.
         self.assertEqual((starting["stage"], starting["fraction"], starting["label"]), ("starting", 0.0, ""))
@@ -266,7 +254,7 @@ class EntryTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.harness = Harness(
+        self.harness = ProcessHarness(
             self,
             config_text(
                 "groups:\n  pair:\n    members: [qwen, llama]",
@@ -445,5 +433,5 @@ class EntryTests(SynchronousTestCase):
         harness.supervisor.request("llama")
         harness.reactor.advance(0)
         self.assertEqual(len(board_tickers()), 1)
-        dashboard.stream.disconnect()
+        dashboard.stream.close()
         self.assertEqual(board_tickers(), [])

@@ -24,8 +24,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from swapproxy.config import parse_config
 from swapproxy.progress import LoadHistory
 from swapproxy.supervisor import Supervisor
+from swapproxy.testing.local import fake_command
 from swapproxy.web.root import build_site
-from tests.helpers import TrackingFactory, config_yaml, fake_command, loading_status, openai_client, visible
+from tests.support.live import TrackingFactory, config_yaml, loading_status, openai_client, visible
 
 LOAD_TIME = "1.5"
 TOKENS = 6

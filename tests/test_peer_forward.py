@@ -19,7 +19,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from swapproxy.config import parse_config
-from tests.helpers import LOOPBACK, TrackingFactory, RunningProxy, fake_command, free_port, start_proxy, wait_until
+from swapproxy.testing.local import LOOPBACK, fake_command, free_port
+from tests.support.live import RunningProxy, TrackingFactory, start_proxy
+from tests.support.processes import wait_until
 
 
 @attrs.define

@@ -30,7 +30,7 @@ from swapproxy.peers import (
 )
 from swapproxy.supervisor import ShuttingDown
 from swapproxy.web.listing import peer_records
-from tests.fakes import FakePeerClient, FakePeerResponse
+from tests.support.doubles import FakePeerClient, FakePeerResponse
 
 CONFIG = """
     peers:

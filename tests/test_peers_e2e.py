@@ -18,20 +18,9 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import (
-    LOOPBACK,
-    fake_command,
-    fake_upstream_descendants,
-    free_port,
-    free_port_range,
-    loading_status,
-    make_client,
-    openai_client,
-    spawn_twistd,
-    survivors,
-    wait_for_http,
-    write_config,
-)
+from swapproxy.testing.local import LOOPBACK, fake_command, free_port, free_port_range
+from tests.support.live import loading_status, make_client, openai_client, write_config
+from tests.support.processes import fake_upstream_descendants, spawn_twistd, survivors, wait_for_http
 
 TOKENS = 5
 ANSWER = "".join(f"tok{i} " for i in range(TOKENS))

@@ -19,7 +19,7 @@ from swapproxy.config import ModelConfig, parse_config
 from swapproxy.progress import HISTORY_LENGTH, LoadHistory, LoadTracker, Progress
 from swapproxy.supervisor import Supervisor
 from swapproxy.upstream import StartStep, State, Upstream
-from tests.fakes import ProcessReactor
+from tests.support.reactors import ProcessReactor
 
 COMMAND = "llama-server --port 5800 -m /models/qwen.gguf"
 

@@ -1,7 +1,7 @@
 """
 Tests for L{swapproxy.web.router_api}: llama.cpp's router-mode API (``/models``, ``/models/load``,
-``/models/unload``, ``/models/sse``, the router's ``/props``) over swapproxy's models, driven in
-memory with the fake upstreams of L{tests.test_web}.
+``/models/unload``, ``/models/sse``, the router's ``/props``) over swapproxy's models, driven
+with the in-memory upstreams of L{tests.support.harness}.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from swapproxy.peers import PeerSet
 from swapproxy.upstream import StartError, State
 from swapproxy.board import TICK
 from swapproxy.web.router_api import HEARTBEAT
-from tests.test_loading import parse_events
-from tests.fakes import FakePeerClient, FakePeerResponse
-from tests.test_logbuffer import StreamClient
-from tests.test_web import Harness, header
+from tests.support.doubles import FakePeerClient, FakePeerResponse
+from tests.support.harness import Harness, header
+from tests.support.rawhttp import RawConnection, follow, parse_events
 
 CONFIG = """
     healthCheckTimeout: 15
@@ -281,12 +280,12 @@ class EventStreamTests(RouterApiCase):
     ``GET /models/sse``: status changes and load progress in the router's event shapes.
     """
 
-    def connect(self) -> StreamClient:
-        client = StreamClient(self.h.root, "/models/sse")
-        self.addCleanup(client.disconnect)
+    def connect(self) -> RawConnection:
+        client = follow(self.h.root, "/models/sse")
+        self.addCleanup(client.close)
         return client
 
-    def events(self, client: StreamClient) -> list[dict[str, Any]]:
+    def events(self, client: RawConnection) -> list[dict[str, Any]]:
         """
         Every event so far; each must be exactly one ``data:`` line of JSON, as the router sends.
         """
@@ -304,8 +303,8 @@ class EventStreamTests(RouterApiCase):
         client = self.connect()
         status, headers = client.head()
         self.assertEqual(status, 200)
-        self.assertEqual(headers[b"content-type"], b"text/event-stream; charset=utf-8")
-        self.assertEqual(headers[b"x-accel-buffering"], b"no")
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/event-stream; charset=utf-8"])
+        self.assertEqual(headers.getRawHeaders(b"x-accel-buffering"), [b"no"])
         self.assertEqual(self.events(client), [])
         self.assertEqual(self.h.clock.getDelayedCalls()[0].getTime(), self.h.clock.seconds() + HEARTBEAT,
                          "nothing but the heartbeat runs while nothing happens")
@@ -413,7 +412,7 @@ class EventStreamTests(RouterApiCase):
 
     def test_reader_that_left_gets_nothing(self) -> None:
         client = self.connect()
-        client.disconnect()
+        client.close()
         before = client.transport.value()
         self.post_json("/models/load", {"model": "llama"})
         self.h.clock.advance(HEARTBEAT)

@@ -22,19 +22,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.browser import REQUIRE_VARIABLE, Browser, in_thread, missing
-from tests.helpers import (
-    TwistdProcess,
-    config_yaml,
-    fake_command,
-    free_port,
-    make_client,
-    post_chat,
-    spawn_twistd,
-    wait_for_http,
-    wait_until,
-    write_config,
-)
+from swapproxy.testing.local import fake_command, free_port
+from tests.support.browser import REQUIRE_VARIABLE, Browser, in_thread, missing
+from tests.support.live import config_yaml, make_client, post_chat, write_config
+from tests.support.processes import TwistdProcess, freeze, spawn_twistd, wait_for_http, wait_until
 
 log = Logger()
 
@@ -256,15 +247,7 @@ class ModelsViewTests(DashboardTestCase):
         [entry] = await self.running()
         pid = int(entry["pid"])
 
-        def thaw_and_kill() -> None:
-            for signum in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(pid, signum)
-                except ProcessLookupError:
-                    return
-
-        self.addCleanup(thaw_and_kill)
-        os.kill(pid, signal.SIGSTOP)
+        freeze(self, pid)
         await self.until(lambda d: self.state(d, "quick") == "unhealthy", "quick found hung")
         text = await in_thread(lambda: self.row(self.browser.driver, "quick").text)
         self.assertIn("stopped responding: its health check (/health) failed 3 times in a row", text)

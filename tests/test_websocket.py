@@ -18,7 +18,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from swapproxy.config import parse_config
-from tests.helpers import LOOPBACK, RunningProxy, TrackingFactory, fake_command, start_proxy, wait_until
+from swapproxy.testing.local import LOOPBACK, fake_command
+from tests.support.live import RunningProxy, TrackingFactory, start_proxy
+from tests.support.processes import wait_until
 
 SLEEPER = f"{sys.executable} -c 'import time; time.sleep(120)'"
 UPGRADE = (b"GET /upstream/%s HTTP/1.1\r\nHost: swapproxy\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
