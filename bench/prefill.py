@@ -26,8 +26,8 @@ import time
 
 from bench.http import Connection, get
 from bench.processes import answers_200, wait_for
-from tests.helpers import LOOPBACK, free_port_range
-from tests.real_llama import find_llama_server, find_vocab_dir, tiny_model
+from swapproxy.testing.llama import find_llama_server, find_vocab_dir, tiny_model
+from swapproxy.testing.local import LOOPBACK, free_port_range
 
 
 def _lines(process: subprocess.Popen[bytes], stamps: list[float], log_path: str | None) -> None:

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 import psutil
 
 from bench.http import LOOPBACK, Connection, get
-from tests.helpers import TWISTD
-from tests.real_llama import HOW_TO_GET_ONE, find_llama_server, find_vocab_dir
+from swapproxy.testing.llama import HOW_TO_GET_ONE, find_llama_server, find_vocab_dir
+from swapproxy.testing.local import TWISTD
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, step: float = 0.001) -> float:

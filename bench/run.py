@@ -46,8 +46,8 @@ import yaml
 from bench.http import Connection, Response, get, hammer, post
 from bench.processes import Processes, Swapproxy, answers_200, llama_server_and_vocab, run_directory, wait_for
 from swapproxy.config import parse_config
-from tests.helpers import LOOPBACK, REPO, free_port_range
-from tests.real_llama import llama_command, tiny_model
+from swapproxy.testing.llama import llama_command, tiny_model
+from swapproxy.testing.local import LOOPBACK, REPO, free_port_range
 
 MB = 1024 * 1024
 PROMPT = [{"role": "user", "content": "hi"}]

@@ -42,8 +42,8 @@ import yaml
 
 from bench.processes import Processes, Swapproxy, llama_server_and_vocab, run_directory
 from bench.run import render_table, report
-from tests.helpers import LOOPBACK, REPO, free_port_range
-from tests.real_llama import llama_command, tiny_model
+from swapproxy.testing.llama import llama_command, tiny_model
+from swapproxy.testing.local import LOOPBACK, REPO, free_port_range
 
 #: The targets of issue 16: the next turn at least 10 times faster, a swap at most 10 % slower.
 TTFT_TARGET = 10.0

@@ -23,8 +23,8 @@ from twisted.internet.task import Clock
 from bench.swapstorm import sequences
 from swapproxy.config import parse_config
 from swapproxy.supervisor import Lease, Supervisor
+from swapproxy.testing.upstreams import ScriptedUpstreams
 from swapproxy.upstream import State
-from tests.fakes import FakeUpstreams
 
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("collated (defaults)", {}), ("linger 0", {"linger": 0}), ("strict order", {"maxOvertakes": 0})]
@@ -35,7 +35,7 @@ def simulate(args: argparse.Namespace, fifo: dict[str, Any], seed: int) -> dict[
     One mix: wall time, starts and the waits of its requests, in simulated seconds.
     """
     clock = Clock()
-    upstreams = FakeUpstreams()
+    upstreams = ScriptedUpstreams()
     models = [f"m{i + 1}" for i in range(args.models)]
     config = parse_config(json.dumps({
         "models": {m: {"cmd": "fake ${PORT}", "concurrencyLimit": args.requests} for m in models},

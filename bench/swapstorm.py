@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from bench.processes import Processes, Swapproxy, log_path_tail
-from tests.helpers import LOOPBACK, REPO, fake_command, free_port_range
+from swapproxy.testing.local import LOOPBACK, REPO, fake_command, free_port_range
 
 #: llama-swap head on the same workload (3 models, 12 clients, 60 requests, 0.3 s loads), from
 #: issue 12: the figures to be at or below.

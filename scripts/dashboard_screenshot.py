@@ -2,7 +2,7 @@
 """
 Take the README's screenshot of the dashboard: ``twistd swapproxy`` serving fake upstreams in a
 few states (ready, loading, failed, stopped) and some requests, photographed by the browser
-tier's headless Chromium (``tests/browser.py``).
+tier's headless Chromium (``tests/support/browser.py``).
 
     .venv/bin/python scripts/dashboard_screenshot.py [--out docs/dashboard.png] [--dark] [--width 1280]
 
@@ -28,8 +28,10 @@ import psutil
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from tests.browser import Browser, missing  # noqa: E402
-from tests.helpers import TWISTD, config_yaml, fake_command, free_port, kill_all  # noqa: E402
+from swapproxy.testing.local import TWISTD, fake_command, free_port  # noqa: E402
+from tests.support.browser import Browser, missing  # noqa: E402
+from tests.support.live import config_yaml  # noqa: E402
+from tests.support.processes import kill_all  # noqa: E402
 
 MODELS = {
     "qwen2.5-7b-instruct": {

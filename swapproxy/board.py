@@ -187,8 +187,8 @@ class ModelBoard:
 
     def status(self, model_id: str, progress: dict[str, Any] | None = None) -> str:
         """
-        One word for what the model is doing: ``stopped``, ``queued`` (requests wait for it, no
-        process yet), ``stopping``, ``starting`` (no sign of loading yet), ``loading``, ``ready``,
+        One word for what the model is doing: ``stopped``, ``queued`` (requests, or a load, wait
+        for their turn; no process yet), ``stopping``, ``starting`` (no sign of loading yet), ``loading``, ``ready``,
         ``unhealthy`` (found hung, being stopped) or ``failed`` (its last start failed).
         """
         state = self._supervisor.upstreams[model_id].state
@@ -214,6 +214,7 @@ class ModelBoard:
             upstream.pid,
             supervisor.in_flight.get(model_id, 0),
             supervisor.queued(model_id),
+            supervisor.queued(model_id, requests_only=True),
             supervisor.unload_due(model_id),
             None if progress is None else (progress["stage"], progress["label"], progress["percent"]),
             self._last_load.get(model_id),
@@ -249,7 +250,7 @@ class ModelBoard:
             "aliases": list(model.aliases),
             "group": group,
             "in_flight": supervisor.in_flight.get(model_id, 0),
-            "queued": supervisor.queued(model_id),
+            "queued": supervisor.queued(model_id, requests_only=True),
             "pid": upstream.pid,
             "uptime": round(now - upstream.started_at, 1)
             if upstream.running and upstream.started_at is not None

@@ -306,7 +306,7 @@ class _LiveCollector:
             for candidate in State:
                 state.add_metric([model_id, candidate.value], 1.0 if upstream.state is candidate else 0.0)
             in_flight.add_metric([model_id], float(supervisor.in_flight.get(model_id, 0)))
-            queued.add_metric([model_id], float(supervisor.queued(model_id)))
+            queued.add_metric([model_id], float(supervisor.queued(model_id, requests_only=True)))
             for source, size in supervisor.memory_of(model_id).items():
                 if size is not None:
                     memory.add_metric([model_id, source], float(size))

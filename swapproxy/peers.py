@@ -3,12 +3,15 @@
 The other servers swapproxy relays to (``peers``): a connection pool for each, and what is known
 of each one's health.
 
-A peer's models are listed in ``/v1/models`` with their live state. That state is learnt on
-demand, never by a timer: when ``/v1/models`` is asked for and what is known of a peer is older
-than `FRESH_SECONDS`, swapproxy asks the peer for its own ``/v1/models`` (at most one such
-question to a peer at a time, for at most `POLL_TIMEOUT` seconds), and waits a moment for the
-answer (`PeerSet.refresh`). Every request relayed to a peer also tells: a peer that cannot be
-reached is marked down at once, and one that answers is marked up.
+A peer's models are listed in ``/v1/models``, llama.cpp's router ``/models`` and on the
+dashboard with their live state. That state is learnt on demand: when ``/v1/models`` or
+``/models`` is asked for and what is known of a peer is older than `FRESH_SECONDS`, swapproxy asks
+the peer for its own ``/v1/models`` (at most one such question to a peer at a time, for at most
+`POLL_TIMEOUT` seconds), and waits a moment for the answer (`PeerSet.refresh`). While a dashboard
+watches (`PeerSet.subscribe`), that is demand too: the peers are asked every `FRESH_SECONDS`, or
+every `LOADING_FRESH_SECONDS` while one of their models loads, and never while nobody watches.
+Every request relayed to a peer also tells: a peer that cannot be reached is marked down at once,
+and one that answers is marked up.
 
 A peer that is another swapproxy reports the state of each of its models (``state``), a
 llama-swap reports ``status`` (``loaded``/``unloaded``); any other server is only up or down.
@@ -17,6 +20,7 @@ llama-swap reports ``status`` (``loaded``/``unloaded``); any other server is onl
 from __future__ import annotations
 
 import json
+import math
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,6 +32,7 @@ from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -38,12 +43,16 @@ from swapproxy.logs import proxy_logger
 from swapproxy.reactors import IClientReactor, IStreamConnection
 from swapproxy.relayclient import RelayPool
 from swapproxy.httpclient import BytesProducer
+from swapproxy.subscribers import Subscribers
+from swapproxy.supervisor import ShuttingDown
 from swapproxy.web.relay import describe_error
 
 log = proxy_logger("swapproxy.peers")
 
 #: Seconds for which what is known of a peer is fresh enough for ``/v1/models``.
 FRESH_SECONDS = 5.0
+#: Seconds between two questions to the peers while a dashboard watches and a peer model loads.
+LOADING_FRESH_SECONDS = 1.0
 #: Seconds a question to a peer about its models may take in all.
 POLL_TIMEOUT = 5.0
 #: Seconds ``/v1/models`` waits for the peers' answers before it answers with what it knows.
@@ -52,6 +61,9 @@ LIST_WAIT = 2.0
 MAX_LIST_BYTES = 1 << 20
 #: Idle connections kept per peer.
 MAX_IDLE = 8
+#: The state of a configured peer model that the peer does not list (a typo in ``models``, or
+#: a model the peer no longer has).
+NOT_OFFERED = "not offered by the peer"
 
 
 class PeerTimeout(Exception):
@@ -87,14 +99,14 @@ class PeerHealth:
         """
         The state of one of the peer's models, for ``/v1/models``: the peer's own word for it
         (``ready``, ``stopped``, ``loaded``...), ``available`` when the peer lists it without a
-        state, ``unlisted`` when it does not list it, ``unreachable`` when the peer is down and
+        state, `NOT_OFFERED` when it does not list it, ``unreachable`` when the peer is down and
         ``unknown`` before swapproxy has heard from the peer.
         """
         if self.reachable is False:
             return "unreachable"
         if self.states is None:
             return "unknown"
-        return self.states.get(model, "unlisted")
+        return self.states.get(model, NOT_OFFERED)
 
     def model_status(self, model: str) -> dict[str, Any] | None:
         """
@@ -295,6 +307,40 @@ def model_statuses(listing: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
+def _shown_progress(status: Mapping[str, Any]) -> dict[str, Any] | None:
+    """
+    The load progress a swapproxy peer gave one of its models (its `swapproxy.board.ModelBoard`
+    shape), with only the fields the dashboard draws, each of its type: it is another server's.
+    """
+    raw = status.get("progress")
+    if not isinstance(raw, dict):
+        return None
+
+    def number(key: str, high: float) -> float | None:
+        value = raw.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        return float(value) if 0 <= value <= high else None
+
+    def text(key: str) -> str:
+        value = raw.get(key)
+        return value[:MAX_WORD] if isinstance(value, str) else ""
+
+    fraction = number("fraction", 1.0)
+    return {
+        "stage": text("stage") or "loading",
+        "label": text("label"),
+        "fraction": fraction,
+        "percent": None if fraction is None else int(fraction * 100),
+        "elapsed": number("elapsed", 1e9) or 0.0,
+        "eta": number("eta", 1e9),
+    }
+
+
+#: The most characters of a word or label a peer reports that are shown.
+MAX_WORD = 200
+
+
 def _pass_to(result: Any, waiter: Deferred[None]) -> Any:
     if not waiter.called:
         waiter.callback(None)
@@ -324,6 +370,14 @@ class PeerSet(Service):
         self._polls: dict[str, Deferred[None]] = {}
         self._questions: dict[str, Deferred[None]] = {}
         self._pruned_for: Config | None = None
+        self._subscribers = Subscribers("peers")
+        #: The entries the subscribers were last told of.
+        self._sent: list[dict[str, Any]] = []
+        #: The next question to the peers for the subscribers, while there are any.
+        self._watch_call: IDelayedCall | None = None
+        self._stopped = False
+        #: The answers of peers being relayed to clients, each ended when swapproxy stops.
+        self._relays: set[Any] = set()
 
     @property
     def peers(self) -> Mapping[str, PeerConfig]:
@@ -358,6 +412,9 @@ class PeerSet(Service):
             question = self._questions.get(peer_id)
             if question is not None:
                 question.cancel()
+        if self._subscribers and self._watch_call is None:
+            self._watch()  # a reload added the first peers while a dashboard watches
+        self._changed()
 
     def _health(self, peer_id: str) -> PeerHealth:
         return self.health.setdefault(peer_id, PeerHealth())
@@ -372,9 +429,11 @@ class PeerSet(Service):
         health = self._health(peer.id)
         if relayed:
             health.asked_at = None
+            self._watch_soon()
         if health.reachable is not True:
             log.info("peer {peer} is reachable", peer=peer.id)
         health.reachable, health.error, health.checked_at = True, "", self._reactor.seconds()
+        self._changed()
 
     def unreachable(self, peer: PeerConfig, error: str) -> None:
         """
@@ -384,6 +443,7 @@ class PeerSet(Service):
         if health.reachable is not False:
             log.warn("peer {peer} is unreachable: {error}", peer=peer.id, error=error)
         health.reachable, health.error, health.checked_at = False, error, self._reactor.seconds()
+        self._changed()
 
     def refresh(self, wait: float = LIST_WAIT) -> Deferred[None]:
         """
@@ -391,22 +451,12 @@ class PeerSet(Service):
         answered, or after ``wait`` seconds, whichever is first. The questions go on after that:
         their answers are kept for the next caller.
         """
-        now = self._reactor.seconds()
         pending = []
-        for peer in self.peers.values():
-            self.client(peer)
-            health = self._health(peer.id)
-            poll = self._polls.get(peer.id)
-            if poll is None and (health.asked_at is None or now - health.asked_at >= FRESH_SECONDS):
-                health.asked_at = now
-                poll = self._polls[peer.id] = Deferred()
-                question = self._questions[peer.id] = Deferred.fromCoroutine(self._poll(peer))
-                question.addBoth(self._polled, peer.id)
-            if poll is not None and not poll.called:
-                # Each caller its own Deferred: its timeout must not cancel the question.
-                mine: Deferred[None] = Deferred()
-                poll.addBoth(_pass_to, mine)
-                pending.append(mine)
+        for poll in self._ask(FRESH_SECONDS):
+            # Each caller its own Deferred: its timeout must not cancel the question.
+            mine: Deferred[None] = Deferred()
+            poll.addBoth(_pass_to, mine)
+            pending.append(mine)
         if not pending:
             return succeed(None)
         together: Deferred[Any] = DeferredList(pending)
@@ -422,6 +472,27 @@ class PeerSet(Service):
         together.addCallback(finished)
         return result
 
+    def _ask(self, fresh: float) -> list[Deferred[None]]:
+        """
+        Ask each peer not asked within ``fresh`` seconds for its models.
+
+        :returns: the questions in flight (new or not), each a Deferred that fires when answered.
+        """
+        now = self._reactor.seconds()
+        pending = []
+        for peer in self.peers.values():
+            self.client(peer)
+            health = self._health(peer.id)
+            poll = self._polls.get(peer.id)
+            if poll is None and (health.asked_at is None or now - health.asked_at >= fresh):
+                health.asked_at = now
+                poll = self._polls[peer.id] = Deferred()
+                question = self._questions[peer.id] = Deferred.fromCoroutine(self._poll(peer))
+                question.addBoth(self._polled, peer.id)
+            if poll is not None and not poll.called:
+                pending.append(poll)
+        return pending
+
     def _polled(self, result: Any, peer_id: str) -> None:
         self._questions.pop(peer_id, None)
         poll = self._polls.pop(peer_id, None)
@@ -429,6 +500,101 @@ class PeerSet(Service):
             poll.callback(None)
         if isinstance(result, Failure) and not result.check(CancelledError):
             log.failure("asking peer {peer} for its models", result, peer=peer_id)
+        self._changed()
+
+    def relaying(self, relay: Any) -> Callable[[], None]:
+        """
+        A peer's answer is being relayed to a client by ``relay`` (a
+        `swapproxy.web.relay.BodyRelay`): `stopService` aborts it with `ShuttingDown`, so that
+        the client's stream ends with an error event rather than being cut.
+
+        :returns: a function that forgets it, for when the relay has ended.
+        """
+        self._relays.add(relay)
+        return lambda: self._relays.discard(relay)
+
+    # -- what the dashboard shows -------------------------------------------------------------
+
+    def entries(self) -> list[dict[str, Any]]:
+        """
+        Each model of each configured peer as the dashboard shows it, in id order: ``id``
+        (``peer/model``), ``peer``, ``model``, ``state`` (`PeerHealth.model_state`), ``status``
+        (a swapproxy peer's own word for what the model does, such as ``loading`` or
+        ``queued``, else ``state``), ``progress`` (while a swapproxy peer loads it: ``stage``,
+        ``label``, ``fraction``, ``percent``, ``elapsed``, ``eta``; else ``None``), and the peer's
+        ``reachable`` and ``error``.
+        """
+        entries = []
+        for peer in self.peers.values():
+            known = self.health.get(peer.id) or PeerHealth()
+            for model in peer.models:
+                state = known.model_state(model)[:MAX_WORD]
+                status = known.model_status(model) or {}
+                word = status.get("state")
+                entries.append({
+                    "id": f"{peer.id}/{model}",
+                    "peer": peer.id,
+                    "model": model,
+                    "state": state,
+                    "status": word[:MAX_WORD] if isinstance(word, str) and word else state,
+                    "progress": _shown_progress(status),
+                    "reachable": known.reachable,
+                    "error": known.error,
+                })
+        return sorted(entries, key=lambda entry: entry["id"])
+
+    def subscribe(self, subscriber: Callable[[str, Any], None]) -> Callable[[], None]:
+        """
+        Call ``subscriber("peers", entries)`` with every `entries` from now on, each time they
+        change; and while anyone is subscribed, ask the peers for their models every
+        `FRESH_SECONDS` (every `LOADING_FRESH_SECONDS` while one of their models loads).
+
+        :returns: a function that unsubscribes (calling it twice is harmless).
+        """
+        first = not self._subscribers
+        remove = self._subscribers.add(subscriber)
+        if first:
+            self._sent = self.entries()
+            self._watch()
+
+        def unsubscribe() -> None:
+            remove()
+            if not self._subscribers and self._watch_call is not None:
+                if self._watch_call.active():
+                    self._watch_call.cancel()
+                self._watch_call = None
+
+        return unsubscribe
+
+    def _watch(self) -> None:
+        self._watch_call = None
+        if not self._subscribers or not self.peers or self._stopped:
+            return
+        loading = any(entry["progress"] is not None or entry["status"] in ("starting", "loading")
+                      for entry in self._sent)
+        fresh = LOADING_FRESH_SECONDS if loading else FRESH_SECONDS
+        self._ask(fresh)
+        self._watch_call = self._reactor.callLater(fresh, self._watch)
+
+    def _watch_soon(self) -> None:
+        """
+        A request relayed to a peer may have started one of its models: while a dashboard
+        watches, ask within `LOADING_FRESH_SECONDS` rather than at the next round.
+        """
+        call = self._watch_call
+        if not self._subscribers or self._stopped or call is None or not call.active():
+            return
+        soon = self._reactor.seconds() + LOADING_FRESH_SECONDS
+        if call.getTime() > soon:
+            call.reset(LOADING_FRESH_SECONDS)
+
+    def _changed(self) -> None:
+        if not self._subscribers:
+            return
+        entries = self.entries()
+        if entries != self._sent:
+            self._sent = entries
+            self._subscribers.publish("peers", entries)
 
     async def _poll(self, peer: PeerConfig) -> None:
         """
@@ -469,9 +635,25 @@ class PeerSet(Service):
             log.info("peer {peer}: cannot read its /v1/models: {error}", peer=peer.id, error=e)
 
     def stopService(self) -> Deferred[Any]:
+        """
+        End the relays of peers' answers (each client's stream ends with an error event saying
+        that swapproxy is shutting down), withdraw the questions, close the connections.
+        """
         super().stopService()
+        self._stopped = True
+        if self._watch_call is not None and self._watch_call.active():
+            self._watch_call.cancel()
+        self._watch_call = None
+        relays = list(self._relays)
+        for relay in relays:
+            relay.abort(ShuttingDown("swapproxy is shutting down"))
         for question in list(self._questions.values()):
             question.cancel()
         closing = [client.close() for client in self._clients.values()]
         self._clients.clear()
-        return DeferredList(closing)
+        done: Deferred[Any] = DeferredList(closing)
+        if relays:
+            # What was just written to those clients leaves with the next round of I/O, before
+            # the reactor drops their connections.
+            done.addCallback(lambda _: deferLater(self._reactor, 0, lambda: None))
+        return done

@@ -58,11 +58,14 @@ class Progress:
     :ivar stage: ``starting`` (no sign of loading yet), ``loading``, or what a start hook does
         once the model is loaded (`swapproxy.upstream.StartStep`, such as ``restoring``).
     :ivar label: what the server is doing, in plain words (may be empty).
-    :ivar fraction: 0..1, or ``None`` when it cannot be known.
+    :ivar fraction: how much of the whole start is done, 0..1, or ``None`` when it cannot be
+        known; within one start it never goes back, also when a start hook begins.
     :ivar elapsed: seconds since the process was started.
     :ivar eta: estimated seconds left, or ``None`` when there is no estimate: the model has no
         load history yet (guessing from the first stages of a first load was wrong by half).
     :ivar expected: how long previous loads took (median), or ``None``.
+    :ivar step_fraction: while a start hook runs, how much of its own work is done (the
+        `swapproxy.upstream.StartStep`'s fraction), else ``None``.
     """
 
     stage: str
@@ -71,6 +74,7 @@ class Progress:
     elapsed: float
     eta: float | None
     expected: float | None
+    step_fraction: float | None = None
 
 
 class LoadHistory:
@@ -211,14 +215,18 @@ class LoadTracker:
         if upstream.state is not State.STARTING or upstream.started_at is None:
             return Progress("starting", "", None if expected is None else 0.0, 0.0, expected, expected)
         elapsed = self._clock.seconds() - upstream.started_at
-        step = upstream.start_step
-        if step is not None:
-            # Loaded; a start hook has the last word (restoring saved slots).
-            return Progress(step.stage, step.label, step.fraction, elapsed, None, expected)
         fraction: float | None = self._fraction if self._seen_stage else None
         if expected is not None and expected > 0:
             by_time = min(0.95, elapsed / expected)
             fraction = by_time if fraction is None else max(fraction, by_time)
+        step = upstream.start_step
+        if step is not None:
+            # Loaded; a start hook has the last word (restoring saved slots). Its share of the
+            # start is what the load left: the fraction goes on from where the load got to.
+            done = fraction or 0.0
+            overall = None if step.fraction is None else done + (1.0 - done) * step.fraction
+            return Progress(step.stage, step.label, fraction if overall is None else overall, elapsed, None,
+                            expected, step.fraction)
         eta = None if expected is None else max(0.0, expected - elapsed)
         loading = self._seen_stage or upstream.health_status == "loading"
         label = self._label or ("loading model" if loading else "")

@@ -53,6 +53,7 @@ class Ticket:
     :ivar reason: why it waits, for people: "3 requests for qwen finish first, then gemma starts".
     :ivar overtaken: how many later requests were served, on the models in its way, while it waited.
     :ivar due: whether it may no longer be overtaken (see the module docstring).
+    :ivar load_only: whether it is a load that no request waits for (``/api/models/load``).
     """
 
     def __init__(
@@ -71,6 +72,7 @@ class Ticket:
         self.granted_at: float | None = None
         self.error: BaseException | None = None
         self.defer_start = False
+        self.load_only = False
         self._start: Deferred[None] | None = None
         self._result: Deferred[Lease] = Deferred(lambda _: withdraw(self))
 
@@ -193,12 +195,14 @@ class Scheduler:
         self._wakeup_call: IDelayedCall | None = None
         self._stopped = False
 
-    def add(self, upstream: Upstream, defer_start: bool, withdraw: Callable[[Ticket], None]) -> Ticket:
+    def add(self, upstream: Upstream, defer_start: bool, withdraw: Callable[[Ticket], None],
+            load_only: bool = False) -> Ticket:
         """
         Queue a new ticket for ``upstream``, arriving now.
         """
         ticket = Ticket(upstream, self._clock.seconds(), next(self._arrivals), withdraw)
         ticket.defer_start = defer_start
+        ticket.load_only = load_only
         self.tickets.append(ticket)
         return ticket
 
@@ -218,11 +222,13 @@ class Scheduler:
         self.tickets.remove(ticket)
         ticket.fail(error)
 
-    def queued(self, model_id: str | None = None) -> int:
+    def queued(self, model_id: str | None = None, requests_only: bool = False) -> int:
         """
-        How many tickets wait (for one model, or for all).
+        How many tickets wait (for one model, or for all); with ``requests_only``, not counting
+        the loads no request waits for.
         """
-        return sum(1 for t in self.tickets if model_id is None or t.model_id == model_id)
+        return sum(1 for t in self.tickets
+                   if (model_id is None or t.model_id == model_id) and not (requests_only and t.load_only))
 
     def stop(self) -> None:
         """

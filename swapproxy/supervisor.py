@@ -214,7 +214,7 @@ class Supervisor(Service):
 
     # -- requests -----------------------------------------------------------------------------
 
-    def request(self, model_id: str, defer_start: bool = False) -> Ticket:
+    def request(self, model_id: str, defer_start: bool = False, load_only: bool = False) -> Ticket:
         """
         Queue a request for a model.
 
@@ -223,6 +223,8 @@ class Supervisor(Service):
             to make room for it, do that only after the reactor's next round of I/O, so that
             the bytes the caller writes now reach its client first (the loading stream's first
             byte must not wait for a fork, a signal or a walk of a process tree).
+        :param load_only: no request waits: the caller only wants the model loaded (it is not
+            counted by ``queued(requests_only=True)``).
         :raises TooManyRequests: the model already has ``concurrencyLimit`` requests.
         :raises ShuttingDown: swapproxy is stopping.
         :raises UnknownModel: the model is not configured (a reload removed it).
@@ -241,17 +243,18 @@ class Supervisor(Service):
         shortfall = None if upstream.running else self._never_fits(model_id)
         if shortfall is not None:
             raise InsufficientMemory(shortfall)
-        ticket = self._scheduler.add(upstream, defer_start, self._withdraw)
+        ticket = self._scheduler.add(upstream, defer_start, self._withdraw, load_only)
         self._pump()
         # Only the start this request itself would trigger is put off; later ones are not.
         ticket.defer_start = False
         return ticket
 
-    def queued(self, model_id: str | None = None) -> int:
+    def queued(self, model_id: str | None = None, requests_only: bool = False) -> int:
         """
-        How many requests wait (for one model, or for all).
+        How many tickets wait (for one model, or for all); with ``requests_only``, not counting
+        the loads no request waits for.
         """
-        return self._scheduler.queued(model_id)
+        return self._scheduler.queued(model_id, requests_only)
 
     def _withdraw(self, ticket: Ticket) -> None:
         self._scheduler.withdraw(ticket)

@@ -15,18 +15,9 @@ from twisted.web.resource import Resource
 
 from swapproxy.web import auth
 from swapproxy.web.auth import ApiKeys, presented_key
-from tests.test_relay import RawClient
-from tests.test_web import CONFIG, ErrorAssertions, Harness, header
-
-KEYS_CONFIG = CONFIG.replace(
-    "healthCheckTimeout: 15", 'healthCheckTimeout: 15\n    apiKeys: ["sk-first-key", "sk-second"]'
-)
-KEY = "sk-second"
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
+from swapproxy.web.root import build_site
+from tests.support.harness import KEY, KEYS_CONFIG, ErrorAssertions, Harness, basic, header
+from tests.support.rawhttp import RawConnection
 
 def routes(node: Resource, prefix: bytes = b"") -> list[bytes]:
     """
@@ -227,11 +218,11 @@ class KeysNeverLoggedTests(SynchronousTestCase):
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         h = Harness(self, KEYS_CONFIG)
 
-        def connect() -> RawClient:
-            client = RawClient(h)
-            client.site.startFactory()  # turns the access log on
-            self.addCleanup(client.site.stopFactory)
-            return client
+        def connect() -> RawConnection:
+            site = build_site(h.supervisor, h.clock)
+            site.startFactory()  # turns the access log on
+            self.addCleanup(site.stopFactory)
+            return h.connect(site)
 
         wrong = "sk-wrong-but-secret"
         sends = [
@@ -247,7 +238,7 @@ class KeysNeverLoggedTests(SynchronousTestCase):
                 (b"/v1/chat/completions", b"{broken"),
                 (b"/upstream/llama/health", b""),
             ]:
-                connect().send(b"POST", path, body, headers)
+                connect().request(b"POST", path, body, headers)
         # Requests that swapproxy refuses, and logs.
         for headers in sends:
             client = connect()

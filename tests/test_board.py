@@ -9,40 +9,56 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
-from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy.board import TICK
 from swapproxy.upstream import StartStep, Upstream
-from tests.test_events import LLAMA_SWAP_FIELDS
-from tests.test_loading import (
+from tests.support.harness import LLAMA_SWAP_FIELDS
+from tests.support.processharness import (
     CHAT,
     EPOCH,
     FAILURE_LINES,
     STAGE_LINES,
-    Client,
-    Harness,
+    ProcessHarness,
     UpstreamResponse,
     chat_body,
     config_text,
-    parse_events,
 )
-from tests.test_logbuffer import StreamClient
+from tests.support.rawhttp import RawConnection, follow, parse_events
 
 
-def get_json(harness: Harness, path: str) -> Any:
+def get_json(harness: ProcessHarness, path: str) -> Any:
     """
     ``GET path`` from swapproxy's site; the decoded JSON answer (which must be a 200).
     """
-    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-    channel = harness.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-    channel.makeConnection(transport)
-    channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: swapproxy.test\r\n\r\n".encode("ascii"))
-    head, _, body = transport.value().partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200 "), transport.value()
-    return json.loads(body)
+    connection = RawConnection(harness.site)
+    connection.request(b"GET", path.encode("ascii"), None)
+    assert connection.status_line().startswith(b"HTTP/1.1 200 "), connection.value()
+    return json.loads(connection.raw_body())
+
+
+def restore_on_start(harness: ProcessHarness, step: StartStep) -> Deferred[None]:
+    """
+    Give qwen a start hook that says it does ``step`` (restoring saved slots) until the
+    returned Deferred fires.
+    """
+    restored: Deferred[None] = Deferred()
+
+    def restore(upstream: Upstream) -> Deferred[None]:
+        upstream.start_step = step
+        return restored
+
+    harness.upstream("qwen").start_hooks.append(restore)
+    return restored
+
+
+def post(harness: ProcessHarness, path: str) -> tuple[bytes, Any]:
+    """
+    ``POST path`` with an empty JSON body; the status line and the decoded JSON answer.
+    """
+    connection = harness.post(path, b"{}")
+    return connection.status_line(), json.loads(connection.raw_body())
 
 
 class Dashboard:
@@ -50,9 +66,9 @@ class Dashboard:
     A dashboard following ``/api/events``.
     """
 
-    def __init__(self, testcase: SynchronousTestCase, harness: Harness) -> None:
-        self.stream = StreamClient(harness.site.resource, "/api/events")
-        testcase.addCleanup(self.stream.disconnect)
+    def __init__(self, testcase: SynchronousTestCase, harness: ProcessHarness) -> None:
+        self.stream = follow(harness.site.resource, "/api/events")
+        testcase.addCleanup(self.stream.close)
 
     def messages(self) -> list[tuple[str, Any]]:
         result = []
@@ -84,7 +100,7 @@ class ProgressTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.harness = Harness(self, config_text(qwen="ttl: 60"))
+        self.harness = ProcessHarness(self, config_text(qwen="ttl: 60"))
 
     def test_same_numbers_as_the_loading_stream(self) -> None:
         """
@@ -93,7 +109,7 @@ class ProgressTests(SynchronousTestCase):
         """
         harness = self.harness
         dashboard = Dashboard(self, harness)
-        chat = Client(harness, CHAT, chat_body())
+        chat = harness.post(CHAT, chat_body())
         harness.prints("qwen", STAGE_LINES + "." * 30)
         harness.advance(TICK)  # the stream sends the new stage at this tick
         shown = [event.json()["swapproxy"] for event in chat.events()][-1]
@@ -116,7 +132,7 @@ class ProgressTests(SynchronousTestCase):
         """
         harness = self.harness
         dashboard = Dashboard(self, harness)
-        Client(harness, CHAT, chat_body())
+        harness.post(CHAT, chat_body())
         harness.prints("qwen", STAGE_LINES)
         for _ in range(10):
             harness.prints("qwen", "......")
@@ -141,16 +157,10 @@ class ProgressTests(SynchronousTestCase):
         loading stream does; not ``starting`` again after the load's last percent.
         """
         harness = self.harness
-        restored: Deferred[None] = Deferred()
         label = "restoring 2 cached conversations, 1.1 GB"
-
-        def restore(upstream: Upstream) -> Deferred[None]:
-            upstream.start_step = StartStep("restoring", label, 0.5)
-            return restored
-
-        harness.upstream("qwen").start_hooks.append(restore)
+        restored = restore_on_start(harness, StartStep("restoring", label, 0.5))
         dashboard = Dashboard(self, harness)
-        Client(harness, CHAT, chat_body())
+        harness.post(CHAT, chat_body())
         harness.prints("qwen", STAGE_LINES)
         harness.advance(1)
         self.assertEqual(dashboard.latest("qwen")["status"], "loading")
@@ -165,13 +175,63 @@ class ProgressTests(SynchronousTestCase):
         harness.advance(0.25)
         self.assertEqual(dashboard.latest("qwen")["status"], "ready")
 
+    def test_progress_never_goes_back_during_a_restore(self) -> None:
+        """
+        A load that got to 95 % (llama-server said the model is loaded), then restores saved
+        slots: the dashboard, ``/running`` and llama.cpp's router API (``GET /models`` and
+        ``/models/sse``) show its progress going on from there to 100 %, never back to the
+        restore's own 0 %.
+        """
+        harness = self.harness
+        label = "restoring 2 cached conversations, 1.1 GB"
+        restored = restore_on_start(harness, StartStep("restoring", label, 0.0))
+        dashboard = Dashboard(self, harness)
+        router = follow(harness.site.resource, "/models/sse")
+        self.addCleanup(router.close)
+
+        def router_value() -> float:
+            (model,) = get_json(harness, "/models")["data"]
+            return float(model["status"]["progress"]["value"])
+
+        def running_fraction() -> float:
+            (model,) = get_json(harness, "/running")["running"]
+            return float(model["progress"]["fraction"])
+
+        harness.post(CHAT, chat_body())
+        harness.prints("qwen", STAGE_LINES + "." * 100 + "\nllama_context: constructing\nmain: model loaded\n")
+        harness.advance(TICK)
+        looked = [(router_value(), running_fraction())]
+        self.assertGreaterEqual(looked[0][0], 0.95)
+        harness.health["qwen"] = 200
+        harness.advance(0.5)
+        self.assertEqual(dashboard.latest("qwen")["progress"]["stage"], "restoring")
+        looked.append((router_value(), running_fraction()))
+        harness.upstream("qwen").start_step = StartStep("restoring", label, 0.5)
+        harness.advance(TICK)
+        looked.append((router_value(), running_fraction()))
+        restored.callback(None)
+        harness.advance(TICK)
+
+        self.assertEqual(looked, sorted(looked))
+        self.assertLess(looked[0], looked[-1])
+        fractions = [e["progress"]["fraction"] for e in dashboard.entries("qwen")
+                     if e["progress"] and e["progress"]["fraction"] is not None]
+        self.assertGreaterEqual(len(fractions), 3)
+        self.assertEqual(fractions, sorted(fractions))
+        self.assertEqual(dashboard.latest("qwen")["status"], "ready")
+        events = [event.json() for event in parse_events(router.body()) if event.data is not None]
+        values = [e["data"]["progress"]["value"] for e in events if "progress" in e["data"]]
+        self.assertGreaterEqual(len(values), 4)
+        self.assertEqual(values, sorted(values))
+        self.assertEqual((values[-1], events[-1]["data"]["status"]), (1.0, "loaded"))
+
     def test_a_new_load_starts_from_nothing(self) -> None:
         """
         A model loaded once (to 95 %), unloaded, and loaded again, shows no stale stage or
         percentage at the start of its second load, on the dashboard or in a chat stream.
         """
         harness = self.harness
-        Client(harness, CHAT, chat_body(stream=False))
+        harness.post(CHAT, chat_body(stream=False))
         harness.prints("qwen", STAGE_LINES + "." * 100 + "\nllama_context: constructing\nmain: model loaded\n")
         harness.become_ready("qwen")
         harness.last_request().respond(UpstreamResponse(200, b"application/json", b"{}"))
@@ -179,7 +239,7 @@ class ProgressTests(SynchronousTestCase):
         harness.process("qwen").exit(0)
         harness.health["qwen"] = "refused"
         dashboard = Dashboard(self, harness)
-        chat = Client(harness, CHAT, chat_body())
+        chat = harness.post(CHAT, chat_body())
         starting = dashboard.latest("qwen")["progress"]
         # Only what the time taken by the first load says: nothing done yet.
         self.assertEqual((starting["stage"], starting["fraction"], starting["label"]), ("starting", 0.0, ""))
@@ -194,7 +254,7 @@ class EntryTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.harness = Harness(
+        self.harness = ProcessHarness(
             self,
             config_text(
                 "groups:\n  pair:\n    members: [qwen, llama]",
@@ -255,6 +315,30 @@ class EntryTests(SynchronousTestCase):
         self.assertEqual((llama["status"], llama["queued"]), ("queued", 1))
         lease.release()
         self.assertEqual(dashboard.latest("qwen")["status"], "stopping")
+        harness.process("qwen").exit(0)
+        self.assertEqual(dashboard.latest("llama")["status"], "starting")
+
+    def test_a_load_is_not_a_waiting_request(self) -> None:
+        """
+        A load asked for with ``POST /api/models/load`` shows as the model loading, or waiting
+        for its turn to load, and never as a request waiting: no one waits for its answer.
+        """
+        harness = self.harness
+        dashboard = Dashboard(self, harness)
+        status, _ = post(harness, "/api/models/load/qwen")
+        self.assertEqual(status, b"HTTP/1.1 202 Accepted")
+        qwen = dashboard.latest("qwen")
+        self.assertEqual((qwen["status"], qwen["queued"]), ("starting", 0))
+        self.assertEqual(get_json(harness, "/running")["running"][0]["queued"], 0)
+        harness.become_ready("qwen")
+        lease = harness.lease("qwen")
+        # llama's turn comes once qwen's request has ended (they swap).
+        post(harness, "/api/models/load/llama")
+        llama = dashboard.latest("llama")
+        self.assertEqual((llama["status"], llama["queued"]), ("queued", 0))
+        harness.supervisor.request("llama")
+        self.assertEqual(dashboard.latest("llama")["queued"], 1, "a request for it does wait")
+        lease.release()
         harness.process("qwen").exit(0)
         self.assertEqual(dashboard.latest("llama")["status"], "starting")
 
@@ -349,5 +433,5 @@ class EntryTests(SynchronousTestCase):
         harness.supervisor.request("llama")
         harness.reactor.advance(0)
         self.assertEqual(len(board_tickers()), 1)
-        dashboard.stream.disconnect()
+        dashboard.stream.close()
         self.assertEqual(board_tickers(), [])

@@ -21,20 +21,9 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from swapproxy.children import STATE_FILE, ChildEntry, ChildRecord, is_recorded_process, leftovers_of
-from tests.helpers import (
-    alive,
-    config_yaml,
-    fake_command,
-    fake_upstream_descendants,
-    free_port,
-    kill_all,
-    make_client,
-    post_chat,
-    spawn_twistd,
-    survivors,
-    wait_for_http,
-    write_config,
-)
+from swapproxy.testing.local import fake_command, free_port
+from tests.support.live import config_yaml, make_client, post_chat, write_config
+from tests.support.processes import alive, fake_upstream_descendants, kill_all, spawn_twistd, survivors, wait_for_http
 
 SLEEP = ("sleep", "120")
 

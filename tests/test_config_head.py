@@ -112,10 +112,10 @@ class PeerConfigTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         config = parse("""
             peers:
-              p: {proxy: "http://h:1", models: [m, m]}
+              p: {proxy: "http://h:1", models: [m, n]}
         """)
         peer = config.peers["p"]
-        self.assertEqual((peer.api_key, peer.models, peer.timeouts), ("", ("m",), PEER_TIMEOUTS))
+        self.assertEqual((peer.api_key, peer.models, peer.timeouts), ("", ("m", "n"), PEER_TIMEOUTS))
         self.assertEqual(PEER_TIMEOUTS.response_header, 60)
         self.assertEqual(Timeouts().response_header, 0)
 
@@ -143,7 +143,22 @@ class PeerConfigTests(SynchronousTestCase):
             'peers: {p: {proxy: "http://h", models: [m], apiKey: "a b"}}':
                 "config.yaml: peers.p.apiKey: must not contain whitespace",
             'peers: {a/b: {proxy: "http://h", models: [c]}, a: {proxy: "http://i", models: [b/c]}}':
-                "config.yaml: peers.a/b.models: peer model name 'a/b/c' is ambiguous: also model 'b/c' of peer 'a'",
+                "config.yaml: peers.a/b: a peer id must not contain '/': its models are named <peer>/<model>",
+            'peers: {p: {proxy: "http://h", models: [m, n, m]}}':
+                'config.yaml: peers.p.models[2]: "m" is listed twice',
+            'peers: {p: {proxy: "http://user:secret@h:8080", models: [m]}}':
+                "config.yaml: peers.p.proxy: must not contain a user name or password: set the peer's apiKey",
+            'peers: {p: {proxy: "http://h@h2/", models: [m]}}':
+                "config.yaml: peers.p.proxy: must not contain a user name or password: set the peer's apiKey",
+            'peers: {p: {proxy: "http://h/v1?key=x", models: [m]}}':
+                'config.yaml: peers.p.proxy: must not have a query or fragment (each request\'s path is appended'
+                ' to it), got "http://h/v1?key=x"',
+            'peers: {p: {proxy: "http://h/#top", models: [m]}}':
+                'config.yaml: peers.p.proxy: must not have a query or fragment (each request\'s path is appended'
+                ' to it), got "http://h/#top"',
+            'peers: {p: {proxy: "http://h/?", models: [m]}}':
+                'config.yaml: peers.p.proxy: must not have a query or fragment (each request\'s path is appended'
+                ' to it), got "http://h/?"',
             'models: {p/m: {cmd: "x ${PORT}"}}\npeers: {p: {proxy: "http://h", models: [m]}}':
                 "config.yaml: peers.p.models: peer model name 'p/m' is also a local model id",
         }

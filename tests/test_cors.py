@@ -13,7 +13,7 @@ from twisted.web.server import Request
 
 from swapproxy.config import CorsConfig
 from swapproxy.web.cors import CorsPolicy
-from tests.test_web import CONFIG, Harness, Received, answer_json, header
+from tests.support.harness import CONFIG, Harness, Received, answer_json, header
 
 POLICY = """
     cors:

@@ -12,10 +12,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy.logs import proxy_logger, upstream_logger
 from swapproxy.web.monitor import HEARTBEAT
-from tests.test_logbuffer import StreamClient, routed
-from tests.test_loading import parse_events
-from tests.test_metrics import CHAT_ANSWER, answer_with
-from tests.test_web import Harness, answer_later
+from tests.support.harness import CHAT_ANSWER, LLAMA_SWAP_FIELDS, Harness, answer_later, answer_with, routed
+from tests.support.rawhttp import RawConnection, follow, parse_events
 
 CONFIG = """
     models:
@@ -28,10 +26,6 @@ CONFIG = """
 """
 
 
-#: What llama-swap's modelStatus says of a model; swapproxy says it first, and then more.
-LLAMA_SWAP_FIELDS = ("id", "name", "description", "state", "unlisted")
-
-
 class EventStreamTests(SynchronousTestCase):
     """
     What a dashboard sees on ``/api/events``.
@@ -42,12 +36,12 @@ class EventStreamTests(SynchronousTestCase):
         self.h = Harness(self, textwrap.dedent(CONFIG), logs=self.logs)
         self.h.server.respond = answer_with(CHAT_ANSWER)
 
-    def connect(self, path: str = "/api/events") -> StreamClient:
-        client = StreamClient(self.h.root, path)
-        self.addCleanup(client.disconnect)
+    def connect(self, path: str = "/api/events") -> RawConnection:
+        client = follow(self.h.root, path)
+        self.addCleanup(client.close)
         return client
 
-    def messages(self, client: StreamClient) -> list[tuple[str, Any]]:
+    def messages(self, client: RawConnection) -> list[tuple[str, Any]]:
         """
         The (type, decoded data) of every message so far; each must be framed as llama-swap does.
         """
@@ -62,7 +56,7 @@ class EventStreamTests(SynchronousTestCase):
             result.append((envelope["type"], json.loads(envelope["data"])))
         return result
 
-    def states(self, client: StreamClient) -> list[dict[str, str]]:
+    def states(self, client: RawConnection) -> list[dict[str, str]]:
         return [
             {model["id"]: model["state"] for model in data}
             for kind, data in self.messages(client)
@@ -77,9 +71,9 @@ class EventStreamTests(SynchronousTestCase):
         client = self.connect()
         status, headers = client.head()
         self.assertEqual(status, 200)
-        self.assertEqual(headers[b"content-type"], b"text/event-stream; charset=utf-8")
-        self.assertEqual(headers[b"cache-control"], b"no-cache")
-        self.assertEqual(headers[b"x-accel-buffering"], b"no")
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/event-stream; charset=utf-8"])
+        self.assertEqual(headers.getRawHeaders(b"cache-control"), [b"no-cache"])
+        self.assertEqual(headers.getRawHeaders(b"x-accel-buffering"), [b"no"])
         (kind, models), metrics = self.messages(client)
         self.assertEqual((kind, metrics), ("modelStatus", ("metrics", [])))
         self.assertEqual(
@@ -170,10 +164,10 @@ class EventStreamTests(SynchronousTestCase):
         A client that leaves stops its heartbeat and receives nothing more.
         """
         before = len(self.h.clock.getDelayedCalls())
-        client = StreamClient(self.h.root, "/api/events?logs")
+        client = follow(self.h.root, "/api/events?logs")
         self.assertEqual(len(self.h.clock.getDelayedCalls()), before + 1)
         self.assertEqual(self.logs.proxy.subscribers, 1)
-        client.disconnect()
+        client.close()
         self.assertEqual(len(self.h.clock.getDelayedCalls()), before)
         self.assertEqual(self.logs.proxy.subscribers, 0)
         self.assertEqual(self.logs.upstream.subscribers, 0)

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 
-from tests.helpers import FAKE_UPSTREAM, free_port
+from swapproxy.testing.local import FAKE_UPSTREAM, free_port
 
 LOADING_BODY = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
 

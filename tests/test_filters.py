@@ -23,7 +23,7 @@ from swapproxy.web.filters import (
     strip_path,
 )
 from swapproxy.web.sse import LOADING_TEXT_END, LOADING_TEXT_START
-from tests.test_web import ErrorAssertions, Harness, header
+from tests.support.harness import ErrorAssertions, Harness, header
 
 CONFIG = """
     healthCheckTimeout: 15

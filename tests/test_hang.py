@@ -11,8 +11,6 @@ The logic behind these tests is unit-tested on a Clock in `tests.test_stall`, `t
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from typing import Any
 
@@ -21,7 +19,9 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from swapproxy.config import parse_config
-from tests.helpers import RunningProxy, alive, config_yaml, fake_command, start_proxy, wait_until
+from swapproxy.testing.local import fake_command
+from tests.support.live import RunningProxy, config_yaml, start_proxy
+from tests.support.processes import alive, freeze, wait_until
 
 #: The limits these tests run with, in seconds: short, so that the tests are quick.
 STALL = 1.5
@@ -31,22 +31,6 @@ UNLOAD = 2
 def serve(testcase: TestCase, models: dict[str, dict[str, Any]], **top: Any) -> RunningProxy:
     top.setdefault("unloadTimeout", UNLOAD)
     return start_proxy(testcase, parse_config(config_yaml(models, **top), "test.yaml"))
-
-
-def freeze(testcase: TestCase, pid: int) -> None:
-    """
-    SIGSTOP process ``pid``; when the test ends it gets SIGCONT and SIGKILL if it still exists.
-    """
-
-    def thaw_and_kill() -> None:
-        for signum in (signal.SIGCONT, signal.SIGKILL):
-            try:
-                os.kill(pid, signum)
-            except ProcessLookupError:
-                return
-
-    testcase.addCleanup(thaw_and_kill)
-    os.kill(pid, signal.SIGSTOP)
 
 
 class Stream:

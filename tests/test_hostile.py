@@ -27,8 +27,8 @@ from swapproxy.config import Limits
 from swapproxy.upstream import Upstream, _body_producer
 from swapproxy.web.root import INFERENCE_ROUTES
 from swapproxy.web.site import SwapproxySite
-from tests.rawhttp import RawConnection, RawResponse
-from tests.test_web import CONFIG, ErrorAssertions, Harness
+from tests.support.harness import CONFIG, ErrorAssertions, Harness
+from tests.support.rawhttp import RawConnection, RawResponse
 
 HOSTILE_CONFIG = CONFIG + textwrap.indent(textwrap.dedent("""
     based:
@@ -127,7 +127,7 @@ class UpstreamEscapeTests(ErrorAssertions, SynchronousTestCase):
         """
         uri = self.sent("/upstream/based/x?next=http://evil.example/%2e%2e/&a=%20")
         self.assertEqual(uri.query, b"next=http://evil.example/%2e%2e/&a=%20")
-        connection = RawConnection(SwapproxySite(self.h.root, Limits(), self.h.clock), self.h)
+        connection = self.h.connect(SwapproxySite(self.h.root, Limits(), self.h.clock))
         connection.request(b"GET", b"/upstream/based/x#y?q=1#frag")
         self.assertEqual([r.status for r in connection.responses()], [200])
         uri = URI.fromBytes(self.agent.uris[-1])
@@ -182,7 +182,7 @@ class RequestTargetTests(SynchronousTestCase):
             b"evil.example:443",
             b"*",
         ]:
-            connection = RawConnection(self.site, self.h)
+            connection = self.h.connect(self.site)
             head = b"POST " + target + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(CHAT)
             connection.send(head + CHAT)
             [response] = connection.responses()
@@ -317,7 +317,7 @@ class AnyRequestTests(SynchronousTestCase):
 
     def connect(self) -> RawConnection:
         self.port += 1
-        return RawConnection(self.site, self.h, self.port)
+        return self.h.connect(self.site, self.port)
 
     def assertWellFormed(self, response: RawResponse, method: bytes) -> None:
         """

@@ -17,34 +17,14 @@ from typing import Any
 
 import attrs
 import openai
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThread
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from swapproxy.config import parse_config
-from tests.helpers import (
-    REPO,
-    RunningProxy,
-    alive,
-    config_yaml,
-    fake_command,
-    fake_upstream_descendants,
-    free_port,
-    free_port_range,
-    make_client,
-    port_is_free,
-    post_chat,
-    spawn_twistd,
-    start_proxy,
-    survivors,
-    wait_for_http,
-    wait_until,
-    write_config,
-)
+from swapproxy.testing.local import REPO, fake_command, free_port, free_port_range, port_is_free
+from tests.support.live import RunningProxy, config_yaml, connect_raw, make_client, post_chat, start_proxy, write_config
+from tests.support.processes import alive, fake_upstream_descendants, spawn_twistd, survivors, wait_for_http, wait_until
 
 
 def serve(testcase: TestCase, models: dict[str, dict[str, Any]], **top: Any) -> RunningProxy:
@@ -83,30 +63,6 @@ def sse_events(body: bytes) -> list[bytes]:
             if line.startswith(b"data:"):
                 events.append(line[5:].strip())
     return events
-
-
-class _HangUpAfterFirstToken(Protocol):
-    """
-    Sends one raw streaming request, then drops the connection once a token has arrived.
-    """
-
-    def __init__(self, request: bytes) -> None:
-        self._request = request
-        self.received = b""
-        self.hung_up: Deferred[None] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self._request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        if b"tok0" in self.received and not self.hung_up.called:
-            self.transport.abortConnection()
-            self.hung_up.callback(None)
-
-    def connectionLost(self, reason: Failure) -> None:
-        if not self.hung_up.called:
-            self.hung_up.errback(reason)
 
 
 class InProcessTests(TestCase):
@@ -358,12 +314,9 @@ class InProcessTests(TestCase):
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
         )
-        client = _HangUpAfterFirstToken(raw)
-        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.port)
-        await connectProtocol(endpoint, client)
-        self.addCleanup(lambda: client.transport.abortConnection() if client.transport.connected else None)
-
-        await client.hung_up
+        client = await connect_raw(proxy.port, raw, hang_up_at=b"tok0", testcase=self)
+        await client.done
+        self.assertTrue(client.hung_up, client.received)
 
         def went_away() -> list[str]:
             return [line for line in proxy.logs.lines("a") if "client went away" in line]

@@ -18,18 +18,16 @@ from hypothesis import strategies as st
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.protocol import Protocol
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import directlyProvides
 
 from swapproxy.config import ConfigError, Limits, parse_config
 from swapproxy.web.site import LINGER_SECONDS, SwapproxySite, describe_size
-from tests.helpers import wait_until
-from tests.rawhttp import RawConnection, RawResponse, parse_responses
-from tests.test_web import Harness
+from tests.support.harness import Harness
+from tests.support.live import connect_raw
+from tests.support.processes import wait_until
+from tests.support.rawhttp import RawConnection, RawResponse, parse_responses
 
 CHAT = b'{"model": "llama", "messages": []}'
 
@@ -56,7 +54,7 @@ class LimitsTestMixin:
         self.ports = iter(range(40000, 50000))
 
     def connect(self) -> RawConnection:
-        return RawConnection(self.site, self.h, next(self.ports))
+        return self.h.connect(self.site, next(self.ports))
 
     def assertRefused(self, connection: RawConnection, status: int, *fragments: str) -> RawResponse:
         """
@@ -454,26 +452,6 @@ class ConfigTests(SynchronousTestCase):
 # -- over real sockets -------------------------------------------------------------------------
 
 
-class _Client(Protocol):
-    """
-    Writes a request, reads until swapproxy closes the connection.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.received = b""
-        self.done: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self.data)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason: Failure) -> None:
-        self.done.callback(self.received)
-
-
 class LoopbackTests(TestCase):
     """
     A real client over loopback reads the answer to a refused request.
@@ -493,19 +471,14 @@ class LoopbackTests(TestCase):
         self.addCleanup(lambda: Deferred.fromCoroutine(all_closed()))
         return int(port.getHost().port)
 
-    async def connect(self, port: int, data: bytes) -> _Client:
-        client = _Client(data)
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
-        self.addCleanup(lambda: client.transport.abortConnection() if client.transport.connected else None)
-        return client
-
     async def test_client_sending_too_much_reads_413(self) -> None:
         """
         A client that sends a 4 MiB body regardless reads the 413, not a connection reset.
         """
         port = self.serve(Limits(max_body_size=1024))
         body = b"x" * (4 * 1024**2)
-        client = await self.connect(port, post(b"/v1/chat/completions", body, b"Content-Length: %d" % len(body)))
+        request = post(b"/v1/chat/completions", body, b"Content-Length: %d" % len(body))
+        client = await connect_raw(port, request, testcase=self)
         received = await client.done
         responses, _ = parse_responses(received, [b"POST"], closed=True)
         self.assertEqual([r.status for r in responses], [413])
@@ -517,7 +490,7 @@ class LoopbackTests(TestCase):
         """
         port = self.serve(Limits(max_connections=2))
         for _ in range(2):
-            await self.connect(port, b"")
-        third = await self.connect(port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            await connect_raw(port, b"", testcase=self)
+        third = await connect_raw(port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", testcase=self)
         responses, _ = parse_responses(await third.done, [b"GET"], closed=True)
         self.assertEqual([r.status for r in responses], [503])

@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from swapproxy.config import Capabilities, parse_config
 from swapproxy.web.listing import capability_fields
-from tests.helpers import start_proxy
+from tests.support.live import start_proxy
 
 
 class CapabilityTests(SynchronousTestCase):

@@ -4,7 +4,7 @@ pointed at swapproxy instead, see what they saw before.
 
 Each test sends the requests such a client sends once to a real llama-server of its own and once
 through swapproxy (whose model is the same llama-server binary and weights), and compares what the
-client would notice (`tests.differential`). Skipped without a llama-server, as
+client would notice (`tests.support.differential`). Skipped without a llama-server, as
 ``tests/test_llama_server.py`` is.
 
 The last class needs no llama-server: a two-turn conversation through the openai SDK whose first
@@ -23,20 +23,13 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from swapproxy.config import parse_config
+from swapproxy.testing.llama import BASE_FLAGS, HOW_TO_GET_ONE, llama_command
+from swapproxy.testing.local import fake_command, free_port_range
 from swapproxy.web.sse import LOADING_TEXT_END, LOADING_TEXT_START
-from tests.differential import Answer, Differential, LlamaServerProcess, cors_allows, preflight_allows, shape
-from tests.helpers import (
-    config_yaml,
-    fake_command,
-    free_port_range,
-    loading_status,
-    openai_client,
-    start_proxy,
-    visible,
-    wait_until,
-)
-from tests.real_llama import BASE_FLAGS, HOW_TO_GET_ONE, llama_command
-from tests.test_llama_server import LLAMA_SERVER, model_file
+from tests.support.differential import Answer, Differential, LlamaServerProcess, cors_allows, preflight_allows, shape
+from tests.support.live import config_yaml, loading_status, openai_client, start_proxy, visible
+from tests.support.llama import LLAMA_SERVER, model_file
+from tests.support.processes import wait_until
 
 #: llama-server's flags for every server here (BASE_FLAGS without host and port, which differ).
 FLAGS = ("-c", "512", "-ngl", "0", "--no-webui", "-np", "1", "-fit", "off")

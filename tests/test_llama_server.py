@@ -1,7 +1,7 @@
 """
 The end-to-end tier: swapproxy with real ``llama-server`` children and tiny random-weight models.
 
-The models are written once per cache (``tests/real_llama.py``); llama-server itself is never
+The models are written once per cache (``swapproxy/testing/llama.py``); llama-server itself is never
 built here. Without one (``$LLAMA_SERVER``, ``PATH``, or the cache of
 ``scripts/build_llama_server.sh``), the whole module is skipped with the reason; ``.ci/run``
 builds it first, so CI always runs this tier.
@@ -22,55 +22,29 @@ import openai
 import yaml
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from swapproxy.config import parse_config
 from swapproxy.metrics import Metrics
 from swapproxy.progress import LoadHistory
 from swapproxy.slotcache import SlotCache
 from swapproxy.supervisor import Supervisor
+from swapproxy.testing.llama import HOW_TO_GET_ONE, llama_command
+from swapproxy.testing.local import free_port, free_port_range
 from swapproxy.upstream import State
 from swapproxy.web.root import build_site
-from tests.helpers import (
+from tests.support.live import (
     LogCapture,
     TrackingFactory,
     capture_logs,
-    free_port,
-    free_port_range,
     loading_status,
     make_client,
     openai_client,
     post_chat,
-    spawn_twistd,
-    survivors,
-    wait_for_http,
     write_config,
 )
-from tests.real_llama import (
-    HOW_TO_GET_ONE,
-    find_llama_server,
-    find_vocab_dir,
-    llama_command,
-    llama_servers_under,
-    tiny_model,
-)
-
-LLAMA_SERVER = find_llama_server()
-_models: dict[tuple[str, int], str] = {}
-
-
-def model_file(preset: str, seed: int = 0) -> str:
-    """
-    The cached model of ``preset`` and ``seed``, written on first use in this test run.
-    """
-    key = (preset, seed)
-    if key not in _models:
-        assert LLAMA_SERVER is not None
-        vocab = find_vocab_dir(LLAMA_SERVER)
-        if vocab is None:
-            raise SkipTest("no llama.cpp vocab files: run scripts/build_llama_server.sh --vocab-dir")
-        _models[key] = tiny_model(vocab, preset, seed)
-    return _models[key]
+from tests.support.llama import LLAMA_SERVER, llama_servers_under, model_file
+from tests.support.processes import spawn_twistd, survivors, wait_for_http
 
 
 def config_text(models: dict[str, dict[str, Any]], **top: Any) -> str:

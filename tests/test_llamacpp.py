@@ -1,7 +1,7 @@
 """
 Tests for the routes a client written for llama-server uses: llama-server's aliases of the
 ``/v1`` routes, its own endpoints (L{swapproxy.web.llamacpp}) and requests that name no model
-(L{swapproxy.web.modelchoice}), driven in memory with the fake upstreams of L{tests.test_web}.
+(L{swapproxy.web.modelchoice}), driven with the in-memory upstreams of L{tests.support.harness}.
 """
 
 from __future__ import annotations
@@ -15,21 +15,11 @@ from twisted.web.server import Request
 
 from swapproxy.web.modelchoice import NO_MODEL
 from swapproxy.web.root import INFERENCE_ROUTES
-from tests.test_metrics import sample
-from tests.test_web import CONFIG, ErrorAssertions, Harness, Received
+from tests.support.harness import CONFIG, TWO_MODELS, ErrorAssertions, Harness, Received, sample
 
 ONE_MODEL = """
     models:
       only:
-        cmd: llama-server --port ${PORT}
-"""
-
-TWO_MODELS = """
-    models:
-      llama:
-        cmd: llama-server --port ${PORT}
-        aliases: [fast]
-      qwen:
         cmd: llama-server --port ${PORT}
 """
 

@@ -2,403 +2,39 @@
 Tests for the loading stream (L{swapproxy.web.loading}, L{swapproxy.web.sse}): what a client that
 streams a request for a model that is not ready reads, byte by byte, on a `Clock`.
 
-The whole route runs in memory: the client's HTTP/1.1 request goes through the real `Site` over a
-`StringTransport`, the `Supervisor` runs real `Upstream` objects whose child processes are fakes
-(`tests.fakes.ProcessReactor`: the test prints their llama-server lines and ends them), their
-health probes answer what the test says, and their HTTP client is a fake whose responses the test
-writes.
+The whole route runs in memory (`tests.support.processharness`): the client's HTTP/1.1 request
+goes through the real `Site` over a `StringTransport`, the `Supervisor` runs real `Upstream`
+objects whose child processes are fakes (the test prints their llama-server lines and ends them),
+their health probes answer what the test says, and their HTTP client is a fake whose responses the
+test writes.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
-import textwrap
 from typing import Any
 
-import attrs
-from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
-from twisted.internet.task import LoopingCall
-from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseDone
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH
 
-from swapproxy import upstream as upstream_module
-from swapproxy.config import parse_config
-from swapproxy.progress import LoadHistory
-from swapproxy.supervisor import Lease, Supervisor
 from swapproxy.upstream import StartStep, State, Upstream
-from swapproxy.web import forward as forward_module
 from swapproxy.web.filters import strip_loading_text
-from swapproxy.web.root import build_site
 from swapproxy.web.sse import LOADING_TEXT_END, LOADING_TEXT_START
-from tests.fakes import FakeProcess, ProcessReactor
-from tests.helpers import visible
-
-#: The clock starts at a realistic Unix time, so that ``created`` is checkable.
-EPOCH = 1_750_000_000
-
-CHAT = "/v1/chat/completions"
-MESSAGES = "/v1/messages"
-
-STAGE_LINES = (
-    "main: loading model\n"
-    "srv    load_model: loading model '/models/qwen.gguf'\n"
-    "llama_model_loader: loaded meta data with 20 key-value pairs and 291 tensors\n"
-    "print_info: file format = GGUF V3 (latest)\n"
-    "load_tensors: loading model tensors, this can take a while... (mmap = true)\n"
-    "load_tensors:   CPU_Mapped model buffer size =  4685.30 MiB\n"
+from tests.support.live import visible
+from tests.support.processharness import (
+    CHAT,
+    EPOCH,
+    FAILURE_LINES,
+    MESSAGES,
+    STAGE_LINES,
+    ProcessHarness,
+    UpstreamResponse,
+    chat_body,
+    config_text,
+    messages_body,
 )
-FAILURE_LINES = (
-    "llama_model_load: error loading model: tensor 'blk.12.ffn_down.weight' data is not within the file bounds\n"
-    "main: exiting due to model loading error\n"
-    "error: failed to load model '/models/qwen.gguf'\n"
-)
-
-
-def config_text(extra_top: str = "", **models: str) -> str:
-    """
-    A config with one model per keyword (id -> extra model keys, as YAML lines).
-    """
-    lines = ["healthCheckTimeout: 120", "startPort: 5800", "sendLoadingState: true"]
-    lines += [line for line in textwrap.dedent(extra_top).splitlines() if line.strip()]
-    lines.append("models:")
-    for model_id, keys in models.items():
-        lines.append(f"  {model_id}:")
-        lines.append(f"    cmd: {sys.executable} -m llama_server --port ${{PORT}} -m /models/{model_id}.gguf")
-        lines += ["    " + line for line in textwrap.dedent(keys).splitlines() if line.strip()]
-    return "\n".join(lines) + "\n"
-
-
-# -- the upstream's HTTP side ------------------------------------------------------------------
-
-
-class BodyTransport:
-    """
-    The transport of an upstream response body: the producer the relay registers.
-    """
-
-    def __init__(self) -> None:
-        self.paused = False
-        self.stopped = False
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-
-
-class UpstreamResponse:
-    """
-    An upstream's answer, as treq's unbuffered response; the test writes its body.
-    """
-
-    def __init__(self, code: int, content_type: bytes | None, body: bytes = b"", complete: bool = True) -> None:
-        self.code = code
-        self.phrase = b"OK" if code == 200 else b"Error"
-        self.headers = Headers({b"content-type": [content_type]} if content_type else {})
-        self.length = len(body) if complete else UNKNOWN_LENGTH
-        self.transport = BodyTransport()
-        self.protocol: Any = None
-        self._pending = body
-        self._complete = complete
-
-    def deliverBody(self, protocol: Any) -> None:
-        self.protocol = protocol
-        protocol.makeConnection(self.transport)
-        if self._pending:
-            protocol.dataReceived(self._pending)
-        if self._complete:
-            protocol.connectionLost(Failure(ResponseDone()))
-
-    def send(self, data: bytes) -> None:
-        self.protocol.dataReceived(data)
-
-    def end(self, reason: Exception | None = None) -> None:
-        self.protocol.connectionLost(Failure(reason or ResponseDone()))
-
-
-@attrs.define
-class UpstreamRequest:
-    method: str
-    url: str
-    headers: Headers
-    body: bytes | None
-    answer: Deferred[Any]
-
-    def json(self) -> Any:
-        assert self.body is not None
-        return json.loads(self.body)
-
-    def respond(self, response: UpstreamResponse) -> UpstreamResponse:
-        self.answer.callback(response)
-        return response
-
-    def stream(self) -> UpstreamResponse:
-        """
-        Answer 200 ``text/event-stream`` and leave the body open.
-        """
-        return self.respond(UpstreamResponse(200, b"text/event-stream", complete=False))
-
-
-class UpstreamClient:
-    """
-    Stands in for the treq client an `Upstream` makes for its child: records each request.
-    """
-
-    def __init__(self, requests: list[UpstreamRequest]) -> None:
-        self._requests = requests
-
-    def request(self, method: str, url: str, headers: Headers | None = None, data: bytes | None = None,
-                **kwargs: Any) -> Deferred[Any]:
-        answer: Deferred[Any] = Deferred()
-        self._requests.append(UpstreamRequest(method, url, headers or Headers(), data, answer))
-        return answer
-
-
-class Pool:
-    def closeCachedConnections(self) -> Deferred[None]:
-        return succeed(None)
-
-
-# -- the client's HTTP side --------------------------------------------------------------------
-
-
-@attrs.frozen
-class Event:
-    """
-    One SSE event block: its ``event:`` name, its ``data:`` text, its comment lines.
-    """
-
-    name: str | None
-    data: str | None
-    comments: tuple[str, ...]
-
-    def json(self) -> Any:
-        assert self.data is not None, self
-        return json.loads(self.data)
-
-
-def parse_events(body: bytes) -> list[Event]:
-    """
-    The complete SSE event blocks of ``body``; each must be a valid SSE block.
-    """
-    events = []
-    text = body.decode("utf-8")
-    *blocks, _rest = text.split("\n\n")
-    for block in blocks:
-        name = None
-        data: list[str] = []
-        comments = []
-        for line in block.split("\n"):
-            if line.startswith(":"):
-                comments.append(line[1:].strip())
-            elif line.startswith("event: "):
-                name = line[len("event: "):]
-            elif line.startswith("data: "):
-                data.append(line[len("data: "):])
-            else:
-                raise AssertionError(f"not an SSE line: {line!r} in {body!r}")
-        events.append(Event(name, "\n".join(data) if data else None, tuple(comments)))
-    return events
-
-
-class Client:
-    """
-    One HTTP/1.1 client connection to swapproxy's `Site`, over a `StringTransport`.
-    """
-
-    def __init__(self, harness: Harness, path: str, body: Any, headers: dict[str, str] | None = None) -> None:
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-        self.channel = harness.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        self.channel.makeConnection(self.transport)
-        content = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
-        head = [f"POST {path} HTTP/1.1", "Host: swapproxy.test", "Content-Type: application/json",
-                f"Content-Length: {len(content)}"]
-        head += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        self.channel.dataReceived(("\r\n".join(head) + "\r\n\r\n").encode("ascii") + content)
-        #: What the client had read, and the signals every child had received, when the
-        #: request's own handling was done (before the reactor's next turn).
-        self.first_bytes = self.raw
-        self.signals_at_first_bytes = [signal for p in harness.reactor.spawned for signal in p.signals]
-        self.spawned_at_first_bytes = len(harness.reactor.spawned)
-        # A request that starts a model with the loading stream spawns it only once its first
-        # event is out, on a later reactor turn (the harness's supervisor puts it off by 0 s).
-        harness.reactor.advance(0)
-
-    def disconnect(self) -> None:
-        self.channel.connectionLost(Failure(ConnectionDone("the client hung up")))
-
-    @property
-    def raw(self) -> bytes:
-        return self.transport.value()
-
-    def head(self) -> tuple[int, Headers]:
-        """
-        The response status and headers; fails when they have not been sent.
-        """
-        head, separator, _ = self.raw.partition(b"\r\n\r\n")
-        assert separator, f"no response head yet: {self.raw!r}"
-        status_line, *header_lines = head.split(b"\r\n")
-        headers = Headers()
-        for line in header_lines:
-            name, _, value = line.partition(b":")
-            headers.addRawHeader(name.strip(), value.strip())
-        return int(status_line.split(b" ")[1]), headers
-
-    def body(self) -> tuple[bytes, bool]:
-        """
-        The response body so far (chunked encoding removed), and whether the response ended.
-        """
-        _, separator, rest = self.raw.partition(b"\r\n\r\n")
-        if not separator:
-            return b"", False
-        _, headers = self.head()
-        if headers.getRawHeaders(b"transfer-encoding") != [b"chunked"]:
-            length = int(headers.getRawHeaders(b"content-length", [b"-1"])[0])
-            return rest, len(rest) == length
-        body = b""
-        while rest:
-            size_line, separator, after = rest.partition(b"\r\n")
-            if not separator:
-                break
-            size = int(size_line, 16)
-            if size == 0:
-                return body, True
-            if len(after) < size + 2:
-                break
-            body += after[:size]
-            rest = after[size + 2:]
-        return body, False
-
-    def events(self) -> list[Event]:
-        return parse_events(self.body()[0])
-
-    @property
-    def finished(self) -> bool:
-        return self.body()[1]
-
-
-# -- the harness -------------------------------------------------------------------------------
-
-
-class Harness:
-    """
-    swapproxy's Site, a Supervisor of real `Upstream` objects with fake children, and a clock.
-    """
-
-    def __init__(self, testcase: SynchronousTestCase, config: str, history: LoadHistory | None = None) -> None:
-        self.reactor = ProcessReactor().install(testcase)
-        self.reactor.advance(EPOCH)
-        self.health: dict[str, Any] = {}
-        self.upstream_requests: list[UpstreamRequest] = []
-        testcase.patch(upstream_module, "make_http_client",
-                       lambda reactor, max_idle: (UpstreamClient(self.upstream_requests), Pool()))
-        #: Fake processes that died and have not been reaped yet (`crash_unreaped`).
-        self.unreaped: set[FakeProcess] = set()
-        testcase.patch(forward_module, "process_gone", self._process_gone)
-        self.config = parse_config(config, "test.yaml", {})
-
-        def factory(model: Any) -> Upstream:
-            return Upstream(model, self.reactor,
-                            environ={"PATH": os.environ.get("PATH", os.defpath)}, health_probe=self._probe)
-
-        self.supervisor = Supervisor(self.config, self.reactor, upstream_factory=factory)
-        self.site = build_site(self.supervisor, self.reactor, history)
-
-    def _process_gone(self, upstream: Upstream) -> bool:
-        mine = [p for p in self.reactor.spawned if p.pid is not None and p.pid == upstream.pid]
-        return not mine or mine[0].ended or mine[0] in self.unreaped
-
-    def crash_unreaped(self, model_id: str) -> FakeProcess:
-        """
-        The model's child dies, and swapproxy has not heard of it yet: the model still looks
-        ready, but nothing answers on its port.
-        """
-        process = self.process(model_id)
-        self.unreaped.add(process)
-        return process
-
-    def _probe(self, upstream: Upstream) -> Deferred[int]:
-        answer = self.health.get(upstream.model.id, "refused")
-        if answer == "refused":
-            return fail(ConnectionRefusedError("connection refused"))
-        return succeed(int(answer))
-
-    def upstream(self, model_id: str) -> Upstream:
-        return self.supervisor.upstreams[model_id]
-
-    def process(self, model_id: str) -> FakeProcess:
-        """
-        The latest child process of ``model_id``.
-        """
-        mine = [p for p in self.reactor.spawned if f"/models/{model_id}.gguf" in p.args]
-        assert mine, f"{model_id} was never started"
-        return mine[-1]
-
-    def prints(self, model_id: str, text: str) -> None:
-        """
-        The model's child prints ``text`` on stderr.
-        """
-        self.process(model_id).output(text.encode("utf-8"), fd=2)
-
-    def become_ready(self, model_id: str) -> None:
-        """
-        The model's health check answers 200; its next probe makes it ready.
-        """
-        self.health[model_id] = 200
-        self.advance(0.25)
-        assert self.upstream(model_id).state is State.READY, self.upstream(model_id).state
-
-    def advance(self, seconds: float, step: float = 0.25) -> None:
-        """
-        Let ``seconds`` pass, a tick at a time.
-        """
-        steps = round(seconds / step)
-        assert abs(steps * step - seconds) < 1e-9, "advance by whole steps"
-        for _ in range(steps):
-            self.reactor.advance(step)
-
-    def last_request(self) -> UpstreamRequest:
-        assert self.upstream_requests, "nothing was sent upstream"
-        return self.upstream_requests[-1]
-
-    def tickers(self) -> list[Any]:
-        """
-        The loading-stream tickers that are scheduled.
-        """
-        return [call for call in self.reactor.getDelayedCalls() if isinstance(call.func, LoopingCall)]
-
-    def lease(self, model_id: str) -> Lease:
-        """
-        A request in flight on ``model_id`` (started and made ready if needed).
-        """
-        leases: list[Lease] = []
-        self.supervisor.request(model_id).wait().addCallback(leases.append)
-        if not leases:
-            self.become_ready(model_id)
-        assert leases, f"no lease for {model_id}"
-        return leases[0]
-
-
-def chat_body(model: str = "qwen", stream: bool = True, **extra: Any) -> dict[str, Any]:
-    body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
-    body.update(extra)
-    return body
-
-
-def messages_body(model: str = "qwen", stream: bool = True) -> dict[str, Any]:
-    return {"model": model, "stream": stream, "max_tokens": 32, "messages": [{"role": "user", "content": "hi"}]}
+from tests.support.rawhttp import Event, RawConnection, parse_events
 
 
 def upstream_chat_chunks(words: list[str]) -> list[bytes]:
@@ -440,7 +76,7 @@ def is_loading_chunk(event: Event) -> bool:
     return event.data is not None and event.data.startswith("{") and "swapproxy" in event.json()
 
 
-def loading_lines(client: Client) -> list[tuple[str, str]]:
+def loading_lines(client: RawConnection) -> list[tuple[str, str]]:
     """
     (stage, text) of each chat loading chunk the client has read, in order.
     """
@@ -460,7 +96,7 @@ class LoadingTestCase(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.harness = Harness(self, config_text(qwen="aliases: [qwen-alias]"))
+        self.harness = ProcessHarness(self, config_text(qwen="aliases: [qwen-alias]"))
 
     def assertCompleteChunks(self, events: list[Event], model: str, field: str = "reasoning_content") -> str:
         """
@@ -494,7 +130,7 @@ class LoadingTestCase(SynchronousTestCase):
         self.assertEqual(len(ids), 1, "one id per response")
         return ids.pop()
 
-    def cold_load(self, client: Client, model_id: str = "qwen") -> None:
+    def cold_load(self, client: RawConnection, model_id: str = "qwen") -> None:
         """
         Take ``model_id`` through a load: stage lines, tensor dots, ready.
         """
@@ -515,9 +151,10 @@ class ResponseStartTests(LoadingTestCase):
     """
 
     def test_headers_and_first_event_before_any_time_passes(self) -> None:
-        client = Client(self.harness, CHAT, chat_body())
-        self.assertIn(b"Starting qwen.", client.first_bytes)
-        self.assertEqual(client.spawned_at_first_bytes, 0)
+        client = self.harness.post(CHAT, chat_body(), turn=False)
+        self.assertIn(b"Starting qwen.", client.value())
+        self.assertEqual(len(self.harness.reactor.spawned), 0)
+        self.harness.reactor.advance(0)
         status, headers = client.head()
         self.assertEqual(status, 200)
         self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/event-stream; charset=utf-8"])
@@ -535,7 +172,7 @@ class ResponseStartTests(LoadingTestCase):
         Nothing new after the first event: the next event, a second later, is a dot, not the
         same sentence again.
         """
-        client = Client(self.harness, CHAT, chat_body())
+        client = self.harness.post(CHAT, chat_body())
         self.harness.advance(1)
         self.assertEqual(loading_lines(client), [("starting", "\nStarting qwen."), ("starting", ".")])
 
@@ -545,12 +182,14 @@ class ResponseStartTests(LoadingTestCase):
         A request that needs another model stopped (a swap) has its head and first event
         written before that model is signalled, and before its own model is spawned.
         """
-        harness = self.harness = Harness(self, config_text(llama="", qwen=""))
+        harness = self.harness = ProcessHarness(self, config_text(llama="", qwen=""))
         harness.lease("llama").release()
         old = harness.process("llama")
-        client = Client(harness, CHAT, chat_body())
-        self.assertIn(b"Stopping llama to make room for qwen.", client.first_bytes)
-        self.assertEqual((client.signals_at_first_bytes, client.spawned_at_first_bytes), ([], 1))
+        client = harness.post(CHAT, chat_body(), turn=False)
+        self.assertIn(b"Stopping llama to make room for qwen.", client.value())
+        signals = [signal for process in harness.reactor.spawned for signal in process.signals]
+        self.assertEqual((signals, len(harness.reactor.spawned)), ([], 1))
+        harness.reactor.advance(0)
         self.assertEqual(old.signals, [15])
         old.exit(0)
         self.assertEqual(harness.process("qwen").command[-1], "/models/qwen.gguf")
@@ -562,9 +201,9 @@ class EventSequenceTests(LoadingTestCase):
     """
 
     def test_queued_stopping_starting_loading_ready(self) -> None:
-        harness = self.harness = Harness(self, config_text(llama="", qwen="aliases: [qwen-alias]"))
+        harness = self.harness = ProcessHarness(self, config_text(llama="", qwen="aliases: [qwen-alias]"))
         busy = harness.lease("llama")
-        client = Client(harness, CHAT, chat_body("qwen-alias"))
+        client = harness.post(CHAT, chat_body("qwen-alias"))
         harness.advance(2)
         busy.release()
         harness.advance(1)
@@ -605,9 +244,9 @@ class EventSequenceTests(LoadingTestCase):
         Once ready, the request goes upstream and its events reach the client byte for byte,
         after the loading events and in the same response.
         """
-        client = Client(self.harness, CHAT, chat_body("qwen-alias"))
+        client = self.harness.post(CHAT, chat_body("qwen-alias"))
         self.cold_load(client)
-        before = client.body()[0]
+        before = client.body()
         request = self.harness.last_request()
         self.assertEqual(request.url, "http://127.0.0.1:5800/v1/chat/completions")
         self.assertEqual(request.json(), chat_body("qwen-alias"))
@@ -617,7 +256,7 @@ class EventSequenceTests(LoadingTestCase):
             response.send(chunk)
         self.assertFalse(client.finished)
         response.end()
-        body, finished = client.body()
+        body, finished = client.body(), client.finished
         self.assertTrue(finished)
         self.assertEqual(body, before + b"".join(upstream))
         loading = [event for event in client.events() if is_loading_chunk(event)]
@@ -629,20 +268,20 @@ class EventSequenceTests(LoadingTestCase):
         From the moment the model is ready, only the model's stream is written: a slow model
         gets no dots in the middle of its answer.
         """
-        client = Client(self.harness, CHAT, chat_body())
+        client = self.harness.post(CHAT, chat_body())
         self.cold_load(client)
         response = self.harness.last_request().stream()
         response.send(upstream_chat_chunks(["Hello"])[0])
-        before = client.raw
+        before = client.value()
         self.assertEqual(self.harness.tickers(), [])
         self.harness.advance(10)
-        self.assertEqual(client.raw, before)
+        self.assertEqual(client.value(), before)
 
     def test_relay_has_flow_control(self) -> None:
         """
         A client that cannot keep up pauses the model's stream instead of swapproxy buffering it.
         """
-        client = Client(self.harness, CHAT, chat_body())
+        client = self.harness.post(CHAT, chat_body())
         self.cold_load(client)
         response = self.harness.last_request().stream()
         client.transport.producer.pauseProducing()
@@ -655,7 +294,7 @@ class EventSequenceTests(LoadingTestCase):
         A start that shows no sign of progress is never silent and never floods: over 10 s,
         at most 11 events, and never 2 s without one.
         """
-        client = Client(self.harness, CHAT, chat_body())
+        client = self.harness.post(CHAT, chat_body())
         counts = []
         for _ in range(20):
             before = len(client.events())
@@ -671,7 +310,7 @@ class EventSequenceTests(LoadingTestCase):
         Tensor dots arriving every tick change the percentage all the time; the client still
         gets about one event a second, each with a higher percentage than the last.
         """
-        client = Client(self.harness, CHAT, chat_body())
+        client = self.harness.post(CHAT, chat_body())
         self.harness.prints("qwen", STAGE_LINES)
         self.harness.advance(1)
         start = len(client.events())
@@ -689,7 +328,7 @@ class EventSequenceTests(LoadingTestCase):
         The second cold load of a model says how long the first took, and counts down.
         """
         harness = self.harness
-        client = Client(harness, CHAT, chat_body())
+        client = harness.post(CHAT, chat_body())
         harness.advance(6)
         harness.become_ready("qwen")
         harness.last_request().respond(UpstreamResponse(200, b"text/event-stream", b"data: [DONE]\n\n"))
@@ -699,7 +338,7 @@ class EventSequenceTests(LoadingTestCase):
         self.assertEqual(harness.upstream("qwen").state, State.STOPPED)
 
         harness.health["qwen"] = "refused"
-        client = Client(harness, CHAT, chat_body())
+        client = harness.post(CHAT, chat_body())
         harness.advance(2)
         chunks = [event.json() for event in client.events()]
         self.assertEqual(visible(chunks[0]["choices"][0]["delta"]["reasoning_content"]),
@@ -714,12 +353,12 @@ class FieldModeTests(LoadingTestCase):
     ``loadingStateField``: where the loading text goes, globally and per model.
     """
 
-    def run_load(self, config: str, model: str = "qwen") -> tuple[Harness, Client, bytes]:
+    def run_load(self, config: str, model: str = "qwen") -> tuple[ProcessHarness, RawConnection, bytes]:
         """
         A cold load and a short answer; returns what came before the model's own stream.
         """
-        harness = self.harness = Harness(self, config)
-        client = Client(harness, CHAT, chat_body(model))
+        harness = self.harness = ProcessHarness(self, config)
+        client = harness.post(CHAT, chat_body(model))
         harness.advance(1)
         harness.prints(model, STAGE_LINES)
         harness.advance(2)
@@ -729,7 +368,7 @@ class FieldModeTests(LoadingTestCase):
         response.send(upstream)
         response.end()
         self.assertTrue(client.finished)
-        body = client.body()[0]
+        body = client.body()
         self.assertTrue(body.endswith(upstream))
         return harness, client, body[: -len(upstream)]
 
@@ -800,7 +439,7 @@ class MarkerTests(LoadingTestCase):
         self.assertNotIn(LOADING_TEXT_END.encode(), loading)
 
     def test_failed_load_closes_the_text(self) -> None:
-        client = Client(self.harness, CHAT, chat_body("qwen"))
+        client = self.harness.post(CHAT, chat_body("qwen"))
         self.harness.prints("qwen", FAILURE_LINES)
         self.harness.process("qwen").exit(3)
         texts = [event.json()["choices"][0]["delta"]["reasoning_content"] for event in client.events()
@@ -815,7 +454,7 @@ class FailureTests(LoadingTestCase):
     """
 
     def test_exit_during_load(self) -> None:
-        client = Client(self.harness, CHAT, chat_body("qwen-alias"))
+        client = self.harness.post(CHAT, chat_body("qwen-alias"))
         self.harness.prints("qwen", STAGE_LINES)
         self.harness.advance(1)
         self.harness.prints("qwen", FAILURE_LINES)
@@ -838,14 +477,14 @@ class FailureTests(LoadingTestCase):
         self.assertEqual(done.data, "[DONE]")
         self.assertEqual(self.harness.tickers(), [])
         self.assertEqual(self.harness.upstream_requests, [])
-        before = client.raw
+        before = client.value()
         self.harness.advance(5)
-        self.assertEqual(client.raw, before)
+        self.assertEqual(client.value(), before)
 
     def test_health_check_timeout(self) -> None:
-        harness = self.harness = Harness(self, config_text(qwen="").replace("healthCheckTimeout: 120",
+        harness = self.harness = ProcessHarness(self, config_text(qwen="").replace("healthCheckTimeout: 120",
                                                                             "healthCheckTimeout: 15"))
-        client = Client(harness, CHAT, chat_body())
+        client = harness.post(CHAT, chat_body())
         harness.advance(14.75)
         self.assertFalse(client.finished)
         harness.advance(0.25)
@@ -864,18 +503,20 @@ class UpstreamAnswerTests(LoadingTestCase):
     After the loading events, whatever the model answers, the client reads valid SSE only.
     """
 
-    def answer_after_load(self, response: UpstreamResponse | Exception, path: str = CHAT) -> tuple[Client, bytes]:
-        client = Client(self.harness, path, chat_body() if path == CHAT else messages_body())
+    def answer_after_load(
+        self, response: UpstreamResponse | Exception, path: str = CHAT
+    ) -> tuple[RawConnection, bytes]:
+        client = self.harness.post(path, chat_body() if path == CHAT else messages_body())
         self.harness.advance(1)
         self.harness.become_ready("qwen")
-        loading = client.body()[0]
+        loading = client.body()
         request = self.harness.last_request()
         if isinstance(response, Exception):
             request.answer.errback(response)
         else:
             request.respond(response)
         self.assertTrue(client.finished)
-        body = client.body()[0]
+        body = client.body()
         self.assertTrue(body.startswith(loading))
         return client, body[len(loading):]
 
@@ -887,7 +528,7 @@ class UpstreamAnswerTests(LoadingTestCase):
         self.assertEqual(error.json(), {"error": {"message": "model 'qwen' answered HTTP 500: out of memory",
                                                   "type": "server_error", "code": "internal_error"}})
         self.assertEqual(done.data, "[DONE]")
-        self.assertNotIn(body, client.raw)
+        self.assertNotIn(body, client.value())
 
     def test_plain_text_error_status(self) -> None:
         client, after = self.answer_after_load(UpstreamResponse(404, b"text/plain", b"File Not Found"))
@@ -902,7 +543,7 @@ class UpstreamAnswerTests(LoadingTestCase):
         self.assertEqual(error.json()["error"]["message"],
                          "model 'qwen' answered with application/json instead of an event stream")
         self.assertEqual(done.data, "[DONE]")
-        self.assertNotIn(body, client.raw)
+        self.assertNotIn(body, client.value())
 
     def test_no_answer_becomes_an_error_event(self) -> None:
         _, after = self.answer_after_load(ConnectionRefusedError("connection refused"))
@@ -911,7 +552,7 @@ class UpstreamAnswerTests(LoadingTestCase):
         self.assertEqual(done.data, "[DONE]")
 
     def test_stream_cut_short_ends_with_an_error_event(self) -> None:
-        client = Client(self.harness, CHAT, chat_body())
+        client = self.harness.post(CHAT, chat_body())
         self.harness.advance(1)
         self.harness.become_ready("qwen")
         response = self.harness.last_request().stream()
@@ -920,7 +561,7 @@ class UpstreamAnswerTests(LoadingTestCase):
             response.send(chunk)
         response.end(ConnectionLost("the model crashed"))
         self.assertTrue(client.finished)
-        body = client.body()[0]
+        body = client.body()
         head, _, tail = body.partition(b"".join(first))
         self.assertTrue(tail)
         error, done = parse_events(tail)
@@ -934,7 +575,7 @@ class UpstreamAnswerTests(LoadingTestCase):
         self.assertEqual(error.name, "error")
         self.assertEqual(error.json(), {"type": "error", "error": {
             "type": "api_error", "message": "model 'qwen' answered HTTP 400: max_tokens is too large"}})
-        self.assertNotIn(b"[DONE]", client.raw)
+        self.assertNotIn(b"[DONE]", client.value())
 
 
 class RestartTests(LoadingTestCase):
@@ -943,7 +584,7 @@ class RestartTests(LoadingTestCase):
     port closed restarts it, and the client's loading stream carries on through the new load.
     """
 
-    def crash_after_ready(self, client: Client) -> bytes:
+    def crash_after_ready(self, client: RawConnection) -> bytes:
         """
         Load the model; it dies before the request reaches it. Returns what the client read by
         the time the model is started again.
@@ -958,11 +599,11 @@ class RestartTests(LoadingTestCase):
         self.assertFalse(client.finished)
         first.exit(None, signum=9)
         self.assertEqual(len(harness.reactor.spawned), 2)
-        return client.body()[0]
+        return client.body()
 
     def test_chat_stream_resumes_through_the_restart(self) -> None:
         harness = self.harness
-        client = Client(harness, CHAT, chat_body())
+        client = harness.post(CHAT, chat_body())
         self.crash_after_ready(client)
         self.assertEqual(harness.upstream("qwen").state, State.STARTING)
         harness.advance(1)
@@ -974,7 +615,7 @@ class RestartTests(LoadingTestCase):
             response.send(chunk)
         response.end()
         self.assertTrue(client.finished)
-        body = client.body()[0]
+        body = client.body()
         self.assertTrue(body.endswith(b"".join(upstream)), body)
         loading = parse_events(body[: -len(b"".join(upstream))])
         self.assertCompleteChunks(loading, "qwen")
@@ -994,7 +635,7 @@ class RestartTests(LoadingTestCase):
         numbered after both.
         """
         harness = self.harness
-        client = Client(harness, MESSAGES, messages_body())
+        client = harness.post(MESSAGES, messages_body())
         self.crash_after_ready(client)
         harness.become_ready("qwen")
         response = harness.last_request().stream()
@@ -1026,7 +667,7 @@ class RestartTests(LoadingTestCase):
         One restart only: a model that cannot be reached again ends the stream with an error event.
         """
         harness = self.harness
-        client = Client(harness, CHAT, chat_body())
+        client = harness.post(CHAT, chat_body())
         self.crash_after_ready(client)
         harness.become_ready("qwen")
         harness.crash_unreaped("qwen")
@@ -1054,7 +695,7 @@ class StartStepTests(LoadingTestCase):
             return restored
 
         harness.upstream("qwen").start_hooks.append(restore)
-        client = Client(harness, CHAT, chat_body())
+        client = harness.post(CHAT, chat_body())
         harness.advance(1)
         harness.health["qwen"] = 200
         harness.advance(0.5)
@@ -1088,23 +729,23 @@ class ErrorCodeTests(LoadingTestCase):
     a JSON error, an error event of a loading stream, an error event after a model's stream.
     """
 
-    def codes(self, *clients: Client) -> list[Any]:
+    def codes(self, *clients: RawConnection) -> list[Any]:
         found = []
         for client in clients:
             status, headers = client.head()
             if headers.getRawHeaders(b"content-type") == [b"application/json"]:
-                found.append(json.loads(client.body()[0])["error"]["code"])
+                found.append(json.loads(client.body())["error"]["code"])
             else:
                 found += [e.json()["error"]["code"] for e in client.events() if e.data and '"error"' in e.data]
         return found
 
     def test_every_error_code_is_a_string(self) -> None:
-        harness = self.harness = Harness(self, config_text(qwen="concurrencyLimit: 2", broken=""))
-        unknown = Client(harness, CHAT, chat_body("nope"))
-        failed = Client(harness, CHAT, chat_body("broken"))
+        harness = self.harness = ProcessHarness(self, config_text(qwen="concurrencyLimit: 2", broken=""))
+        unknown = harness.post(CHAT, chat_body("nope"))
+        failed = harness.post(CHAT, chat_body("broken"))
         harness.process("broken").exit(1)
-        first, second = Client(harness, CHAT, chat_body()), Client(harness, CHAT, chat_body())
-        refused = Client(harness, CHAT, chat_body())
+        first, second = harness.post(CHAT, chat_body()), harness.post(CHAT, chat_body())
+        refused = harness.post(CHAT, chat_body())
         harness.become_ready("qwen")
         harness.upstream_requests[0].respond(UpstreamResponse(503, b"application/json", b'{"error": "busy"}'))
         cut = harness.upstream_requests[1].stream()
@@ -1127,18 +768,18 @@ class DisconnectTests(LoadingTestCase):
         carries on for the next request, which gets the model without a second start.
         """
         harness = self.harness
-        client = Client(harness, CHAT, chat_body())
+        client = harness.post(CHAT, chat_body())
         harness.prints("qwen", STAGE_LINES)
         harness.advance(2)
-        client.disconnect()
+        client.close()
         self.assertEqual(harness.tickers(), [])
         self.assertEqual(harness.supervisor.queued("qwen"), 0)
-        before = client.raw
+        before = client.value()
         harness.advance(10)
-        self.assertEqual(client.raw, before)
+        self.assertEqual(client.value(), before)
         self.assertEqual(harness.upstream("qwen").state, State.STARTING)
 
-        second = Client(harness, CHAT, chat_body())
+        second = harness.post(CHAT, chat_body())
         self.assertEqual(loading_lines(second)[0][0], "loading")
         harness.become_ready("qwen")
         self.assertEqual(len(harness.reactor.spawned), 1)
@@ -1148,16 +789,16 @@ class DisconnectTests(LoadingTestCase):
             response.send(chunk)
         response.end()
         self.assertTrue(second.finished)
-        self.assertEqual(client.raw, before)
+        self.assertEqual(client.value(), before)
 
     def test_hang_up_while_relaying_stops_the_model_stream(self) -> None:
         harness = self.harness
-        client = Client(harness, CHAT, chat_body())
+        client = harness.post(CHAT, chat_body())
         harness.advance(1)
         harness.become_ready("qwen")
         response = harness.last_request().stream()
         response.send(upstream_chat_chunks(["Hi"])[0])
-        client.disconnect()
+        client.close()
         self.assertTrue(response.transport.stopped)
         self.assertEqual(harness.supervisor.in_flight["qwen"], 0)
 
@@ -1166,11 +807,11 @@ class DisconnectTests(LoadingTestCase):
         Each client reads its own response (its own id), from the same load.
         """
         harness = self.harness
-        first = Client(harness, CHAT, chat_body())
+        first = harness.post(CHAT, chat_body())
         harness.advance(1)
-        second = Client(harness, CHAT, chat_body("qwen-alias"))
+        second = harness.post(CHAT, chat_body("qwen-alias"))
         harness.advance(1)
-        first.disconnect()
+        first.close()
         harness.advance(1)
         harness.become_ready("qwen")
         self.assertEqual(len(harness.reactor.spawned), 1)
@@ -1186,21 +827,22 @@ class MessagesTests(LoadingTestCase):
 
     def test_event_sequence(self) -> None:
         harness = self.harness
-        client = Client(harness, MESSAGES, messages_body("qwen-alias"))
+        client = harness.post(MESSAGES, messages_body("qwen-alias"))
         harness.advance(2)
         harness.prints("qwen", STAGE_LINES)
         harness.advance(1)
         harness.become_ready("qwen")
-        loading = client.body()[0]
+        loading = client.body()
         response = harness.last_request().stream()
         upstream = upstream_messages_events(["Hello", " there"])
         for event in upstream:
             response.send(event)
         response.end()
         self.assertTrue(client.finished)
-        spliced = client.body()[0][len(loading):]
+        spliced = client.body()[len(loading):]
         # The model's message_start is dropped (the loading stream sent one), its content blocks
-        # move up one index past the thinking block, and the other events pass byte for byte.
+        # move up one index past the thinking block, its message_delta carries the usage of the
+        # dropped message_start, and the other events pass byte for byte.
         model_events = parse_events(spliced)
         self.assertEqual([event.name for event in model_events],
                          ["content_block_start", "content_block_delta", "content_block_delta",
@@ -1208,7 +850,10 @@ class MessagesTests(LoadingTestCase):
         self.assertEqual([event.json().get("index") for event in model_events], [1, 1, 1, 1, None, None])
         self.assertEqual([event.json() for event in model_events[:2]][1]["delta"],
                          {"type": "text_delta", "text": "Hello"})
-        self.assertTrue(spliced.endswith(upstream[-2] + upstream[-1]))
+        self.assertEqual(model_events[4].json(), {"type": "message_delta",
+                                                  "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                                  "usage": {"input_tokens": 3, "output_tokens": 2}})
+        self.assertTrue(spliced.endswith(upstream[-1]))
 
         events = parse_events(loading)
         self.assertEqual([event.name for event in events],
@@ -1239,8 +884,8 @@ class MessagesTests(LoadingTestCase):
         """
         With ``none``, no thinking block: comment lines and pings until the model's own stream.
         """
-        harness = self.harness = Harness(self, config_text(qwen="loadingStateField: none"))
-        client = Client(harness, MESSAGES, messages_body())
+        harness = self.harness = ProcessHarness(self, config_text(qwen="loadingStateField: none"))
+        client = harness.post(MESSAGES, messages_body())
         harness.advance(2)
         harness.become_ready("qwen")
         events = client.events()
@@ -1251,7 +896,7 @@ class MessagesTests(LoadingTestCase):
 
     def test_failed_load(self) -> None:
         harness = self.harness
-        client = Client(harness, MESSAGES, messages_body())
+        client = harness.post(MESSAGES, messages_body())
         harness.advance(1)
         harness.prints("qwen", FAILURE_LINES)
         harness.process("qwen").exit(3)
@@ -1265,7 +910,7 @@ class MessagesTests(LoadingTestCase):
         self.assertEqual(error["type"], "error")
         self.assertEqual(error["error"]["type"], "api_error")
         self.assertIn("exit code 3", error["error"]["message"])
-        self.assertNotIn(b"[DONE]", client.raw)
+        self.assertNotIn(b"[DONE]", client.value())
         self.assertEqual(harness.tickers(), [])
 
 
@@ -1275,75 +920,75 @@ class WhenTests(LoadingTestCase):
     with ``sendLoadingState`` on; everything else waits quietly or is refused in plain JSON.
     """
 
-    def assertWaitsSilently(self, client: Client, model_id: str = "qwen") -> None:
+    def assertWaitsSilently(self, client: RawConnection, model_id: str = "qwen") -> None:
         self.harness.advance(3)
-        self.assertEqual(client.raw, b"")
+        self.assertEqual(client.value(), b"")
         self.harness.become_ready(model_id)
 
     def test_non_streaming_request_waits(self) -> None:
-        client = Client(self.harness, CHAT, chat_body(stream=False))
+        client = self.harness.post(CHAT, chat_body(stream=False))
         self.assertWaitsSilently(client)
         body = b'{"id": "chatcmpl-1", "object": "chat.completion", "choices": []}'
         self.harness.last_request().respond(UpstreamResponse(200, b"application/json", body))
         status, headers = client.head()
         self.assertEqual((status, headers.getRawHeaders(b"content-type")), (200, [b"application/json"]))
-        self.assertEqual(client.body(), (body, True))
+        self.assertEqual((client.body(), client.finished), (body, True))
 
     def test_send_loading_state_off(self) -> None:
-        self.harness = Harness(self, config_text(qwen="").replace("sendLoadingState: true", "sendLoadingState: false"))
-        client = Client(self.harness, CHAT, chat_body())
+        self.harness = ProcessHarness(self, config_text(qwen="").replace("sendLoadingState: true", "sendLoadingState: false"))
+        client = self.harness.post(CHAT, chat_body())
         self.assertWaitsSilently(client)
         response = self.harness.last_request().stream()
         upstream = b"".join(upstream_chat_chunks(["Hi"]))
         response.send(upstream)
         response.end()
-        self.assertEqual(client.body(), (upstream, True))
+        self.assertEqual((client.body(), client.finished), (upstream, True))
 
     def test_send_loading_state_off_for_one_model(self) -> None:
-        self.harness = Harness(self, config_text(qwen="sendLoadingState: false"))
-        client = Client(self.harness, CHAT, chat_body())
+        self.harness = ProcessHarness(self, config_text(qwen="sendLoadingState: false"))
+        client = self.harness.post(CHAT, chat_body())
         self.assertWaitsSilently(client)
 
     def test_send_loading_state_on_for_one_model(self) -> None:
         text = config_text(qwen="sendLoadingState: true").replace("sendLoadingState: true\nmodels",
                                                                   "sendLoadingState: false\nmodels")
-        self.harness = Harness(self, text)
-        client = Client(self.harness, CHAT, chat_body())
+        self.harness = ProcessHarness(self, text)
+        client = self.harness.post(CHAT, chat_body())
         self.assertEqual(loading_lines(client), [("starting", "\nStarting qwen.")])
 
     def test_ready_model_streams_directly(self) -> None:
         self.harness.lease("qwen").release()
-        client = Client(self.harness, CHAT, chat_body())
+        client = self.harness.post(CHAT, chat_body())
         response = self.harness.last_request().stream()
         upstream = b"".join(upstream_chat_chunks(["Hi"]))
         response.send(upstream)
         response.end()
-        self.assertEqual(client.body(), (upstream, True))
+        self.assertEqual((client.body(), client.finished), (upstream, True))
 
     def test_other_routes_wait(self) -> None:
         """
         ``/v1/completions`` with ``"stream": true`` has no loading stream: it waits.
         """
-        client = Client(self.harness, "/v1/completions", {"model": "qwen", "stream": True, "prompt": "hi"})
+        client = self.harness.post("/v1/completions", {"model": "qwen", "stream": True, "prompt": "hi"})
         self.assertWaitsSilently(client)
         self.assertEqual(self.harness.last_request().url, "http://127.0.0.1:5800/v1/completions")
 
     def test_over_the_concurrency_limit_is_plain_json_429(self) -> None:
-        self.harness = Harness(self, config_text(qwen="concurrencyLimit: 1"))
-        first = Client(self.harness, CHAT, chat_body())
-        second = Client(self.harness, CHAT, chat_body())
+        self.harness = ProcessHarness(self, config_text(qwen="concurrencyLimit: 1"))
+        first = self.harness.post(CHAT, chat_body())
+        second = self.harness.post(CHAT, chat_body())
         status, headers = second.head()
         self.assertEqual(status, 429)
         self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
         self.assertEqual(headers.getRawHeaders(b"retry-after"), [b"1"])
-        body, finished = second.body()
+        body, finished = second.body(), second.finished
         self.assertTrue(finished)
         self.assertIn("concurrencyLimit", json.loads(body)["error"]["message"])
         self.assertEqual(first.head()[0], 200)
         self.assertEqual(self.harness.supervisor.queued("qwen"), 1)
 
     def test_unknown_model_is_plain_json_404(self) -> None:
-        client = Client(self.harness, CHAT, chat_body("nope"))
+        client = self.harness.post(CHAT, chat_body("nope"))
         status, headers = client.head()
         self.assertEqual((status, headers.getRawHeaders(b"content-type")), (404, [b"application/json"]))
         self.assertEqual(self.harness.reactor.spawned, [])
@@ -1353,7 +998,7 @@ class WhenTests(LoadingTestCase):
         A gzip body could not follow the plain SSE text already sent, so the model is never
         asked for one.
         """
-        client = Client(self.harness, CHAT, chat_body(), {"Accept-Encoding": "gzip, br", "X-Custom": "kept"})
+        client = self.harness.post(CHAT, chat_body(), {"Accept-Encoding": "gzip, br", "X-Custom": "kept"})
         self.harness.advance(1)
         self.harness.become_ready("qwen")
         headers = self.harness.last_request().headers

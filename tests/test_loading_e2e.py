@@ -24,8 +24,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from swapproxy.config import parse_config
 from swapproxy.progress import LoadHistory
 from swapproxy.supervisor import Supervisor
+from swapproxy.testing.local import fake_command
 from swapproxy.web.root import build_site
-from tests.helpers import TrackingFactory, config_yaml, fake_command, loading_status, openai_client, visible
+from tests.support.live import TrackingFactory, config_yaml, loading_status, openai_client, visible
 
 LOAD_TIME = "1.5"
 TOKENS = 6
@@ -366,6 +367,13 @@ class MessagesEndToEndTests(ServingTestCase):
         self.assertIn("Loading qwen: ", final.content[0].thinking)
         self.assertEqual("".join(texts), ANSWER)
         self.assertEqual(final.content[1].text, ANSWER)
+        # The usage is the model's, as a request to the loaded model reports it: not the 0 of
+        # the loading stream's message_start.
+        _, _, warm = await deferToThread(stream_helper, proxy.url, "qwen")
+        self.assertEqual([block.type for block in warm.content], ["text"])
+        self.assertGreater(warm.usage.input_tokens, 0)
+        self.assertEqual((final.usage.input_tokens, final.usage.output_tokens),
+                         (warm.usage.input_tokens, warm.usage.output_tokens))
 
     async def test_failed_load_is_an_anthropic_error(self) -> None:
         """

@@ -12,33 +12,23 @@ from datetime import timezone
 from typing import Any
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import Site
 
 from swapproxy import __version__, tap
 from swapproxy.logbuffer import LogHistory, LogRouting, LogStream, timestamp_formatter
 from swapproxy.logs import ModelOutput, proxy_logger, set_log_level, upstream_logger
 from swapproxy.requestlog import log_request
 from swapproxy.web.live import LiveWriter, dropped_log_marker
-from tests.fakes import ThreadedMemoryReactor
-from tests.test_tap import GOOD, ConfigFileMixin
-from tests.test_web import Harness, header
+from tests.support.harness import TWO_MODELS, Harness, header, routed
+from tests.support.live import ConfigFileMixin
+from tests.support.rawhttp import RawConnection, follow
+from tests.support.reactors import ThreadedMemoryReactor
 
 #: 2023-11-14T22:13:20.25Z
 WHEN = 1_700_000_000.25
-
-CONFIG = """
-    models:
-      llama:
-        cmd: llama-server --port ${PORT}
-        aliases: [fast]
-      qwen:
-        cmd: llama-server --port ${PORT}
-"""
 
 
 def capture_global(test: SynchronousTestCase) -> list[LogEvent]:
@@ -49,17 +39,6 @@ def capture_global(test: SynchronousTestCase) -> list[LogEvent]:
     globalLogPublisher.addObserver(events.append)
     test.addCleanup(globalLogPublisher.removeObserver, events.append)
     return events
-
-
-def routed(test: SynchronousTestCase, log_to_stdout: str, history: LogHistory | None = None) -> LogHistory:
-    """
-    A history attached to the log routes with ``log_to_stdout`` until the test ends.
-    """
-    history = history if history is not None else LogHistory()
-    routing = LogRouting(history, log_to_stdout)
-    routing.startService()
-    test.addCleanup(routing.stopService)
-    return history
 
 
 class LogStreamTests(SynchronousTestCase):
@@ -526,54 +505,6 @@ class LiveWriterTests(SynchronousTestCase):
         self.assertEqual(writer.pending, 0)
 
 
-class StreamClient:
-    """
-    One HTTP/1.1 GET to swapproxy's Resource tree over a C{StringTransport}, for the answers that
-    never end.
-    """
-
-    def __init__(self, root: Any, path: str) -> None:
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
-        self.channel = Site(root).buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-        self.channel.makeConnection(self.transport)
-        self.channel.dataReceived(f"GET {path} HTTP/1.1\r\nHost: swapproxy.test\r\n\r\n".encode("ascii"))
-
-    def head(self) -> tuple[int, dict[bytes, bytes]]:
-        head, separator, _ = self.transport.value().partition(b"\r\n\r\n")
-        assert separator, f"no response head yet: {self.transport.value()!r}"
-        status_line, *lines = head.split(b"\r\n")
-        headers = {}
-        for line in lines:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        return int(status_line.split()[1]), headers
-
-    def body(self) -> bytes:
-        """
-        The body received so far, chunked encoding removed.
-        """
-        _, _, rest = self.transport.value().partition(b"\r\n\r\n")
-        body = b""
-        while rest:
-            size_line, _, rest = rest.partition(b"\r\n")
-            size = int(size_line, 16)
-            body += rest[:size]
-            rest = rest[size + 2 :]
-        return body
-
-    def pause(self) -> None:
-        """
-        What the reactor does when the client's socket buffer is full.
-        """
-        self.transport.producer.pauseProducing()
-
-    def resume(self) -> None:
-        self.transport.producer.resumeProducing()
-
-    def disconnect(self) -> None:
-        self.channel.connectionLost(Failure(ConnectionDone("the client hung up")))
-
-
 class LogEndpointTests(SynchronousTestCase):
     """
     ``GET /logs`` and ``/logs/stream...`` through swapproxy's Resource tree.
@@ -581,13 +512,13 @@ class LogEndpointTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.history = routed(self, "proxy")
-        self.h = Harness(self, textwrap.dedent(CONFIG), logs=self.history)
+        self.h = Harness(self, textwrap.dedent(TWO_MODELS), logs=self.history)
         self.log = proxy_logger("tests.logbuffer")
         self.model_log = upstream_logger("llama")
 
-    def follow(self, path: str) -> StreamClient:
-        client = StreamClient(self.h.root, path)
-        self.addCleanup(client.disconnect)
+    def follow(self, path: str) -> RawConnection:
+        client = follow(self.h.root, path)
+        self.addCleanup(client.close)
         return client
 
     def test_logs_returns_the_combined_history(self) -> None:
@@ -610,17 +541,17 @@ class LogEndpointTests(SynchronousTestCase):
         leaves is forgotten.
         """
         self.log.info("old news")
-        client = StreamClient(self.h.root, "/logs/stream")
+        client = follow(self.h.root, "/logs/stream")
         status, headers = client.head()
         self.assertEqual(status, 200)
-        self.assertEqual(headers[b"content-type"], b"text/plain; charset=utf-8")
-        self.assertEqual(headers[b"x-content-type-options"], b"nosniff")
-        self.assertEqual(headers[b"x-accel-buffering"], b"no")
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/plain; charset=utf-8"])
+        self.assertEqual(headers.getRawHeaders(b"x-content-type-options"), [b"nosniff"])
+        self.assertEqual(headers.getRawHeaders(b"x-accel-buffering"), [b"no"])
         self.assertEqual(client.body(), b"[INFO] old news\n")
         self.log.info("fresh")
         self.assertEqual(client.body(), b"[INFO] old news\n[INFO] fresh\n")
         self.assertEqual(self.history.combined.subscribers, 1)
-        client.disconnect()
+        client.close()
         self.assertEqual(self.history.combined.subscribers, 0)
         self.log.info("after")
         self.assertNotIn(b"after", client.body())
@@ -705,7 +636,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
     def test_make_service_routes_and_serves_logs(self) -> None:
         events = capture_global(self)
         reactor, service = self.start(
-            self.write_config(GOOD + '    logToStdout: upstream\n    logTimeFormat: "%Y"\n'))
+            self.write_config(TWO_MODELS + '    logToStdout: upstream\n    logTimeFormat: "%Y"\n'))
         try:
             proxy_logger("tests.logbuffer").info("a proxy line")
             upstream_logger("qwen").info("[{model}] {line}", model="qwen", line="a model line")
@@ -742,7 +673,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         ``/logs`` begins with what was logged while the service was built (the config's
         warnings, the start-up line), and has a line for each model request as it ends.
         """
-        config = self.write_config(GOOD + "    newerFeature: true\n")
+        config = self.write_config(TWO_MODELS + "    newerFeature: true\n")
         reactor, service = self.start(config)
         self.addCleanup(reactor.stop_service, service)
         self.assertIn(b"HTTP/1.1 404 ", self.get(reactor, b"POST", b"/v1/chat/completions", b'{"model": "nope"}'))
@@ -758,7 +689,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         log line as well; a request for any other route has Twisted's access log line.
         """
         events = capture_global(self)
-        reactor, service = self.start(self.write_config(GOOD))
+        reactor, service = self.start(self.write_config(TWO_MODELS))
         self.addCleanup(reactor.stop_service, service)
         site = reactor.tcpServers[0][1]
         site.startFactory()  # turns Twisted's access log on, as listening does
@@ -776,7 +707,7 @@ class ServiceTests(ConfigFileMixin, SynchronousTestCase):
         ``logTimeFormat: ""`` turns them off.
         """
         for extra, stamped in (("", True), ('    logTimeFormat: ""\n', False)):
-            reactor, service = self.start(self.write_config(GOOD + extra))
+            reactor, service = self.start(self.write_config(TWO_MODELS + extra))
             log = self.get(reactor, b"GET", b"/logs").partition(b"\r\n\r\n")[2].decode()
             reactor.stop_service(service)
             first = log.splitlines()[0]

@@ -28,7 +28,8 @@ from swapproxy.memory import (
     show_bytes,
 )
 from swapproxy.supervisor import Supervisor
-from tests.helpers import FAKE_UPSTREAM, free_port_range, process_pipes_open, wait_until
+from swapproxy.testing.local import FAKE_UPSTREAM, free_port_range
+from tests.support.processes import process_pipes_open, wait_until
 
 GIB = 1024**3
 

@@ -11,11 +11,18 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.server import Request
 
 from swapproxy.metrics import UsageScanner, token_counts
 from swapproxy.upstream import StartError
-from tests.test_web import Harness, Received, answer_event_stream, answer_later, header
+from tests.support.harness import (
+    CHAT_ANSWER,
+    Harness,
+    answer_event_stream,
+    answer_later,
+    answer_with,
+    header,
+    sample,
+)
 
 CONFIG = """
     healthCheckTimeout: 15
@@ -27,13 +34,6 @@ CONFIG = """
       qwen:
         cmd: llama-server --port ${PORT}
 """
-
-CHAT_ANSWER = {
-    "id": "chatcmpl-1",
-    "object": "chat.completion",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
-}
 
 LLAMA_TIMINGS = {
     "cache_n": 3,
@@ -169,25 +169,6 @@ class TokenCountTests(SynchronousTestCase):
 
 def families(body: bytes) -> dict[str, Any]:
     return {family.name: family for family in text_string_to_metric_families(body.decode("utf-8"))}
-
-
-def sample(body: bytes, name: str, **labels: str) -> float | None:
-    """
-    The value of the sample ``name`` whose labels include ``labels`` (None when absent).
-    """
-    for family in text_string_to_metric_families(body.decode("utf-8")):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return float(s.value)
-    return None
-
-
-def answer_with(payload: dict[str, Any]) -> Any:
-    def respond(request: Request, received: Received) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(payload).encode()
-
-    return respond
 
 
 class MetricsEndpointTests(SynchronousTestCase):

@@ -19,7 +19,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from swapproxy.config import parse_config
-from tests.helpers import LOOPBACK, TrackingFactory, RunningProxy, fake_command, free_port, start_proxy, wait_until
+from swapproxy.testing.local import LOOPBACK, fake_command, free_port
+from tests.support.live import RunningProxy, TrackingFactory, start_proxy
+from tests.support.processes import wait_until
 
 
 @attrs.define
@@ -222,7 +224,8 @@ class PeerForwardTests(TestCase):
         proxy, server = self.serve("p: {proxy: PEER, models: [m, other, gone]}\n")
         listing = await proxy.get_json("/v1/models")
         states = {r["id"]: r["state"] for r in listing["data"]}
-        self.assertEqual(states, {"local": "stopped", "p/m": "ready", "p/other": "stopped", "p/gone": "unlisted"})
+        self.assertEqual(states, {"local": "stopped", "p/m": "ready", "p/other": "stopped",
+                                  "p/gone": "not offered by the peer"})
         server.states["other"] = "starting"
         await proxy.post_json("/v1/chat/completions", {"model": "other"})
         listing = await proxy.get_json("/v1/models")

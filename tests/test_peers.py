@@ -18,9 +18,19 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
 from swapproxy.config import Config, parse_config
-from swapproxy.peers import FRESH_SECONDS, LIST_WAIT, POLL_TIMEOUT, PeerClient, PeerSet, PeerTimeout, model_states
+from swapproxy.peers import (
+    FRESH_SECONDS,
+    LIST_WAIT,
+    LOADING_FRESH_SECONDS,
+    POLL_TIMEOUT,
+    PeerClient,
+    PeerSet,
+    PeerTimeout,
+    model_states,
+)
+from swapproxy.supervisor import ShuttingDown
 from swapproxy.web.listing import peer_records
-from tests.fakes import FakePeerClient, FakePeerResponse
+from tests.support.doubles import FakePeerClient, FakePeerResponse
 
 CONFIG = """
     peers:
@@ -63,7 +73,7 @@ class PeerSetTests(SynchronousTestCase):
         self.successResultOf(second)
         self.assertEqual(self.peers.health["a"].states, {"m1": "ready", "m2": "stopped"})
         self.assertEqual(self.peers.health["b"].states, {"n": "loaded", "x": "available"})
-        self.assertEqual(self.peers.health["a"].model_state("zz"), "unlisted")
+        self.assertEqual(self.peers.health["a"].model_state("zz"), "not offered by the peer")
 
     def test_a_swapproxy_peer_shows_its_load_progress(self) -> None:
         """
@@ -173,6 +183,135 @@ class PeerSetTests(SynchronousTestCase):
         self.assertTrue(all(c.closed for c in self.clients))
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertIsNone(self.peers.health["a"].reachable)
+
+
+class StopTests(SynchronousTestCase):
+    setUp = PeerSetTests.setUp
+
+    def test_stop_ends_the_relays_first(self) -> None:
+        """
+        Stopping ends each relay of a peer's answer with `ShuttingDown` (its client's stream then
+        ends with an error event), and is done only after a round of I/O has carried that out;
+        a relay that has ended is not touched.
+        """
+        ended: list[BaseException] = []
+        relay, finished = FakeRelay(ended), FakeRelay(ended)
+        self.peers.relaying(relay)
+        self.peers.relaying(finished)()
+        stopping = self.peers.stopService()
+        self.assertEqual([(type(e), str(e)) for e in ended], [(ShuttingDown, "swapproxy is shutting down")])
+        self.assertNoResult(stopping)
+        self.clock.advance(0)
+        self.successResultOf(stopping)
+
+
+class FakeRelay:
+    def __init__(self, ended: list[BaseException]) -> None:
+        self.ended = ended
+
+    def abort(self, error: BaseException) -> None:
+        self.ended.append(error)
+
+
+class WatchedTests(SynchronousTestCase):
+    """
+    A dashboard watching the peers (`PeerSet.subscribe`): it is told of each change of their
+    models' states, and its watching is the demand that asks the peers, at a bounded rate, and
+    only while it watches.
+    """
+
+    setUp = PeerSetTests.setUp
+    client = PeerSetTests.client
+
+    def watch(self) -> tuple[list[list[dict[str, Any]]], Any]:
+        told: list[list[dict[str, Any]]] = []
+
+        def subscriber(kind: str, entries: list[dict[str, Any]]) -> None:
+            self.assertEqual(kind, "peers")
+            told.append(entries)
+
+        return told, self.peers.subscribe(subscriber)
+
+    def answer(self, peer_id: str, payload: dict[str, Any]) -> None:
+        self.client(peer_id).sent[-1][3].callback(FakePeerResponse(200, json.dumps(payload).encode()))
+
+    def test_told_of_states_and_progress(self) -> None:
+        progress = {"stage": "loading", "label": "loading weights", "fraction": 0.42, "percent": 42,
+                    "elapsed": 2.0, "eta": 2.8, "expected": 4.8}
+        told, _ = self.watch()
+        self.assertEqual([len(self.client(p).sent) for p in "ab"], [1, 1], "asked at once")
+        self.answer("a", {"data": [
+            {"id": "m1", "state": "starting", "status": {"value": "loaded", "state": "loading", "progress": progress}},
+            {"id": "m2", "state": "stopped"},
+        ]})
+        self.client("b").sent[0][3].errback(Failure(ConnectionRefusedError("refused")))
+        m1, m2, n = told[-1]
+        self.assertEqual((m1["id"], m1["peer"], m1["model"], m1["state"], m1["status"], m1["reachable"]),
+                         ("a/m1", "a", "m1", "starting", "loading", True))
+        self.assertEqual(m1["progress"], {"stage": "loading", "label": "loading weights", "fraction": 0.42,
+                                          "percent": 42, "elapsed": 2.0, "eta": 2.8})
+        self.assertEqual((m2["status"], m2["progress"]), ("stopped", None))
+        self.assertEqual((n["id"], n["status"], n["reachable"]), ("b/n", "unreachable", False))
+        self.assertIn("refused", n["error"])
+        self.assertEqual(self.peers.entries(), told[-1])
+
+    def test_asked_while_watched_faster_while_a_model_loads(self) -> None:
+        told, unsubscribe = self.watch()
+        self.answer("a", {"data": [{"id": "m1", "state": "stopped"}, {"id": "m2", "state": "stopped"}]})
+        self.answer("b", {"data": [{"id": "n", "state": "ready"}]})
+        sent = len(told)
+        self.clock.advance(FRESH_SECONDS - 0.5)
+        self.assertEqual([len(self.client(p).sent) for p in "ab"], [1, 1])
+        self.clock.advance(0.5)
+        self.assertEqual([len(self.client(p).sent) for p in "ab"], [2, 2])
+        self.answer("b", {"data": [{"id": "n", "state": "ready"}]})
+        self.assertEqual(len(told), sent, "nothing changed, nothing told")
+        # One of a's models starts loading: a is asked again sooner, while it loads.
+        self.answer("a", {"data": [{"id": "m1", "state": "starting", "status": {"state": "loading", "progress": {
+            "fraction": 0.1}}}, {"id": "m2", "state": "stopped"}]})
+        self.assertEqual(told[-1][0]["status"], "loading")
+        self.clock.advance(LOADING_FRESH_SECONDS)
+        self.assertEqual([len(self.client(p).sent) for p in "ab"], [2, 2], "b was asked a moment ago")
+        self.clock.advance(FRESH_SECONDS)
+        self.assertEqual(len(self.client("a").sent), 3)
+        self.answer("a", {"data": [{"id": "m1", "state": "starting", "status": {"state": "loading", "progress": {
+            "fraction": 0.6}}}, {"id": "m2", "state": "stopped"}]})
+        self.assertEqual(told[-1][0]["progress"]["percent"], 60)
+        self.clock.advance(LOADING_FRESH_SECONDS)
+        self.assertEqual(len(self.client("a").sent), 4)
+        unsubscribe()
+        self.answer("a", {"data": [{"id": "m1", "state": "ready"}, {"id": "m2", "state": "stopped"}]})
+        self.answer("b", {"data": [{"id": "n", "state": "ready"}]})
+        self.assertEqual(self.clock.getDelayedCalls(), [], "nothing is asked while nobody watches")
+        unsubscribe()
+
+    def test_a_relayed_request_is_news(self) -> None:
+        """
+        A request relayed to a peer may have started one of its models: a watched peer is asked
+        again soon after, not at the next round.
+        """
+        _, _ = self.watch()
+        self.answer("a", {"data": [{"id": "m1", "state": "stopped"}]})
+        self.answer("b", {"data": [{"id": "n", "state": "ready"}]})
+        self.clock.advance(1)
+        self.peers.reached(self.config.peers["a"])
+        self.clock.advance(LOADING_FRESH_SECONDS)
+        self.assertEqual([len(self.client(p).sent) for p in "ab"], [2, 1])
+
+    def test_a_peer_reports_anything(self) -> None:
+        """
+        What a peer reports is another server's: only the fields the dashboard draws, each of
+        its type, and words of bounded length.
+        """
+        told, _ = self.watch()
+        self.answer("a", {"data": [{"id": "m1", "state": "x" * 10_000, "status": {"state": 5, "progress": {
+            "fraction": "half", "percent": "<b>", "label": ["no"], "eta": -3}}}]})
+        m1, m2, _ = told[-1]
+        self.assertEqual(len(m1["state"]), 200)
+        self.assertEqual(m1["status"], m1["state"])
+        self.assertEqual(m1["progress"], {"stage": "loading", "label": "", "fraction": None, "percent": None,
+                                          "elapsed": 0.0, "eta": None})
+        self.assertEqual(m2["state"], "not offered by the peer")
 
 
 class ModelStatesTests(SynchronousTestCase):

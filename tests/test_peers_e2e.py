@@ -9,26 +9,18 @@ from __future__ import annotations
 
 import json
 import signal
+from collections.abc import Callable
 from typing import Any
 
+import openai
 import yaml
+from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import (
-    LOOPBACK,
-    fake_command,
-    fake_upstream_descendants,
-    free_port,
-    free_port_range,
-    loading_status,
-    make_client,
-    openai_client,
-    spawn_twistd,
-    survivors,
-    wait_for_http,
-    write_config,
-)
+from swapproxy.testing.local import LOOPBACK, fake_command, free_port, free_port_range
+from tests.support.live import loading_status, make_client, openai_client, write_config
+from tests.support.processes import fake_upstream_descendants, spawn_twistd, survivors, wait_for_http
 
 TOKENS = 5
 ANSWER = "".join(f"tok{i} " for i in range(TOKENS))
@@ -42,6 +34,29 @@ def stream_chat(url: str, model: str, key: str) -> list[Any]:
             model=model, messages=[{"role": "user", "content": "hi"}], stream=True))
     finally:
         client.close()
+
+
+def stream_until_error(
+    url: str, model: str, after: int, then: Callable[[], None]
+) -> tuple[list[str], BaseException | None]:
+    """
+    Stream a chat through ``url``; call ``then`` once ``after`` content chunks have arrived.
+    Returns the content read, and the exception that ended the stream (``None`` if none did).
+    """
+    client = openai_client(url)
+    content: list[str] = []
+    try:
+        for chunk in client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "hi"}], stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                content.append(chunk.choices[0].delta.content)
+                if len(content) == after:
+                    then()
+    except Exception as e:
+        return content, e
+    finally:
+        client.close()
+    return content, None
 
 
 class TwoSwapproxiesTests(TestCase):
@@ -107,3 +122,42 @@ class TwoSwapproxiesTests(TestCase):
         await pool.closeCachedConnections()
         local.signal(signal.SIGTERM)
         self.assertEqual(await local.ended, 0)
+
+    async def test_sigterm_ends_a_relayed_stream_with_an_error_event(self) -> None:
+        """
+        SIGTERM while a stream from a peer is being relayed: the client's stream ends as a local
+        model's does at shutdown, with an error event (the SDK's ``APIError`` saying swapproxy
+        is shutting down) and ``[DONE]``, not with the connection cut mid-stream.
+        """
+        remote_port, local_port = free_port(), free_port()
+        remote_config = write_config(self, yaml.safe_dump({
+            "startPort": free_port_range(2),
+            "unloadTimeout": 2,
+            "models": {"slow": {"cmd": fake_command("--tokens", "200", "--token-delay", "0.05")}},
+        }))
+        local_config = write_config(self, yaml.safe_dump({
+            "startPort": free_port_range(2),
+            "peers": {"box": {"proxy": f"http://{LOOPBACK}:{remote_port}", "models": ["slow"]}},
+        }))
+        remote = spawn_twistd(self, remote_config, remote_port)
+        local = spawn_twistd(self, local_config, local_port)
+        client, pool = make_client(self)
+        await wait_for_http(client, f"http://{LOOPBACK}:{remote_port}/health", remote)
+        await wait_for_http(client, f"http://{LOOPBACK}:{local_port}/health", local)
+        await pool.closeCachedConnections()
+
+        def stop_local() -> None:
+            reactor.callFromThread(local.signal, signal.SIGTERM)
+
+        content, error = await deferToThread(stream_until_error, f"http://{LOOPBACK}:{local_port}", "box/slow", 5,
+                                             stop_local)
+        self.assertEqual(await local.ended, 0)
+        self.assertGreaterEqual(len(content), 5)
+        self.assertLess(len(content), 200, "the stream was ended before the model's answer was")
+        self.assertIsInstance(error, openai.APIError)
+        self.assertNotIsInstance(error, openai.APIConnectionError)
+        self.assertIn("swapproxy is shutting down", str(error))
+        remote_children = fake_upstream_descendants(remote.pid)
+        remote.signal(signal.SIGTERM)
+        self.assertEqual(await remote.ended, 0)
+        self.assertEqual(survivors(remote_children), [])

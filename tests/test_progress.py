@@ -19,7 +19,7 @@ from swapproxy.config import ModelConfig, parse_config
 from swapproxy.progress import HISTORY_LENGTH, LoadHistory, LoadTracker, Progress
 from swapproxy.supervisor import Supervisor
 from swapproxy.upstream import StartStep, State, Upstream
-from tests.fakes import ProcessReactor
+from tests.support.reactors import ProcessReactor
 
 COMMAND = "llama-server --port 5800 -m /models/qwen.gguf"
 
@@ -401,17 +401,43 @@ class StartStepTests(TrackerTestCase):
     """
 
     def test_a_start_step_is_the_stage(self) -> None:
+        """
+        The step's own fraction is reported as such; the start's fraction goes on from where
+        the load got to, through what is left.
+        """
         self.upstream.start()
         self.upstream.emit(LOADED_LINES)
         self.clock.advance(3)
+        loaded = self.snapshot().fraction
+        assert loaded is not None
         self.upstream.healthy(StartStep("restoring", "restoring 2 cached conversations, 1.1 GB", 0.5))
         self.clock.advance(1)
         progress = self.snapshot()
         self.assertEqual(
-            (progress.stage, progress.label, progress.fraction, progress.elapsed),
+            (progress.stage, progress.label, progress.step_fraction, progress.elapsed),
             ("restoring", "restoring 2 cached conversations, 1.1 GB", 0.5, 4.0),
         )
+        self.assertEqual(progress.fraction, loaded + (1 - loaded) * 0.5)
         self.assertIsNone(progress.eta)
+
+    def test_the_fraction_never_goes_back_when_a_step_begins(self) -> None:
+        """
+        A start hook that begins at 0 % of its own work, after a load that got to 95 % (its
+        stage lines, or the time previous loads took): the start's fraction does not fall back.
+        """
+        self.history.record("qwen", COMMAND, 10.0)
+        for lines, wait in ((LOADED_LINES, 1), ("", 12)):
+            self.upstream.start()
+            self.upstream.emit(lines)
+            self.clock.advance(wait)
+            seen = [self.snapshot().fraction]
+            for fraction in (0.0, None, 0.25, 1.0):
+                self.upstream.start_step = StartStep("restoring", "restoring 1 cached conversation, 1 MB", fraction)
+                seen.append(self.snapshot().fraction)
+            self.assertGreaterEqual(seen[0], 0.95)
+            self.assertEqual(seen, sorted(seen), seen)
+            self.assertEqual(seen[-1], 1.0)
+            self.upstream.ready()
 
     def test_the_load_time_recorded_ends_at_the_health_check(self) -> None:
         self.upstream.start()

@@ -2,7 +2,7 @@
 Tests for L{swapproxy.web.forward} and L{swapproxy.web.relay}: what reaches the upstream, and how
 its answer reaches the client. (The same pipeline behind a loading stream: L{tests.test_loading}.)
 
-Most tests use L{tests.test_web.Harness} (a treq client, swapproxy's Resource tree, fake
+Most tests use L{tests.support.harness.Harness} (a treq client, swapproxy's Resource tree, fake
 upstreams, all in memory). Tests about the bytes on the client's connection (hop-by-hop headers,
 flow control, hanging up) talk to swapproxy's real C{Site} over a C{StringTransport}.
 """
@@ -14,21 +14,18 @@ import json
 from typing import Any
 
 import treq
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import fail
-from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.server import NOT_DONE_YET, Request
 
-from swapproxy.web import forward
-from swapproxy.web.root import build_site
 from swapproxy.upstream import State
-from tests.test_web import (
+from swapproxy.web import forward
+from tests.support.harness import (
     ErrorAssertions,
     Harness,
     Received,
@@ -36,7 +33,9 @@ from tests.test_web import (
     answer_json,
     answer_later,
     header,
+    sample,
 )
+from tests.support.rawhttp import dechunk
 
 CHAT = b'{"model": "llama", "stream": true, "messages": []}'
 
@@ -58,64 +57,6 @@ class BodyReader(Protocol):
 
     def hang_up(self) -> None:
         self.transport.stopProducing()
-
-
-class RawClient:
-    """
-    One client connection to swapproxy's real Site, over a C{StringTransport}.
-    """
-
-    def __init__(self, harness: Harness) -> None:
-        self.harness = harness
-        address = IPv4Address("TCP", "192.0.2.7", 50123)
-        self.site = build_site(harness.supervisor, harness.clock)
-        self.protocol = self.site.buildProtocol(address)
-        self.transport = StringTransport(peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 8080))
-        self.protocol.makeConnection(self.transport)
-
-    def send(self, method: bytes, path: bytes, body: bytes = b"", headers: list[bytes] = ()) -> None:
-        lines = [method + b" " + path + b" HTTP/1.1", b"Host: swapproxy.test"]
-        lines += list(headers)
-        lines.append(b"Content-Length: " + str(len(body)).encode())
-        self.protocol.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-        self.harness.flush()
-
-    def head(self) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        """
-        The status line and the header lines the client has received.
-        """
-        head = self.transport.value().partition(b"\r\n\r\n")[0]
-        status, *lines = head.split(b"\r\n")
-        return status, [tuple(v.strip() for v in line.split(b":", 1)) for line in lines]  # type: ignore[misc]
-
-    def headers(self, name: bytes) -> list[bytes]:
-        return [value for key, value in self.head()[1] if key.lower() == name.lower()]
-
-    def body(self) -> bytes:
-        return self.transport.value().partition(b"\r\n\r\n")[2]
-
-    def hang_up(self) -> None:
-        """
-        The client's TCP connection drops, as a real transport reports it.
-        """
-        self.transport.producer.stopProducing()
-        self.protocol.connectionLost(Failure(ConnectionLost("client went away")))
-        self.harness.flush()
-
-
-def dechunk(body: bytes) -> tuple[list[bytes], bool]:
-    """
-    The chunks of a chunked body, and whether it had its terminating chunk.
-    """
-    chunks = []
-    while body:
-        size, _, rest = body.partition(b"\r\n")
-        length = int(size, 16)
-        if length == 0:
-            return chunks, rest == b"\r\n"
-        chunks.append(rest[:length])
-        body = rest[length + 2:]
-    return chunks, False
 
 
 class RequestForwardingTests(SynchronousTestCase):
@@ -166,8 +107,8 @@ class RequestForwardingTests(SynchronousTestCase):
         """
         Without an X-Forwarded-For from the client, the upstream learns the client's address.
         """
-        client = RawClient(self.h)
-        client.send(b"POST", b"/v1/chat/completions", b'{"model": "llama"}')
+        client = self.h.connect()
+        client.request(b"POST", b"/v1/chat/completions", b'{"model": "llama"}')
         self.assertEqual(self.h.received[-1].headers.getRawHeaders(b"x-forwarded-for"), [b"192.0.2.7"])
 
     def test_get_has_no_body(self) -> None:
@@ -260,15 +201,14 @@ class ResponseRelayTests(ErrorAssertions, SynchronousTestCase):
             return NOT_DONE_YET
 
         self.h.server.respond = respond
-        client = RawClient(self.h)
-        client.send(b"POST", b"/v1/chat/completions", b'{"model": "llama"}')
-        status, _ = client.head()
-        self.assertEqual(status, b"HTTP/1.1 200 OK")
-        self.assertEqual(client.headers(b"x-end-to-end"), [b"yes"])
-        self.assertEqual(client.headers(b"keep-alive"), [])
-        self.assertEqual(client.headers(b"transfer-encoding"), [b"chunked"])
-        self.assertEqual(client.headers(b"content-length"), [])
-        chunks, complete = dechunk(client.body())
+        client = self.h.connect()
+        client.request(b"POST", b"/v1/chat/completions", b'{"model": "llama"}')
+        self.assertEqual(client.status_line(), b"HTTP/1.1 200 OK")
+        self.assertEqual(client.header(b"x-end-to-end"), [b"yes"])
+        self.assertEqual(client.header(b"keep-alive"), [])
+        self.assertEqual(client.header(b"transfer-encoding"), [b"chunked"])
+        self.assertEqual(client.header(b"content-length"), [])
+        chunks, complete = dechunk(client.raw_body())
         self.assertEqual((b"".join(chunks), complete), (b'{"part": 1}', True))
 
     def test_gzip_answer_decoded_consistently(self) -> None:
@@ -285,15 +225,15 @@ class ResponseRelayTests(ErrorAssertions, SynchronousTestCase):
             return packed
 
         self.h.server.respond = respond
-        client = RawClient(self.h)
-        client.send(b"POST", b"/v1/completions", b'{"model": "llama"}')
-        encoding = client.headers(b"content-encoding")
-        length = client.headers(b"content-length")
+        client = self.h.connect()
+        client.request(b"POST", b"/v1/completions", b'{"model": "llama"}')
+        encoding = client.header(b"content-encoding")
+        length = client.header(b"content-length")
         if length:
-            body = client.body()
+            body = client.raw_body()
             self.assertEqual(length, [str(len(body)).encode()])
         else:
-            chunks, complete = dechunk(client.body())
+            chunks, complete = dechunk(client.raw_body())
             self.assertTrue(complete)
             body = b"".join(chunks)
         self.assertEqual(gzip.decompress(body) if encoding == [b"gzip"] else body, plain)
@@ -476,12 +416,12 @@ class FlowControlTests(SynchronousTestCase):
         self.resumed: list[Any] = []
         self.patch(iosim.FakeTransport, "pauseProducing", lambda transport: self.paused.append(transport))
         self.patch(iosim.FakeTransport, "resumeProducing", lambda transport: self.resumed.append(transport))
-        self.client = RawClient(self.h)
-        self.client.send(b"POST", b"/v1/chat/completions", CHAT, [b"Content-Type: application/json"])
+        self.client = self.h.connect()
+        self.client.request(b"POST", b"/v1/chat/completions", CHAT, [b"Content-Type: application/json"])
         self.upstream = self.h.received[0]
         self.upstream.request.write(b'data: {"n": 0}\n\n')
         self.h.flush()
-        self.assertEqual(self.client.head()[0], b"HTTP/1.1 200 OK")
+        self.assertEqual(self.client.status_line(), b"HTTP/1.1 200 OK")
 
     def upstream_connection(self, transports: list[Any]) -> list[Any]:
         """
@@ -507,7 +447,7 @@ class FlowControlTests(SynchronousTestCase):
 
         self.upstream.request.finish()
         self.h.flush()
-        chunks, complete = dechunk(self.client.body())
+        chunks, complete = dechunk(self.client.raw_body())
         self.assertEqual(chunks, [b'data: {"n": 0}\n\n', b'data: {"n": 1}\n\n'])
         self.assertTrue(complete)
 
@@ -544,19 +484,6 @@ HANG_CONFIG = """
         timeouts:
           responseHeader: 5
 """
-
-
-def scraped(body: bytes, name: str, **labels: str) -> float | None:
-    """
-    The value of the Prometheus sample ``name`` with these labels in ``body`` (None if absent).
-    """
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(body.decode("utf-8")):
-        for found in family.samples:
-            if found.name == name and all(found.labels.get(k) == v for k, v in labels.items()):
-                return float(found.value)
-    return None
 
 
 def error_events(chunks: list[bytes]) -> list[dict[str, Any]]:
@@ -624,9 +551,9 @@ class HungModelTests(ErrorAssertions, SynchronousTestCase):
         models = json.loads(self.h.call("GET", "/v1/models")[1])["data"]
         self.assertEqual([m["state"] for m in models if m["id"] == "llama"], ["unhealthy"])
         metrics = self.h.call("GET", "/metrics")[1]
-        self.assertEqual(scraped(metrics, "swapproxy_upstream_timeouts_total", model="llama", kind="stream_idle"), 1)
-        self.assertEqual(scraped(metrics, "swapproxy_model_unhealthy_total", model="llama", cause="stream_idle"), 1)
-        self.assertEqual(scraped(metrics, "swapproxy_model_state", model="llama", state="unhealthy"), 1)
+        self.assertEqual(sample(metrics, "swapproxy_upstream_timeouts_total", model="llama", kind="stream_idle"), 1)
+        self.assertEqual(sample(metrics, "swapproxy_model_unhealthy_total", model="llama", cause="stream_idle"), 1)
+        self.assertEqual(sample(metrics, "swapproxy_model_state", model="llama", state="unhealthy"), 1)
 
     def test_stream_that_never_gets_its_head(self) -> None:
         """
@@ -688,7 +615,7 @@ class HungModelTests(ErrorAssertions, SynchronousTestCase):
         self.assertJSONError(response, self.h.read(response), 504, "'qwen' sent no response head within 5s")
         self.assertEqual(self.h.upstreams["qwen"].state, State.READY)
         metrics = self.h.call("GET", "/metrics")[1]
-        self.assertEqual(scraped(metrics, "swapproxy_upstream_timeouts_total", model="qwen", kind="response_header"), 1)
+        self.assertEqual(sample(metrics, "swapproxy_upstream_timeouts_total", model="qwen", kind="response_header"), 1)
 
     def test_other_models_keep_streaming(self) -> None:
         """

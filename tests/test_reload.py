@@ -24,21 +24,10 @@ from swapproxy.config import ConfigError, load_config
 from swapproxy.logs import set_log_level
 from swapproxy.reload import WATCH_INTERVAL, ConfigReloader
 from swapproxy.supervisor import Supervisor
-from tests.fakes import FakeUpstreams
-from tests.helpers import (
-    alive,
-    config_yaml,
-    fake_command,
-    free_port,
-    free_port_range,
-    make_client,
-    post_chat,
-    spawn_twistd,
-    survivors,
-    wait_for_http,
-    wait_until,
-    write_config,
-)
+from swapproxy.testing.local import fake_command, free_port, free_port_range
+from swapproxy.testing.upstreams import ScriptedUpstreams
+from tests.support.live import config_yaml, make_client, post_chat, write_config
+from tests.support.processes import alive, spawn_twistd, survivors, wait_for_http, wait_until
 
 GOOD = """
     models:
@@ -92,7 +81,7 @@ class ReloaderTests(SynchronousTestCase):
         self.path = os.path.join(directory, "config.yaml")
         self.write(GOOD)
         self.clock = ThreadedClock()
-        self.ups = FakeUpstreams()
+        self.ups = ScriptedUpstreams()
         self.supervisor = Supervisor(load_config(self.path), self.clock, upstream_factory=self.ups)
 
     def write(self, text: str) -> None:

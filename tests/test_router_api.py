@@ -1,7 +1,7 @@
 """
 Tests for L{swapproxy.web.router_api}: llama.cpp's router-mode API (``/models``, ``/models/load``,
-``/models/unload``, ``/models/sse``, the router's ``/props``) over swapproxy's models, driven in
-memory with the fake upstreams of L{tests.test_web}.
+``/models/unload``, ``/models/sse``, the router's ``/props``) over swapproxy's models, driven
+with the in-memory upstreams of L{tests.support.harness}.
 """
 
 from __future__ import annotations
@@ -10,14 +10,17 @@ import json
 import textwrap
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy.config import parse_config
+from swapproxy.peers import PeerSet
 from swapproxy.upstream import StartError, State
-from swapproxy.web.router_api import HEARTBEAT, PROGRESS_TICK
-from tests.test_loading import parse_events
-from tests.test_logbuffer import StreamClient
-from tests.test_web import Harness, header
+from swapproxy.board import TICK
+from swapproxy.web.router_api import HEARTBEAT
+from tests.support.doubles import FakePeerClient, FakePeerResponse
+from tests.support.harness import Harness, header
+from tests.support.rawhttp import RawConnection, follow, parse_events
 
 CONFIG = """
     healthCheckTimeout: 15
@@ -175,6 +178,49 @@ class ModelListTests(RouterApiCase):
         self.assertEqual(response.code, 404)
 
 
+class PeerModelTests(SynchronousTestCase):
+    """
+    ``GET /models`` lists the peers' models too, with the state their peer reports.
+    """
+
+    def test_peer_models_listed(self) -> None:
+        clients: list[FakePeerClient] = []
+        peer_clock = Clock()
+        h: Harness | None = None
+        peers = PeerSet(lambda: h.supervisor.config,  # type: ignore[union-attr]
+                        peer_clock, FakePeerClient.factory(clients))
+        text = CONFIG + '    peers:\n      box: {proxy: "http://10.0.0.9:8080", models: [big, small, gone]}\n'
+        h = Harness(self, textwrap.dedent(text), peers=peers)
+        asked = peers.refresh()
+        progress = {"stage": "loading", "label": "loading weights", "fraction": 0.42, "percent": 42,
+                    "elapsed": 2.0, "eta": 2.8, "expected": 4.8}
+        clients[0].sent[0][3].callback(FakePeerResponse(200, json.dumps({"data": [
+            {"id": "big", "state": "starting", "status": {"value": "loaded", "state": "loading", "progress": progress}},
+            {"id": "small", "state": "ready", "status": {"value": "loaded", "state": "ready"}},
+        ]}).encode()))
+        self.successResultOf(asked)
+        response, body = h.call("GET", "/models")
+        self.assertEqual(response.code, 200)
+        listing = json.loads(body)
+        self.assertEqual([entry["id"] for entry in listing["data"]],
+                         ["box/big", "box/gone", "box/small", "llama", "qwen"])
+        records = {entry["id"]: entry for entry in listing["data"]}
+        big = records["box/big"]
+        progress = {"stages": ["text_model"], "current": "text_model", "value": 0.42}
+        self.assertEqual(big["status"], {"value": "loading", "args": [], "progress": progress})
+        self.assertEqual({key: big[key] for key in ("aliases", "tags", "object", "owned_by", "can_remove", "name", "peer")},
+                         {"aliases": [], "tags": [], "object": "model", "owned_by": "box", "can_remove": False,
+                          "name": "box: big", "peer": {"id": "box", "reachable": True}})
+        self.assertEqual(records["box/small"]["status"], {"value": "loaded", "args": []})
+        self.assertEqual(records["box/gone"]["status"], {"value": "unloaded", "args": []})
+        self.assertEqual(len(clients[0].sent), 1, "what the peer said is fresh: not asked again")
+        peers.unreachable(h.supervisor.config.peers["box"], "connection refused")
+        _, body = h.call("GET", "/models")
+        big = next(entry for entry in json.loads(body)["data"] if entry["id"] == "box/big")
+        self.assertEqual((big["status"], big["peer"]), ({"value": "unloaded", "args": []},
+                                                        {"id": "box", "reachable": False}))
+
+
 class LoadUnloadTests(RouterApiCase):
     """
     ``POST /models/load`` and ``POST /models/unload``.
@@ -234,12 +280,12 @@ class EventStreamTests(RouterApiCase):
     ``GET /models/sse``: status changes and load progress in the router's event shapes.
     """
 
-    def connect(self) -> StreamClient:
-        client = StreamClient(self.h.root, "/models/sse")
-        self.addCleanup(client.disconnect)
+    def connect(self) -> RawConnection:
+        client = follow(self.h.root, "/models/sse")
+        self.addCleanup(client.close)
         return client
 
-    def events(self, client: StreamClient) -> list[dict[str, Any]]:
+    def events(self, client: RawConnection) -> list[dict[str, Any]]:
         """
         Every event so far; each must be exactly one ``data:`` line of JSON, as the router sends.
         """
@@ -257,8 +303,8 @@ class EventStreamTests(RouterApiCase):
         client = self.connect()
         status, headers = client.head()
         self.assertEqual(status, 200)
-        self.assertEqual(headers[b"content-type"], b"text/event-stream; charset=utf-8")
-        self.assertEqual(headers[b"x-accel-buffering"], b"no")
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/event-stream; charset=utf-8"])
+        self.assertEqual(headers.getRawHeaders(b"x-accel-buffering"), [b"no"])
         self.assertEqual(self.events(client), [])
         self.assertEqual(self.h.clock.getDelayedCalls()[0].getTime(), self.h.clock.seconds() + HEARTBEAT,
                          "nothing but the heartbeat runs while nothing happens")
@@ -268,16 +314,21 @@ class EventStreamTests(RouterApiCase):
     def test_a_load_and_an_unload(self) -> None:
         """
         Loading: ``model_status`` loading, progress that rises with the model's output (and with
-        time), 1.0, ``loaded`` with the model's info; unloading: ``unloaded`` with exit code 0.
+        time), as the board sees it at each tick, 1.0, ``loaded`` with the model's info;
+        unloading: ``unloaded`` with exit code 0.
         """
         client = self.connect()
         upstream = self.h.upstreams["llama"]
         upstream.auto_ready = False
         self.post_json("/models/load", {"model": "llama"})
-        print_lines(upstream, LOAD_LINES)
+        for line in LOAD_LINES:
+            print_lines(upstream, [line])
+            self.h.clock.advance(TICK)
         for _ in range(3):
             print_dots(upstream, 10)
+            self.h.clock.advance(TICK)
         print_dots(upstream, 0)  # output that moves nothing sends nothing
+        self.h.clock.advance(TICK)
         upstream.become_ready()
         self.post_json("/models/unload", {"model": "llama"})
 
@@ -299,7 +350,8 @@ class EventStreamTests(RouterApiCase):
     def test_progress_from_time_alone(self) -> None:
         """
         A model that prints nothing, whose last load took 10 s: its progress moves with the
-        clock, checked once a second while it loads, and the check stops with the load.
+        clock, looked at by the board at each tick while it loads, and the looking stops with the
+        load.
         """
         upstream = self.h.upstreams["qwen"]
         upstream.auto_ready = False
@@ -309,16 +361,16 @@ class EventStreamTests(RouterApiCase):
         self.post_json("/models/unload", {"model": "qwen"})
         client = self.connect()
         self.post_json("/models/load", {"model": "qwen"})
-        self.h.clock.advance(PROGRESS_TICK)
-        self.h.clock.advance(PROGRESS_TICK)
+        for _ in range(8):
+            self.h.clock.advance(TICK)
         progress = [e["data"]["progress"]["value"] for e in self.events(client) if e["data"].get("progress")]
-        self.assertEqual(progress, [0.0, 0.1, 0.2])
+        self.assertEqual(progress, [round(tick * TICK / 10, 3) for tick in range(9)])
         upstream.become_ready()
         # The supervisor's first measurement of the ready model's memory is not ours.
         ours = [call for call in self.h.clock.getDelayedCalls()
                 if getattr(call.func, "__name__", "") != "_first_measure"]
         self.assertEqual([call.getTime() - self.h.clock.seconds() for call in ours],
-                         [HEARTBEAT - 2 * PROGRESS_TICK], "only the heartbeat is left")
+                         [HEARTBEAT - 8 * TICK], "only the heartbeat is left")
 
     def test_failed_start(self) -> None:
         client = self.connect()
@@ -360,7 +412,7 @@ class EventStreamTests(RouterApiCase):
 
     def test_reader_that_left_gets_nothing(self) -> None:
         client = self.connect()
-        client.disconnect()
+        client.close()
         before = client.transport.value()
         self.post_json("/models/load", {"model": "llama"})
         self.h.clock.advance(HEARTBEAT)

@@ -3,8 +3,8 @@ Tests for `swapproxy.slotcache`: saving llama-server's slots before a stop, rest
 the next start.
 
 The unit tests drive a real `Upstream` with a fake child and a fake health probe on a clock
-(`tests.fakes.ProcessReactor`), and a `FakeSlotServer` that stands for llama-server's slot API and
-writes real files into a temporary directory. Disk work runs synchronously instead of in a
+(`tests.support.reactors.ProcessReactor`), and a `FakeSlotServer` that stands for llama-server's
+slot API and writes real files into a temporary directory. Disk work runs synchronously instead of in a
 thread. `NoSlotAPITests` runs the fake upstream for real; the end-to-end tests with a real
 llama-server are in ``tests/test_llama_server.py`` (``SlotCacheTests``).
 """
@@ -27,9 +27,11 @@ from swapproxy.config import SlotCacheConfig, parse_config
 from swapproxy.slotcache import SlotCache, is_llama_server, save_path_in
 from swapproxy.slotfiles import RECORD_SUFFIX, SlotFile
 from swapproxy.supervisor import Supervisor
+from swapproxy.testing.local import fake_command
 from swapproxy.upstream import StartError, State, Upstream
-from tests.fakes import FakeSlotServer, ProcessReactor, write_slot_file
-from tests.helpers import config_yaml, fake_command, start_proxy
+from tests.support.doubles import FakeSlotServer, write_slot_file
+from tests.support.live import config_yaml, start_proxy
+from tests.support.reactors import ProcessReactor
 
 #: When the health probe answers 200 after a start: the first probe goes out within this.
 PROBE_BOUND = 0.25

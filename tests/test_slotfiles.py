@@ -22,7 +22,7 @@ from swapproxy.slotfiles import (
     superseded,
     tokens_digest,
 )
-from tests.fakes import write_slot_file
+from tests.support.doubles import write_slot_file
 
 SERVER = ServerIdentity("b1-test", "/models/m.gguf", 1000, 5, ("llama-server", "-m", "/models/m.gguf"))
 

@@ -19,18 +19,17 @@ import psutil
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from swapproxy.config import parse_config
 from swapproxy.supervisor import Supervisor
+from swapproxy.testing.local import LOOPBACK, fake_command
 from swapproxy.web.root import build_site
-from tests.helpers import LOOPBACK, config_yaml, fake_command, wait_until
+from tests.support.live import config_yaml, connect_raw
+from tests.support.processes import wait_until
 
 log = Logger(namespace="tests.soak")
 
@@ -43,29 +42,6 @@ PHASE = 500
 MODELS = ("alpha", "beta")
 #: File descriptors the measured run may leave open beyond the baseline.
 FD_SLACK = 4
-
-
-class _HangUp(Protocol):
-    """
-    Sends one streaming request and drops the connection when the first event arrives.
-    """
-
-    def __init__(self, request: bytes) -> None:
-        self._request = request
-        self.received = b""
-        self.done: Deferred[bytes] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(self._request)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-        if b"data:" in self.received and not self.done.called:
-            self.transport.abortConnection()
-
-    def connectionLost(self, reason: Failure) -> None:
-        if not self.done.called:
-            self.done.callback(self.received)
 
 
 class Workload:
@@ -114,8 +90,7 @@ class Workload:
                 # Connection: close, so that an answer other than a stream also ends the connection.
                 request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json\r\n"
                            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-                hang_up = _HangUp(request)
-                await connectProtocol(TCP4ClientEndpoint(reactor, LOOPBACK, self.port), hang_up)
+                hang_up = await connect_raw(self.port, request, hang_up_at=b"data:")
                 received = await hang_up.done
                 self.tally("hang-up", received.startswith(b"HTTP/1.1 200"), i, 0, received)
             elif kind == 16:

@@ -1,7 +1,7 @@
 """
 Tests for `swapproxy.supervisor`: which models run, the request queue, TTL and shutdown.
 
-Most tests drive a `Supervisor` with `FakeUpstream` children and a `Clock`: the test says when a
+Most tests drive a `Supervisor` with `ScriptedUpstream` children and a `Clock`: the test says when a
 model becomes ready, fails, or has exited. A few run real `Upstream` objects on a fake process
 reactor (for how the two interact), and one spawns real children to check shutdown.
 """
@@ -39,10 +39,12 @@ from swapproxy.supervisor import (
     TooManyRequests,
     UnknownModel,
 )
+from swapproxy.testing.local import FAKE_UPSTREAM, free_port_range
+from swapproxy.testing.upstreams import ScriptedUpstreams
 from swapproxy.upstream import StartError, State, Upstream
 from swapproxy.web.api import Running
-from tests.fakes import FakeUpstreams, ProcessReactor
-from tests.helpers import FAKE_UPSTREAM, alive, free_port_range, process_pipes_open, wait_until
+from tests.support.processes import alive, process_pipes_open, wait_until
+from tests.support.reactors import ProcessReactor
 
 CMD = "llama-server --port ${PORT}"
 GIB = 1024**3
@@ -62,14 +64,14 @@ def make_config(models: dict[str, dict[str, Any]], **top: Any) -> Any:
 
 class SupervisorTestCase(SynchronousTestCase):
     """
-    Builds a `Supervisor` whose upstreams are `FakeUpstream` objects, on a `Clock`.
+    Builds a `Supervisor` whose upstreams are `ScriptedUpstream` objects, on a `Clock`.
     """
 
     def make(self, models: dict[str, dict[str, Any]] | list[str], **top: Any) -> Supervisor:
         if isinstance(models, list):
             models = {mid: {} for mid in models}
         self.clock = Clock()
-        self.ups = FakeUpstreams()
+        self.ups = ScriptedUpstreams()
         #: What each fake pid is "measured" to use, in bytes.
         self.rss: dict[int, int] = {}
         footprints = Footprints(self.clock, rss=lambda pids: sum(self.rss.get(pid, 0) for pid in pids),

@@ -24,22 +24,9 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from tests.helpers import (
-    LOOPBACK,
-    REPO,
-    TWISTD,
-    alive,
-    config_yaml,
-    fake_command,
-    fake_upstream_descendants,
-    free_port,
-    kill_all,
-    make_client,
-    post_chat,
-    survivors,
-    wait_until,
-    write_config,
-)
+from swapproxy.testing.local import LOOPBACK, REPO, TWISTD, fake_command, free_port
+from tests.support.live import config_yaml, make_client, post_chat, write_config
+from tests.support.processes import alive, fake_upstream_descendants, kill_all, survivors, wait_until
 
 SHIPPED = os.path.join(REPO, "etc", "supervisord.conf")
 PROGRAM = "program:swapproxy"

@@ -18,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from swapproxy import tap
 from swapproxy.config import parse_config
-from tests.helpers import REPO, TWISTD, config_yaml
+from swapproxy.testing.local import REPO, TWISTD
+from tests.support.live import config_yaml
 
 SHIPPED = os.path.join(REPO, "etc", "swapproxy.service")
 SHIPPED_TWISTD = "/opt/swapproxy/.venv/bin/twistd"

@@ -31,8 +31,9 @@ from swapproxy.reload import ConfigReloader
 from swapproxy.slotcache import SlotCache
 from swapproxy.store import ActivityStore
 from swapproxy.supervisor import Supervisor
-from tests.fakes import ThreadedMemoryReactor
-from tests.helpers import TWISTD
+from swapproxy.testing.local import TWISTD
+from tests.support.live import ConfigFileMixin
+from tests.support.reactors import ThreadedMemoryReactor
 
 GOOD = """
     models:
@@ -49,16 +50,6 @@ BAD = """
         cmd: llama-server --port ${PORT}
         ttl: ten
 """
-
-
-class ConfigFileMixin:
-    def write_config(self, text: str, name: str = "config.yaml") -> str:
-        directory = self.mktemp()  # type: ignore[attr-defined]
-        os.makedirs(directory)
-        path = os.path.abspath(os.path.join(directory, name))
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(textwrap.dedent(text))
-        return path
 
 
 class OptionsTests(ConfigFileMixin, SynchronousTestCase):

@@ -13,8 +13,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from swapproxy.config import Config, parse_config
 from swapproxy.targets import NoTarget, Targets
+from swapproxy.testing.local import fake_command
 from swapproxy.upstream import State
-from tests.helpers import fake_command, start_proxy
+from tests.support.live import start_proxy
 
 CONFIG = """
     models:

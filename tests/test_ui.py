@@ -18,11 +18,18 @@ from twisted.trial.unittest import SynchronousTestCase
 from swapproxy.logs import proxy_logger, upstream_logger
 from swapproxy.store import ActivityStore
 from swapproxy.upstream import StartError
-from tests.test_auth import KEY, KEYS_CONFIG, basic
-from tests.test_loading import parse_events
-from tests.test_logbuffer import StreamClient, routed
-from tests.test_metrics import CHAT_ANSWER, answer_with
-from tests.test_web import ErrorAssertions, Harness, header
+from tests.support.harness import (
+    CHAT_ANSWER,
+    KEY,
+    KEYS_CONFIG,
+    ErrorAssertions,
+    Harness,
+    answer_with,
+    basic,
+    header,
+    routed,
+)
+from tests.support.rawhttp import RawConnection, follow, parse_events
 
 CONFIG = """
     models:
@@ -37,7 +44,7 @@ CONFIG = """
 UI = files("swapproxy.web").joinpath("ui")
 
 
-def messages(client: StreamClient) -> list[tuple[str, Any]]:
+def messages(client: RawConnection) -> list[tuple[str, Any]]:
     """
     The (type, decoded data) of every ``/api/events`` message so far.
     """
@@ -97,7 +104,7 @@ class PageTests(ErrorAssertions, SynchronousTestCase):
             names += re.findall(r'(?:src|href)="(?!#)([^"]+)"', text)
             names += [found.removeprefix("./") for found in re.findall(r'from "(\./[^"]+)"', text)]
         self.assertEqual(served, {"index.html", "style.css", "favicon.svg", "app.js", "models.js", "logs.js",
-                                  "activity.js", "stream.js", "format.js"})
+                                  "activity.js", "stream.js", "format.js", "peers.js"})
         response, _ = self.h.call("GET", "/ui/app.js")
         self.assertEqual(header(response, b"content-type"), [b"text/javascript; charset=utf-8"])
 
@@ -191,7 +198,10 @@ class ActivityTests(ErrorAssertions, SynchronousTestCase):
 
     def test_bad_queries(self) -> None:
         for query, message in [("limit=0", "between 1 and 1000"), ("limit=1001", "between 1 and 1000"),
-                               ("limit=ten", "must be an integer"), ("before=yesterday", "Unix time")]:
+                               ("limit=ten", "limit must be an integer, got 'ten'"),
+                               ("before=yesterday", "before must be a Unix time in seconds, got 'yesterday'"),
+                               ("before=nan", "before must be a Unix time"), ("before=inf", "before must be a Unix time"),
+                               ("before=-Infinity", "before must be a Unix time")]:
             response, body = self.h.call("GET", "/api/activity?" + query)
             self.assertJSONError(response, body, 400, message)
 
@@ -200,15 +210,15 @@ class ActivityTests(ErrorAssertions, SynchronousTestCase):
         ``?activity`` sends the recent requests first, then each new one.
         """
         self.chat("llama")
-        client = StreamClient(self.h.root, "/api/events?activity")
-        self.addCleanup(client.disconnect)
+        client = follow(self.h.root, "/api/events?activity")
+        self.addCleanup(client.close)
         self.chat("qwen")
         batches = [data for kind, data in messages(client) if kind == "activity"]
         self.assertEqual([[r["model"] for r in batch] for batch in batches], [["llama"], ["qwen"]])
 
     def test_not_unless_asked(self) -> None:
-        client = StreamClient(self.h.root, "/api/events")
-        self.addCleanup(client.disconnect)
+        client = follow(self.h.root, "/api/events")
+        self.addCleanup(client.close)
         self.chat("qwen")
         self.assertNotIn("activity", [kind for kind, _ in messages(client)])
 
@@ -224,8 +234,8 @@ class ModelLogTests(ErrorAssertions, SynchronousTestCase):
 
     def test_model_logs(self) -> None:
         proxy_logger("tests.ui").info("earlier")
-        client = StreamClient(self.h.root, "/api/events?logs=models")
-        self.addCleanup(client.disconnect)
+        client = follow(self.h.root, "/api/events?logs=models")
+        self.addCleanup(client.close)
         upstream_logger("qwen").info("[{model}] {line}", model="qwen", line="load_tensors: loading")
         proxy_logger("tests.ui").info("later")
         logs = [data for kind, data in messages(client) if kind == "logData"]

@@ -12,27 +12,20 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import os
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.browser import REQUIRE_VARIABLE, Browser, in_thread, missing
-from tests.helpers import (
-    TwistdProcess,
-    config_yaml,
-    fake_command,
-    free_port,
-    make_client,
-    post_chat,
-    spawn_twistd,
-    wait_for_http,
-    wait_until,
-    write_config,
-)
+from swapproxy.testing.local import fake_command, free_port
+from tests.support.browser import REQUIRE_VARIABLE, Browser, in_thread, missing
+from tests.support.live import config_yaml, make_client, post_chat, write_config
+from tests.support.processes import TwistdProcess, freeze, spawn_twistd, wait_for_http, wait_until
 
 log = Logger()
 
@@ -254,21 +247,98 @@ class ModelsViewTests(DashboardTestCase):
         [entry] = await self.running()
         pid = int(entry["pid"])
 
-        def thaw_and_kill() -> None:
-            for signum in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(pid, signum)
-                except ProcessLookupError:
-                    return
-
-        self.addCleanup(thaw_and_kill)
-        os.kill(pid, signal.SIGSTOP)
+        freeze(self, pid)
         await self.until(lambda d: self.state(d, "quick") == "unhealthy", "quick found hung")
         text = await in_thread(lambda: self.row(self.browser.driver, "quick").text)
         self.assertIn("stopped responding: its health check (/health) failed 3 times in a row", text)
         await self.until(lambda d: self.state(d, "quick") == "stopped", "quick killed", timeout=30)
         text = await in_thread(lambda: self.row(self.browser.driver, "quick").text)
         self.assertIn("stopped responding", text)
+        self.assertEqual(await in_thread(self.browser.errors), [])
+
+
+class PeerModelsTests(DashboardTestCase):
+    """
+    The models of a peer (another ``twistd swapproxy``) on the models view: the state the peer
+    reports, its load progress, and whether it can be reached.
+    """
+
+    @staticmethod
+    def peer_row(driver: Any, model_id: str) -> Any:
+        from selenium.webdriver.common.by import By
+
+        rows = driver.find_elements(By.XPATH, f"//table[@class='peers']//tr[th//*[text()='{model_id}']]")
+        return rows[0] if rows else None
+
+    def peer_state(self, driver: Any, model_id: str) -> str | None:
+        from selenium.webdriver.common.by import By
+
+        row = self.peer_row(driver, model_id)
+        return None if row is None else str(row.find_element(By.XPATH, "td[@data-label='State']").text)
+
+    async def stream_chat(self, model: str) -> tuple[int, bytes]:
+        response = await self.client.post(
+            self.url + "/v1/chat/completions",
+            data=json.dumps({"model": model, "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode(),
+            headers={b"content-type": [b"application/json"]},
+        )
+        return response.code, await response.content()
+
+    @screenshot_on_failure
+    async def test_peer_models_with_state_and_progress(self) -> None:
+        remote_port = free_port()
+        remote_url = f"http://127.0.0.1:{remote_port}"
+        remote_config = write_config(self, config_yaml(
+            {"bigmodel": {"cmd": fake_command("--load-time", "4", "--stage-lines", "--model", "bigmodel")}},
+            sendLoadingState=True))
+        remote = spawn_twistd(self, remote_config, remote_port, state_dir=os.path.abspath(self.mktemp()))
+        await wait_for_http(self.client, remote_url + "/health", remote)
+        self.config = write_config(self, config_yaml(
+            MODELS, peers={"box": {"proxy": remote_url, "models": ["bigmodel", "missing"]}}))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        await self.start_swapproxy()
+        browser = await self.open_browser()
+        await self.page_is_live()
+        await self.until(lambda d: self.peer_state(d, "box/bigmodel") == "stopped", "box/bigmodel listed as stopped")
+        await self.until(lambda d: self.peer_state(d, "box/missing") == "not offered by the peer",
+                         "box/missing listed as not offered")
+        # Read-only: the peer loads and unloads its own models.
+        buttons = await in_thread(lambda: self.peer_row(browser.driver, "box/bigmodel").find_elements("tag name", "button"))
+        self.assertEqual(buttons, [])
+        self.assertIsNone(await in_thread(self.row, browser.driver, "box/bigmodel"), "not among the local models")
+        await in_thread(
+            browser.driver.execute_script,
+            """
+            window.peerPercents = [];
+            const record = () => {
+              const bar = document.querySelector('tr[data-model="box/bigmodel"] progress');
+              if (bar && bar.isConnected && bar.hasAttribute("value") && window.peerPercents.at(-1) !== bar.value) {
+                window.peerPercents.push(bar.value);
+              }
+            };
+            new MutationObserver(record).observe(document.getElementById("peer-rows"),
+              {subtree: true, childList: true, attributes: true});
+            """,
+        )
+        # A streaming request through this swapproxy loads the model on the peer.
+        chat = Deferred.fromCoroutine(self.stream_chat("box/bigmodel"))
+        await self.until(lambda d: self.peer_state(d, "box/bigmodel") in ("starting", "loading"), "box/bigmodel loading")
+        await self.until(lambda d: self.peer_state(d, "box/bigmodel") == "ready", "box/bigmodel ready", timeout=30)
+        status, body = await chat
+        self.assertEqual(status, 200)
+        self.assertTrue(body.endswith(b"data: [DONE]\n\n"), body[-200:])
+        seen = await in_thread(browser.driver.execute_script, "return window.peerPercents")
+        self.assertTrue(seen, "the peer's progress was shown")
+        self.assertEqual(seen, sorted(seen))
+        text = await in_thread(lambda: self.peer_row(browser.driver, "box/bigmodel").text)
+        self.assertIn("box", text)
+
+        remote.signal(signal.SIGTERM)
+        self.assertEqual(await remote.ended, 0)
+        await self.until(lambda d: self.peer_state(d, "box/bigmodel") == "unreachable", "box unreachable")
+        text = await in_thread(lambda: self.peer_row(browser.driver, "box/bigmodel").text)
+        self.assertIn("box: unreachable", text)
         self.assertEqual(await in_thread(self.browser.errors), [])
 
 

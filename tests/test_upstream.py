@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseNeverReceived
 
 from swapproxy.config import ModelConfig, parse_config
+from swapproxy.testing.local import FAKE_UPSTREAM, free_port
 from swapproxy.upstream import (
     MAX_PROBE_DELAY,
     MIN_PROBE_INTERVAL,
@@ -40,8 +41,8 @@ from swapproxy.upstream import (
     needs_restart,
     probe_echo,
 )
-from tests.fakes import PausableProcess, ProcessReactor
-from tests.helpers import FAKE_UPSTREAM, alive, free_port, process_pipes_open, wait_until
+from tests.support.processes import alive, process_pipes_open, wait_until
+from tests.support.reactors import PausableProcess, ProcessReactor
 
 
 #: The issue's bounds on readiness polling: the first probe after at most 50 ms, and never more

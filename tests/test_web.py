@@ -2,421 +2,20 @@
 Tests for L{swapproxy.web}: the routes a client talks to, driven in memory.
 
 A request goes from a treq client through swapproxy's real Resource tree and L{Supervisor} to
-fake upstreams whose "process" starts and stops when the test says, and whose HTTP server is a
-Resource of the test's (L{UpstreamServer}) that records what it received. Both hops run over
-C{RequestTraversalAgent}, so no socket and no reactor is involved.
+in-memory upstreams (L{tests.support.harness}).
 """
 
 from __future__ import annotations
 
 import json
 import textwrap
-from collections import deque
-from collections.abc import Callable
 from typing import Any
 
-import attrs
-import treq
-from treq.client import HTTPClient
-from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.http_headers import Headers
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
 
-from swapproxy.config import ModelConfig, parse_config
-from swapproxy.stall import Stalled, StallWatch
-from swapproxy.supervisor import Supervisor
-from swapproxy.upstream import StartError, State, _body_producer
-from swapproxy.web.root import build_root
-
-SWAPPROXY = "http://swapproxy.test"
-
-CONFIG = """
-    healthCheckTimeout: 15
-    models:
-      llama:
-        cmd: llama-server --port ${PORT}
-        name: "Llama 3.2 3B"
-        description: "small and quick"
-        aliases: [gpt-4o-mini, fast]
-        metadata:
-          context: 8192
-          vision: false
-      qwen:
-        cmd: llama-server --port ${PORT}
-        useModelName: Qwen/Qwen2.5-7B-Instruct
-        aliases: [smart]
-      whisper:
-        cmd: whisper-server --port ${PORT}
-      whisper-big:
-        cmd: whisper-server --port ${PORT}
-        useModelName: large-v3
-      secret:
-        cmd: llama-server --port ${PORT}
-        unlisted: true
-      org/model:
-        cmd: llama-server --port ${PORT}
-      org/model/big:
-        cmd: llama-server --port ${PORT}
-      limited:
-        cmd: llama-server --port ${PORT}
-        concurrencyLimit: 1
-"""
-
-
-# -- the fake upstream side ------------------------------------------------------------------
-
-
-@attrs.define
-class Received:
-    """
-    One request as an upstream server saw it.
-    """
-
-    model: str
-    method: bytes
-    uri: bytes
-    headers: Headers
-    body: bytes
-    request: Request
-    finished: list[Any] = attrs.Factory(list)
-
-
-def answer_json(request: Request, received: Received) -> bytes:
-    """
-    The default upstream answer: 200 with a small JSON body naming the server and path.
-    """
-    request.setHeader(b"content-type", b"application/json")
-    return json.dumps({"served_by": received.model, "uri": received.uri.decode()}).encode()
-
-
-def answer_later(request: Request, received: Received) -> int:
-    """
-    An upstream answer the test writes itself, through C{received.request}.
-    """
-    return NOT_DONE_YET
-
-
-def answer_event_stream(request: Request, received: Received) -> int:
-    """
-    Start an SSE answer; the test writes the events through C{received.request}.
-    """
-    request.setHeader(b"content-type", b"text/event-stream")
-    return NOT_DONE_YET
-
-
-class UpstreamServer:
-    """
-    What every fake upstream's HTTP server received, and how it answers.
-
-    :ivar respond: called with the request and its L{Received}; returns what C{render} returns.
-    """
-
-    def __init__(self) -> None:
-        self.received: list[Received] = []
-        self.respond: Callable[[Request, Received], bytes | int] = answer_json
-
-    def resource(self, model_id: str) -> Resource:
-        return _ModelServer(self, model_id)
-
-
-class _ModelServer(Resource):
-    isLeaf = True
-
-    def __init__(self, server: UpstreamServer, model_id: str) -> None:
-        super().__init__()
-        self._server = server
-        self._model_id = model_id
-
-    def render(self, request: Request) -> bytes | int:
-        received = Received(
-            model=self._model_id,
-            method=request.method,
-            uri=request.uri,
-            headers=request.requestHeaders.copy(),
-            body=request.content.read(),
-            request=request,
-        )
-        request.notifyFinish().addBoth(received.finished.append)
-        self._server.received.append(received)
-        return self._server.respond(request, received)
-
-
-class FakeUpstream:
-    """
-    Stands in for L{swapproxy.upstream.Upstream}: the "process" is imaginary, its HTTP server is
-    an in-memory Resource.
-
-    :ivar auto_ready: whether a start becomes ready at once; otherwise the test calls
-        L{become_ready} or L{fail_start}.
-    :ivar start_error: when set, every start fails with it.
-    """
-
-    def __init__(self, model: ModelConfig, server: UpstreamServer, clock: Clock) -> None:
-        self.model = model
-        self.clock = clock
-        self.state = State.STOPPED
-        self.state_observers: list[Callable[[Any, State, State], None]] = []
-        self.line_observers: list[Callable[[Any, str], None]] = []
-        self.output_observers: list[Callable[[Any, bytes], None]] = []
-        self.pid: int | None = None
-        self.started_at: float | None = None
-        self.ready_at: float | None = None
-        self.healthy_at: float | None = None
-        self.start_step: Any = None
-        self.reports: dict[str, Callable[[], Any]] = {}
-        self.health_status = ""
-        self.last_error: StartError | None = None
-        self.recent_lines: deque[str] = deque(maxlen=50)
-        self.client: Any = None
-        self.agent = RequestTraversalAgent(server.resource(model.id))
-        #: What C{client} becomes when the model is ready; tests may replace it.
-        self.make_client: Callable[[], Any] = lambda: HTTPClient(self.agent, data_to_body_producer=_body_producer)
-        self.auto_ready = True
-        self.start_error: StartError | None = None
-        self.last_error: StartError | None = None
-        self.starts = 0
-        self.stops = 0
-        self._waiters: list[Deferred[None]] = []
-        self.unhealthy_reason: str | None = None
-        self.hang_observers: list[Callable[[Any, str, str], None]] = []
-        #: The CPU seconds its "process" has used, as the stall watch reads them.
-        self.cpu_seconds: float | None = 0.0
-        self.exchanges = StallWatch(
-            model.id,
-            clock,
-            lambda: self.model.hang_limits.stream_idle_timeout,
-            lambda: self.cpu_seconds,
-            lambda what: self.mark_unhealthy(what, "stream_idle"),
-        )
-
-    @property
-    def running(self) -> bool:
-        return self.state in (State.STARTING, State.READY, State.STOPPING, State.UNHEALTHY)
-
-    @property
-    def stopping(self) -> bool:
-        return self.state in (State.STOPPING, State.UNHEALTHY)
-
-    def mark_unhealthy(self, what: str, cause: str) -> None:
-        """
-        As `Upstream.mark_unhealthy`: fail the requests in flight, and stop; the "process" exits
-        when the test calls L{exited}.
-        """
-        if self.state is not State.READY:
-            return
-        self.unhealthy_reason = what
-        self.stops += 1
-        self._set_state(State.UNHEALTHY)
-        self.exchanges.fail_all(Stalled(f"model {self.model.id!r} stopped responding: {what}", cause))
-        for observer in list(self.hang_observers):
-            observer(self, cause, what)
-
-    def exited(self) -> None:
-        """
-        The unhealthy model's process has gone.
-        """
-        self.client = None
-        self.pid = None
-        self._set_state(State.STOPPED)
-        if self._waiters:
-            self.starts += 1
-            self.pid = 4000 + self.starts
-            self.started_at = self.clock.seconds()
-            self._set_state(State.STARTING)
-            if self.auto_ready:
-                self.become_ready()
-
-    def url_for(self, path: str) -> str:
-        return "http://upstream.test" + path
-
-    def _set_state(self, new: State) -> None:
-        old, self.state = self.state, new
-        if old is not new:
-            for observer in list(self.state_observers):
-                observer(self, old, new)
-
-    def start(self) -> Deferred[None]:
-        if self.state is State.READY:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
-        self._waiters.append(waiter)
-        if self.state in (State.STOPPED, State.FAILED):
-            self.starts += 1
-            self.pid = 4000 + self.starts
-            self.started_at = self.clock.seconds()
-            self._set_state(State.STARTING)
-            if self.start_error is not None:
-                self.fail_start(self.start_error)
-            elif self.auto_ready:
-                self.become_ready()
-        return waiter
-
-    def emit(self, text: str) -> None:
-        """
-        The "process" prints ``text``: output observers see it as it is, line observers line by line.
-        """
-        for observer in list(self.output_observers):
-            observer(self, text.encode())
-        for line in text.splitlines():
-            self.recent_lines.append(line)
-            for line_observer in list(self.line_observers):
-                line_observer(self, line)
-
-    def crash(self) -> None:
-        """
-        The process of a ready model dies by itself.
-        """
-        self.client = None
-        self.pid = None
-        self._set_state(State.STOPPED)
-
-    def become_ready(self) -> None:
-        self.ready_at = self.clock.seconds()
-        self.client = self.make_client()
-        self._set_state(State.READY)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
-
-    def reconfigure(self, model: ModelConfig) -> None:
-        self.model = model
-
-    def fail_start(self, error: StartError) -> None:
-        self.last_error = error
-        self.client = None
-        self.pid = None
-        self.last_error = error
-        self._set_state(State.FAILED)
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.errback(error)
-
-    def stop(self, grace: float | None = None) -> Deferred[None]:
-        if self.running:
-            self.stops += 1
-            self.client = None
-            self._set_state(State.STOPPING)
-            self.pid = None
-            self._set_state(State.STOPPED)
-        return succeed(None)
-
-
-# -- the client side -------------------------------------------------------------------------
-
-
-class Harness:
-    """
-    swapproxy's Resource tree over a real L{Supervisor} with L{FakeUpstream}s, and a treq client.
-    """
-
-    def __init__(self, test: SynchronousTestCase, config_text: str = CONFIG, **tree: Any) -> None:
-        self.test = test
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.config = parse_config(textwrap.dedent(config_text), "config.yaml", {})
-        self.server = UpstreamServer()
-        self.upstreams: dict[str, FakeUpstream] = {}
-
-        def factory(model: ModelConfig) -> Any:
-            upstream = FakeUpstream(model, self.server, self.clock)
-            self.upstreams[model.id] = upstream
-            return upstream
-
-        self.supervisor = Supervisor(self.config, self.clock, upstream_factory=factory)
-        # tree: build_root's keyword arguments (logs, metrics).
-        self.root = build_root(self.supervisor, self.clock, **tree)
-        self.agent = RequestTraversalAgent(self.root)
-        self.http = HTTPClient(self.agent, data_to_body_producer=_body_producer)
-
-    @property
-    def received(self) -> list[Received]:
-        return self.server.received
-
-    def flush(self) -> None:
-        """
-        Move every pending byte between client, swapproxy and the upstreams.
-        """
-        for _ in range(6):
-            self.agent.flush()
-            for upstream in self.upstreams.values():
-                upstream.agent.flush()
-        self.agent.flush()
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        headers: dict[str, Any] | None = None,
-    ) -> Deferred[Any]:
-        """
-        Send a request to swapproxy; the Deferred fires with treq's unbuffered response.
-        """
-        d = self.http.request(
-            method,
-            SWAPPROXY + path,
-            data=body,
-            headers=headers,
-            unbuffered=True,
-            allow_redirects=False,
-        )
-        self.flush()
-        return d
-
-    def call(
-        self,
-        method: str,
-        path: str,
-        body: bytes | None = None,
-        headers: dict[str, Any] | None = None,
-    ) -> tuple[Any, bytes]:
-        """
-        Send a request to swapproxy and read the whole answer.
-        """
-        response = self.test.successResultOf(self.request(method, path, body, headers))
-        return response, self.read(response)
-
-    def read(self, response: Any) -> bytes:
-        chunks: list[bytes] = []
-        done = treq.collect(response, chunks.append)
-        self.flush()
-        self.test.successResultOf(done)
-        return b"".join(chunks)
-
-    def post_json(self, path: str, payload: Any, headers: dict[str, Any] | None = None) -> tuple[Any, bytes]:
-        return self.call("POST", path, json.dumps(payload).encode(), headers or {"Content-Type": "application/json"})
-
-
-def header(response: Any, name: bytes) -> list[bytes] | None:
-    return response.headers.getRawHeaders(name)
-
-
-class ErrorAssertions:
-    """
-    Checks for OpenAI-style JSON errors.
-    """
-
-    def assertJSONError(
-        self, response: Any, body: bytes, status: int, *fragments: str, error_type: str | None = None
-    ) -> dict[str, Any]:
-        """
-        C{response} is a JSON C{{"error": {"message", "type", "code"}}} with C{status}, and the
-        message contains every fragment.
-        """
-        test: Any = self
-        test.assertEqual(response.code, status, body)
-        test.assertEqual(header(response, b"content-type"), [b"application/json"])
-        error = json.loads(body)["error"]
-        test.assertEqual(sorted(error), ["code", "message", "type"])
-        for fragment in fragments:
-            test.assertIn(fragment, error["message"])
-        if error_type is not None:
-            test.assertEqual(error["type"], error_type)
-        return error
+from swapproxy.config import parse_config
+from swapproxy.upstream import StartError, State
+from tests.support.harness import CONFIG, ErrorAssertions, Harness, answer_json, answer_later, header
 
 
 def multipart(boundary: bytes, fields: list[tuple[bytes, bytes, bytes | None]]) -> bytes:
@@ -861,6 +460,24 @@ class ApiTests(ErrorAssertions, SynchronousTestCase):
         qwen = listing["data"][4]
         self.assertNotIn("name", qwen)
         self.assertNotIn("meta", qwen)
+
+    def test_one_model(self) -> None:
+        """
+        ``GET /v1/models/<id>`` answers that model's record alone, as OpenAI's retrieve call
+        does (an id with ``/`` too); an unknown id is a JSON 404.
+        """
+        _, body = self.h.call("GET", "/v1/models")
+        records = {record["id"]: record for record in json.loads(body)["data"]}
+        for model_id in ("llama", "org/model/big"):
+            response, body = self.h.call("GET", "/v1/models/" + model_id)
+            self.assertEqual((response.code, json.loads(body)), (200, records[model_id]))
+        response, body = self.h.call("GET", "/v1/models/org%2Fmodel")
+        self.assertEqual((response.code, json.loads(body)["id"]), (200, "org/model"))
+        response, body = self.h.call("GET", "/v1/models/nothing")
+        self.assertJSONError(response, body, 404, "model 'nothing' not found")
+        self.assertEqual(json.loads(body)["error"]["code"], "model_not_found")
+        response, body = self.h.call("GET", "/v1/models/")
+        self.assertEqual(len(json.loads(body)["data"]), len(records))
 
     def test_models_list_echoes_origin(self) -> None:
         """

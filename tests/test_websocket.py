@@ -18,11 +18,21 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from swapproxy.config import parse_config
-from tests.helpers import LOOPBACK, RunningProxy, TrackingFactory, fake_command, start_proxy, wait_until
+from swapproxy.testing.local import LOOPBACK, fake_command
+from tests.support.live import RunningProxy, TrackingFactory, start_proxy
+from tests.support.processes import wait_until
 
 SLEEPER = f"{sys.executable} -c 'import time; time.sleep(120)'"
 UPGRADE = (b"GET /upstream/%s HTTP/1.1\r\nHost: swapproxy\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+async def metrics_text(proxy: RunningProxy) -> str:
+    """
+    ``GET /metrics``, as text.
+    """
+    response = await proxy.client.get(proxy.url + "/metrics")
+    return (await response.content()).decode("utf-8")
 
 
 class EchoServer(Protocol):
@@ -137,6 +147,14 @@ class WebsocketTests(TestCase):
         # The connection is swapproxy's again for nothing: a new request works as ever.
         listing = await proxy.get_json("/v1/models")
         self.assertIn("ws", {r["id"] for r in listing["data"]})
+        # The activity history, the metrics and the request log (one event feeds them all) name
+        # the websocket's model.
+        rows = (await proxy.get_json("/api/activity"))["data"]
+        self.assertEqual([(r["path"], r["model"]) for r in rows], [("/upstream", "ws")])
+        counted = [line for line in (await metrics_text(proxy)).splitlines()
+                   if line.startswith("swapproxy_requests_total{")]
+        self.assertEqual(len(counted), 1, counted)
+        self.assertTrue(counted[0].startswith('swapproxy_requests_total{model="ws",route="/upstream",'), counted)
 
     async def test_model_closes(self) -> None:
         """
@@ -192,6 +210,11 @@ class IgnorePathsTests(TestCase):
             self.assertEqual(response.code, 409)
             self.assertIn("upstream.ignorePaths", answer["error"]["message"])
         self.assertEqual(proxy.supervisor.upstreams["m"].state.value, "stopped")
+        # The activity history, the metrics and the request log name the model of each 409.
+        rows = (await proxy.get_json("/api/activity"))["data"]
+        self.assertEqual([(r["model"], r["status"]) for r in rows], [("m", 409), ("m", 409)])
+        self.assertIn('swapproxy_requests_total{model="m",route="/upstream",status="409"} 2.0',
+                      await metrics_text(proxy))
         response = await proxy.client.get(proxy.url + "/upstream/m/health")
         await response.content()
         self.assertEqual(response.code, 200)

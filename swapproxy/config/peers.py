@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 from typing import Any
+from urllib.parse import urlsplit
 
-from swapproxy.config.checker import Checker, join
+from swapproxy.config.checker import Checker, join, show
 from swapproxy.config.forwarding import build_filters, build_timeouts, check_url
 from swapproxy.config.macros import MacroScope, place_port
 from swapproxy.config.settings import (
@@ -74,6 +75,8 @@ def _build_peers(ch: Checker, raw: Any, global_macros: dict[str, Any]) -> dict[s
         path = join("peers", pid)
         if not isinstance(pid, str) or not pid.strip():
             raise ch.error(path, "peer ids must be non-empty strings (quote it)")
+        if "/" in pid:
+            raise ch.error(path, "a peer id must not contain '/': its models are named <peer>/<model>")
         p = ch.mapping(praw, path)
         ch.known(p, path, _PEER_KEYS)
         scope = MacroScope(ch, pid, dict(global_macros))
@@ -87,11 +90,18 @@ def _build_peers(ch: Checker, raw: Any, global_macros: dict[str, Any]) -> dict[s
         if p.get("proxy") is None:
             raise ch.error(f"{path}.proxy", "missing: every peer needs the base URL of its server")
         proxy = check_url(ch, f"{path}.proxy", text("proxy").strip())
+        url = urlsplit(proxy)
+        if url.username is not None or url.password is not None:
+            raise ch.error(f"{path}.proxy", "must not contain a user name or password: set the peer's apiKey")
+        if url.query or url.fragment or proxy.endswith(("?", "#")):
+            raise ch.error(f"{path}.proxy", f"must not have a query or fragment (each request's path is appended"
+                                            f" to it), got {show(proxy)}")
         names: list[str] = []
         for i, name in enumerate(ch.strings(p.get("models"), f"{path}.models")):
             name = final(f"{path}.models[{i}]", scope.text(name, f"{path}.models[{i}]")).strip()
-            if name not in names:
-                names.append(name)
+            if name in names:
+                raise ch.error(f"{path}.models[{i}]", f"{show(name)} is listed twice")
+            names.append(name)
         if not names:
             raise ch.error(f"{path}.models", "missing: list the model ids this peer serves")
         api_key = text("apiKey").strip()
@@ -124,10 +134,7 @@ def _peer_routes(ch: Checker, peers: dict[str, PeerConfig], models: dict[str, Mo
             target = PeerModel(peers[pid], name)
             fqn = target.fqn
             where = f"peers.{pid}.models"
-            if fqn in routes:
-                other = routes[fqn]
-                raise ch.error(where, f"peer model name '{fqn}' is ambiguous: also model"
-                                      f" '{other.model}' of peer '{other.peer.id}'")
+            # Unique: peer ids have no "/", and a peer lists each model once.
             if fqn in models:
                 raise ch.error(where, f"peer model name '{fqn}' is also a local model id")
             if fqn in aliases:

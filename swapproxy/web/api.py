@@ -24,7 +24,7 @@ from swapproxy.targets import ActiveProfile
 from swapproxy.upstream import StartError, State
 from swapproxy.web.errors import error_response
 from swapproxy.web.listing import alias_records, peer_records, profile_records, selector_records, with_capabilities
-from swapproxy.web.render import ClientState, render_async
+from swapproxy.web.render import ClientState, path_segments, render_async
 
 
 log = proxy_logger("swapproxy.web")
@@ -78,6 +78,9 @@ class ModelList(JSONResource):
     and the records of aliases, peer models (with their live state), selectors and the active
     profile's pins (`swapproxy.web.listing`).
 
+    ``GET /v1/models/<id>`` (``id`` may contain ``/``, as a peer model's does) answers the one
+    record of that id, as OpenAI's retrieve call does, or a 404 ``model_not_found``.
+
     :param board: each local model's live state.
     :param peers: the peers; their state is refreshed, if stale, before the list is made.
     :param profile: the active profile.
@@ -98,6 +101,7 @@ class ModelList(JSONResource):
         return render_async(request, lambda client: self._list(request))
 
     async def _list(self, request: Request) -> None:
+        wanted = unquote("/".join(s.decode("utf-8", "replace") for s in path_segments(request.postpath)))
         config = self._supervisor.config
         if self._peers is not None and config.peers:
             await self._peers.refresh()
@@ -111,7 +115,15 @@ class ModelList(JSONResource):
             taken = set(config.models) | set(config.aliases) | set(config.peer_routes) | set(config.selectors)
             data += profile_records(config, self._profile.pins(), taken, created)
         data.sort(key=lambda record: record["id"])
-        body = write_json(request, {"object": "list", "data": data})
+        if wanted:
+            record = next((r for r in data if r["id"] == wanted), None)
+            if record is None:
+                body = error_response(request, 404, f"model {wanted!r} not found; see GET /v1/models",
+                                      code="model_not_found")
+            else:
+                body = write_json(request, record)
+        else:
+            body = write_json(request, {"object": "list", "data": data})
         # One answer of known length, as the synchronous routes give, not a chunked one.
         request.setHeader(b"content-length", b"%d" % len(body))
         request.write(body)
@@ -185,7 +197,7 @@ class Running(JSONResource):
                 "proxy": model.proxy,
                 "ttl": model.ttl,
                 "in_flight": self._supervisor.in_flight[model.id],
-                "queued": self._supervisor.queued(model.id),
+                "queued": self._supervisor.queued(model.id, requests_only=True),
                 "memory": self._supervisor.memory_of(model.id),
             }
             if upstream.started_at is not None:
@@ -298,7 +310,7 @@ class ApiLoad(Resource):
         if self._supervisor.upstreams[model.id].state is State.READY:
             return write_json(request, {"msg": "ok", "model": model.id, "state": "ready"})
         try:
-            ticket = self._supervisor.request(model.id)
+            ticket = self._supervisor.request(model.id, load_only=True)
         except Rejected as e:
             return error_response(request, e.status, str(e), e.error_type, e.code)
         # Not tied to this request: the load goes on when the client has its answer.

@@ -31,7 +31,7 @@ model again: with a loading head, the loading stream resumes and says so.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import CancelledError
@@ -44,7 +44,7 @@ from swapproxy.logs import proxy_logger
 from swapproxy.metrics import relay_tap, request_meter
 from swapproxy.progress import LoadTracker
 from swapproxy.stall import Exchange, Stalled
-from swapproxy.supervisor import Rejected, Supervisor, Ticket
+from swapproxy.supervisor import Rejected, ShuttingDown, Supervisor, Ticket
 from swapproxy.upstream import StartError, Upstream
 from swapproxy.web.errors import write_error
 from swapproxy.web.loading import LoadingStream
@@ -238,15 +238,21 @@ async def relay_answer(
     dialect: PlainEvents,
     head: LoadingStream | None = None,
     exchange: Exchange | None = None,
+    track: Callable[[BodyRelay], Callable[[], None]] | None = None,
 ) -> None:
     """
     Relay an answer (a local model's or a peer's) to the client, with flow control.
+
+    A relay that is aborted with `ShuttingDown` (swapproxy stops) ends an event stream with the
+    dialect's error event saying so.
 
     :param source: what answered, in words, for messages: ``model 'a'``.
     :param head: the loading stream, if it has begun the response: then only a 2xx event
         stream is relayed (through the dialect's splice); any other answer becomes one error
         event.
     :param exchange: the local model's exchange, which watches the relay for a stall.
+    :param track: is told of the relay while it runs (it returns what forgets it), so that it
+        can be ended at shutdown.
     """
     if head is None:
         streaming = copy_response_head(request, response)
@@ -262,13 +268,20 @@ async def relay_answer(
     relay = BodyRelay(request, client, transform, tap=relay_tap(request))
     if exchange is not None:
         exchange.relaying(relay)
-    response.deliverBody(relay)
-    reason = await relay.done
+    forget = track(relay) if track is not None else None
+    try:
+        response.deliverBody(relay)
+        reason = await relay.done
+    finally:
+        if forget is not None:
+            forget()
     if reason is None or client.gone:
         return
     if isinstance(reason, Stalled):
         _count_timeout(request, reason)
         status, message = 504, str(reason)
+    elif isinstance(reason, ShuttingDown):
+        status, message = reason.status, str(reason)
     else:
         log.warn("{source} ended its response early: {error}", source=source, error=describe_error(reason))
         status, message = 502, f"{source} ended the stream early: {describe_error(reason)}"

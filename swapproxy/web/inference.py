@@ -356,6 +356,10 @@ class UpstreamPassthrough(ModelRoute):
             path += b"?" + quote(query, safe=_QUERY_SAFE).encode("ascii")
         body = request_body(request)
         target = self.find(name, selectors=False)
+        meter = request_meter(request)
+        if meter is not None:
+            # Named now: a websocket and a 409 never reach the pipeline, which names it too.
+            meter.model = target.model.id if target.model is not None else target.peer.fqn  # type: ignore[union-attr]
         try:
             if target.model is not None and self._ignored(target.model, "/" + "/".join(rest)):
                 raise BadRequest(409, f"model {target.model.id!r} is not loaded, and the path matches"

@@ -166,8 +166,9 @@ class LoadingStream:
             return "\n" + text, status, ("stopping", ticket.waiting_for)
         progress = self._tracker.snapshot()
         if progress.stage not in ("starting", "loading"):
-            # Loaded; a start hook finishes the start (restoring saved slots, `StartStep`).
-            percent = None if progress.fraction is None else int(progress.fraction * 100)
+            # Loaded; a start hook finishes the start (restoring saved slots, `StartStep`): the
+            # text says how far the hook got, the status how far the whole start.
+            percent = None if progress.step_fraction is None else int(progress.step_fraction * 100)
             text = f"Loaded {model_id}; {progress.label}" + ("" if percent is None else f": {percent}%")
             text += f" ({_seconds(progress.elapsed)} elapsed)"
             status = self._status(progress.stage, progress.fraction, None, label=progress.label)

@@ -11,6 +11,7 @@ bounded amount of memory and never holds anything up.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 from urllib.parse import unquote
 
@@ -24,6 +25,7 @@ from twisted.web.server import Request
 from swapproxy.board import ModelBoard
 from swapproxy.logbuffer import LogHistory, LogStream
 from swapproxy.metrics import Metrics
+from swapproxy.peers import PeerSet
 from swapproxy.store import ActivityStore
 from swapproxy.supervisor import Supervisor
 from swapproxy.web.api import JSONResource, write_json
@@ -181,6 +183,9 @@ class EventStream(JSONResource):
     metrics, then sends ``modelStatus`` on every state change, ``model`` (one entry) when
     anything else of a model changes (load progress among it), ``request`` when a model request
     ends, ``metrics`` for each new token-metric record, and a ``: ping`` comment every 15 s.
+    With ``peers`` configured, ``peers`` (`swapproxy.peers.PeerSet.entries`: each peer model's
+    state and load progress, and its peer's reachability) at once and each time it changes; a
+    dashboard watching makes swapproxy ask the peers for their models now and then.
 
     ``?logs`` adds the log histories and then each new log text as ``logData``
     (``{"source": "proxy" | "upstream", "data": text}``); ``?logs=models`` does so for the proxy
@@ -199,8 +204,10 @@ class EventStream(JSONResource):
         board: ModelBoard,
         activity: ActivityStore,
         supervisor: Supervisor,
+        peers: PeerSet | None = None,
     ) -> None:
         super().__init__()
+        self._peers = peers
         self._metrics = metrics
         self._logs = logs
         self._clock = clock
@@ -240,6 +247,11 @@ class EventStream(JSONResource):
         send("modelStatus", self._board.entries())
         send("metrics", list(self._metrics.records))
         unsubscribes = [self._board.subscribe(send), self._metrics.subscribe(send)]
+        if self._peers is not None:
+            peers = self._peers.entries()
+            if peers:
+                send("peers", peers)
+            unsubscribes.append(self._peers.subscribe(send))
         if with_activity:
             send("activity", list(self._activity.recent))
             unsubscribes.append(self._activity.subscribe(lambda row: send("activity", [row])))
@@ -286,10 +298,17 @@ class ActivityPage(JSONResource):
 
         try:
             limit = int(argument(b"limit") or 100)
-            before = argument(b"before")
-            before_time = float(before) if before is not None else None
         except ValueError:
-            return error_response(request, 400, "limit must be an integer and before a Unix time in seconds")
+            return error_response(request, 400, f"limit must be an integer, got {argument(b'limit')!r}")
+        before = argument(b"before")
+        before_time = None
+        if before is not None:
+            try:
+                before_time = float(before)
+            except ValueError:
+                before_time = math.nan
+            if not math.isfinite(before_time):
+                return error_response(request, 400, f"before must be a Unix time in seconds, got {before!r}")
         if not 1 <= limit <= 1000:
             return error_response(request, 400, f"limit must be between 1 and 1000, got {limit}")
         model = argument(b"model")

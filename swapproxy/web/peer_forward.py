@@ -10,8 +10,10 @@ the key check removes the header that carried it (`swapproxy.web.auth`). Other c
 passed on, so that a client can use a peer's own key.
 
 The answer is relayed by the same code as a local model's (`swapproxy.web.forward.relay_answer`):
-with flow control, and an SSE error event if an event stream breaks off. When the peer is
-another swapproxy loading the model, its loading stream is that event stream.
+with flow control, and an SSE error event if an event stream breaks off, or when swapproxy shuts
+down (`swapproxy.peers.PeerSet` ends the relays it was told of before the connections drop, as
+a local model's stream ends when the model is stopped). When the peer is another swapproxy
+loading the model, its loading stream is that event stream.
 
 A peer that cannot be reached, or sends no answer within ``timeouts.responseHeader``, is answered
 502 ``peer proxy error: ...`` and marked down (`swapproxy.peers.PeerSet`).
@@ -86,7 +88,7 @@ class PeerForward:
                         "server_error", "peer_unreachable")
             return
         self.peers.reached(peer)
-        await relay_answer(request, client, response, f"peer {peer.id!r}", dialect)
+        await relay_answer(request, client, response, f"peer {peer.id!r}", dialect, track=self.peers.relaying)
 
 
 

@@ -179,7 +179,7 @@ def build_root(
         mount(root, path, route)
     mount(root, "/upstream", UpstreamPassthrough(supervisor, reactor, trackers, metrics=metrics, targets=targets,
                                                  peer_forward=peer_forward))
-    status = RouterStatus(supervisor, trackers, reactor)
+    status = RouterStatus(board, supervisor, reactor, peers)
     mount(root, "/models", RouterModels(status, reactor))
     mount(root, "/models/load", RouterLoad(supervisor))
     mount(root, "/models/unload", RouterUnload(supervisor))
@@ -195,7 +195,7 @@ def build_root(
     mount(root, "/logs/stream", LogFollow(supervisor, logs))
     mount(root, "/metrics", MetricsPage(metrics))
     mount(root, "/api/metrics", TokenMetrics(metrics))
-    mount(root, "/api/events", EventStream(metrics, logs, reactor, board, activity, supervisor))
+    mount(root, "/api/events", EventStream(metrics, logs, reactor, board, activity, supervisor, peers))
     mount(root, "/api/activity", ActivityPage(activity))
     mount(root, "/ui", Dashboard())
     root.putChild(b"", Redirect(b"/ui/"))

@@ -10,7 +10,7 @@ pocketpal, agent plugins). The shapes are those of llama.cpp's ``tools/server/RE
 * a model's ``status`` is ``{"value": "unloaded" | "loading" | "loaded", "args": [...]}``; a
   model whose last start failed is ``"unloaded"`` with ``"failed": true`` and its ``exit_code``;
   while it loads, ``progress`` is ``{"stages": ["text_model"], "current": "text_model", "value":
-  0..1}``, the same numbers the loading stream shows (`swapproxy.progress.LoadTracker`);
+  0..1}``, the fraction the dashboard and the loading stream show (`swapproxy.board.ModelBoard`);
 * each ``/models/sse`` event is one ``data:`` line of ``{"model", "event", "data"}``:
   ``model_status`` ``{"status": "loading"}`` when a start begins, ``status_change`` with
   ``{"status": "loading", "progress": ...}`` as the load moves, ``{"status": "loaded", "info":
@@ -29,6 +29,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -37,11 +38,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from swapproxy import __version__
+from swapproxy.board import ModelBoard
 from swapproxy.config import ModelConfig
 from swapproxy.logs import proxy_logger
-from swapproxy.progress import LoadTracker
+from swapproxy.peers import PeerSet
+from swapproxy.subscribers import Subscribers
 from swapproxy.supervisor import Rejected, Supervisor
-from swapproxy.upstream import StartError, State, Upstream
+from swapproxy.upstream import StartError, State
 from swapproxy.web.api import JSONResource
 from swapproxy.web.errors import NotFound
 from swapproxy.web.live import LiveWriter, dropped_event_marker
@@ -50,9 +53,6 @@ from swapproxy.web.sse import SSE_HEADERS, comment
 
 log = proxy_logger("swapproxy.router_api")
 
-#: Seconds between progress checks while a model loads and someone watches ``/models/sse``, for
-#: the part of the progress that comes from the time previous loads took (output moves it at once).
-PROGRESS_TICK = 1.0
 #: Seconds between the ``: ping`` comments of ``/models/sse``, which keep proxies from closing it.
 HEARTBEAT = 15.0
 
@@ -65,6 +65,11 @@ _VALUES = {
     State.UNHEALTHY: "loaded",  # found hung and being stopped: "loaded" until its process has gone
 }
 _STAGES = ["text_model"]
+#: The board states in which a model is ``unloaded``.
+_DOWN = frozenset({State.STOPPED.value, State.FAILED.value})
+#: The router's value of a peer model, by the peer's word for it (``unloaded`` for any other).
+_PEER_VALUES = {"ready": "loaded", "loaded": "loaded", "stopping": "loaded", "unhealthy": "loaded",
+                "starting": "loading", "loading": "loading"}
 
 
 def llama_error(request: Request, status: int, message: str, error_type: str = "invalid_request_error") -> bytes:
@@ -80,65 +85,78 @@ def _json(payload: Any) -> bytes:
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def _exit_code(upstream: Upstream) -> int:
+def _exit_code(entry: Mapping[str, Any]) -> int:
     """
-    The router's ``exit_code``: 0 for a model that stopped, never 0 for one whose start failed
-    (even if its process exited with 0, or was killed), since clients tell the two apart by it.
+    The router's ``exit_code`` of a model's board entry: 0 for a model that stopped, never 0 for
+    one whose start failed (even if its process exited with 0, or was killed), since clients
+    tell the two apart by it.
     """
-    error = upstream.last_error
-    if upstream.state is State.FAILED:
-        return error.exit_code if error is not None and error.exit_code else 1
-    return 0
+    if entry["state"] != State.FAILED.value:
+        return 0
+    failure = entry["last_failure"]
+    return (failure or {}).get("exit_code") or 1
+
+
+def _progress(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    A loading model's ``progress``, as the router reports it: the board's fraction.
+    """
+    fraction = (entry["progress"] or {}).get("fraction")
+    return {"stages": _STAGES, "current": _STAGES[0], "value": round(fraction or 0.0, 3)}
+
+
+@attrs.define
+class _Shown:
+    """
+    What ``/models/sse`` readers were last told of one model.
+
+    :ivar state: the state of the model's board entry (a `State` value).
+    :ivar progress: the load progress last sent, while it loads.
+    """
+
+    state: str
+    progress: float | None = None
 
 
 class RouterStatus:
     """
     Every listed model's status in the router's terms, and the ``/models/sse`` events of its
-    changes.
+    changes: a view of the `ModelBoard`, which owns each model's state and load progress and
+    says when they change.
 
-    :param supervisor: whose models, followed through reloads.
-    :param trackers: each model's `LoadTracker`, whose numbers become ``progress``.
-    :param clock: drives the progress check of a load that prints nothing for a while.
+    The peers' models are listed too, as ``<peer>/<model>``, with the state their peer reported
+    (`swapproxy.peers.PeerSet.entries`) and a ``peer`` object (``id``, ``reachable``); they are
+    the peers' to load and unload.
+
+    :param board: every model's live state; followed while someone reads ``/models/sse``.
+    :param supervisor: whose configuration gives each model's command (the ``args``).
+    :param clock: provides ``seconds()``.
+    :param peers: the peers, whose models are listed.
     """
 
-    def __init__(self, supervisor: Supervisor, trackers: Mapping[str, LoadTracker], clock: IReactorTime) -> None:
+    def __init__(self, board: ModelBoard, supervisor: Supervisor, clock: IReactorTime,
+                 peers: PeerSet | None = None) -> None:
+        self._board = board
         self._supervisor = supervisor
-        self._trackers = trackers
-        self._subscribers: list[Callable[[bytes], None]] = []
-        self._sent_progress: dict[str, float] = {}
-        self._ticker = LoopingCall(self._tick)
-        self._ticker.clock = clock
-        supervisor.each_upstream(self._watch)
-
-    def _watch(self, upstream: Upstream) -> None:
-        upstream.state_observers.append(self._state_changed)
-        upstream.line_observers.append(self._output)
-        upstream.output_observers.append(self._output)
-
-    def _current(self, upstream: Upstream) -> bool:
-        # A process a reload replaced still reports; its model's status is the new one's.
-        return self._supervisor.upstreams.get(upstream.model.id) is upstream and not upstream.model.unlisted
+        self._clock = clock
+        self._peers = peers
+        self._subscribers = Subscribers("/models/sse")
+        self._unsubscribe: Callable[[], None] | None = None
+        self._shown: dict[str, _Shown] = {}
 
     # -- the status of GET /models ------------------------------------------------------------
 
-    def progress(self, model_id: str) -> dict[str, Any]:
+    def status(self, entry: Mapping[str, Any]) -> dict[str, Any]:
         """
-        How far the model's load has got, as the router reports it.
+        The ``status`` object of one model (its board entry) in ``GET /models``.
         """
-        tracker = self._trackers.get(model_id)
-        fraction = tracker.snapshot().fraction if tracker is not None else None
-        return {"stages": _STAGES, "current": _STAGES[0], "value": round(fraction or 0.0, 3)}
-
-    def status(self, upstream: Upstream) -> dict[str, Any]:
-        """
-        The ``status`` object of one model in ``GET /models``.
-        """
-        status: dict[str, Any] = {"value": _VALUES[upstream.state], "args": list(upstream.model.cmd)}
-        if upstream.state is State.STARTING:
-            status["progress"] = self.progress(upstream.model.id)
-        elif upstream.state is State.FAILED:
+        upstream = self._supervisor.upstreams[entry["id"]]
+        status: dict[str, Any] = {"value": _VALUES[State(entry["state"])], "args": list(upstream.model.cmd)}
+        if entry["state"] == State.STARTING.value:
+            status["progress"] = _progress(entry)
+        elif entry["state"] == State.FAILED.value:
             status["failed"] = True
-            status["exit_code"] = _exit_code(upstream)
+            status["exit_code"] = _exit_code(entry)
         return status
 
     def listing(self, created: int) -> dict[str, Any]:
@@ -146,121 +164,110 @@ class RouterStatus:
         The body of ``GET /models``: every listed model, in id order.
         """
         data = []
-        for model_id, upstream in sorted(self._supervisor.upstreams.items()):
-            model = upstream.model
-            if model.unlisted:
+        for entry in self._board.entries():
+            if entry["unlisted"]:
                 continue
-            entry: dict[str, Any] = {
-                "id": model_id,
-                "aliases": list(model.aliases),
+            record: dict[str, Any] = {
+                "id": entry["id"],
+                "aliases": entry["aliases"],
                 "tags": [],
                 "object": "model",
                 "owned_by": "swapproxy",
                 "created": created,
-                "status": self.status(upstream),
+                "status": self.status(entry),
                 "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
                 "source": "preset",
                 "can_remove": False,
             }
-            if model.name.strip():
-                entry["name"] = model.name.strip()
-            if model.description.strip():
-                entry["description"] = model.description.strip()
-            data.append(entry)
+            if entry["name"].strip():
+                record["name"] = entry["name"].strip()
+            if entry["description"].strip():
+                record["description"] = entry["description"].strip()
+            data.append(record)
+        for entry in self._peers.entries() if self._peers is not None else []:
+            status: dict[str, Any] = {"value": _PEER_VALUES.get(entry["status"], "unloaded"), "args": []}
+            if status["value"] == "loading":
+                status["progress"] = _progress(entry)
+            data.append({
+                "id": entry["id"], "aliases": [], "tags": [], "object": "model", "owned_by": entry["peer"],
+                "created": created, "status": status,
+                "architecture": {"input_modalities": ["text"], "output_modalities": ["text"]},
+                "source": "preset", "can_remove": False, "name": f"{entry['peer']}: {entry['model']}",
+                "peer": {"id": entry["peer"], "reachable": entry["reachable"]},
+            })
+        data.sort(key=lambda record: record["id"])
         return {"data": data, "object": "list"}
+
+    async def refresh(self) -> None:
+        """
+        Learn the peers' models' states, if what is known of them is stale (`PeerSet.refresh`).
+        """
+        if self._peers is not None and self._supervisor.config.peers:
+            await self._peers.refresh()
 
     # -- events -------------------------------------------------------------------------------
 
     def subscribe(self, send: Callable[[bytes], None]) -> Callable[[], None]:
         """
         Call ``send`` with each event, framed (``data: {...}\\n\\n``), until the returned function
-        is called.
+        is called. The board is followed while anyone is subscribed.
         """
-        self._subscribers.append(send)
-        self._keep_ticking()
+        if not self._subscribers:
+            self._shown = {entry["id"]: _Shown(entry["state"]) for entry in self._board.entries()
+                           if not entry["unlisted"]}
+            self._unsubscribe = self._board.subscribe(self._board_changed)
+        remove = self._subscribers.add(send)
 
         def unsubscribe() -> None:
-            if send in self._subscribers:
-                self._subscribers.remove(send)
-            self._keep_ticking()
+            remove()
+            if not self._subscribers and self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
 
         return unsubscribe
 
     def _publish(self, model_id: str, event: str, data: dict[str, Any]) -> None:
-        frame = b"data: " + _json({"model": model_id, "event": event, "data": data}) + b"\n\n"
-        for send in list(self._subscribers):
-            try:
-                send(frame)
-            except Exception:
-                log.failure("sending a /models/sse event")
+        self._subscribers.publish(b"data: " + _json({"model": model_id, "event": event, "data": data}) + b"\n\n")
 
-    def _state_changed(self, upstream: Upstream, old: State, new: State) -> None:
-        if not self._current(upstream):
-            self._retired_stopped(upstream, old, new)
+    def _board_changed(self, kind: str, payload: Any) -> None:
+        if kind == "model":
+            self._follow(payload)
             return
-        model_id = upstream.model.id
-        if new is State.STARTING:
-            self._sent_progress.pop(model_id, None)
-            self._publish(model_id, "model_status", {"status": "loading"})
-            self._progress_moved(upstream)
-        elif new is State.READY:
-            self._sent_progress.pop(model_id, None)
-            model = upstream.model
+        listed = {entry["id"]: entry for entry in payload if not entry["unlisted"]}
+        for model_id in [m for m in self._shown if m not in listed]:
+            # A reload removed the model (or made it unlisted): it is unloaded as far as a router
+            # client can tell, as GET /models says.
+            if self._shown.pop(model_id).state not in _DOWN:
+                self._publish(model_id, "status_change", {"status": "unloaded", "exit_code": 0})
+        for entry in listed.values():
+            self._follow(entry)
+
+    def _follow(self, entry: Mapping[str, Any]) -> None:
+        """
+        Tell of what changed in one model's board entry: a start, its progress, ready, stopped.
+        """
+        if entry["unlisted"]:
+            return
+        model_id, state = entry["id"], entry["state"]
+        shown = self._shown.setdefault(model_id, _Shown(State.STOPPED.value))
+        before, shown.state = shown.state, state
+        if state == State.STARTING.value:
+            if before != state:
+                shown.progress = None
+                self._publish(model_id, "model_status", {"status": "loading"})
+            progress = _progress(entry)
+            # Sent when it moved by a percent or more.
+            if shown.progress is None or abs(progress["value"] - shown.progress) >= 0.01:
+                shown.progress = progress["value"]
+                self._publish(model_id, "status_change", {"status": "loading", "progress": progress})
+        elif state == State.READY.value and before == State.STARTING.value:
             self._publish(model_id, "status_change",
                           {"status": "loading", "progress": {"stages": _STAGES, "current": _STAGES[0], "value": 1.0}})
-            info = {"id": model_id, "aliases": list(model.aliases), "tags": [], "object": "model",
-                    "created": int(upstream.ready_at or 0), "owned_by": "swapproxy"}
+            info = {"id": model_id, "aliases": entry["aliases"], "tags": [], "object": "model",
+                    "created": int(self._clock.seconds()), "owned_by": "swapproxy"}
             self._publish(model_id, "status_change", {"status": "loaded", "info": info})
-        elif new in (State.STOPPED, State.FAILED) and old is not State.STOPPED:
-            self._sent_progress.pop(model_id, None)
-            self._publish(model_id, "status_change", {"status": "unloaded", "exit_code": _exit_code(upstream)})
-        self._keep_ticking()
-
-    def _retired_stopped(self, upstream: Upstream, old: State, new: State) -> None:
-        """
-        The process of a model that a reload removed or replaced has stopped: its model is
-        ``unloaded`` unless a new process of it has started meanwhile (which said so itself).
-        """
-        if new not in (State.STOPPED, State.FAILED) or old is State.STOPPED or upstream.model.unlisted:
-            return
-        model_id = upstream.model.id
-        current = self._supervisor.upstreams.get(model_id)
-        if current is not None and (current.running or current.model.unlisted):
-            return
-        self._sent_progress.pop(model_id, None)
-        self._publish(model_id, "status_change", {"status": "unloaded", "exit_code": _exit_code(upstream)})
-
-    def _output(self, upstream: Upstream, _: Any) -> None:
-        if upstream.state is State.STARTING and self._subscribers and self._current(upstream):
-            self._progress_moved(upstream)
-
-    def _progress_moved(self, upstream: Upstream) -> None:
-        """
-        Send the load's progress if it moved by a percent or more since it was last sent.
-        """
-        model_id = upstream.model.id
-        progress = self.progress(model_id)
-        last = self._sent_progress.get(model_id)
-        if last is not None and abs(progress["value"] - last) < 0.01:
-            return
-        self._sent_progress[model_id] = progress["value"]
-        self._publish(model_id, "status_change", {"status": "loading", "progress": progress})
-
-    def _loading(self) -> list[Upstream]:
-        return [u for u in self._supervisor.upstreams.values() if u.state is State.STARTING and self._current(u)]
-
-    def _keep_ticking(self) -> None:
-        # Only while someone listens and something loads: nothing runs when all is quiet.
-        wanted = bool(self._subscribers) and bool(self._loading())
-        if wanted and not self._ticker.running:
-            self._ticker.start(PROGRESS_TICK, now=False)
-        elif not wanted and self._ticker.running:
-            self._ticker.stop()
-
-    def _tick(self) -> None:
-        for upstream in self._loading():
-            self._progress_moved(upstream)
-        self._keep_ticking()
+        elif state in _DOWN and before not in _DOWN:
+            self._publish(model_id, "status_change", {"status": "unloaded", "exit_code": _exit_code(entry)})
 
 
 def _model_named(request: Request, supervisor: Supervisor) -> tuple[str, ModelConfig | None]:
@@ -296,9 +303,15 @@ class RouterModels(JSONResource):
             return self
         return NotFound()
 
-    def render_GET(self, request: Request) -> bytes:
+    def render_GET(self, request: Request) -> int:
+        return render_async(request, lambda client: self._list(request))
+
+    async def _list(self, request: Request) -> None:
+        await self._status.refresh()
+        body = _json(self._status.listing(int(self._clock.seconds())))
         request.setHeader(b"content-type", b"application/json; charset=utf-8")
-        return _json(self._status.listing(int(self._clock.seconds())))
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
 
 
 class _ModelAction(Resource):
@@ -342,7 +355,7 @@ class RouterLoad(_ModelAction):
         if self._supervisor.upstreams[model.id].state in (State.STARTING, State.READY):
             return llama_error(request, 400, "model is already running")
         try:
-            ticket = self._supervisor.request(model.id)
+            ticket = self._supervisor.request(model.id, load_only=True)
         except Rejected as e:
             return llama_error(request, e.status, str(e), e.error_type)
         ticket.wait().addCallbacks(lambda lease: lease.release(), self._failed, errbackArgs=(model.id,))

@@ -218,13 +218,18 @@ class MessagesSplice:
 
     The loading stream already sent ``message_start`` and used the first ``offset`` content
     blocks, so the model's own ``message_start`` is dropped and its content block indices move
-    up by ``offset``; every other event passes through byte for byte. Feed it the body as it
+    up by ``offset``. The usage of the dropped ``message_start`` (``input_tokens``, the cache
+    counts) goes into the ``message_delta`` where the model did not say it again, since the
+    loading stream's ``message_start`` could only say 0: clients take a ``message_delta``'s usage
+    as the final one. Every other event passes through byte for byte. Feed it the body as it
     arrives: it holds back only an incomplete event.
     """
 
     def __init__(self, offset: int = 1) -> None:
         self._offset = offset
         self._pending = b""
+        #: The usage of the model's ``message_start``, but for what ``message_delta`` counts on.
+        self._usage: dict[str, Any] = {}
 
     def __call__(self, data: bytes) -> bytes:
         self._pending += data
@@ -249,13 +254,21 @@ class MessagesSplice:
         if not isinstance(payload, dict):
             return block
         kind = payload.get("type")
+        event = kind if any(line.startswith(b"event:") for line in lines) else None
         if kind == "message_start":
+            message = payload.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict):
+                self._usage = {key: value for key, value in usage.items() if key != "output_tokens"}
             return b""
         if kind in ("content_block_start", "content_block_delta", "content_block_stop") and isinstance(
             payload.get("index"), int
         ):
             payload["index"] += self._offset
-            event = kind if any(line.startswith(b"event:") for line in lines) else None
+            return data_event(payload, event)[:-2]
+        if kind == "message_delta" and self._usage and isinstance(payload.get("usage", {}), dict):
+            usage = payload.get("usage", {})
+            payload["usage"] = {**self._usage, **usage}
             return data_event(payload, event)[:-2]
         return block
 

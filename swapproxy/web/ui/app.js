@@ -5,6 +5,7 @@
 import { ActivityView } from "./activity.js";
 import { MAX_LINES, LogsView } from "./logs.js";
 import { ModelsView } from "./models.js";
+import { PeersView } from "./peers.js";
 import { follow } from "./stream.js";
 
 const $ = (id) => document.getElementById(id);
@@ -85,6 +86,8 @@ const models = new ModelsView({
   act,
 });
 
+const peers = new PeersView({ section: $("peer-models"), tbody: $("peer-rows") });
+
 const logs = new LogsView({
   container: $("log-lines"),
   select: $("log-source"),
@@ -137,6 +140,7 @@ follow(api("api/events?logs=models&activity"), {
     connection("live", "Live");
     logs.reset();
     activity.reset();
+    peers.setAll([]); // the snapshot that follows lists them, if there are any
   },
   onLost() {
     if (everConnected) {
@@ -151,6 +155,8 @@ follow(api("api/events?logs=models&activity"), {
       logs.setModels(data.map((entry) => entry.id));
     } else if (type === "model") {
       models.update(data);
+    } else if (type === "peers") {
+      peers.setAll(data);
     } else if (type === "logData") {
       logs.add(data);
     } else if (type === "activity") {

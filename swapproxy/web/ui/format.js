@@ -19,6 +19,25 @@ export function h(tag, attributes = {}, ...children) {
   return element;
 }
 
+/**
+ * Make a table's rows match `entries` (sorted by id): the rows of ids no longer listed go, and
+ * put(entry) draws each entry's row (making it if needed) into `rows`, a Map of id -> {tr, ...};
+ * the rows are then in the entries' order.
+ */
+export function syncRows(rows, entries, tbody, put) {
+  const ids = new Set(entries.map((entry) => entry.id));
+  for (const [id, row] of rows) {
+    if (!ids.has(id)) {
+      row.tr.remove();
+      rows.delete(id);
+    }
+  }
+  for (const entry of entries) {
+    put(entry);
+    tbody.append(rows.get(entry.id).tr);
+  }
+}
+
 /** 0.4 s, 12 s, 3 min 5 s, 2 h 4 min. */
 export function duration(seconds) {
   if (seconds === null || seconds === undefined || !Number.isFinite(seconds)) return "—";

@@ -1,6 +1,6 @@
 // The models view: one table row per configured model, redrawn from the entries the server sends.
 
-import { clockTime, duration, h, plural } from "./format.js";
+import { clockTime, duration, h, plural, syncRows } from "./format.js";
 
 const LOADING = new Set(["starting", "loading"]);
 
@@ -28,17 +28,7 @@ export class ModelsView {
 
   /** Every model's entry, sorted by id (a `modelStatus` message). */
   setAll(entries) {
-    const ids = new Set(entries.map((entry) => entry.id));
-    for (const [id, row] of this.rows) {
-      if (!ids.has(id)) {
-        row.tr.remove();
-        this.rows.delete(id);
-      }
-    }
-    for (const entry of entries) {
-      this.update(entry, false);
-      this.tbody.append(this.rows.get(entry.id).tr); // keeps the rows in id order
-    }
+    syncRows(this.rows, entries, this.tbody, (entry) => this.update(entry, false));
     this.empty.hidden = entries.length > 0;
     this.summarize();
   }
@@ -130,7 +120,9 @@ export class ModelsView {
         parts.push(h("div", { class: "line", text: "stays loaded (no ttl)" }));
       }
     } else if (entry.status === "queued") {
-      parts.push(h("div", { class: "line", text: `waiting for its turn to load: ${plural(entry.queued, "request")}` }));
+      // Waiting requests, or a load that no request waits for (Load, /api/models/load).
+      const waiting = entry.queued ? `: ${plural(entry.queued, "request")}` : "";
+      parts.push(h("div", { class: "line", text: `waiting for its turn to load${waiting}` }));
     } else if (entry.status === "stopping") {
       parts.push(h("div", { class: "line", text: "stopping…" }));
     } else if (entry.status === "unhealthy") {

@@ -31,7 +31,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
 
-from tests.helpers import LOOPBACK, free_port, kill_all, make_client, survivors, wait_until
+from swapproxy.testing.local import LOOPBACK, free_port
+from tests.support.live import make_client
+from tests.support.processes import kill_all, survivors, wait_until
 
 
 @attrs.frozen

@@ -17,9 +17,7 @@ import shutil
 import subprocess
 import sys
 
-import psutil
-
-from tests.helpers import LOOPBACK, REPO
+from swapproxy.testing.local import LOOPBACK, REPO
 
 SCRIPTS = os.path.join(REPO, "scripts")
 MAKE_TINY_GGUF = os.path.join(SCRIPTS, "make_tiny_gguf.py")
@@ -131,21 +129,3 @@ def llama_command(llama_server: str, model_path: str, *extra: str, fit: bool = F
     if not fit:
         words += ["-fit", "off"]
     return " ".join(words + [shlex.quote(arg) for arg in extra])
-
-
-def llama_servers_under(pid: int) -> list[psutil.Process]:
-    """
-    The live llama-server processes among the descendants of ``pid``.
-    """
-    try:
-        descendants = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    found = []
-    for process in descendants:
-        try:
-            if process.status() != psutil.STATUS_ZOMBIE and "llama-server" in process.name():
-                found.append(process)
-        except psutil.Error:
-            pass
-    return found

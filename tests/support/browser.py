@@ -19,7 +19,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 
-from tests.helpers import kill_all, survivors
+from tests.support.processes import kill_all, survivors
 
 T = TypeVar("T")
 

@@ -1,7 +1,7 @@
 """
-Helpers for the tests that run real processes and sockets: free ports, configs that run
-``tests/fake_upstream.py``, swapproxy served in-process on loopback, and ``twistd swapproxy`` as a
-child process.
+swapproxy served by this process on loopback, for the tests that need the real reactor and real
+sockets: configs that run ``tests/fake_upstream.py``, log capture, the server (`start_proxy`) and
+treq and openai clients of it.
 
 Everything listens on 127.0.0.1 only. Everything started here is stopped by a cleanup registered
 on the test case that started it.
@@ -11,22 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import shlex
-import signal
-import socket
-import sys
+import textwrap
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import psutil
 import yaml
 from treq.client import HTTPClient
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.process import ProcessReader
-from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -37,68 +31,15 @@ from zope.interface import implementer
 from swapproxy.config import Config
 from swapproxy.peers import PeerSet
 from swapproxy.supervisor import Supervisor
+from swapproxy.testing.local import LOOPBACK, free_port_range
 from swapproxy.web.root import build_site
 from swapproxy.web.sse import LOADING_TEXT_END, LOADING_TEXT_START
 
 if TYPE_CHECKING:
     import openai
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
-FAKE_UPSTREAM = os.path.join(TESTS, "fake_upstream.py")
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-LOOPBACK = "127.0.0.1"
-
-
-# -- ports ------------------------------------------------------------------------------------
-
-
-def port_is_free(port: int) -> bool:
-    """
-    Whether nothing listens on ``127.0.0.1:port`` (and we may bind it).
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((LOOPBACK, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    """
-    A loopback port that was free a moment ago.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
-
-
-def free_port_range(count: int) -> int:
-    """
-    The first of ``count`` consecutive free loopback ports, picked at random above 20000 so that
-    test runs in parallel rarely meet (and below the usual ephemeral range, so that client sockets
-    do not take them).
-    """
-    rng = random.Random()
-    for _ in range(200):
-        first = rng.randrange(20000, 32000 - count)
-        if all(port_is_free(first + i) for i in range(count)):
-            return first
-    raise RuntimeError(f"no {count} consecutive free ports found above 20000")
-
 
 # -- configs ----------------------------------------------------------------------------------
-
-
-def fake_command(*args: str, quiet: bool = True) -> str:
-    """
-    A model ``cmd`` that runs the fake upstream on ``${PORT}`` with extra ``args``.
-    """
-    words = [shlex.quote(sys.executable), shlex.quote(FAKE_UPSTREAM), "--port", "${PORT}"]
-    if quiet:
-        words.append("--quiet")
-    return " ".join(words + [shlex.quote(arg) for arg in args])
 
 
 def config_yaml(models: Mapping[str, Mapping[str, Any]], **top: Any) -> str:
@@ -117,86 +58,26 @@ def config_yaml(models: Mapping[str, Mapping[str, Any]], **top: Any) -> str:
     return yaml.safe_dump(document, sort_keys=False)
 
 
-def write_config(testcase: TestCase, text: str) -> str:
+def write_config(testcase: Any, text: str, name: str = "config.yaml") -> str:
     """
-    Write a config file into the test's temporary directory; returns its path.
+    Write a config file (``text``, dedented) into a new temporary directory of the test's;
+    returns its path.
     """
     directory = testcase.mktemp()
     os.makedirs(directory)
-    path = os.path.abspath(os.path.join(directory, "config.yaml"))
+    path = os.path.abspath(os.path.join(directory, name))
     with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+        f.write(textwrap.dedent(text))
     return path
 
 
-# -- processes --------------------------------------------------------------------------------
-
-
-def alive(pid: int) -> bool:
+class ConfigFileMixin:
     """
-    Whether process ``pid`` exists and is not a zombie.
+    For test cases that write config files: `write_config` as a method.
     """
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
-
-def survivors(processes: list[psutil.Process], grace: float = 3.0) -> list[psutil.Process]:
-    """
-    The processes among ``processes`` still alive after at most ``grace`` seconds.
-
-    The grace only covers the kernel finishing a kill that was already sent: a process that
-    nobody killed is still alive at the end of it.
-    """
-    _, still_alive = psutil.wait_procs(processes, timeout=grace)
-    return [p for p in still_alive if alive(p.pid)]
-
-
-def kill_all(processes: list[psutil.Process]) -> None:
-    """
-    SIGKILL whatever is left of ``processes``.
-    """
-    for proc in processes:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-
-
-def fake_upstream_descendants(pid: int) -> list[psutil.Process]:
-    """
-    The descendants of ``pid`` (fake upstreams and anything they started).
-    """
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def process_pipes_open() -> bool:
-    """
-    Whether the reactor still reads the pipes of a child process.
-    """
-    return any(isinstance(reader, ProcessReader) for reader in reactor.getReaders())
-
-
-async def wait_until(predicate: Any, timeout: float = 10.0, step: float = 0.05, what: str = "condition") -> None:
-    """
-    Poll ``predicate`` (a function, maybe async) on the real clock until it is true.
-
-    :raises AssertionError: when it is still false after ``timeout`` seconds.
-    """
-    deadline = reactor.seconds() + timeout
-    while True:
-        result = predicate()
-        if isinstance(result, Deferred) or hasattr(result, "__await__"):
-            result = await result
-        if result:
-            return
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await deferLater(reactor, step)
+    def write_config(self, text: str, name: str = "config.yaml") -> str:
+        return write_config(self, text, name)
 
 
 # -- log capture ------------------------------------------------------------------------------
@@ -319,6 +200,52 @@ class RunningProxy:
         return {entry["model"]: entry for entry in listing["running"]}
 
 
+class LoopbackClient(Protocol):
+    """
+    A raw client on a real loopback connection: writes ``request`` (bytes a well-behaved client
+    might not send), keeps what comes back and, when ``hang_up_at`` is given, drops the
+    connection as soon as those bytes have arrived.
+
+    :ivar received: every byte received.
+    :ivar hung_up: whether it dropped the connection at ``hang_up_at``.
+    :ivar done: fires with ``received`` when the connection has ended.
+    """
+
+    def __init__(self, request: bytes, hang_up_at: bytes | None = None) -> None:
+        self._request = request
+        self._hang_up_at = hang_up_at
+        self.received = b""
+        self.hung_up = False
+        self.done: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self._hang_up_at is not None and not self.hung_up and self._hang_up_at in self.received:
+            self.hung_up = True
+            self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.done.callback(self.received)
+
+
+async def connect_raw(
+    port: int, request: bytes, hang_up_at: bytes | None = None, testcase: TestCase | None = None
+) -> LoopbackClient:
+    """
+    A `LoopbackClient` connected to ``port``.
+
+    :param testcase: when given, the connection is dropped when the test ends, if it is still open.
+    """
+    client = LoopbackClient(request, hang_up_at)
+    await connectProtocol(TCP4ClientEndpoint(reactor, LOOPBACK, port), client)
+    if testcase is not None:
+        testcase.addCleanup(lambda: client.transport.abortConnection() if client.transport.connected else None)
+    return client
+
+
 def make_client(testcase: TestCase) -> tuple[HTTPClient, HTTPConnectionPool]:
     """
     A treq client with a connection pool of its own, closed when the test ends (closing it
@@ -349,100 +276,6 @@ def start_proxy(testcase: TestCase, config: Config) -> RunningProxy:
     testcase.addCleanup(factory.close_all)
     client, _ = make_client(testcase)
     return RunningProxy(supervisor, listening.getHost().port, client, logs)
-
-
-# -- twistd swapproxy as a child process ------------------------------------------------------
-
-
-class TwistdProcess(ProcessProtocol):
-    """
-    ``twistd -n swapproxy`` running as our child; collects its output.
-
-    :ivar ended: fires with the exit code (or ``-signal``) when the process has exited.
-    """
-
-    def __init__(self) -> None:
-        self.output = bytearray()
-        self.ended: Deferred[int] = Deferred()
-        self.exit_code: int | None = None
-        self.pid: int | None = None
-
-    def connectionMade(self) -> None:
-        self.pid = self.transport.pid
-        self.transport.closeStdin()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self.output += data
-
-    def processEnded(self, reason: Failure) -> None:
-        code = reason.value.exitCode
-        if code is None:
-            code = -(reason.value.signal or 0)
-        self.exit_code = code
-        self.ended.callback(code)
-
-    @property
-    def text(self) -> str:
-        return self.output.decode("utf-8", "replace")
-
-    def signal(self, signum: int) -> None:
-        assert self.pid is not None
-        os.kill(self.pid, signum)
-
-
-def spawn_twistd(
-    testcase: TestCase,
-    config_path: str,
-    port: int,
-    cwd: str = REPO,
-    state_dir: str | None = None,
-    extra_args: tuple[str, ...] = (),
-) -> TwistdProcess:
-    """
-    Run ``twistd -n --pidfile= swapproxy -c CONFIG -l tcp:PORT:interface=127.0.0.1 --state-dir DIR``.
-
-    A cleanup kills it, and every process it left, if the test did not end it.
-
-    :param state_dir: swapproxy's state directory; a fresh one in the test's temporary directory
-        by default.
-    :param extra_args: more swapproxy options.
-    """
-    process = TwistdProcess()
-    state_dir = state_dir if state_dir is not None else os.path.abspath(testcase.mktemp())
-    argv = [TWISTD, "-n", "--pidfile=", "swapproxy", "-c", config_path, "-l", f"tcp:{port}:interface={LOOPBACK}"]
-    argv += ["--state-dir", state_dir, *extra_args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    reactor.spawnProcess(process, TWISTD, argv, env=env, path=cwd)
-
-    def cleanup() -> Deferred[Any]:
-        if process.exit_code is not None:
-            return succeed(None)
-        assert process.pid is not None
-        leftovers = fake_upstream_descendants(process.pid)
-        os.kill(process.pid, signal.SIGKILL)
-        kill_all(leftovers)
-        return process.ended
-
-    testcase.addCleanup(cleanup)
-    return process
-
-
-async def wait_for_http(client: HTTPClient, url: str, process: TwistdProcess, timeout: float = 30.0) -> None:
-    """
-    Wait until ``url`` answers 200, failing early if ``process`` exits.
-    """
-
-    async def up() -> bool:
-        if process.exit_code is not None:
-            raise AssertionError(f"twistd exited with {process.exit_code} before serving:\n{process.text}")
-        try:
-            response = await client.get(url, timeout=2)
-            await response.content()
-        except Exception:
-            return False
-        return response.code == 200
-
-    await wait_until(up, timeout=timeout, what=f"{url} to answer")
 
 
 def openai_client(url: str) -> openai.OpenAI:
