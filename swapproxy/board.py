@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
 from swapproxy.progress import LoadTracker
@@ -52,7 +53,7 @@ class ModelBoard:
         trackers of models a reload adds are found).
     """
 
-    def __init__(self, supervisor: Supervisor, clock: Any, trackers: Mapping[str, LoadTracker]) -> None:
+    def __init__(self, supervisor: Supervisor, clock: IReactorTime, trackers: Mapping[str, LoadTracker]) -> None:
         self._supervisor = supervisor
         self._clock = clock
         self._trackers = trackers
@@ -198,7 +199,7 @@ class ModelBoard:
             return "starting" if progress is None or progress["stage"] == "starting" else "loading"
         if state in (State.STOPPED, State.FAILED) and self._supervisor.queued(model_id):
             return "queued"
-        return state.value
+        return str(state.value)
 
     def _key(self, model_id: str) -> tuple[Any, ...]:
         # What an entry says, without what moves with the clock alone.

@@ -220,7 +220,8 @@ class ChildRecord:
         if not isinstance(data, dict):
             return None, []
         owner = data.get("owner") if isinstance(data.get("owner"), dict) else None
-        children = data.get("children") if isinstance(data.get("children"), list) else []
+        listed = data.get("children")
+        children: list[Any] = listed if isinstance(listed, list) else []
         return owner, [entry for entry in map(ChildEntry.from_json, children) if entry is not None]
 
     def clean_up(self, grace: float) -> list[str]:

@@ -173,7 +173,7 @@ def set_log_level(level: str) -> None:
 
     :param level: one of ``debug``, ``info``, ``warn``, ``error`` (as validated by the config).
     """
-    _level_predicate.setLogLevelForNamespace(None, _LEVELS.get(level, LogLevel.info))
+    _level_predicate.setLogLevelForNamespace("", _LEVELS.get(level, LogLevel.info))
 
 
 def proxy_logger(namespace: str) -> Logger:

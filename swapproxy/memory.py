@@ -20,9 +20,11 @@ from typing import Any
 import attrs
 import psutil
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorProcess
 from twisted.internet.utils import getProcessOutputAndValue
 
 from swapproxy.logs import proxy_logger
+from swapproxy.reactors import IProcessClock
 
 log = proxy_logger("swapproxy.memory")
 
@@ -150,7 +152,7 @@ class GpuMemory:
     :param executable: the ``nvidia-smi`` to run; found on ``PATH`` by default.
     """
 
-    def __init__(self, reactor: Any, executable: str | None = None) -> None:
+    def __init__(self, reactor: IReactorProcess, executable: str | None = None) -> None:
         self._reactor = reactor
         self.executable = executable if executable is not None else shutil.which("nvidia-smi")
 
@@ -172,7 +174,8 @@ class GpuMemory:
             log.warn("nvidia-smi failed: {error}", error=failure.getErrorMessage())
             return {}
 
-        return d.addCallbacks(parsed, failed)
+        result: Deferred[dict[int, int]] = d.addCallbacks(parsed, failed)
+        return result
 
 
 class Footprints:
@@ -187,7 +190,7 @@ class Footprints:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IProcessClock,
         rss: Callable[[Iterable[int]], int] = tree_rss,
         gpu: GpuMemory | None = None,
         pids: Callable[[int], list[int]] = tree_pids,

@@ -29,6 +29,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import Interface
@@ -337,7 +338,7 @@ class Metrics:
     def __init__(
         self,
         supervisor: Any,
-        clock: Any,
+        clock: IReactorTime,
         registry: CollectorRegistry | None = None,
         max_in_memory: int | None = None,
         process_metrics: bool = True,

@@ -31,7 +31,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList, succe
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -40,10 +40,11 @@ from zope.interface import implementer
 
 from swapproxy.config import Config, PeerConfig
 from swapproxy.logs import proxy_logger
+from swapproxy.reactors import IClientReactor, IStreamConnection
 from swapproxy.relayclient import RelayPool
+from swapproxy.httpclient import BytesProducer
 from swapproxy.subscribers import Subscribers
 from swapproxy.supervisor import ShuttingDown
-from swapproxy.upstream import BytesProducer
 from swapproxy.web.relay import describe_error
 
 log = proxy_logger("swapproxy.peers")
@@ -165,7 +166,7 @@ class PeerClient:
     Twisted's `Agent` for ``https://``.
     """
 
-    def __init__(self, peer: PeerConfig, reactor: Any) -> None:
+    def __init__(self, peer: PeerConfig, reactor: IClientReactor) -> None:
         self.peer = peer
         self._reactor = reactor
         timeouts = peer.timeouts
@@ -178,7 +179,8 @@ class PeerClient:
             self._pool.maxPersistentPerHost = MAX_IDLE
             self._pool.retryAutomatically = False
             if timeouts.idle_conn > 0:
-                self._pool.cachedConnectionTimeout = timeouts.idle_conn
+                # Twisted annotates an int; the pool hands it to callLater, which takes any float.
+                self._pool.cachedConnectionTimeout = timeouts.idle_conn  # type: ignore[assignment]
             self._agent = Agent(reactor, connectTimeout=self._connect_timeout, pool=self._pool)
         else:
             self._pool = RelayPool(reactor, MAX_IDLE, endpoint=self._endpoint)
@@ -209,6 +211,7 @@ class PeerClient:
         :param headers: without ``Host``, ``Content-Length`` or hop-by-hop headers.
         """
         url = self.url_for(path)
+        sent: Deferred[Any]
         if self._agent is not None:
             producer = BytesProducer(body) if body else None
             sent = self._agent.request(method, url, headers, producer)
@@ -239,7 +242,8 @@ class PeerClient:
         """
         Close the idle connections; busy ones close when their answer ends.
         """
-        return self._pool.closeCachedConnections()
+        closed: Deferred[None] = self._pool.closeCachedConnections()
+        return closed
 
 
 class _Collect(Protocol):
@@ -247,10 +251,16 @@ class _Collect(Protocol):
     Reads a body of at most `MAX_LIST_BYTES`.
     """
 
+    transport: IStreamConnection
+
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.size = 0
-        self.done: Deferred[bytes] = Deferred(lambda _: self.transport and self.transport.stopProducing())
+        self.done: Deferred[bytes] = Deferred(self._cancel)
+
+    def _cancel(self, _: Deferred[bytes]) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         self.size += len(data)
@@ -259,7 +269,7 @@ class _Collect(Protocol):
             return
         self.chunks.append(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.done.called:
             self.done.callback(b"".join(self.chunks))
 
@@ -349,7 +359,7 @@ class PeerSet(Service):
 
     name = "peers"
 
-    def __init__(self, config: Callable[[], Config], reactor: Any,
+    def __init__(self, config: Callable[[], Config], reactor: IClientReactor,
                  client_factory: Callable[[PeerConfig, Any], Any] = PeerClient) -> None:
         self._config = config
         self._reactor = reactor
@@ -451,13 +461,13 @@ class PeerSet(Service):
             return succeed(None)
         together: Deferred[Any] = DeferredList(pending)
         result: Deferred[None] = Deferred()
-        timer = self._reactor.callLater(wait, lambda: result.called or result.callback(None))
-
         def finished(_: Any) -> None:
             if timer.active():
                 timer.cancel()
             if not result.called:
                 result.callback(None)
+
+        timer = self._reactor.callLater(wait, finished, None)
 
         together.addCallback(finished)
         return result

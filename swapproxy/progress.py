@@ -18,6 +18,7 @@ import statistics
 from typing import Any
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 
 from swapproxy.logs import proxy_logger
 from swapproxy.statefile import replace_json
@@ -144,7 +145,7 @@ class LoadTracker:
     :param history: where load durations are remembered.
     """
 
-    def __init__(self, upstream: Upstream, clock: Any, history: LoadHistory) -> None:
+    def __init__(self, upstream: Upstream, clock: IReactorTime, history: LoadHistory) -> None:
         self._upstream = upstream
         self._clock = clock
         self._history = history

@@ -41,6 +41,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
+from swapproxy.reactors import IClientReactor, IStreamConnection
+
 #: Response headers that describe the connection: kept out of `RelayResponse.headers`, as `Agent`
 #: keeps them out of its responses' headers (``Content-Length`` becomes ``length``), and so are
 #: the headers a ``Connection`` header names.
@@ -118,6 +120,8 @@ class RelayConnection(Protocol):
     One connection to a model, carrying one request at a time.
     """
 
+    transport: IStreamConnection
+
     def __init__(self, pool: RelayPool, address: tuple[str, int]) -> None:
         self._pool = pool
         self.address = address
@@ -170,7 +174,7 @@ class RelayConnection(Protocol):
 
     def deliver(self, protocol: Protocol) -> None:
         self._body = protocol
-        protocol.makeConnection(_BodyTransport(self))  # type: ignore[arg-type]
+        protocol.makeConnection(_BodyTransport(self))
         pending, self._pending = self._pending, []
         for data in pending:
             if self._body is protocol:
@@ -437,7 +441,7 @@ class RelayPool(HTTPConnectionPool):
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IClientReactor,
         max_idle: int = 2,
         endpoint: Callable[[tuple[str, int]], IStreamClientEndpoint] | None = None,
     ) -> None:
@@ -542,7 +546,8 @@ class RelayPool(HTTPConnectionPool):
             for connection in idle:
                 connection.transport.loseConnection()
         self._idle.clear()
-        return super().closeCachedConnections()
+        closed: Deferred[None] = super().closeCachedConnections()
+        return closed
 
 
 class _Factory(Factory):

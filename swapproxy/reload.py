@@ -22,6 +22,7 @@ from twisted.internet.task import LoopingCall
 
 from swapproxy.config import Config, ConfigError, load_config
 from swapproxy.logs import proxy_logger, set_log_level
+from swapproxy.reactors import IThreadClock
 from swapproxy.supervisor import ReloadResult, ShuttingDown, Supervisor
 
 log = proxy_logger("swapproxy.reload")
@@ -65,7 +66,7 @@ class ConfigReloader(Service):
         self,
         path: str,
         supervisor: Supervisor,
-        reactor: Any,
+        reactor: IThreadClock,
         watch_interval: float | None = None,
         handle_sighup: bool = True,
         environ: Mapping[str, str] | None = None,

@@ -46,6 +46,7 @@ from twisted.web.http_headers import Headers
 
 from swapproxy.config import SlotCacheConfig
 from swapproxy.logs import proxy_logger
+from swapproxy.reactors import IClientReactor, ISwapproxyReactor
 from swapproxy.slotfiles import (
     Room,
     ServerIdentity,
@@ -87,7 +88,7 @@ class SlotsAPI:
     :param reactor: for the HTTP client's timeouts.
     """
 
-    def __init__(self, upstream: Upstream, reactor: Any) -> None:
+    def __init__(self, upstream: Upstream, reactor: IClientReactor) -> None:
         self._upstream = upstream
         self._reactor = reactor
 
@@ -255,7 +256,7 @@ class SlotCache(Service):
     def __init__(
         self,
         settings: Callable[[], SlotCacheConfig],
-        reactor: Any,
+        reactor: ISwapproxyReactor,
         default_directory: str,
         *,
         api: Callable[[Upstream], SlotsAPI] | None = None,

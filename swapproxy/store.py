@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from swapproxy.logs import proxy_logger
+from swapproxy.reactors import IThreadClock
 from swapproxy.subscribers import Subscribers
 
 log = proxy_logger("swapproxy.store")
@@ -141,7 +142,8 @@ class _Database:
             self._prune(max_rows)
 
     def newest(self, limit: int, before: float | None = None, model: str | None = None) -> list[Row]:
-        clauses, arguments = [], []
+        clauses: list[str] = []
+        arguments: list[object] = []
         if before is not None:
             clauses.append("time < ?")
             arguments.append(before)
@@ -172,7 +174,7 @@ class ActivityStore(Service):
     def __init__(
         self,
         path: str | None,
-        reactor: Any,
+        reactor: IThreadClock,
         max_rows: int | Callable[[], int] = 10_000,
         recent: int = RECENT,
         run: Callable[..., Deferred[Any]] | None = None,

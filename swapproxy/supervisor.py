@@ -1,24 +1,14 @@
 # -*- test-case-name: tests.test_supervisor -*-
 """
-Which children run: swap groups or the swap matrix, the request queue, concurrency limits, TTL
-and shutdown.
+Which children run: swap groups or the swap matrix, concurrency limits, leases, TTL, reload and
+shutdown.
 
-Every request for a model takes a `Ticket`. A ticket whose model is ready and conflicts with
-nothing is granted a `Lease` at once. The others wait, in service order: by ``priority``, then
-arrival. The first waiting ticket whose model cannot run yet has the models in its way stopped as
-soon as no request is in flight on them (never mid-request), then its model is started.
-
-Requests are *collated*: while a model runs, later requests for it are granted ahead of older
-requests that wait for other models, so a burst for one model is served by one start instead of
-a swap per change of model. That is bounded: once a waiting ticket has been overtaken by
-``maxOvertakes`` later requests on the models in its way, or has waited ``maxWait`` seconds, it
-is *due*: those models get no new requests until it has run, and due tickets go first in arrival
-order. ``maxOvertakes: 0`` is strict order: every ticket holds back the models in its way, as
-llama-swap's FIFO does without its collation.
-
-A model is never stopped while it starts for a waiting ticket, and a model that has not served
-anyone since it started serves its first waiting ticket before anything can stop it; so no model
-is started only to be stopped.
+Every request for a model takes a `Ticket` and waits in the queue of a `Scheduler`
+(`swapproxy.scheduler`), which states the policy: service order by ``priority`` then arrival,
+requests for a running model collated ahead of older ones for other models within the
+``maxOvertakes`` and ``maxWait`` bounds, ``linger``, and never a model started only to be stopped.
+The supervisor is its `Placement`: it knows which models are in each other's way (groups, the
+matrix, ``memoryBudget``), owns the processes and grants the `Lease` that lets a request go.
 
 `Supervisor.reload` applies a new configuration without dropping a request: a model whose process
 settings changed, or that was removed, keeps its old process until the requests in flight on it
@@ -27,7 +17,6 @@ are done (it is "retiring"), and a new process is started only once that one has
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -35,12 +24,18 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IDelayedCall
-from twisted.python.failure import Failure
 
 from swapproxy.config import Config, GroupConfig, ModelConfig
 from swapproxy.logs import proxy_logger
 from swapproxy.memory import Footprints, Resident, available_memory, make_room, never_fits, show_bytes
+from swapproxy.reactors import IUpstreamReactor
+from swapproxy.scheduler import Scheduler, Ticket
 from swapproxy.upstream import StartError, State, Upstream, needs_restart
+
+__all__ = [
+    "MEASURE_DELAY", "InsufficientMemory", "Lease", "Rejected", "ReloadResult", "ShuttingDown", "Supervisor",
+    "Ticket", "TooManyRequests", "UnknownModel",
+]
 
 
 #: Seconds after a model becomes ready that its footprint is first measured.
@@ -144,57 +139,12 @@ class Lease:
             self._supervisor._release(self.upstream)
 
 
-class Ticket:
-    """
-    One request's place in the queue, and what it is waiting for.
-
-    :ivar stage: ``queued`` (behind other requests), ``stopping`` (other models are being
-        stopped to make room), ``starting`` (this model is loading), ``ready`` or ``failed``.
-    :ivar waiting_for: the models that must stop, or be served, before this one runs.
-    :ivar position: 1-based place in the order the waiting tickets are expected to be served.
-    :ivar reason: why it waits, for people: "3 requests for qwen finish first, then gemma starts".
-    :ivar overtaken: how many later requests were served, on the models in its way, while it waited.
-    :ivar due: whether it may no longer be overtaken (see the module docstring).
-    :ivar load_only: whether it is a load that no request waits for (``/api/models/load``).
-    """
-
-    def __init__(self, supervisor: Supervisor, upstream: Upstream, arrived_at: float, seq: int) -> None:
-        self._supervisor = supervisor
-        self.upstream = upstream
-        self.model_id = upstream.model.id
-        self.arrived_at = arrived_at
-        self.seq = seq
-        self.stage = "queued"
-        self.waiting_for: tuple[str, ...] = ()
-        self.position = 0
-        self.reason = ""
-        self.overtaken = 0
-        self.due = False
-        self.granted_at: float | None = None
-        self.error: Exception | None = None
-        self._start: Deferred[None] | None = None
-        self.defer_start = False
-        self.load_only = False
-        self._result: Deferred[Lease] = Deferred(self._cancel)
-
-    def wait(self) -> Deferred[Lease]:
-        """
-        The Deferred of this ticket's `Lease`; it fails with `StartError` or `Rejected`.
-
-        Cancelling it withdraws the ticket; a start that others share carries on.
-        """
-        return self._result
-
-    def _cancel(self, _: Deferred[Lease]) -> None:
-        self._supervisor._withdraw(self)
-
-
 class Supervisor(Service):
     """
     Owns one `Upstream` per configured model and decides which of them run.
 
     :param config: the loaded configuration.
-    :param reactor: provides ``IReactorProcess`` and ``IReactorTime``.
+    :param reactor: spawns the models' processes, keeps time and connects to the models.
     :param environ: the environment children inherit (``os.environ`` by default).
     :param upstream_factory: makes the `Upstream` of a model (tests pass fakes).
     :param footprints: measures what the models use (tests pass fakes).
@@ -206,7 +156,7 @@ class Supervisor(Service):
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: IUpstreamReactor,
         environ: Mapping[str, str] | None = None,
         upstream_factory: Callable[[ModelConfig], Upstream] | None = None,
         footprints: Footprints | None = None,
@@ -220,13 +170,7 @@ class Supervisor(Service):
         if upstream_factory is None:
 
             def upstream_factory(model: ModelConfig) -> Upstream:
-                return Upstream(
-                    model,
-                    reactor,
-                    self.config.health_check_timeout,
-                    environ,
-                    health_check_ceiling=self.config.start_ceiling,
-                )
+                return Upstream(model, reactor, environ)
 
         self._upstream_factory = upstream_factory
         self._upstream_watchers: list[Callable[[Upstream], None]] = []
@@ -239,13 +183,7 @@ class Supervisor(Service):
         self._retiring: dict[Upstream, _Retiree] = {}
         for model in config.models.values():
             self._add_upstream(model)
-        self._queue: list[Ticket] = []
-        self._arrivals = itertools.count()
-        #: Upstreams that started and have not granted a request since.
-        self._unserved: set[Upstream] = set()
-        #: The timer that looks at the queue again: when the oldest held-back ticket reaches
-        #: ``maxWait``, or a model's ``linger`` ends.
-        self._wakeup_call: IDelayedCall | None = None
+        self._scheduler = Scheduler(self, reactor, lambda: self.config.scheduler, self._pump)
         #: When each model's last request in flight ended.
         self.last_used: dict[str, float] = {}
         #: The first measurement of each ready model's footprint, due `MEASURE_DELAY` after ready.
@@ -296,7 +234,7 @@ class Supervisor(Service):
         upstream = self.upstreams.get(model_id)
         if upstream is None:
             raise UnknownModel(f"model {model_id!r} is not configured; see GET /v1/models")
-        load = self.in_flight[model_id] + sum(1 for t in self._queue if t.model_id == model_id)
+        load = self.in_flight[model_id] + self._scheduler.queued(model_id)
         if load >= upstream.model.concurrency_limit:
             raise TooManyRequests(
                 f"model {model_id!r} already has {load} requests (concurrencyLimit "
@@ -305,10 +243,7 @@ class Supervisor(Service):
         shortfall = None if upstream.running else self._never_fits(model_id)
         if shortfall is not None:
             raise InsufficientMemory(shortfall)
-        ticket = Ticket(self, upstream, self._reactor.seconds(), next(self._arrivals))
-        ticket.defer_start = defer_start
-        ticket.load_only = load_only
-        self._queue.append(ticket)
+        ticket = self._scheduler.add(upstream, defer_start, self._withdraw, load_only)
         self._pump()
         # Only the start this request itself would trigger is put off; later ones are not.
         ticket.defer_start = False
@@ -319,14 +254,10 @@ class Supervisor(Service):
         How many tickets wait (for one model, or for all); with ``requests_only``, not counting
         the loads no request waits for.
         """
-        return sum(1 for t in self._queue
-                   if (model_id is None or t.model_id == model_id) and not (requests_only and t.load_only))
+        return self._scheduler.queued(model_id, requests_only)
 
     def _withdraw(self, ticket: Ticket) -> None:
-        if ticket in self._queue:
-            self._queue.remove(ticket)
-        if ticket._start is not None and not ticket._start.called:
-            ticket._start.cancel()
+        self._scheduler.withdraw(ticket)
         self._pump()
 
     def _release(self, upstream: Upstream) -> None:
@@ -345,7 +276,10 @@ class Supervisor(Service):
         if self.upstreams.get(model_id) is upstream and upstream.state is State.READY:
             self._measure(upstream)
 
-    def _in_flight_of(self, upstream: Upstream) -> int:
+    def in_flight_of(self, upstream: Upstream) -> int:
+        """
+        The requests in flight on ``upstream``, a current or a retiring process.
+        """
         retiree = self._retiring.get(upstream)
         if retiree is not None:
             return retiree.in_flight
@@ -353,15 +287,15 @@ class Supervisor(Service):
             return self.in_flight[upstream.model.id]
         return 0
 
-    # -- scheduling ---------------------------------------------------------------------------
+    # -- placement: which models are in each other's way --------------------------------------
 
     def conflicts(self, model_id: str) -> list[str]:
         """
         The running models that must stop before ``model_id`` may run.
         """
-        return list(dict.fromkeys(upstream.model.id for upstream in self._conflicting(model_id)))
+        return list(dict.fromkeys(upstream.model.id for upstream in self.conflicting(model_id)))
 
-    def _conflicting(self, model_id: str) -> list[Upstream]:
+    def conflicting(self, model_id: str) -> list[Upstream]:
         """
         The running processes that must stop before ``model_id`` may start: by its group or the
         swap matrix, then, with a ``memoryBudget``, the least recently used models that must go
@@ -422,7 +356,7 @@ class Supervisor(Service):
         """
         return [
             Resident(up, up.model.id, self._need(up.model), up.stopping,
-                     bool(self._in_flight_of(up) or self.queued(up.model.id)),
+                     bool(self.in_flight_of(up) or self.queued(up.model.id)),
                      self.last_used.get(up.model.id, up.started_at or 0.0), self._memory_protected(up, model_id))
             for up in self._processes() if up not in leaving
         ]
@@ -476,95 +410,13 @@ class Supervisor(Service):
             self._pump_again = True
             while self._pump_again:
                 self._pump_again = False
-                self._schedule()
+                self._scheduler.schedule()
         finally:
             self._pumping = False
         for observer in list(self.change_observers):
             observer()
 
-    def _schedule(self) -> None:
-        """
-        One look at the queue: grant what can be granted, stop what is in the way of the first
-        waiting tickets, start what can start, then tell each waiting ticket where it stands.
-        """
-        order = self._service_order()
-        strict = self.config.scheduler.strict
-        cache: dict[str, list[Upstream]] = {}
-
-        def in_way(model_id: str) -> list[Upstream]:
-            if model_id not in cache:
-                cache[model_id] = self._conflicting(model_id)
-            return cache[model_id]
-
-        # 1. Grants. A ticket that may no longer be overtaken holds back the models in its way.
-        first_riders = self._first_riders(order)
-        held: set[Upstream] = set()
-        for ticket in order:
-            if strict or ticket.due:
-                held.update(in_way(ticket.model_id))
-            if ticket.upstream in held and ticket not in first_riders:
-                continue
-            if not in_way(ticket.model_id) and ticket.upstream.state is State.READY:
-                for now_due in self._grant(ticket, in_way):
-                    held.update(in_way(now_due.model_id))
-
-        # 2. Stops and starts, for the waiting tickets in service order (the state changes as we go).
-        order = [ticket for ticket in order if ticket in self._queue]
-        first_riders = self._first_riders(order)
-        claimed = {ticket.upstream for ticket in first_riders}
-        wakeups: list[float] = []
-        for ticket in order:
-            upstream = ticket.upstream
-            if ticket not in self._queue or (upstream in held and ticket not in first_riders):
-                continue
-            shortfall = None if upstream.running else self._never_fits(ticket.model_id)
-            if shortfall is not None:
-                # What it was measured to need, or what persistent models hold, grew meanwhile.
-                self._fail_ticket(ticket, InsufficientMemory(shortfall))
-                continue
-            conflicts = self._conflicting(ticket.model_id)
-            if conflicts and ticket.defer_start:
-                # The request that would stop them answers its client first: signals and walks
-                # of the process tree wait for the reactor's next round of I/O, as the start does.
-                self._after_io(self._pump)
-            elif conflicts:
-                for other in conflicts:
-                    if other in claimed or self._in_flight_of(other) or other.stopping:
-                        continue
-                    lingers_until = self._lingers_until(other, ticket)
-                    if lingers_until is not None:
-                        # Kept for its follow-up also against the tickets behind this one.
-                        claimed.add(other)
-                        wakeups.append(lingers_until)
-                        continue
-                    self._make_room(other, ticket.model_id)
-            elif upstream.state is not State.READY and (ticket._start is None or ticket._start.called):
-                if upstream.stopping or (
-                        not upstream.running and self._would_displace(upstream, claimed)):
-                    # Wait for it to exit (a start now would restart it behind our back), and do
-                    # not put it in the way of a request ahead of this one.
-                    pass
-                elif ticket.defer_start and not upstream.running:
-                    self._after_io(self._pump)
-                else:
-                    ticket._start = upstream.start()
-                    ticket._start.addErrback(self._start_failed, ticket)
-            claimed.add(upstream)
-
-        # 3. What each waiting ticket is told.
-        self._describe([ticket for ticket in order if ticket in self._queue])
-        self._arm_wakeup(wakeups)
-
-    def _after_io(self, call: Callable[[], None]) -> None:
-        """
-        Call ``call`` after the reactor's next round of I/O, which flushes what was written now.
-
-        A reactor runs the calls that are due before it polls its sockets: ``callLater(0)`` alone
-        would run first. The call it makes runs on the turn after the poll.
-        """
-        self._reactor.callLater(0, self._reactor.callLater, 0, call)
-
-    def _make_room(self, other: Upstream, model_id: str) -> None:
+    def make_room(self, other: Upstream, model_id: str) -> None:
         """
         Stop ``other`` so that ``model_id`` can start, and say why.
         """
@@ -579,7 +431,7 @@ class Supervisor(Service):
         # Its own unloadTimeout (llama-swap gives a swap healthCheckTimeout).
         other.stop()
 
-    def _would_displace(self, upstream: Upstream, claimed: set[Upstream]) -> bool:
+    def would_displace(self, upstream: Upstream, claimed: set[Upstream]) -> bool:
         """
         Whether a model that one of the ``claimed`` models (wanted by requests ahead) needs
         stopped would be ``upstream``'s model, once it runs.
@@ -602,120 +454,32 @@ class Supervisor(Service):
                 return True
         return False
 
-    def _service_order(self) -> list[Ticket]:
+    def lease(self, upstream: Upstream) -> Lease:
         """
-        The waiting tickets in the order they are served: due tickets first, by arrival; then by
-        priority (higher first), then arrival. Marks the tickets that ``maxWait`` has made due.
+        Count one more request in flight on ``upstream``, a ready current process, and make its
+        `Lease`.
         """
-        policy = self.config.scheduler
-        now = self._reactor.seconds()
-        priority = policy.priority
-        if policy.max_wait > 0 and not policy.strict:
-            for ticket in self._queue:
-                if not ticket.due and ticket.arrived_at + policy.max_wait <= now:  # as _arm_wakeup reckons
-                    ticket.due = True
-        return sorted(
-            self._queue,
-            key=lambda t: (0, 0, t.seq) if t.due else (1, -priority.get(t.model_id, 0), t.seq),
-        )
-
-    def _first_riders(self, order: list[Ticket]) -> set[Ticket]:
-        """
-        For each model that started and has served no one yet, its first waiting ticket: it is
-        served before anything can stop the model, so that no start is wasted.
-        """
-        riders: dict[Upstream, Ticket] = {}
-        for ticket in order:
-            if ticket.upstream in self._unserved:
-                riders.setdefault(ticket.upstream, ticket)
-        return set(riders.values())
-
-    def _grant(self, ticket: Ticket, in_way: Callable[[str], list[Upstream]] | None = None) -> list[Ticket]:
-        """
-        Give ``ticket`` its lease; count it against the older tickets whose way it stands in.
-
-        :returns: the tickets this overtaking made due.
-        """
-        self._queue.remove(ticket)
-        upstream = ticket.upstream
-        model_id = ticket.model_id
+        model_id = upstream.model.id
         self.in_flight[model_id] += 1
-        self._unserved.discard(upstream)
         self._cancel_ttl(model_id)
-        ticket.stage = "ready"
-        ticket.position = 0
-        ticket.reason = ""
-        ticket.granted_at = self._reactor.seconds()
-        now_due = []
-        limit = self.config.scheduler.max_overtakes
-        if in_way is not None and limit > 0:
-            for waiting in self._queue:
-                if waiting.seq < ticket.seq and not waiting.due and upstream in in_way(waiting.model_id):
-                    waiting.overtaken += 1
-                    if waiting.overtaken >= limit:
-                        waiting.due = True
-                        now_due.append(waiting)
-        ticket._result.callback(Lease(self, upstream))
-        return now_due
+        return Lease(self, upstream)
 
-    def _describe(self, order: list[Ticket]) -> None:
+    def unfit(self, ticket: Ticket) -> Exception | None:
         """
-        Set each waiting ticket's stage, position, ``waiting_for`` and reason from the order in
-        which the tickets are expected to be served: in batches of one model, a starting model's
-        batch first, the others in service order. A ticket joins the batch of its model unless a
-        ticket that may not be overtaken (strict order, or due) stands between them.
+        Why ``ticket``'s model can never run: it cannot fit in ``memoryBudget``; ``None`` when it can.
         """
-        strict = self.config.scheduler.strict
-        batches: list[tuple[Upstream, list[Ticket]]] = []
-        open_batch: dict[Upstream, list[Ticket]] = {}
-        for ticket in order:
-            upstream = ticket.upstream
-            if upstream in open_batch:
-                open_batch[upstream].append(ticket)
-            else:
-                open_batch[upstream] = [ticket]
-                batches.append((upstream, open_batch[upstream]))
-            if strict or ticket.due:
-                for other in list(open_batch):
-                    if other is not upstream and self._exclusive(other.model.id, ticket.model_id):
-                        del open_batch[other]
-        # The riders of a start are served first, wherever they are in the order.
-        starting = {}
-        for batch in batches:
-            if batch[0].state is State.STARTING:
-                starting.setdefault(batch[0], id(batch))
-        batches.sort(key=lambda batch: starting.get(batch[0]) != id(batch))
-        position = 0
-        ahead: list[tuple[str, int]] = []
-        for upstream, tickets in batches:
-            model_id = upstream.model.id
-            conflicts = self._conflicting(model_id)
-            in_way = list(dict.fromkeys(c.model.id for c in conflicts))
-            busy = [(c.model.id, self._in_flight_of(c)) for c in conflicts if self._in_flight_of(c)]
-            before = [(other, count) for other, count in ahead if other == model_id or self._exclusive(other, model_id)]
-            if not in_way and not before:
-                # Starting, or just became ready (the next pass grants it).
-                ready = upstream.state is State.READY
-                stage, waiting_for, reason = "starting", (), f"{model_id} is {'ready' if ready else 'starting'}"
-            elif in_way and not before and not busy:
-                verb = "is" if len(in_way) == 1 else "are"
-                stage, waiting_for = "stopping", tuple(in_way)
-                reason = f"{_and(in_way)} {verb} stopping to make room for {model_id}"
-            else:
-                first = _merge(busy + before)
-                stage = "queued"
-                waiting_for = tuple(dict.fromkeys(in_way + [m for m, _ in first if m != model_id]))
-                then = f"{model_id} starts" + (" again" if upstream.running else "")
-                if first:
-                    total = sum(count for _, count in first)
-                    reason = f"{_counts(first)} {'finishes' if total == 1 else 'finish'} first, then {then}"
-                else:
-                    reason = f"waiting for {_and(in_way)} to stop, then {then}"
-            for ticket in tickets:
-                position += 1
-                ticket.position = position
-                ticket.stage, ticket.waiting_for, ticket.reason = stage, waiting_for, reason
-            ahead.append((model_id, len(tickets)))
+        shortfall = self._never_fits(ticket.model_id)
+        return InsufficientMemory(shortfall) if shortfall is not None else None
+
+    def idle_since(self, upstream: Upstream) -> float | None:
+        """
+        When the last request on ``upstream`` ended, if it is its model's current process and
+        has served one; ``None`` otherwise.
+        """
+        model_id = upstream.model.id
+        if self.upstreams.get(model_id) is not upstream:
+            return None
+        return self.last_used.get(model_id)
 
     def _why_evicted(self, model_id: str) -> str:
         """
@@ -731,7 +495,7 @@ class Supervisor(Service):
         return (f" (matrix set {decision.set_name}: {' & '.join(decision.members)},"
                 f" evict cost {decision.cost})")
 
-    def _exclusive(self, first: str, second: str) -> bool:
+    def exclusive(self, first: str, second: str) -> bool:
         """
         Whether two models cannot run together (by their groups or the matrix).
         """
@@ -744,64 +508,6 @@ class Supervisor(Service):
             return True
         return _displaces(first_group, second_group) or _displaces(second_group, first_group)
 
-    def _lingers_until(self, upstream: Upstream, ticket: Ticket) -> float | None:
-        """
-        Until when ``upstream`` is kept for a follow-up request before it is stopped for
-        ``ticket``: ``linger`` seconds after its last request ended, if it was busy when
-        ``ticket`` came (a client that just got its answer may well ask again), and ``ticket`` is
-        not due. ``None``: stop it now.
-        """
-        policy = self.config.scheduler
-        model_id = upstream.model.id
-        if policy.strict or ticket.due or policy.linger <= 0:
-            return None
-        if self.upstreams.get(model_id) is not upstream or model_id not in self.last_used:
-            return None
-        if self.last_used[model_id] <= ticket.arrived_at:
-            # It was idle when this ticket came: no sign of a follow-up.
-            return None
-        until = self.last_used[model_id] + policy.linger
-        return until if until > self._reactor.seconds() else None
-
-    def _arm_wakeup(self, deadlines: list[float]) -> None:
-        """
-        Have the queue looked at again at the earliest of ``deadlines`` and of the moment the
-        oldest ticket that is not due reaches ``maxWait``.
-        """
-        policy = self.config.scheduler
-        deadlines = list(deadlines)
-        if policy.max_wait > 0 and not policy.strict:
-            waiting = [t.arrived_at for t in self._queue if not t.due and t.stage != "starting"]
-            if waiting:
-                deadlines.append(min(waiting) + policy.max_wait)
-        deadline = min(deadlines) if deadlines and not self._shutting_down else None
-        if deadline is not None and deadline <= self._reactor.seconds():
-            # Never a timer for now: it would look at the queue again and again.
-            self.log.warn("scheduler wake-up for {deadline} is not in the future; not armed", deadline=deadline)
-            deadline = None
-        call = self._wakeup_call
-        if call is not None and call.active():
-            if deadline is not None and call.getTime() == deadline:
-                return
-            call.cancel()
-        self._wakeup_call = None
-        if deadline is not None:
-            self._wakeup_call = self._reactor.callLater(max(0.0, deadline - self._reactor.seconds()), self._pump)
-
-    def _start_failed(self, failure: Failure, ticket: Ticket) -> None:
-        if failure.check(CancelledError):
-            return None
-        if ticket in self._queue:
-            self._queue.remove(ticket)
-        ticket.stage = "failed"
-        ticket.error = failure.value
-        ticket._result.errback(failure)
-        if ticket.upstream.state is not State.STARTING:
-            # A model still "starting" while it fails its waiters is about to change state, and
-            # that change looks at the queue; looking now would let a request join the dying start.
-            self._pump()
-        return None
-
     def _upstream_changed(self, upstream: Upstream, old: State, new: State) -> None:
         if upstream in self._retiring:
             if not upstream.running:
@@ -810,10 +516,10 @@ class Supervisor(Service):
             self._pump()
             return
         if new is State.STARTING:
-            self._unserved.add(upstream)
+            self._scheduler.unserved.add(upstream)
             self.footprints.started(upstream.model.id)
         elif new is not State.READY:
-            self._unserved.discard(upstream)
+            self._scheduler.unserved.discard(upstream)
         call = self._measure_calls.pop(upstream, None)
         if call is not None and call.active():
             call.cancel()
@@ -920,13 +626,12 @@ class Supervisor(Service):
         """
         super().stopService()
         self._shutting_down = True
+        self._scheduler.stop()
         for run in list(self._preloads):
             run.addErrback(lambda failure: failure.trap(CancelledError))
             run.cancel()
-        for ticket in list(self._queue):
-            self._fail_ticket(ticket, ShuttingDown("swapproxy is shutting down"))
-        if self._wakeup_call is not None and self._wakeup_call.active():
-            self._wakeup_call.cancel()
+        for ticket in list(self._scheduler.tickets):
+            self._scheduler.fail(ticket, ShuttingDown("swapproxy is shutting down"))
         for call in self._measure_calls.values():
             if call.active():
                 call.cancel()
@@ -1007,22 +712,17 @@ class Supervisor(Service):
         self.in_flight.clear()
         self.in_flight.update(counts)
         for model_id in updated + unchanged:
-            self.upstreams[model_id].reconfigure(
-                config.models[model_id], config.health_check_timeout, config.start_ceiling
-            )
+            self.upstreams[model_id].reconfigure(config.models[model_id])
             if model_id in updated:
                 self._cancel_ttl(model_id)
                 self._arm_ttl(model_id)
-        for ticket in list(self._queue):
+        for ticket in list(self._scheduler.tickets):
             if ticket.model_id in removed:
-                self._fail_ticket(
+                self._scheduler.fail(
                     ticket, UnknownModel(f"model {ticket.model_id!r} was removed from the configuration")
                 )
             elif ticket.model_id in changed:
-                start, ticket._start = ticket._start, None
-                if start is not None and not start.called:
-                    start.cancel()
-                ticket.upstream = self.upstreams[ticket.model_id]
+                ticket.move_to(self.upstreams[ticket.model_id])
         for upstream in retired:
             if self._retiring[upstream].in_flight == 0:
                 self._stop_retiree(upstream)
@@ -1034,15 +734,6 @@ class Supervisor(Service):
             self.log.info("stopping the replaced process of model {model}", model=upstream.model.id)
         upstream.stop()
 
-    def _fail_ticket(self, ticket: Ticket, error: Exception) -> None:
-        self._queue.remove(ticket)
-        start, ticket._start = ticket._start, None
-        if start is not None and not start.called:
-            start.cancel()
-        ticket.stage = "failed"
-        ticket.error = error
-        ticket._result.errback(error)
-
 
 def _displaces(group: GroupConfig, other: GroupConfig) -> bool:
     """
@@ -1051,30 +742,3 @@ def _displaces(group: GroupConfig, other: GroupConfig) -> bool:
     if other.id == group.id:
         return group.swap
     return group.exclusive and not other.persistent
-
-
-def _and(items: list[str]) -> str:
-    """
-    ``a``, ``a and b``, ``a, b and c``.
-    """
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
-def _merge(counts: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """
-    Add up the counts of the same model, keeping the order of first appearance.
-    """
-    merged: dict[str, int] = {}
-    for model_id, count in counts:
-        merged[model_id] = merged.get(model_id, 0) + count
-    return list(merged.items())
-
-
-def _counts(counts: list[tuple[str, int]]) -> str:
-    """
-    ``3 requests for qwen and 1 for llama``.
-    """
-    parts = [f"{count} for {model_id}" for model_id, count in counts]
-    first_count = counts[0][1]
-    parts[0] = f"{first_count} request{'' if first_count == 1 else 's'} for {counts[0][0]}"
-    return _and(parts)

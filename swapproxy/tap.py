@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService
@@ -26,6 +26,9 @@ from twisted.python import usage
 from swapproxy import __version__
 from swapproxy.config import Config, ConfigError, load_config
 from swapproxy.logs import log_sink, proxy_logger, set_log_level
+
+if TYPE_CHECKING:
+    from swapproxy.reactors import ISwapproxyReactor
 
 # The rest of swapproxy, and Twisted's endpoints, are imported by makeService: they import
 # Twisted's TCP module, which loads pyOpenSSL if it is installed, and Options.postOptions decides
@@ -117,7 +120,7 @@ def leave_out_tls(listen: list[str], proxies: Any) -> bool:
     return True
 
 
-def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+def server_endpoint(reactor: ISwapproxyReactor, description: str) -> IStreamServerEndpoint:
     """
     The endpoint of one ``--listen``.
 
@@ -126,7 +129,8 @@ def server_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     from twisted.internet.endpoints import serverFromString
 
     try:
-        return serverFromString(reactor, description)
+        endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+        return endpoint
     except Exception as e:
         raise SystemExit(f"--listen {description}: not a usable endpoint: {e}") from None
 
@@ -139,8 +143,11 @@ class Listener(StreamServerEndpointService):
 
     def __init__(self, description: str, endpoint: IStreamServerEndpoint, factory: Any) -> None:
         super().__init__(endpoint, factory)
+        # Imported here, as the rest of swapproxy is: it imports Twisted's TCP module.
+        from swapproxy.twistedinternals import raise_listen_errors
+
         # As strports.service does: a failure to listen is raised by privilegedStartService.
-        self._raiseSynchronously = True
+        raise_listen_errors(self)
         self.description = description
 
     def privilegedStartService(self) -> None:
@@ -165,7 +172,7 @@ class SwapproxyService(MultiService):
     :param reactor: the reactor twistd runs (``callWhenRunning``, ``callFromThread``, ``stop``).
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: ISwapproxyReactor) -> None:
         super().__init__()
         self._reactor = reactor
         self._previous_sigterm: Any = None
@@ -206,7 +213,7 @@ class SwapproxyService(MultiService):
             self._previous_sigterm = None
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: ISwapproxyReactor | None = None) -> IService:
     """
     The swapproxy service: the model supervisor and one HTTP server per ``--listen``.
 
@@ -231,7 +238,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
-        reactor = global_reactor
+        reactor = cast("ISwapproxyReactor", global_reactor)
     config = options.loaded if options.loaded is not None else load_config(options["config"])
     endpoints = [(description, server_endpoint(reactor, description)) for description in options["listen"]]
     set_log_level(config.log_level)

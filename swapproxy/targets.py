@@ -161,7 +161,7 @@ class Spillover:
         """
         key = (selector, target)
         self._counts[key] = self._counts.get(key, 0) + 1
-        released = []
+        released: list[bool] = []
 
         def release() -> None:
             if not released:
@@ -213,10 +213,10 @@ class Targets:
             name, release = self._select(config, selector)
         model = config.resolve(name)
         if model is not None:
-            return Target(requested, name, model=model, selector=selector and selector.id, release=release)
+            return Target(requested, name, model=model, selector=selector.id if selector else None, release=release)
         peer = config.resolve_peer(name)
         if peer is not None:
-            return Target(requested, name, peer=peer, selector=selector and selector.id, release=release)
+            return Target(requested, name, peer=peer, selector=selector.id if selector else None, release=release)
         release()
         raise NoTarget(404, f"model {requested!r} not found; see GET /v1/models")
 

@@ -2,11 +2,12 @@
 """
 One upstream: the child process that serves one model, its state and its health.
 
-An `Upstream` starts its model's ``cmd`` in a session of its own (so that a stop reaches
-every process the model started), polls its ``checkEndpoint`` until it answers 200, and stops it
-with ``cmdStop`` or SIGTERM to the whole process group, then SIGKILL after a grace period.
-Requests that arrive while it starts share the same start; each waiter holds its own Deferred, so
-one waiter that gives up never cancels the start for the others.
+An `Upstream` starts its model's ``cmd`` as a `swapproxy.child.ChildProcess` (in a session of its
+own, so that a stop reaches every process the model started), polls its ``checkEndpoint`` until it
+answers 200, and stops it with ``cmdStop`` or SIGTERM to the whole process group, then SIGKILL
+after a grace period. Requests that arrive while it starts share the same start; each waiter holds
+its own Deferred, so one waiter that gives up never cancels the start for the others. Requests go
+to the model through the client of `swapproxy.httpclient`, made for each start.
 
 A ready model that stops answering is *unhealthy*: its requests in flight go silent
 (`swapproxy.stall`), or its health check, repeated every ``healthCheckInterval`` while it is
@@ -20,40 +21,33 @@ from __future__ import annotations
 import enum
 import os
 import re
-import shutil
-import signal
-import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
 import attrs
-import psutil
 from treq.client import HTTPClient
 from twisted.internet import defer
-from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated, TimeoutError
-from twisted.internet.interfaces import (
-    IConsumer,
-    IDelayedCall,
-    IReactorProcess,
-    IReactorTime,
-    IStreamClientEndpoint,
-)
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.error import TimeoutError
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgentEndpointFactory, IBodyProducer
-from zope.interface import implementer
+from twisted.web.client import HTTPConnectionPool
 
-from swapproxy.config import ModelConfig, start_ceiling
+from swapproxy.child import READY_OUTPUT_INTERVAL, ChildProcess, describe_exit, find_executable
+from swapproxy.config import ModelConfig
+from swapproxy.httpclient import BytesProducer, make_http_client
+from swapproxy.httpclient import body_producer as _body_producer
 from swapproxy.logs import ModelOutput, proxy_logger
-from swapproxy.relayclient import RelayPool
+from swapproxy.reactors import IUpstreamReactor
 from swapproxy.stall import Stalled, StallWatch
+
+__all__ = [
+    "ERROR_TAIL_LINES", "FIRST_PROBE_DELAY", "HEALTH_CHECK_FAILURES", "MAX_PROBE_DELAY", "MIN_PROBE_INTERVAL",
+    "OUTPUT_PROBE_BURST", "OUTPUT_PROBE_WINDOW", "READY_CHECK_RETRY", "READY_CHECK_TIMEOUT",
+    "READY_OUTPUT_INTERVAL", "BytesProducer", "StartError", "StartStep", "State", "Upstream", "_body_producer",
+    "make_http_client", "needs_restart", "probe_echo",
+]
 
 #: First delay between health probes, and the most it backs off to.
 FIRST_PROBE_DELAY = 0.02
@@ -70,24 +64,12 @@ OUTPUT_PROBE_BURST = 4
 OUTPUT_PROBE_WINDOW = 0.1
 #: How many of the child's last output lines a start error quotes.
 ERROR_TAIL_LINES = 5
-#: While a model is ready, its output is read at most this often. llama-server prints about ten
-#: lines per request, a few at a time: read as they came, they were five reads of a pipe per
-#: request, each a round of the reactor in the middle of the requests' own bytes; read every
-#: 20 ms, a read takes the lines of several requests. A loading model's output is read as it
-#: comes (it brings health probes forward and shows the load's progress), and so is a read that
-#: filled the read buffer (`_PIPE_READ`): more is waiting, and a child must never block on a
-#: full pipe.
-READY_OUTPUT_INTERVAL = 0.02
-#: The most Twisted reads from a child's pipe at once.
-_PIPE_READ = 8192
 #: While a model is ready: how many health checks in a row must fail for it to be unhealthy,
 #: the most a check may take, and how soon a failed check is repeated. A frozen model is found
 #: within about healthCheckInterval + 3 x 5 s + 2 x 1 s.
 HEALTH_CHECK_FAILURES = 3
 READY_CHECK_TIMEOUT = 5.0
 READY_CHECK_RETRY = 1.0
-
-_SESSION_SHIM = "import os, sys; os.setsid(); os.execv(sys.argv[1], sys.argv[1:])"
 
 
 def probe_echo(check_endpoint: str) -> re.Pattern[str]:
@@ -174,240 +156,6 @@ class StartError(Exception):
         super().__init__(message)
 
 
-@implementer(IBodyProducer)
-class BytesProducer:
-    """
-    A request body that is already in memory, written in one call.
-
-    treq's default producer runs on the global cooperator, which costs a reactor turn per
-    request and never runs under a test clock.
-    """
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body) if body else UNKNOWN_LENGTH
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def stopProducing(self) -> None:
-        pass
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-
-def _body_producer(data: Any) -> IBodyProducer:
-    if isinstance(data, bytes):
-        return BytesProducer(data)
-    return IBodyProducer(data)
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """
-    The pool's connection factory, without a log line for every connection.
-    """
-
-    noisy = False
-
-
-@implementer(IAgentEndpointFactory)
-class _Endpoints:
-    """
-    One client endpoint per upstream address, made once: `Agent`'s own factory builds a
-    `HostnameEndpoint` (with an IDNA encoding of the host) for every request. An IP address
-    gets a plain TCP endpoint, since there is no name to resolve.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
-        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
-        self._tls = BrowserLikePolicyForHTTPS()
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            host = uri.host.decode("ascii")
-            if isIPAddress(host):
-                endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port)
-            elif isIPv6Address(host):
-                endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port)
-            else:
-                endpoint = HostnameEndpoint(self._reactor, uri.host, uri.port)
-            if uri.scheme == b"https":
-                endpoint = wrapClientTLS(self._tls.creatorForNetloc(uri.host, uri.port), endpoint)
-            self._endpoints[key] = endpoint
-        return endpoint
-
-
-class _RelayClient(HTTPClient):
-    """
-    treq's client, with a short way for the requests the relay sends: unbuffered, no redirects,
-    an in-memory body, ``Headers`` and an ``http://`` URL go to the pool's own lean client
-    (`swapproxy.relayclient`), without treq's URL parsing, cookie and content-decoding layers or
-    `Agent` (together most of swapproxy's CPU time per proxied request). No ``Accept-Encoding``
-    is added (the relay drops the client's), so the body arrives as the upstream sent it. Any
-    other request (health probes) takes treq's way.
-    """
-
-    def __init__(self, agent: Agent, cookiejar: CookieJar, pool: RelayPool) -> None:
-        super().__init__(agent, cookiejar=cookiejar, data_to_body_producer=_body_producer)
-        self._relay = pool.relay
-
-    def request(self, method: str, url: Any, **kwargs: Any) -> Deferred[Any]:  # type: ignore[override]
-        headers = kwargs.get("headers")
-        data = kwargs.get("data")
-        if (
-            kwargs.get("unbuffered") is True
-            and kwargs.get("allow_redirects") is False
-            and set(kwargs) <= {"headers", "data", "unbuffered", "allow_redirects"}
-            and isinstance(headers, Headers)
-            and (data is None or isinstance(data, bytes))
-            and isinstance(url, str)
-            and url.startswith("http://")
-            and url.isascii()
-        ):
-            return self._relay(method.encode("ascii"), url.encode("ascii"), headers, data)
-        return super().request(method, url, **kwargs)
-
-
-def make_http_client(reactor: Any, max_idle: int) -> tuple[HTTPClient, HTTPConnectionPool]:
-    """
-    An HTTP client with its own connection pool, no cookie memory and in-memory bodies.
-
-    :param max_idle: how many idle connections the pool keeps.
-    """
-    pool = RelayPool(reactor, max(2, max_idle))
-    pool.maxPersistentPerHost = max(2, max_idle)
-    pool.retryAutomatically = False
-    pool._factory = _QuietClientFactory
-    # A proxy must never replay one client's upstream cookies to another client.
-    no_cookies = CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-    agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor), pool=pool)
-    return _RelayClient(agent, no_cookies, pool), pool
-
-
-def _describe_exit(reason: Failure) -> tuple[str, int | None]:
-    value = reason.value
-    if isinstance(value, ProcessDone):
-        return "exit code 0", 0
-    if isinstance(value, ProcessTerminated):
-        if value.signal is not None:
-            try:
-                name = signal.Signals(value.signal).name
-            except ValueError:
-                name = str(value.signal)
-            return f"signal {name}", None
-        return f"exit code {value.exitCode}", value.exitCode
-    return str(value), None
-
-
-class _ChildProtocol(ProcessProtocol):
-    """
-    Reads a child's stdout and stderr line by line and reports its exit.
-
-    While the model is ready, the pipes are read at most every `READY_OUTPUT_INTERVAL`: after a
-    read, reading pauses until then. When the child exits, what its pipes still hold is read
-    before the exit is reported, so that its last words are in the log and in the exit message.
-    """
-
-    def __init__(self, upstream: Upstream, clock: IReactorTime) -> None:
-        self._upstream = upstream
-        self._clock = clock
-        self._partial: dict[int, bytes] = {}
-        self._resume_call: IDelayedCall | None = None
-        self._exited = False
-
-    def connectionMade(self) -> None:
-        self.transport.closeStdin()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self._take_output(childFD, data)
-        if (
-            self._resume_call is None
-            and not self._exited
-            and len(data) < _PIPE_READ
-            and self._upstream.state is State.READY
-        ):
-            pause = getattr(self.transport, "pauseProducing", None)
-            if pause is not None:
-                pause()
-                self._resume_call = self._clock.callLater(READY_OUTPUT_INTERVAL, self._resume)
-
-    def _resume(self) -> None:
-        self._resume_call = None
-        self.transport.resumeProducing()
-
-    def _read_held_output(self) -> None:
-        """
-        If reading is paused, read what the pipes hold now, and read on as output comes.
-        """
-        call, self._resume_call = self._resume_call, None
-        if call is None:
-            return
-        call.cancel()
-        for fd, pipe in sorted(getattr(self.transport, "pipes", {}).items()):
-            if fd not in (1, 2):
-                continue
-            try:
-                while data := os.read(pipe.fileno(), 65536):
-                    self._take_output(fd, data)
-            except OSError:
-                pass  # drained (EAGAIN), or closed
-        self.transport.resumeProducing()
-
-    def _take_output(self, childFD: int, data: bytes) -> None:
-        self._upstream._child_output(data)
-        partial = self._partial.pop(childFD, None)
-        buffered = partial + data if partial else data
-        complete, newline, rest = buffered.rpartition(b"\n")
-        if len(rest) > 65536:
-            complete, newline, rest = buffered, b"\n", b""
-        if rest:
-            self._partial[childFD] = rest
-        if newline:
-            # The whole lines of one read, decoded at once (no UTF-8 sequence contains "\n").
-            lines = [line.rstrip("\r") for line in complete.decode("utf-8", "replace").split("\n")]
-            self._upstream._child_lines("stderr" if childFD == 2 else "stdout", lines)
-
-    def processExited(self, reason: Failure) -> None:
-        self._exited = True
-        self._read_held_output()
-        for fd, rest in sorted(self._partial.items()):
-            self._upstream._child_lines("stderr" if fd == 2 else "stdout", [rest.decode("utf-8", "replace")])
-        self._partial.clear()
-        self._upstream._child_exited(self, reason)
-
-
-class _StopCommandProtocol(ProcessProtocol):
-    """
-    Runs ``cmdStop``, logs what it prints, and tells when it is done.
-    """
-
-    def __init__(self, upstream: Upstream, done: Callable[[], None]) -> None:
-        self._upstream = upstream
-        self._done = done
-
-    def connectionMade(self) -> None:
-        self.transport.closeStdin()
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        self._upstream._child_lines("cmdStop", data.decode("utf-8", "replace").splitlines())
-
-    def processEnded(self, reason: Failure) -> None:
-        description, code = _describe_exit(reason)
-        if code != 0:
-            self._upstream.log.warn(
-                "cmdStop of {model} ended with {status}", model=self._upstream.model.id, status=description
-            )
-        self._done()
-
-
 def _timed_out(result: object, timeout: float) -> Failure:
     """
     The result of a health check its timeout cut off, however the cancelled probe ended: an HTTP
@@ -421,33 +169,26 @@ class Upstream:
     """
     One model's child process: start, health, stop.
 
-    :param model: the model's configuration.
-    :param reactor: provides `IReactorProcess` and `IReactorTime`.
-    :param health_check_timeout: seconds a start may go without a sign of life (a byte of
-        output, a change in the health answer) before it is given up.
+    :param model: the model's configuration; its ``health_check_timeout`` and ``start_ceiling``
+        bound a start.
+    :param reactor: spawns the model's process, keeps time, and connects to the model.
     :param environ: the environment the child inherits (``os.environ`` by default);
         the model's ``env`` entries are added to it.
     :param health_probe: asks the child's health endpoint once and returns the HTTP status
         (or fails when it cannot connect); an HTTP GET of ``checkEndpoint`` by default.
-    :param health_check_ceiling: seconds a start may take in all, however lively the child
-        is; `swapproxy.config.start_ceiling` of ``health_check_timeout`` by default.
     """
 
     def __init__(
         self,
         model: ModelConfig,
-        reactor: Any,
-        health_check_timeout: float,
+        reactor: IUpstreamReactor,
         environ: Mapping[str, str] | None = None,
         health_probe: Callable[[Upstream], Deferred[int]] | None = None,
-        health_check_ceiling: float | None = None,
     ) -> None:
         self.model = model
         self.log = proxy_logger("swapproxy.upstream")
         self._output_log = ModelOutput(model.id)
-        self._reactor: IReactorTime | IReactorProcess | Any = reactor
-        self._health_check_timeout = health_check_timeout
-        self._health_check_ceiling = start_ceiling(health_check_timeout, health_check_ceiling)
+        self._reactor = reactor
         self._environ = dict(os.environ if environ is None else environ)
         self.state = State.STOPPED
         self.state_observers: list[Callable[[Upstream, State, State], None]] = []
@@ -461,7 +202,7 @@ class Upstream:
         self.command: tuple[str, ...] | None = None
         self.client: HTTPClient | None = None
         self._pool: HTTPConnectionPool | None = None
-        self._process: Any = None
+        self._child: ChildProcess | None = None
         self._start_waiters: list[Deferred[None]] = []
         self._stop_waiters: list[Deferred[None]] = []
         self._generation = 0
@@ -478,8 +219,6 @@ class Upstream:
         self._hint_at: float | None = None
         self._probe_echo = probe_echo(model.check_endpoint or "/health")
         self._timeout_call: IDelayedCall | None = None
-        self._kill_call: IDelayedCall | None = None
-        self._descendants: list[psutil.Process] = []
         self._end_state = State.STOPPED
         self.recent_lines: deque[str] = deque(maxlen=50)
         self.started_at: float | None = None
@@ -589,7 +328,7 @@ class Upstream:
         return waiter
 
     def _stop_hooks_done(self, generation: int, grace: float) -> None:
-        if generation == self._generation and self._process is not None and self.state is State.STOPPING:
+        if generation == self._generation and self._child is not None and self.state is State.STOPPING:
             self._terminate(grace)
 
     async def _run_hooks(self, hooks: list[Callable[[Upstream], Awaitable[None]]], when: str) -> None:
@@ -599,12 +338,11 @@ class Upstream:
             except Exception:
                 self.log.failure("{when} model {model}", when=when, model=self.model.id)
 
-    def reconfigure(
-        self, model: ModelConfig, health_check_timeout: float, health_check_ceiling: float | None = None
-    ) -> None:
+    def reconfigure(self, model: ModelConfig) -> None:
         """
         Take new settings that do not need a restart (ttl, aliases, ``cmdStop``, ``unloadTimeout``,
-        timeouts...); a running child keeps running.
+        timeouts, ``healthCheckTimeout``...); a running child keeps running, a start in progress
+        takes the new limits.
 
         :param model: the model's new configuration; same id, same ``cmd``, ``proxy``,
             ``checkEndpoint`` and ``env``.
@@ -613,8 +351,6 @@ class Upstream:
         if model.id != self.model.id or needs_restart(self.model, model):
             raise ValueError(f"model {model.id!r}: its new settings need a new process")
         self.model = model
-        self._health_check_timeout = health_check_timeout
-        self._health_check_ceiling = start_ceiling(health_check_timeout, health_check_ceiling)
         if self._timeout_call is not None:
             self._arm_start_deadline()
         self._schedule_check(model.hang_limits.health_check_interval)
@@ -664,17 +400,7 @@ class Upstream:
         """
         The CPU time the model's process and its descendants have used, if it can be read.
         """
-        if self.pid is None:
-            return None
-        try:
-            process = psutil.Process(self.pid)
-            total = 0.0
-            for each in [process, *process.children(recursive=True)]:
-                times = each.cpu_times()
-                total += times.user + times.system
-            return total
-        except psutil.Error:
-            return None
+        return self._child.cpu_seconds() if self._child is not None else None
 
     # -- start --------------------------------------------------------------------------------
 
@@ -689,26 +415,17 @@ class Upstream:
             for observer in list(self.state_observers):
                 observer(self, old, new)
 
-    def _launcher(self, executable: str) -> list[str]:
-        setsid = shutil.which("setsid")
-        if setsid:
-            return [setsid, executable]
-        return [sys.executable, "-c", _SESSION_SHIM, executable]
-
     def _begin_start(self) -> None:
         argv = list(self.model.cmd)
         for argv_filter in list(self.argv_filters):
             argv = argv_filter(self, argv)
-        executable = shutil.which(argv[0], path=self._environ.get("PATH", os.defpath))
+        executable = find_executable(argv[0], self._environ)
         if executable is None:
             self._set_state(State.FAILED)
             self._fail_start_waiters(
                 StartError(self.model.id, f"executable {argv[0]!r} not found (cmd: {' '.join(argv)})")
             )
             return
-        env = dict(self._environ)
-        env.update(dict(self.model.env))
-        launcher = self._launcher(executable)
         self._generation += 1
         self.last_error = None
         self.unhealthy_reason = None
@@ -723,16 +440,24 @@ class Upstream:
         self.start_step = None
         self._end_state = State.STOPPED
         self._set_state(State.STARTING)
+        child = ChildProcess(
+            self._reactor,
+            self.model.id,
+            self.log,
+            {**self._environ, **dict(self.model.env)},
+            self._environ,
+            self._child_output,
+            self._child_lines,
+            self._child_exited,
+            lambda: self.state is State.READY,
+        )
         try:
-            self._process = self._reactor.spawnProcess(
-                _ChildProtocol(self, self._reactor), launcher[0], launcher + argv[1:], env=env
-            )
+            self.pid = child.spawn(executable, argv)
         except OSError as e:
-            self._process = None
             self._set_state(State.FAILED)
             self._fail_start_waiters(StartError(self.model.id, f"could not spawn {argv[0]!r}: {e}"))
             return
-        self.pid = self._process.pid
+        self._child = child
         self.command = (executable, *argv[1:])
         for process_observer in list(self.process_observers):
             process_observer(self, self.pid, True)
@@ -783,7 +508,7 @@ class Upstream:
         assert self.client is not None and self.model.check_endpoint is not None
         response = await self.client.get(
             self.url_for(self.model.check_endpoint),
-            timeout=min(5.0, self._health_check_timeout),
+            timeout=min(5.0, self.model.health_check_timeout),
             reactor=self._reactor,
             allow_redirects=False,
         )
@@ -900,8 +625,8 @@ class Upstream:
         """
         assert self.started_at is not None and self.last_sign_of_life is not None
         return (
-            self.last_sign_of_life + self._health_check_timeout,
-            self.started_at + self._health_check_ceiling,
+            self.last_sign_of_life + self.model.health_check_timeout,
+            self.started_at + self.model.start_ceiling,
         )
 
     def _arm_start_deadline(self) -> None:
@@ -922,9 +647,9 @@ class Upstream:
         assert self.started_at is not None
         elapsed = now - self.started_at
         if ceiling_at <= now:
-            why = f"not healthy within the healthCheckCeiling of {self._health_check_ceiling:g}s"
+            why = f"not healthy within the healthCheckCeiling of {self.model.start_ceiling:g}s"
         else:
-            why = f"no output and no new health answer for {self._health_check_timeout:g}s (healthCheckTimeout)"
+            why = f"no output and no new health answer for {self.model.health_check_timeout:g}s (healthCheckTimeout)"
         error = StartError(
             self.model.id,
             f"health check timed out after {elapsed:.0f}s: {why}"
@@ -1003,94 +728,20 @@ class Upstream:
     def _terminate(self, grace: float, state: State = State.STOPPING) -> None:
         self._cancel_timers()
         self._set_state(state)
+        if self._child is not None:
+            self._child.stop(grace, self.model.cmd_stop, hung=state is State.UNHEALTHY)
+
+    def _child_exited(self, reason: Failure) -> None:
+        """
+        The child has exited and its leftovers were killed.
+        """
+        description, code = describe_exit(reason)
         pid = self.pid
-        if pid is None or self._process is None:
-            return
-        try:
-            self._descendants = psutil.Process(pid).children(recursive=True)
-        except psutil.Error:
-            self._descendants = []
-        if self.model.cmd_stop:
-            argv = [arg.replace("${PID}", str(pid)) for arg in self.model.cmd_stop]
-            executable = shutil.which(argv[0], path=self._environ.get("PATH", os.defpath))
-            if executable is not None:
-                self.log.info("stopping model {model} with cmdStop: {cmd}", model=self.model.id, cmd=" ".join(argv))
-                env = dict(self._environ)
-                env.update(dict(self.model.env))
-                try:
-                    self._reactor.spawnProcess(
-                        _StopCommandProtocol(self, lambda: self._arm_kill(grace)),
-                        executable,
-                        argv,
-                        env=env,
-                    )
-                    if state is State.UNHEALTHY:
-                        # A cmdStop that talks to the hung server may hang with it.
-                        self._arm_kill(grace)
-                    return
-                except OSError as e:
-                    self.log.warn("cmdStop of {model} could not run: {error}", model=self.model.id, error=e)
-            else:
-                self.log.warn("cmdStop of {model}: {exe!r} not found", model=self.model.id, exe=argv[0])
-        self.log.info("stopping model {model}: SIGTERM to process group {pid}", model=self.model.id, pid=pid)
-        self._signal_group(pid, signal.SIGTERM)
-        self._arm_kill(grace)
-
-    def _arm_kill(self, grace: float) -> None:
-        if self._process is None or self._kill_call is not None:
-            return
-        self._kill_call = self._reactor.callLater(grace, self._kill, grace)
-
-    def _kill(self, grace: float) -> None:
-        self._kill_call = None
-        if self.pid is None or self._process is None:
-            return
-        self.log.warn(
-            "model {model} did not exit within {grace:g}s; sending SIGKILL", model=self.model.id, grace=grace
-        )
-        self._signal_group(self.pid, signal.SIGKILL)
-
-    def _signal_group(self, pgid: int, signum: int) -> None:
-        try:
-            os.killpg(pgid, signum)
-        except (ProcessLookupError, PermissionError):
-            # The leader may not have called setsid yet: signal it alone.
-            if self._process is not None:
-                try:
-                    self._process.signalProcess(signum)
-                except ProcessExitedAlready:
-                    pass
-
-    def _reap_leftovers(self, pid: int) -> None:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for proc in self._descendants:
-            try:
-                if proc.is_running():
-                    proc.kill()
-            except psutil.Error:
-                pass
-        self._descendants = []
-
-    def _child_exited(self, protocol: _ChildProtocol, reason: Failure) -> None:
-        description, code = _describe_exit(reason)
-        pid = self.pid
-        self._process = None
+        self._child = None
         self.pid = None
         self.command = None
         self._cancel_timers()
-        if self._kill_call is not None and self._kill_call.active():
-            self._kill_call.cancel()
-        self._kill_call = None
         if pid is not None:
-            if not self._descendants:
-                try:
-                    self._descendants = psutil.Process(pid).children(recursive=True)
-                except psutil.Error:
-                    pass
-            self._reap_leftovers(pid)
             for process_observer in list(self.process_observers):
                 process_observer(self, pid, False)
         self.exchanges.stop()

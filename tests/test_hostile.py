@@ -65,7 +65,7 @@ class UpstreamEscapeTests(ErrorAssertions, SynchronousTestCase):
         self.h = Harness(self, HOSTILE_CONFIG)
         fake = self.h.upstreams["based"]
         # The real Upstream's URL building, with the proxy URL of the config.
-        real = Upstream(fake.model, self.h.clock, 15)
+        real = Upstream(fake.model, self.h.clock)
         fake.url_for = real.url_for  # type: ignore[method-assign]
         self.agent = RecordingAgent(fake.agent)
         fake.make_client = lambda: HTTPClient(self.agent, data_to_body_producer=_body_producer)

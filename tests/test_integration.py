@@ -258,7 +258,8 @@ class InProcessTests(TestCase):
         The configured minimum is 15 s, so the timeout is lowered on the loaded config.
         """
         config = parse_config(config_yaml({"a": {"cmd": fake_command("--load-time", "60")}}), "test.yaml")
-        proxy = start_proxy(self, attrs.evolve(config, health_check_timeout=1))
+        model = attrs.evolve(config.models["a"], health_check_timeout=1, start_ceiling=10)
+        proxy = start_proxy(self, attrs.evolve(config, health_check_timeout=1, models={"a": model}))
 
         status, answer = await proxy.chat("a")
 

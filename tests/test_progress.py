@@ -462,7 +462,7 @@ class SecondLoadTests(SynchronousTestCase):
         config = parse_config(text, "test.yaml", {})
 
         def factory(model: ModelConfig) -> Upstream:
-            return Upstream(model, self.reactor, 120, environ={"PATH": os.environ.get("PATH", os.defpath)},
+            return Upstream(model, self.reactor, environ={"PATH": os.environ.get("PATH", os.defpath)},
                             health_probe=lambda upstream: succeed(self.health))
 
         self.supervisor = Supervisor(config, self.reactor, upstream_factory=factory)

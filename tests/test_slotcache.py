@@ -99,7 +99,7 @@ class SlotCacheTestCase(SynchronousTestCase):
 
     def upstream(self, cmd: str = "llama-server -m /models/m.gguf --port ${PORT}", **model: Any) -> Upstream:
         text = json.dumps({"models": {"m": {"cmd": cmd, "slotCache": True, **model}}})
-        upstream = Upstream(parse_config(text, "test.yaml").models["m"], self.reactor, 120,
+        upstream = Upstream(parse_config(text, "test.yaml").models["m"], self.reactor,
                             environ={"PATH": self.bin}, health_probe=lambda up: maybeDeferred(self.probe))
         self.cache.follow(upstream)
         return upstream
@@ -188,7 +188,7 @@ class CommandTests(SlotCacheTestCase):
 
     def test_not_for_a_model_without_slot_cache(self) -> None:
         text = json.dumps({"models": {"m": {"cmd": "llama-server -m /models/m.gguf --port ${PORT}"}}})
-        upstream = Upstream(parse_config(text, "t.yaml").models["m"], self.reactor, 120, environ={"PATH": self.bin},
+        upstream = Upstream(parse_config(text, "t.yaml").models["m"], self.reactor, environ={"PATH": self.bin},
                             health_probe=lambda up: maybeDeferred(self.probe))
         self.cache.follow(upstream)
         self.started(upstream)
@@ -234,7 +234,7 @@ class SaveTests(SlotCacheTestCase):
         config = parse_config(text, "test.yaml")
 
         def factory(model: Any) -> Upstream:
-            upstream = Upstream(model, self.reactor, 120, environ={"PATH": self.bin},
+            upstream = Upstream(model, self.reactor, environ={"PATH": self.bin},
                                 health_probe=lambda up: maybeDeferred(self.probe))
             self.cache.follow(upstream)
             return upstream

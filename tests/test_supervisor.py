@@ -1967,7 +1967,7 @@ class WithUpstreamTests(SynchronousTestCase):
         config = make_config({mid: {"cmd": f"{sys.executable} -c pass --port ${{PORT}}"} for mid in models}, **top)
 
         def factory(model: ModelConfig) -> Upstream:
-            return Upstream(model, self.reactor, config.health_check_timeout, health_probe=self.probe)
+            return Upstream(model, self.reactor, health_probe=self.probe)
 
         return Supervisor(config, self.reactor, upstream_factory=factory)
 

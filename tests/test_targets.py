@@ -25,7 +25,7 @@ CONFIG = """
     groups:
       together: {swap: false, members: [a, b]}
     peers:
-      p: {proxy: "http://h", models: [m]}
+      p: {proxy: "http://127.0.0.1:9", models: [m]}
     selectors:
       pinned: {strategy: pin, targets: [b, a]}
       warm: {strategy: warm, targets: [a, b, c]}
@@ -147,6 +147,7 @@ class ProfileApiTests(TestCase):
 
         self.assertEqual(await put(b'{"name": "work"}'), (200, {"active": "work"}))
         code, answer = await proxy.chat("a")
+        self.assertIn("choices", answer, answer)
         self.assertEqual(answer["choices"][0]["message"]["content"].split()[:2], ["from", "c"])
         ids = {r["id"]: r for r in (await proxy.get_json("/v1/models"))["data"]}
         self.assertNotIn("gone", ids)

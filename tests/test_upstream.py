@@ -117,9 +117,8 @@ class UpstreamTestMixin:
         **top: Any,
     ) -> Upstream:
         return Upstream(
-            model_config(dict(model or {}), **top),
+            model_config(dict(model or {}), healthCheckTimeout=health_check_timeout, **top),
             self.reactor,
-            health_check_timeout,
             environ=environ if environ is not None else {"PATH": os.environ.get("PATH", os.defpath)},
             health_probe=self.probe,
         )
@@ -574,13 +573,12 @@ class StallAwareTimeoutTests(UpstreamTestMixin, SynchronousTestCase):
             "test.yaml",
         )
         self.assertEqual(config.start_ceiling, 45)
+        self.assertEqual(config.models["m"].start_ceiling, 45)
         upstream = Upstream(
             config.models["m"],
             self.reactor,
-            config.health_check_timeout,
             environ={"PATH": os.environ.get("PATH", os.defpath)},
             health_probe=self.probe,
-            health_check_ceiling=config.start_ceiling,
         )
         upstream.model = attrs.evolve(upstream.model, cmd=(sys.executable, "-c", "pass"))
         d = upstream.start()
@@ -598,7 +596,7 @@ class StallAwareTimeoutTests(UpstreamTestMixin, SynchronousTestCase):
         upstream = self.make_upstream(health_check_timeout=100)
         d = upstream.start()
         run_clock(self.reactor, 10)
-        upstream.reconfigure(upstream.model, 15)
+        upstream.reconfigure(attrs.evolve(upstream.model, health_check_timeout=15))
         run_clock(self.reactor, 14.9)
         self.assertNoResult(d)
         run_clock(self.reactor, 15)
@@ -619,7 +617,7 @@ class ReconfigureTests(UpstreamTestMixin, SynchronousTestCase):
         process = self.reactor.spawned[0]
         new = model_config({"ttl": 30, "aliases": ["x"], "unloadTimeout": 3, "name": "M"})
         self.assertFalse(needs_restart(upstream.model, new))
-        upstream.reconfigure(new, 120)
+        upstream.reconfigure(new)
         self.assertIs(upstream.model, new)
         self.assertEqual(upstream.state, State.READY)
         upstream.stop()
@@ -639,7 +637,7 @@ class ReconfigureTests(UpstreamTestMixin, SynchronousTestCase):
         ):
             new = model_config(change)
             self.assertTrue(needs_restart(upstream.model, new), change)
-            self.assertRaises(ValueError, upstream.reconfigure, new, 120)
+            self.assertRaises(ValueError, upstream.reconfigure, new)
 
     def test_process_observers(self) -> None:
         """
@@ -1142,7 +1140,7 @@ class RealProcessTests(TestCase):
         config = parse_config(
             json.dumps({"startPort": free_port(), "models": {"fake": {"cmd": cmd}}, **top}), "test.yaml"
         )
-        upstream = Upstream(config.models["fake"], reactor, config.health_check_timeout)
+        upstream = Upstream(config.models["fake"], reactor)
         self.processes: list[psutil.Process] = []
         self.addCleanup(lambda: Deferred.fromCoroutine(wait_until(lambda: not process_pipes_open(), what="pipes to close")))
         self.addCleanup(self._kill_leftovers)

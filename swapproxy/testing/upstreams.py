@@ -27,7 +27,7 @@ class ScriptedUpstream:
     :ivar start_count: how many times a child was "spawned".
     :ivar stop_graces: the grace period (given, or the model's ``unloadTimeout``) of every `stop`
         call that began a stop.
-    :ivar reconfigured: the ``(health_check_timeout, health_check_ceiling)`` of each `reconfigure`.
+    :ivar reconfigured: the ``(health_check_timeout, start_ceiling)`` of each `reconfigure`'s model.
     :ivar running_at_spawn: for each spawn, the other models that were running at that moment.
     """
 
@@ -88,13 +88,11 @@ class ScriptedUpstream:
             self._fail_waiters(StartError(self.model.id, "unloaded while starting"))
         return waiter
 
-    def reconfigure(
-        self, model: ModelConfig, health_check_timeout: float, health_check_ceiling: float | None = None
-    ) -> None:
+    def reconfigure(self, model: ModelConfig) -> None:
         if model.id != self.model.id or upstream_module.needs_restart(self.model, model):
             raise ValueError(f"model {model.id!r}: its new settings need a new process")
         self.model = model
-        self.reconfigured.append((health_check_timeout, health_check_ceiling))
+        self.reconfigured.append((model.health_check_timeout, model.start_ceiling))
 
     # -- test controls ------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.error import UnsupportedMethod
 from twisted.web.resource import Resource
@@ -23,7 +24,7 @@ from swapproxy.targets import ActiveProfile
 from swapproxy.upstream import StartError, State
 from swapproxy.web.errors import error_response
 from swapproxy.web.listing import alias_records, peer_records, profile_records, selector_records, with_capabilities
-from swapproxy.web.render import ClientState, render_async
+from swapproxy.web.render import ClientState, path_segments, render_async
 
 
 log = proxy_logger("swapproxy.web")
@@ -87,7 +88,7 @@ class ModelList(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, supervisor: Supervisor, reactor: Any, board: ModelBoard, peers: PeerSet | None = None,
+    def __init__(self, supervisor: Supervisor, reactor: IReactorTime, board: ModelBoard, peers: PeerSet | None = None,
                  profile: ActiveProfile | None = None) -> None:
         super().__init__()
         self._supervisor = supervisor
@@ -100,7 +101,7 @@ class ModelList(JSONResource):
         return render_async(request, lambda client: self._list(request))
 
     async def _list(self, request: Request) -> None:
-        wanted = unquote("/".join(s.decode("utf-8", "replace") for s in request.postpath))
+        wanted = unquote("/".join(s.decode("utf-8", "replace") for s in path_segments(request.postpath)))
         config = self._supervisor.config
         if self._peers is not None and config.peers:
             await self._peers.refresh()
@@ -176,7 +177,7 @@ class Running(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, supervisor: Supervisor, reactor: Any, board: ModelBoard) -> None:
+    def __init__(self, supervisor: Supervisor, reactor: IReactorTime, board: ModelBoard) -> None:
         super().__init__()
         self._supervisor = supervisor
         self._reactor = reactor
@@ -266,7 +267,7 @@ class ApiUnload(Resource):
     def render(self, request: Request) -> bytes | int:
         if request.method != b"POST":
             return _method_not_allowed(request, b"POST")
-        name = unquote("/".join(s.decode("utf-8", "replace") for s in request.postpath)).strip("/")
+        name = unquote("/".join(s.decode("utf-8", "replace") for s in request.postpath or [])).strip("/")
         model_id = None
         if name:
             model = self._supervisor.config.resolve(name)
@@ -300,7 +301,7 @@ class ApiLoad(Resource):
     def render(self, request: Request) -> bytes:
         if request.method != b"POST":
             return _method_not_allowed(request, b"POST")
-        name = unquote("/".join(s.decode("utf-8", "replace") for s in request.postpath)).strip("/")
+        name = unquote("/".join(s.decode("utf-8", "replace") for s in request.postpath or [])).strip("/")
         if not name:
             return error_response(request, 400, "name the model to load: POST /api/models/load/<model>")
         model = self._supervisor.config.resolve(name)

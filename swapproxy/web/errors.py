@@ -5,6 +5,8 @@ OpenAI-style JSON error responses.
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 
 from twisted.web.resource import Resource
@@ -27,7 +29,7 @@ _TYPES = {
 }
 
 
-def error_object(status: int, message: str, error_type: str | None = None, code: str | None = None) -> dict:
+def error_object(status: int, message: str, error_type: str | None = None, code: str | None = None) -> dict[str, Any]:
     """
     The ``{"error": {...}}`` object for a status and message, typed as OpenAI types them.
     """

@@ -35,6 +35,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
@@ -75,7 +76,7 @@ class Forward:
     :param trackers: each model's `LoadTracker`, for the loading stream.
     """
 
-    def __init__(self, supervisor: Supervisor, clock: Any, trackers: Mapping[str, LoadTracker]) -> None:
+    def __init__(self, supervisor: Supervisor, clock: IReactorTime, trackers: Mapping[str, LoadTracker]) -> None:
         self.supervisor = supervisor
         self.clock = clock
         self.trackers = trackers
@@ -339,8 +340,9 @@ def _error_message(content: bytes) -> str:
         return text[:500] or "(empty body)"
     if isinstance(payload, dict):
         error = payload.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
+        message = error.get("message") if isinstance(error, dict) else None
+        if isinstance(message, str):
+            return message
         if isinstance(error, str):
             return error
     return text[:500]

@@ -20,6 +20,7 @@ from swapproxy.config import ModelConfig
 from swapproxy.logs import proxy_logger
 from swapproxy.metrics import Metrics, request_meter
 from swapproxy.progress import LoadTracker
+from swapproxy.reactors import IClientReactor
 from swapproxy.supervisor import Supervisor
 from swapproxy.upstream import State
 from swapproxy.web.errors import NotFound, write_error
@@ -31,7 +32,7 @@ from swapproxy.peers import auth_headers
 from swapproxy.web.peer_forward import PeerForward, rewrite_for_peer
 from swapproxy.web.relay import forward_headers
 from swapproxy.web.websocket import is_websocket_upgrade, relay_websocket, websocket_to_model
-from swapproxy.web.render import ClientState, render_async
+from swapproxy.web.render import ClientState, path_segments, render_async, request_body
 from swapproxy.web.sse import ChatEvents, MessagesEvents, PlainEvents
 
 log = proxy_logger("swapproxy.web")
@@ -122,7 +123,7 @@ class ModelRoute(Resource):
     Shared logic of every route that sends a request to a model.
 
     :param supervisor: decides when the request may run.
-    :param clock: drives the loading stream's ticker.
+    :param clock: drives the loading stream's ticker (and connects websockets to the models).
     :param trackers: each model's `LoadTracker`, for the loading stream.
     :param loading_dialect: ``chat`` or ``messages`` on the routes that have a loading stream.
     :param metrics: measures each request (status, durations, tokens), when given.
@@ -136,7 +137,7 @@ class ModelRoute(Resource):
     def __init__(
         self,
         supervisor: Supervisor,
-        clock: Any = None,
+        clock: IClientReactor,
         trackers: Mapping[str, LoadTracker] | None = None,
         loading_dialect: str | None = None,
         metrics: Metrics | None = None,
@@ -239,7 +240,7 @@ class ModelRoute(Resource):
         """
         The route's label in the metrics: the path it is mounted at, as traversed (a fixed set).
         """
-        return "/" + "/".join(s.decode("utf-8", "replace") for s in request.prepath if s)
+        return "/" + "/".join(s.decode("utf-8", "replace") for s in path_segments(request.prepath) if s)
 
     def render(self, request: Request) -> bytes | int:
         if self.metrics is not None:
@@ -275,7 +276,7 @@ class InferenceRoute(ModelRoute):
         if request.method != b"POST":
             request.setHeader(b"allow", b"POST")
             raise BadRequest(405, f"{request.method.decode('ascii', 'replace')} is not allowed here; use POST")
-        body = request.content.read()
+        body = request_body(request)
         boundary = multipart_boundary(request)
         stream = False
         if boundary is not None:
@@ -327,7 +328,7 @@ class UpstreamPassthrough(ModelRoute):
     """
 
     async def handle_request(self, request: Request, client: ClientState) -> None:
-        segments = [unquote(s.decode("utf-8", "replace")) for s in request.postpath]
+        segments = [unquote(s.decode("utf-8", "replace")) for s in path_segments(request.postpath)]
         config = self.supervisor.config
         pins = self.targets.profile.pins()
         for split in range(len(segments), 0, -1):
@@ -350,10 +351,10 @@ class UpstreamPassthrough(ModelRoute):
             raise BadRequest(400, "path segments '.' and '..' are not allowed after /upstream/<model>/")
         # Twisted has decoded each segment once; encode them again so that no decoded "/", "?",
         # "#" or control character can change the path the upstream sees.
-        path = b"/" + b"/".join(quote(s, safe=_SEGMENT_SAFE).encode("ascii") for s in request.postpath[split:])
+        path = b"/" + b"/".join(quote(s, safe=_SEGMENT_SAFE).encode("ascii") for s in path_segments(request.postpath)[split:])
         if query:
             path += b"?" + quote(query, safe=_QUERY_SAFE).encode("ascii")
-        body = request.content.read()
+        body = request_body(request)
         target = self.find(name, selectors=False)
         meter = request_meter(request)
         if meter is not None:

@@ -28,7 +28,7 @@ from swapproxy.web.errors import NotFound
 from swapproxy.web.filters import strip_loading_text
 from swapproxy.web.inference import BadRequest, ModelRoute
 from swapproxy.web.modelchoice import default_model
-from swapproxy.web.render import ClientState
+from swapproxy.web.render import ClientState, request_body
 
 #: llama-server's own endpoints, each forwarded to the same path on the chosen model.
 LLAMA_SERVER_ROUTES = (
@@ -101,7 +101,7 @@ class LlamaServerRoute(ModelRoute):
         return label
 
     async def handle_request(self, request: Request, client: ClientState) -> None:
-        body = request.content.read()
+        body = request_body(request)
         if body:
             body = strip_loading_text(body)
         requested = _body_model(body) or query_value(request, b"model")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.web.server import Request
 
@@ -46,7 +47,7 @@ class LoadingStream:
     :param events: the SSE dialect.
     """
 
-    def __init__(self, request: Request, clock: Any, ticket: Ticket, tracker: LoadTracker, events: Events) -> None:
+    def __init__(self, request: Request, clock: IReactorTime, ticket: Ticket, tracker: LoadTracker, events: Events) -> None:
         self._request = request
         self._clock = clock
         self._ticket = ticket

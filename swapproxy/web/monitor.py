@@ -17,6 +17,7 @@ from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -199,7 +200,7 @@ class EventStream(JSONResource):
         self,
         metrics: Metrics,
         logs: LogHistory,
-        clock: Any,
+        clock: IReactorTime,
         board: ModelBoard,
         activity: ActivityStore,
         supervisor: Supervisor,
@@ -214,7 +215,7 @@ class EventStream(JSONResource):
         self._activity = activity
         self._supervisor = supervisor
 
-    def render_GET(self, request: Request) -> int:
+    def render_GET(self, request: Request) -> bytes | int:
         logs = request.args.get(b"logs", [b""])[0] if query_has(request, b"logs") else None
         if logs not in (None, b"", b"models"):
             return error_response(request, 400, "logs: use ?logs (proxy and upstream) or ?logs=models")

@@ -16,6 +16,7 @@ from swapproxy.config import Config
 from swapproxy.targets import ActiveProfile
 from swapproxy.web.api import JSONResource, write_json
 from swapproxy.web.errors import NotFound, error_response
+from swapproxy.web.render import request_body
 
 
 class Profiles(JSONResource):
@@ -57,7 +58,7 @@ class ActiveProfileResource(JSONResource):
 
     def render_PUT(self, request: Request) -> bytes:
         try:
-            body = json.loads(request.content.read() or b"null")
+            body = json.loads(request_body(request) or b"null")
         except (ValueError, UnicodeDecodeError, RecursionError):
             return error_response(request, 400, 'the body must be JSON: {"name": "<profile>"} or {"name": null}')
         if not isinstance(body, dict) or "name" not in body:

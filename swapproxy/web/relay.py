@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.server import Request
 
+from swapproxy.reactors import IStreamConnection
 from swapproxy.upstream import Upstream
 from swapproxy.web.render import ClientState
 
@@ -47,7 +48,7 @@ _NOT_FORWARDED = HOP_BY_HOP | {b"content-length", b"host", b"accept-encoding"}
 
 
 def _connection_tokens(headers: Headers) -> set[bytes]:
-    tokens = set()
+    tokens: set[bytes] = set()
     for value in headers.getRawHeaders(b"connection", []):
         tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return tokens
@@ -96,6 +97,8 @@ class BodyRelay(Protocol):
         it short (a value, not a failure: a Deferred cannot carry a `Failure` as its result).
         Cancelling it closes the upstream connection.
     """
+
+    transport: IStreamConnection
 
     def __init__(
         self,
@@ -147,7 +150,7 @@ class BodyRelay(Protocol):
         if data and not self._client.gone:
             self._request.write(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self._client.gone and self._request.producer is not None:
             self._request.unregisterProducer()
         if not self.done.called:

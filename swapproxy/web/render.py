@@ -65,3 +65,17 @@ def render_async(request: Request, handler: Callable[[ClientState], Coroutine[An
     request.notifyFinish().addErrback(client_left)
     work.addCallbacks(done, failed)
     return NOT_DONE_YET
+
+
+def request_body(request: Request) -> bytes:
+    """
+    The request's body as received (Twisted has it in a file once the request is complete).
+    """
+    return request.content.read() if request.content is not None else b""
+
+
+def path_segments(path: list[bytes] | None) -> list[bytes]:
+    """
+    ``request.prepath`` or ``request.postpath``, which Twisted types as possibly missing.
+    """
+    return path or []

@@ -16,6 +16,7 @@ from swapproxy.logbuffer import LogHistory
 from swapproxy.metrics import Metrics
 from swapproxy.peers import PeerSet
 from swapproxy.progress import LoadHistory, LoadTracker
+from swapproxy.reactors import ISwapproxyReactor
 from swapproxy.store import ActivityStore
 from swapproxy.supervisor import Supervisor
 from swapproxy.targets import Targets, state_of
@@ -24,7 +25,7 @@ from swapproxy.web.auth import ApiKeys, Unauthorized
 from swapproxy.web.cors import CorsPolicy, Preflight
 from swapproxy.web.dashboard import Dashboard, Redirect
 from swapproxy.web.errors import NotFound
-from swapproxy.web.inference import InferenceRoute, UpstreamPassthrough
+from swapproxy.web.inference import InferenceRoute, ModelRoute, UpstreamPassthrough
 from swapproxy.web.llamacpp import LLAMA_SERVER_ROUTES, LlamaServerRoute
 from swapproxy.web.monitor import ActivityPage, EventStream, LogFollow, LogPage, MetricsPage, TokenMetrics
 from swapproxy.web.peer_forward import PeerForward
@@ -97,7 +98,8 @@ class Root(Directory):
         self.cors.apply(request)
         if self.api_keys is not None and not self.api_keys.admit(request, path):
             return Unauthorized()
-        return super().getChildWithDefault(path, request)
+        child: Resource = super().getChildWithDefault(path, request)
+        return child
 
     def render(self, request: Request) -> bytes:
         if request.method == b"OPTIONS":
@@ -130,7 +132,7 @@ LOADING_DIALECTS = {"/v1/chat/completions": "chat", "/chat/completions": "chat",
 
 def build_root(
     supervisor: Supervisor,
-    reactor: Any,
+    reactor: ISwapproxyReactor,
     history: LoadHistory | None = None,
     *,
     logs: LogHistory | None = None,
@@ -168,7 +170,7 @@ def build_root(
     peer_forward = PeerForward(peers)
     root = Root(ApiKeys(lambda: supervisor.config.api_keys), CorsPolicy(lambda: supervisor.config.cors))
     for path in INFERENCE_ROUTES:
-        route = InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path), metrics, targets, peer_forward)
+        route: ModelRoute = InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path), metrics, targets, peer_forward)
         mount(root, path, route)
     for path in LLAMA_SERVER_ROUTES:
         unnamed = props_for_swapproxy(supervisor) if path == "/props" else None
@@ -202,7 +204,7 @@ def build_root(
 
 def build_site(
     supervisor: Supervisor,
-    reactor: Any,
+    reactor: ISwapproxyReactor,
     history: LoadHistory | None = None,
     *,
     logs: LogHistory | None = None,

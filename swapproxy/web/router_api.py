@@ -31,6 +31,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -47,7 +48,7 @@ from swapproxy.upstream import StartError, State
 from swapproxy.web.api import JSONResource
 from swapproxy.web.errors import NotFound
 from swapproxy.web.live import LiveWriter, dropped_event_marker
-from swapproxy.web.render import ClientState, render_async
+from swapproxy.web.render import ClientState, render_async, request_body
 from swapproxy.web.sse import SSE_HEADERS, comment
 
 log = proxy_logger("swapproxy.router_api")
@@ -133,7 +134,8 @@ class RouterStatus:
     :param peers: the peers, whose models are listed.
     """
 
-    def __init__(self, board: ModelBoard, supervisor: Supervisor, clock: Any, peers: PeerSet | None = None) -> None:
+    def __init__(self, board: ModelBoard, supervisor: Supervisor, clock: IReactorTime,
+                 peers: PeerSet | None = None) -> None:
         self._board = board
         self._supervisor = supervisor
         self._clock = clock
@@ -183,7 +185,7 @@ class RouterStatus:
                 record["description"] = entry["description"].strip()
             data.append(record)
         for entry in self._peers.entries() if self._peers is not None else []:
-            status = {"value": _PEER_VALUES.get(entry["status"], "unloaded"), "args": []}
+            status: dict[str, Any] = {"value": _PEER_VALUES.get(entry["status"], "unloaded"), "args": []}
             if status["value"] == "loading":
                 status["progress"] = _progress(entry)
             data.append({
@@ -274,7 +276,7 @@ def _model_named(request: Request, supervisor: Supervisor) -> tuple[str, ModelCo
 
     :raises ValueError: the body is not a JSON object naming a model; the message says why.
     """
-    body = request.content.read()
+    body = request_body(request)
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -291,7 +293,7 @@ class RouterModels(JSONResource):
     ignored: swapproxy reloads its config on SIGHUP or with ``--watch-config``).
     """
 
-    def __init__(self, status: RouterStatus, clock: Any) -> None:
+    def __init__(self, status: RouterStatus, clock: IReactorTime) -> None:
         super().__init__()
         self._status = status
         self._clock = clock
@@ -399,7 +401,7 @@ class RouterEvents(JSONResource):
 
     isLeaf = True
 
-    def __init__(self, status: RouterStatus, clock: Any) -> None:
+    def __init__(self, status: RouterStatus, clock: IReactorTime) -> None:
         super().__init__()
         self._status = status
         self._clock = clock

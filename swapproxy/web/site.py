@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet.interfaces import IAddress, IDelayedCall, ISSLTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ISSLTransport
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.resource import IResource
@@ -33,6 +33,8 @@ from twisted.web.server import Request, Site
 from swapproxy.config import Limits
 from swapproxy.logs import proxy_logger
 from swapproxy.metrics import IRequestMeter
+from swapproxy.reactors import IStreamConnection
+from swapproxy.twistedinternals import handling_request, skip_form_parsing, unregister_channel
 from swapproxy.web.errors import error_object
 
 log = proxy_logger("swapproxy.web")
@@ -84,7 +86,7 @@ class _Linger:
     client still sends, and abort after `LINGER_SECONDS` if the client has not closed by then.
     """
 
-    def __init__(self, transport: Any, clock: Any) -> None:
+    def __init__(self, transport: IStreamConnection, clock: IReactorTime) -> None:
         self._transport = transport
         self._call: IDelayedCall | None = clock.callLater(LINGER_SECONDS, self._abort)
         # Over TLS a half-close would skip the TLS close: close the whole connection instead.
@@ -114,7 +116,7 @@ class LimitedRequest(Request):
         self._body_bytes = 0
 
     def handleContentChunk(self, data: bytes) -> None:
-        channel = self.channel
+        channel = cast("LimitedChannel | None", self.channel)
         if channel is None or channel.refused:
             return
         self._body_bytes += len(data)
@@ -128,7 +130,7 @@ class LimitedRequest(Request):
         # of a proxied JSON request. Form bodies still get it.
         content_type = self.requestHeaders.getRawHeaders(b"content-type", [b""])[0]
         if content_type.split(b";", 1)[0].strip().lower() not in _FORM_TYPES:
-            self._parsePOSTFormSubmission = False
+            skip_form_parsing(self)
         try:
             super().requestReceived(command, path, version)
         except Exception as e:
@@ -136,7 +138,7 @@ class LimitedRequest(Request):
             # package), which raises for some Content-Type values instead of reporting them.
             if self.startedWriting or self.channel is None:
                 raise
-            self.channel.refuse(400, f"cannot parse the form body or its Content-Type: {e}")
+            cast(LimitedChannel, self.channel).refuse(400, f"cannot parse the form body or its Content-Type: {e}")
 
 
 class LimitedChannel(HTTPChannel):
@@ -146,6 +148,8 @@ class LimitedChannel(HTTPChannel):
     :ivar refused: whether the connection has been answered with an error and is being closed;
         nothing it sends from then on is read.
     """
+
+    transport: IStreamConnection
 
     site: SwapproxySite
     refused = False
@@ -167,7 +171,7 @@ class LimitedChannel(HTTPChannel):
             # algorithm. Once per connection: a system call per request adds up.
             set_no_delay(True)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
         if self._linger is not None:
             self._linger.cancel()
@@ -180,7 +184,7 @@ class LimitedChannel(HTTPChannel):
         if self.refused:
             return
         timeout = self.limits.request_timeout
-        if timeout and self._deadline is None and not self._handlingRequest:
+        if timeout and self._deadline is None and not handling_request(self):
             # The first byte of a request: all of it must arrive in time.
             self._deadline = self.callLater(timeout, self._too_slow)
         super().dataReceived(data)
@@ -277,7 +281,7 @@ class LimitedChannel(HTTPChannel):
             # A response is already on its way: the only honest signal left is a cut.
             self.transport.abortConnection()
             return
-        self._networkProducer.unregisterProducer()
+        unregister_channel(self)
         self.transport.write(error_head(status, message))
         self._linger = _Linger(self.transport, self.site.reactor)
 
@@ -286,6 +290,8 @@ class Refusal(Protocol):
     """
     A connection over ``limits.maxConnections``: answered 503 and closed, its request unread.
     """
+
+    transport: IStreamConnection
 
     def __init__(self, site: SwapproxySite, limit: int) -> None:
         self._site = site
@@ -306,7 +312,7 @@ class Refusal(Protocol):
     def dataReceived(self, data: bytes) -> None:
         pass
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._linger is not None:
             self._linger.cancel()
         self._site.refusal_closed(self)
@@ -318,7 +324,7 @@ class _Drop(Protocol):
     """
 
     def connectionMade(self) -> None:
-        self.transport.abortConnection()
+        cast(IStreamConnection, self.transport).abortConnection()
 
 
 class SwapproxySite(Site):
@@ -338,7 +344,7 @@ class SwapproxySite(Site):
     requestFactory = LimitedRequest
     displayTracebacks = False
 
-    def __init__(self, resource: IResource, limits: Limits | Callable[[], Limits], reactor: Any) -> None:
+    def __init__(self, resource: IResource, limits: Limits | Callable[[], Limits], reactor: IReactorTime) -> None:
         super().__init__(resource, reactor=reactor)
         self._limits = limits if callable(limits) else (lambda: limits)
         self.connections: set[LimitedChannel] = set()
@@ -348,7 +354,7 @@ class SwapproxySite(Site):
     def limits(self) -> Limits:
         return self._limits()
 
-    @property  # type: ignore[override]
+    @property
     def timeOut(self) -> float | None:
         # What HTTPFactory.buildProtocol gives each channel as its idle timeout.
         return self.limits.idle_timeout or None
@@ -357,7 +363,7 @@ class SwapproxySite(Site):
     def timeOut(self, value: float | None) -> None:
         pass  # HTTPFactory.__init__ sets its default; the limits decide.
 
-    def buildProtocol(self, addr: IAddress) -> Any:
+    def buildProtocol(self, addr: IAddress | None) -> Any:
         limit = self.limits.max_connections
         if limit and len(self.connections) >= limit:
             if len(self.refusals) >= limit:

@@ -164,7 +164,7 @@ class MessagesEvents(PlainEvents):
 
     def opening(self) -> bytes:
         self._started = True
-        message = {
+        message: dict[str, Any] = {
             "id": "msg_swapproxy_" + secrets.token_hex(12),
             "type": "message",
             "role": "assistant",

@@ -14,21 +14,23 @@ it does neither: a model that is not ready is answered 409, and a ready one is n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 from swapproxy.config import ModelConfig
 from swapproxy.logs import proxy_logger
+from swapproxy.reactors import IClientReactor, IStreamConnection
 from swapproxy.relayclient import MAX_HEAD
 from swapproxy.supervisor import Rejected, Supervisor
+from swapproxy.twistedinternals import hand_over
 from swapproxy.upstream import StartError, State
 from swapproxy.web.errors import write_error
 from swapproxy.web.render import ClientState
@@ -71,6 +73,8 @@ class _UpstreamSide(Protocol):
     The connection to the model: first its answer's head, then websocket bytes for the client.
     """
 
+    transport: IStreamConnection
+
     def __init__(self) -> None:
         self.head: Deferred[tuple[int, bytes]] = Deferred(lambda _: self.transport.abortConnection())
         self.closed: Deferred[None] = Deferred()
@@ -104,7 +108,7 @@ class _UpstreamSide(Protocol):
             client_transport.write(self._buffer)
             self._buffer = b""
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.head.called:
             self.head.errback(ConnectionError("the connection closed before an answer"))
         if self.peer is not None:
@@ -119,6 +123,8 @@ class _ClientSide(Protocol):
     channel it was is told, so that swapproxy's own bookkeeping of the connection ends too.
     """
 
+    transport: IStreamConnection
+
     def __init__(self, upstream: Any, channel_lost: Any) -> None:
         self._upstream = upstream
         self._channel_lost = channel_lost
@@ -126,12 +132,12 @@ class _ClientSide(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._upstream.write(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._upstream.loseConnection()
         self._channel_lost(reason)
 
 
-def _endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+def _endpoint(reactor: IClientReactor, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
     if isIPAddress(host):
         return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
     if isIPv6Address(host):
@@ -142,7 +148,7 @@ def _endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClie
 async def relay_websocket(
     request: Request,
     client: ClientState,
-    reactor: Any,
+    reactor: IClientReactor,
     base: str,
     path: bytes,
     headers: Headers,
@@ -200,13 +206,13 @@ def _take_over(request: Request, client: ClientState, upstream: _UpstreamSide, h
     Give the client's connection to the websocket: the model's 101 answer, then bytes both ways.
     """
     channel = request.channel
-    transport = channel.transport
+    transport = cast(IStreamConnection, channel.transport)
     # The answer is the model's 101, not swapproxy's: the request must never finish on its own.
     client.gone = True
     channel.setTimeout(None)
     channel_lost = channel.connectionLost
     # Twisted's own websocket support takes a connection over the same way.
-    channel._protocolUpgradeForWebsockets(_ClientSide(upstream.transport, channel_lost))
+    hand_over(channel, _ClientSide(upstream.transport, channel_lost))
     transport.unregisterProducer()
     transport.write(head)
     upstream.splice(transport)
@@ -217,7 +223,7 @@ def _take_over(request: Request, client: ClientState, upstream: _UpstreamSide, h
 
 
 async def websocket_to_model(
-    supervisor: Supervisor, reactor: Any, request: Request, client: ClientState, model: ModelConfig,
+    supervisor: Supervisor, reactor: IClientReactor, request: Request, client: ClientState, model: ModelConfig,
     path: bytes, headers: Headers,
 ) -> None:
     """

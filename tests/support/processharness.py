@@ -185,7 +185,7 @@ class ProcessHarness:
         self.config = parse_config(config, "test.yaml", {})
 
         def factory(model: Any) -> Upstream:
-            return Upstream(model, self.reactor, self.config.health_check_timeout,
+            return Upstream(model, self.reactor,
                             environ={"PATH": os.environ.get("PATH", os.defpath)}, health_probe=self._probe)
 
         self.supervisor = Supervisor(self.config, self.reactor, upstream_factory=factory)
