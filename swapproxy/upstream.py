@@ -3,7 +3,7 @@
 One upstream: the child process that serves one model, its state and its health.
 
 An `Upstream` starts its model's ``cmd`` as a `swapproxy.child.ChildProcess` (in a session of its
-own, so that a stop reaches every process the model started), polls its ``checkEndpoint`` until it
+own, so that a stop reaches every process the model started), polls its ``checkEndpoint`` (`swapproxy.probes`) until it
 answers 200, and stops it with ``cmdStop`` or SIGTERM to the whole process group, then SIGKILL
 after a grace period. Requests that arrive while it starts share the same start; each waiter holds
 its own Deferred, so one waiter that gives up never cancels the start for the others. Requests go
@@ -11,7 +11,7 @@ to the model through the client of `swapproxy.httpclient`, made for each start.
 
 A ready model that stops answering is *unhealthy*: its requests in flight go silent
 (`swapproxy.stall`), or its health check, repeated every ``healthCheckInterval`` while it is
-ready, fails `HEALTH_CHECK_FAILURES` times in a row. Its requests in flight are then failed, and
+ready, fails `swapproxy.probes.HEALTH_CHECK_FAILURES` times in a row. Its requests in flight are then failed, and
 it is stopped like any other (SIGTERM, SIGKILL after ``unloadTimeout``: a frozen process dies only
 to SIGKILL); requests that wait for it start it again.
 """
@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import enum
 import os
-import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import attrs
 from treq.client import HTTPClient
-from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
@@ -39,49 +36,17 @@ from swapproxy.config import ModelConfig
 from swapproxy.httpclient import BytesProducer, make_http_client
 from swapproxy.httpclient import body_producer as _body_producer
 from swapproxy.logs import ModelOutput, proxy_logger
+from swapproxy.probes import HealthProbes, probe_echo
 from swapproxy.reactors import IUpstreamReactor
 from swapproxy.stall import Stalled, StallWatch
 
 __all__ = [
-    "ERROR_TAIL_LINES", "FIRST_PROBE_DELAY", "HEALTH_CHECK_FAILURES", "MAX_PROBE_DELAY", "MIN_PROBE_INTERVAL",
-    "OUTPUT_PROBE_BURST", "OUTPUT_PROBE_WINDOW", "READY_CHECK_RETRY", "READY_CHECK_TIMEOUT",
-    "READY_OUTPUT_INTERVAL", "BytesProducer", "StartError", "StartStep", "State", "Upstream", "_body_producer",
-    "make_http_client", "needs_restart", "probe_echo",
+    "ERROR_TAIL_LINES", "READY_OUTPUT_INTERVAL", "BytesProducer", "StartError", "StartStep", "State", "Upstream",
+    "_body_producer", "make_http_client", "needs_restart",
 ]
 
-#: First delay between health probes, and the most it backs off to.
-FIRST_PROBE_DELAY = 0.02
-MAX_PROBE_DELAY = 0.25
-#: A line the child prints brings the next probe forward, to this long after the previous probe
-#: at the soonest: a swap waits about this long for a llama-server that printed "model loaded"
-#: just after a probe.
-MIN_PROBE_INTERVAL = 0.005
-#: Output brings a probe forward at most this many times per window: a child that prints without
-#: pause is probed at most 40 times a second on top of the backoff (a probe costs about half a
-#: millisecond of CPU), while the few lines a server prints as it becomes ready are each followed
-#: by a probe within MIN_PROBE_INTERVAL.
-OUTPUT_PROBE_BURST = 4
-OUTPUT_PROBE_WINDOW = 0.1
 #: How many of the child's last output lines a start error quotes.
 ERROR_TAIL_LINES = 5
-#: While a model is ready: how many health checks in a row must fail for it to be unhealthy,
-#: the most a check may take, and how soon a failed check is repeated. A frozen model is found
-#: within about healthCheckInterval + 3 x 5 s + 2 x 1 s.
-HEALTH_CHECK_FAILURES = 3
-READY_CHECK_TIMEOUT = 5.0
-READY_CHECK_RETRY = 1.0
-
-
-def probe_echo(check_endpoint: str) -> re.Pattern[str]:
-    """
-    What a server's log line about one of our health probes looks like: a GET of the health path
-    (``GET /health 127.0.0.1 503``, ``"GET /health HTTP/1.1" 503``, ``GET "/health"``).
-
-    Such a line is no sign that anything changed: it must not bring on another probe (each probe
-    would print a line that asks for the next one) nor count as a sign of life.
-    """
-    path = check_endpoint.split("?", 1)[0]
-    return re.compile(r"\bGET\s+[\"']?" + re.escape(path) + r"(?=[\s\"'?]|$)")
 
 
 def needs_restart(old: ModelConfig, new: ModelConfig) -> bool:
@@ -156,15 +121,6 @@ class StartError(Exception):
         super().__init__(message)
 
 
-def _timed_out(result: object, timeout: float) -> Failure:
-    """
-    The result of a health check its timeout cut off, however the cancelled probe ended: an HTTP
-    client fails with ``ResponseNeverReceived``, not with the ``CancelledError`` that
-    ``addTimeout`` would turn into a `defer.TimeoutError` by itself.
-    """
-    return Failure(defer.TimeoutError(f"no answer within {timeout:g}s"))
-
-
 class Upstream:
     """
     One model's child process: start, health, stop.
@@ -206,18 +162,15 @@ class Upstream:
         self._start_waiters: list[Deferred[None]] = []
         self._stop_waiters: list[Deferred[None]] = []
         self._generation = 0
-        self._probe_call: IDelayedCall | None = None
-        #: The health probe that is out, if any.
-        self._probe_request: Deferred[int] | None = None
-        self._probe_delay = FIRST_PROBE_DELAY
-        self._last_probe_at = 0.0
-        #: Whether the scheduled probe was brought forward by output, and when the last such
-        #: probes went out (at most OUTPUT_PROBE_BURST are remembered).
-        self._probe_call_hastened = False
-        self._hastened_at: deque[float] = deque(maxlen=OUTPUT_PROBE_BURST)
-        #: When the child last printed a line that may mean it is ready (not a probe's echo).
-        self._hint_at: float | None = None
         self._probe_echo = probe_echo(model.check_endpoint or "/health")
+        self.probes = HealthProbes(
+            reactor,
+            lambda: self.model,
+            lambda: self._health_probe(self),
+            self._health_answered,
+            self._became_ready,
+            lambda what: self.mark_unhealthy(what, "health_check"),
+        )
         self._timeout_call: IDelayedCall | None = None
         self._end_state = State.STOPPED
         self.recent_lines: deque[str] = deque(maxlen=50)
@@ -253,7 +206,6 @@ class Upstream:
         #: Called with ``(upstream, cause, what happened)`` when the model is found unhealthy;
         #: ``cause`` is ``stream_idle`` or ``health_check``.
         self.hang_observers: list[Callable[[Upstream, str, str], None]] = []
-        self._failed_checks = 0
         #: The requests in flight on this model, watched for silence.
         self.exchanges = StallWatch(
             model.id,
@@ -353,7 +305,7 @@ class Upstream:
         self.model = model
         if self._timeout_call is not None:
             self._arm_start_deadline()
-        self._schedule_check(model.hang_limits.health_check_interval)
+        self.probes.reconfigured()
 
     @property
     def running(self) -> bool:
@@ -468,41 +420,8 @@ class Upstream:
         if self.model.check_endpoint is None:
             self._became_ready()
             return
-        self._probe_delay = FIRST_PROBE_DELAY
-        self._hastened_at.clear()
-        self._hint_at = None
-        self._schedule_probe(FIRST_PROBE_DELAY)
+        self.probes.begin_start()
         self._arm_start_deadline()
-
-    def _schedule_probe(self, delay: float, hastened: bool = False) -> None:
-        if self._probe_call is not None and self._probe_call.active():
-            if self._probe_call.getTime() <= self._reactor.seconds() + delay:
-                return
-            self._probe_call.cancel()
-        self._probe_call = self._reactor.callLater(delay, self._probe)
-        self._probe_call_hastened = hastened
-
-    def _hasten_probe(self) -> None:
-        """
-        Probe soon: the child printed something that may mean it is ready. As soon as
-        MIN_PROBE_INTERVAL has passed since the last probe, unless output already brought
-        OUTPUT_PROBE_BURST probes forward within OUTPUT_PROBE_WINDOW.
-        """
-        at = self._last_probe_at + MIN_PROBE_INTERVAL
-        if len(self._hastened_at) == self._hastened_at.maxlen:
-            at = max(at, self._hastened_at[0] + OUTPUT_PROBE_WINDOW)
-        self._schedule_probe(max(0.0, at - self._reactor.seconds()), hastened=True)
-
-    def _probe(self) -> None:
-        self._probe_call = None
-        if self.state is not State.STARTING or self._probe_request is not None or self.healthy_at is not None:
-            return
-        self._last_probe_at = self._reactor.seconds()
-        if self._probe_call_hastened:
-            self._hastened_at.append(self._last_probe_at)
-        generation = self._generation
-        request = self._probe_request = self._health_probe(self)
-        request.addBoth(self._probe_done, generation, request)
 
     async def _http_probe(self) -> int:
         assert self.client is not None and self.model.check_endpoint is not None
@@ -515,31 +434,11 @@ class Upstream:
         await response.content()
         return int(response.code)
 
-    def _probe_done(self, result: int | Failure, generation: int, request: Deferred[int]) -> None:
-        if request is not self._probe_request:
-            return  # abandoned by _cancel_timers
-        self._probe_request = None
-        if generation != self._generation or self.state is not State.STARTING:
-            return
-        if result == 200:
-            self.health_status = "ok"
-            self._became_ready()
-            return
-        previous = self.health_status
-        if isinstance(result, Failure):
-            self.health_status = "refused"
-        elif result == 503:
-            self.health_status = "loading"
-        else:
-            self.health_status = f"HTTP {result}"
-        if previous and previous != self.health_status:
+    def _health_answered(self, answer: str) -> None:
+        previous, self.health_status = self.health_status, answer
+        if answer != "ok" and previous and previous != answer:
             # The first answer is where the server starts from; a new one is progress.
             self.last_sign_of_life = self._reactor.seconds()
-        self._probe_delay = min(self._probe_delay * 2, MAX_PROBE_DELAY)
-        self._schedule_probe(self._probe_delay)
-        if self._hint_at is not None and self._hint_at > self._last_probe_at:
-            # The child printed while this probe was out: it may be ready by now.
-            self._hasten_probe()
 
     def _became_ready(self) -> None:
         self._cancel_timers()
@@ -567,57 +466,10 @@ class Upstream:
             seconds=self.ready_at - self.started_at,
         )
         self._set_state(State.READY)
-        self._failed_checks = 0
-        self._schedule_check(self.model.hang_limits.health_check_interval)
+        self.probes.watch_ready()
         waiters, self._start_waiters = self._start_waiters, []
         for waiter in waiters:
             waiter.callback(None)
-
-    # -- health while ready -------------------------------------------------------------------
-
-    def _schedule_check(self, delay: float) -> None:
-        interval = self.model.hang_limits.health_check_interval
-        if interval <= 0 or self.model.check_endpoint is None or self.state is not State.READY:
-            return
-        if self._probe_call is None or not self._probe_call.active():
-            self._probe_call = self._reactor.callLater(min(delay, interval), self._check)
-
-    def _check(self) -> None:
-        """
-        One health check of the ready model; it may take `READY_CHECK_TIMEOUT` at most.
-        """
-        self._probe_call = None
-        if self.state is not State.READY or self._probe_request is not None:
-            return
-        timeout = min(READY_CHECK_TIMEOUT, self.model.hang_limits.health_check_interval)
-        request = self._probe_request = self._health_probe(self)
-        request.addTimeout(timeout, self._reactor, onTimeoutCancel=_timed_out)
-        request.addBoth(self._checked, self._generation, request, timeout)
-
-    def _checked(self, result: int | Failure, generation: int, request: Deferred[int], timeout: float) -> None:
-        if request is not self._probe_request:
-            return  # abandoned by _cancel_timers
-        self._probe_request = None
-        if generation != self._generation or self.state is not State.READY:
-            return
-        if result == 200:
-            self._failed_checks = 0
-            self._schedule_check(self.model.hang_limits.health_check_interval)
-            return
-        self._failed_checks += 1
-        if self._failed_checks < HEALTH_CHECK_FAILURES:
-            self._schedule_check(READY_CHECK_RETRY)
-            return
-        if isinstance(result, Failure):
-            timed_out = result.check(TimeoutError, defer.TimeoutError)
-            answer = f"no answer within {timeout:g}s" if timed_out else result.getErrorMessage()
-        else:
-            answer = f"HTTP {result}"
-        self.mark_unhealthy(
-            f"its health check ({self.model.check_endpoint}) failed {self._failed_checks} times in a row "
-            f"(last: {answer})",
-            "health_check",
-        )
 
     def _start_deadlines(self) -> tuple[float, float]:
         """
@@ -675,15 +527,10 @@ class Upstream:
             waiter.errback(error)
 
     def _cancel_timers(self) -> None:
-        for call in (self._probe_call, self._timeout_call):
-            if call is not None and call.active():
-                call.cancel()
-        self._probe_call = self._timeout_call = None
-        # A probe still out when the start ends (the child exited, or the start was given up)
-        # would otherwise keep connecting to a dead port after the model stopped.
-        request, self._probe_request = self._probe_request, None
-        if request is not None:
-            request.cancel()
+        if self._timeout_call is not None and self._timeout_call.active():
+            self._timeout_call.cancel()
+        self._timeout_call = None
+        self.probes.stop()
 
     def _tail(self) -> tuple[str, ...]:
         lines = [line for line in self.recent_lines if line.strip()]
@@ -717,11 +564,9 @@ class Upstream:
         echo = self._probe_echo.search
         if all(echo(line) for line in lines):
             return  # the server logging our own probes: nothing new
-        # A child that prints is doing something; it may just have become ready (llama-server
-        # prints "model loaded" as it does). A probe in flight looks again when it is done.
-        self._hint_at = self.last_sign_of_life = self._reactor.seconds()
-        if self._probe_request is None:
-            self._hasten_probe()
+        # A child that prints is doing something; it may just have become ready.
+        self.last_sign_of_life = self._reactor.seconds()
+        self.probes.output()
 
     # -- stop ---------------------------------------------------------------------------------
 

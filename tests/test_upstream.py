@@ -27,11 +27,8 @@ from twisted.web.client import ResponseNeverReceived
 
 from swapproxy.config import ModelConfig, parse_config
 from swapproxy.testing.local import FAKE_UPSTREAM, free_port
+from swapproxy.probes import MAX_PROBE_DELAY, MIN_PROBE_INTERVAL, OUTPUT_PROBE_BURST, OUTPUT_PROBE_WINDOW, probe_echo
 from swapproxy.upstream import (
-    MAX_PROBE_DELAY,
-    MIN_PROBE_INTERVAL,
-    OUTPUT_PROBE_BURST,
-    OUTPUT_PROBE_WINDOW,
     READY_OUTPUT_INTERVAL,
     StartError,
     StartStep,
@@ -39,7 +36,6 @@ from swapproxy.upstream import (
     Upstream,
     make_http_client,
     needs_restart,
-    probe_echo,
 )
 from tests.support.processes import alive, process_pipes_open, wait_until
 from tests.support.reactors import PausableProcess, ProcessReactor
