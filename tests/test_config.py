@@ -27,6 +27,7 @@ from swapproxy.config import (
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "etc", "config.example.yaml")
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
 def parse(text: str, environ: dict[str, str] | None = None) -> Config:
@@ -921,6 +922,23 @@ class ExampleTests(SynchronousTestCase):
         self.assertEqual(config.resolve("gpt-4o-mini"), config.models["qwen"])
         self.assertEqual(config.preload, ("tiny",))
         self.assertEqual(config.slot_cache, SlotCacheConfig())
+
+    def test_readme_tour_config(self) -> None:
+        """
+        The config of the README's tour gives llama-server only the arguments written in it: a
+        user who copies it gets models that start (a "# ..." after an argument in a cmd block is
+        not a YAML comment, it would reach llama-server as arguments and stop it).
+        """
+        with open(README, encoding="utf-8") as f:
+            first_block = f.read().split("```yaml\n", 1)[1].split("```", 1)[0]
+        config = parse_config(first_block, "README.md", {})
+        server = ["/usr/local/bin/llama-server", "--host", "127.0.0.1", "--port"]
+        self.assertEqual(list(config.models["gemma"].cmd),
+                         server + ["5800", "-ngl", "99", "-m", "/models/gemma-3-12b-q4_k_m.gguf",
+                                   "--ctx-size", "8192"])
+        self.assertEqual(list(config.models["qwen"].cmd),
+                         server + ["5801", "-ngl", "99", "-m", "/models/qwen3-8b-q4_k_m.gguf",
+                                   "-c", "16384"])
 
 
 yaml_keys = st.sampled_from([
