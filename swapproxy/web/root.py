@@ -56,6 +56,11 @@ INFERENCE_ROUTES = (
     "/v1/responses",
     "/completion",
     "/infill",
+    # image servers (stable-diffusion.cpp's sd-server), as llama-swap forwards them
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/sdapi/v1/txt2img",
+    "/sdapi/v1/img2img",
     # llama-server's aliases of the routes above
     "/chat/completions",
     "/completions",
@@ -64,6 +69,10 @@ INFERENCE_ROUTES = (
     "/embedding",
     "/audio/transcriptions",
 )
+
+#: Routes that llama-swap forwards to the model named in the body or, for a GET, in ``?model=``,
+#: as llama-server's own endpoints are.
+MODEL_QUERY_ROUTES = ("/v1/audio/voices", "/sdapi/v1/loras")
 
 class Directory(Resource):
     """
@@ -172,7 +181,7 @@ def build_root(
     for path in INFERENCE_ROUTES:
         route: ModelRoute = InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path), metrics, targets, peer_forward)
         mount(root, path, route)
-    for path in LLAMA_SERVER_ROUTES:
+    for path in LLAMA_SERVER_ROUTES + MODEL_QUERY_ROUTES:
         unnamed = props_for_swapproxy(supervisor) if path == "/props" else None
         route = LlamaServerRoute(supervisor, reactor, trackers, metrics=metrics, numbered=path == "/slots",
                                  unnamed=unnamed)
