@@ -24,6 +24,7 @@ import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 from treq.client import HTTPClient
@@ -34,7 +35,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 
-from swapproxy.child import READY_OUTPUT_INTERVAL, ChildProcess, describe_exit, find_executable
+from swapproxy.child import READY_OUTPUT_INTERVAL, ChildProcess, describe_exit, find_executable, port_in_use
 from swapproxy.config import ModelConfig
 from swapproxy.httpclient import BytesProducer, make_http_client
 from swapproxy.httpclient import body_producer as _body_producer
@@ -175,7 +176,9 @@ class Upstream:
     :param environ: the environment the child inherits (``os.environ`` by default);
         the model's ``env`` entries are added to it.
     :param health_probe: asks the child's health endpoint once and returns the HTTP status
-        (or fails when it cannot connect); an HTTP GET of ``checkEndpoint`` by default.
+        (or fails when it cannot connect); an HTTP GET of ``checkEndpoint`` by default. With
+        that default, a start first makes sure that no other program listens on the loopback
+        port ``${PORT}`` gave the model, which would answer the probe and the requests.
     """
 
     def __init__(
@@ -248,6 +251,7 @@ class Upstream:
         #: that returns a JSON value.
         self.reports: dict[str, Callable[[], Any]] = {}
         self._health_probe = health_probe or (lambda upstream: Deferred.fromCoroutine(upstream._http_probe()))
+        self._check_port = health_probe is None
         #: Why the model was found unhealthy, while it is.
         self.unhealthy_reason: str | None = None
         #: Called with ``(upstream, cause, what happened)`` when the model is found unhealthy;
@@ -426,6 +430,15 @@ class Upstream:
                 StartError(self.model.id, f"executable {argv[0]!r} not found (cmd: {' '.join(argv)})")
             )
             return
+        taken = self._port_taken()
+        if taken is not None:
+            self._set_state(State.FAILED)
+            self._fail_start_waiters(StartError(
+                self.model.id,
+                f"port {taken} is already in use by another program, which would answer in this model's"
+                " place (another llama-swap or swapproxy with the same startPort?); stop it, or set"
+                " startPort to a free range"))
+            return
         self._generation += 1
         self.last_error = None
         self.unhealthy_reason = None
@@ -473,6 +486,18 @@ class Upstream:
         self._hint_at = None
         self._schedule_probe(FIRST_PROBE_DELAY)
         self._arm_start_deadline()
+
+    def _port_taken(self) -> int | None:
+        """
+        The loopback port that ``${PORT}`` gave the model, if another program listens on it.
+        """
+        url = urlsplit(self.model.proxy)
+        if not self._check_port or self.model.port is None or url.port != self.model.port:
+            return None
+        host = {"localhost": "127.0.0.1", "127.0.0.1": "127.0.0.1", "::1": "::1"}.get(url.hostname or "")
+        if host is None or not port_in_use(host, url.port):
+            return None
+        return url.port
 
     def _schedule_probe(self, delay: float, hastened: bool = False) -> None:
         if self._probe_call is not None and self._probe_call.active():
