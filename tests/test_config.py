@@ -309,6 +309,35 @@ class MacroTests(ErrorAssertions):
         self.assertEqual(dict(a.set_params), {"n": "a"})
         self.assertEqual(config.aliases["a-x"], "a")
 
+    def test_every_model_value(self) -> None:
+        """
+        As in llama-swap, macros are expanded in every value of a model: a vLLM model's
+        ``useModelName`` reaches vLLM as the name it serves (not as the text ``${served}``), its
+        aliases are the names written, and a value that is exactly one macro takes the macro's
+        type (``ttl: ${ttl}``).
+        """
+        config = parse("""
+            macros:
+              served: Qwen/Qwen3-30B-A3B
+              ttl: 300
+              limit: 4
+              idle: 60
+            models:
+              qwen:
+                cmd: vllm serve ${served} --port ${PORT}
+                useModelName: ${served}
+                aliases: ["${MODEL_ID}-fast", "${served}"]
+                ttl: ${ttl}
+                concurrencyLimit: ${limit}
+                streamIdleTimeout: ${idle}
+        """)
+        qwen = config.models["qwen"]
+        self.assertEqual(qwen.use_model_name, "Qwen/Qwen3-30B-A3B")
+        self.assertEqual(qwen.aliases, ("qwen-fast", "Qwen/Qwen3-30B-A3B"))
+        self.assertEqual(config.resolve("qwen-fast"), qwen)
+        self.assertEqual((qwen.ttl, qwen.concurrency_limit), (300, 4))
+        self.assertEqual(qwen.hang_limits.stream_idle_timeout, 60)
+
     def test_typed_metadata(self) -> None:
         """
         In metadata, a value that is exactly one macro keeps its type; inside text it is
