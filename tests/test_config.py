@@ -338,6 +338,28 @@ class MacroTests(ErrorAssertions):
         self.assertEqual((qwen.ttl, qwen.concurrency_limit), (300, 4))
         self.assertEqual(qwen.hang_limits.stream_idle_timeout, 60)
 
+    def test_every_top_level_value(self) -> None:
+        """
+        As llama-swap documents ("global macros can be used in any configuration value"), the
+        global macros are expanded in the top-level settings too.
+        """
+        config = parse("""
+            macros:
+              main: qwen
+              patience: 300
+            healthCheckTimeout: ${patience}
+            defaultModel: ${main}
+            hooks: {on_startup: {preload: ["${main}"]}}
+            groups:
+              solo: {members: ["${main}"]}
+            models:
+              qwen: {cmd: "serve --port ${PORT}"}
+              other: {cmd: "serve --port ${PORT}"}
+        """)
+        self.assertEqual(config.health_check_timeout, 300)
+        self.assertEqual((config.default_model, config.preload), ("qwen", ("qwen",)))
+        self.assertEqual(config.groups["solo"].members, ("qwen",))
+
     def test_typed_metadata(self) -> None:
         """
         In metadata, a value that is exactly one macro keeps its type; inside text it is
