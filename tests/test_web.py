@@ -98,6 +98,18 @@ class ModelSelectionTests(ErrorAssertions, SynchronousTestCase):
             self.assertEqual(response.code, 200, (route, body))
             self.assertEqual((self.h.received[-1].model, self.h.received[-1].uri), ("llama", route.encode()))
 
+    def test_versionless_routes(self) -> None:
+        """
+        llama-swap's versionless routes (``/v/chat/completions``, ...) reach the model named in
+        the body without the ``/v``, for a model whose ``proxy`` ends in its API's version.
+        """
+        for route in ["/chat/completions", "/responses", "/completions", "/messages", "/messages/count_tokens",
+                      "/embeddings", "/rerank", "/reranking"]:
+            response, body = self.h.post_json("/v" + route + "?beta=true", {"model": "qwen"})
+            self.assertEqual(response.code, 200, (route, body))
+            self.assertEqual((self.h.received[-1].model, self.h.received[-1].uri),
+                             ("qwen", (route + "?beta=true").encode()))
+
     def test_invalid_json(self) -> None:
         """
         A body that is not JSON is a 400 that says so, and no model starts.
