@@ -10,9 +10,11 @@ per start and hears of its output and its exit through the callbacks it gives.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
@@ -44,6 +46,22 @@ def find_executable(name: str, environ: Mapping[str, str]) -> str | None:
     The path of the program ``name`` on the ``PATH`` of ``environ``, or ``None``.
     """
     return shutil.which(name, path=environ.get("PATH", os.defpath))
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """
+    Whether a program already listens on ``host``:``port``, which a server about to be spawned
+    is to listen on. Tried by binding it with ``SO_REUSEADDR``, as servers do, so that
+    connections still closing on that port do not count.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
 
 
 def describe_exit(reason: Failure) -> tuple[str, int | None]:

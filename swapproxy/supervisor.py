@@ -315,10 +315,18 @@ class Supervisor(Service):
             if other_id != model_id and other.running and _displaces(group, self.config.group_of(other_id)):
                 result.append(other)
         for other, retiree in self._retiring.items():
-            # A model's retiring process holds its port: the new one waits for it in any case.
-            if other.running and (other.model.id == model_id or _displaces(group, retiree.group)):
+            if other.running and (self._holds_port_of(other, model_id) or _displaces(group, retiree.group)):
                 result.append(other)
         return result
+
+    def _holds_port_of(self, retiring: Upstream, model_id: str) -> bool:
+        """
+        Whether a process a reload replaced listens where ``model_id``'s new server is to listen:
+        its own model's, or another's whose ``${PORT}`` the reload shifted. The new server waits
+        for it in any case.
+        """
+        port = self.config.models[model_id].port
+        return retiring.model.id == model_id or (port is not None and retiring.model.port == port)
 
     # -- memory -------------------------------------------------------------------------------
 
@@ -398,7 +406,7 @@ class Supervisor(Service):
         decision = self.config.matrix.solve(model_id, list(dict.fromkeys(up.model.id for up in running)))
         return [
             up for up in running
-            if up.model.id in decision.evict or (up.model.id == model_id and up in self._retiring)
+            if up.model.id in decision.evict or (up in self._retiring and self._holds_port_of(up, model_id))
         ]
 
     def _pump(self) -> None:

@@ -23,6 +23,7 @@ import os
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 from treq.client import HTTPClient
@@ -31,7 +32,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 
-from swapproxy.child import READY_OUTPUT_INTERVAL, ChildProcess, describe_exit, find_executable
+from swapproxy.child import READY_OUTPUT_INTERVAL, ChildProcess, describe_exit, find_executable, port_in_use
 from swapproxy.config import ModelConfig
 from swapproxy.httpclient import BytesProducer, make_http_client
 from swapproxy.httpclient import body_producer as _body_producer
@@ -131,7 +132,9 @@ class Upstream:
     :param environ: the environment the child inherits (``os.environ`` by default);
         the model's ``env`` entries are added to it.
     :param health_probe: asks the child's health endpoint once and returns the HTTP status
-        (or fails when it cannot connect); an HTTP GET of ``checkEndpoint`` by default.
+        (or fails when it cannot connect); an HTTP GET of ``checkEndpoint`` by default. With
+        that default, a start first makes sure that no other program listens on the loopback
+        port ``${PORT}`` gave the model, which would answer the probe and the requests.
     """
 
     def __init__(
@@ -201,6 +204,7 @@ class Upstream:
         #: that returns a JSON value.
         self.reports: dict[str, Callable[[], Any]] = {}
         self._health_probe = health_probe or (lambda upstream: Deferred.fromCoroutine(upstream._http_probe()))
+        self._check_port = health_probe is None
         #: Why the model was found unhealthy, while it is.
         self.unhealthy_reason: str | None = None
         #: Called with ``(upstream, cause, what happened)`` when the model is found unhealthy;
@@ -378,6 +382,15 @@ class Upstream:
                 StartError(self.model.id, f"executable {argv[0]!r} not found (cmd: {' '.join(argv)})")
             )
             return
+        taken = self._port_taken()
+        if taken is not None:
+            self._set_state(State.FAILED)
+            self._fail_start_waiters(StartError(
+                self.model.id,
+                f"port {taken} is already in use by another program, which would answer in this model's"
+                " place (another llama-swap or swapproxy with the same startPort?); stop it, or set"
+                " startPort to a free range"))
+            return
         self._generation += 1
         self.last_error = None
         self.unhealthy_reason = None
@@ -422,6 +435,18 @@ class Upstream:
             return
         self.probes.begin_start()
         self._arm_start_deadline()
+
+    def _port_taken(self) -> int | None:
+        """
+        The loopback port that ``${PORT}`` gave the model, if another program listens on it.
+        """
+        url = urlsplit(self.model.proxy)
+        if not self._check_port or self.model.port is None or url.port != self.model.port:
+            return None
+        host = {"localhost": "127.0.0.1", "127.0.0.1": "127.0.0.1", "::1": "::1"}.get(url.hostname or "")
+        if host is None or not port_in_use(host, url.port):
+            return None
+        return url.port
 
     async def _http_probe(self) -> int:
         assert self.client is not None and self.model.check_endpoint is not None

@@ -27,6 +27,7 @@ from swapproxy.config import (
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        "etc", "config.example.yaml")
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
 def parse(text: str, environ: dict[str, str] | None = None) -> Config:
@@ -307,6 +308,57 @@ class MacroTests(ErrorAssertions):
         self.assertEqual(a.strip_params, ("top_p",))
         self.assertEqual(dict(a.set_params), {"n": "a"})
         self.assertEqual(config.aliases["a-x"], "a")
+
+    def test_every_model_value(self) -> None:
+        """
+        As in llama-swap, macros are expanded in every value of a model: a vLLM model's
+        ``useModelName`` reaches vLLM as the name it serves (not as the text ``${served}``), its
+        aliases are the names written, and a value that is exactly one macro takes the macro's
+        type (``ttl: ${ttl}``).
+        """
+        config = parse("""
+            macros:
+              served: Qwen/Qwen3-30B-A3B
+              ttl: 300
+              limit: 4
+              idle: 60
+            models:
+              qwen:
+                cmd: vllm serve ${served} --port ${PORT}
+                useModelName: ${served}
+                aliases: ["${MODEL_ID}-fast", "${served}"]
+                ttl: ${ttl}
+                concurrencyLimit: ${limit}
+                streamIdleTimeout: ${idle}
+        """)
+        qwen = config.models["qwen"]
+        self.assertEqual(qwen.use_model_name, "Qwen/Qwen3-30B-A3B")
+        self.assertEqual(qwen.aliases, ("qwen-fast", "Qwen/Qwen3-30B-A3B"))
+        self.assertEqual(config.resolve("qwen-fast"), qwen)
+        self.assertEqual((qwen.ttl, qwen.concurrency_limit), (300, 4))
+        self.assertEqual(qwen.hang_limits.stream_idle_timeout, 60)
+
+    def test_every_top_level_value(self) -> None:
+        """
+        As llama-swap documents ("global macros can be used in any configuration value"), the
+        global macros are expanded in the top-level settings too.
+        """
+        config = parse("""
+            macros:
+              main: qwen
+              patience: 300
+            healthCheckTimeout: ${patience}
+            defaultModel: ${main}
+            hooks: {on_startup: {preload: ["${main}"]}}
+            groups:
+              solo: {members: ["${main}"]}
+            models:
+              qwen: {cmd: "serve --port ${PORT}"}
+              other: {cmd: "serve --port ${PORT}"}
+        """)
+        self.assertEqual(config.health_check_timeout, 300)
+        self.assertEqual((config.default_model, config.preload), ("qwen", ("qwen",)))
+        self.assertEqual(config.groups["solo"].members, ("qwen",))
 
     def test_typed_metadata(self) -> None:
         """
@@ -921,6 +973,23 @@ class ExampleTests(SynchronousTestCase):
         self.assertEqual(config.resolve("gpt-4o-mini"), config.models["qwen"])
         self.assertEqual(config.preload, ("tiny",))
         self.assertEqual(config.slot_cache, SlotCacheConfig())
+
+    def test_readme_tour_config(self) -> None:
+        """
+        The config of the README's tour gives llama-server only the arguments written in it: a
+        user who copies it gets models that start (a "# ..." after an argument in a cmd block is
+        not a YAML comment, it would reach llama-server as arguments and stop it).
+        """
+        with open(README, encoding="utf-8") as f:
+            first_block = f.read().split("```yaml\n", 1)[1].split("```", 1)[0]
+        config = parse_config(first_block, "README.md", {})
+        server = ["/usr/local/bin/llama-server", "--host", "127.0.0.1", "--port"]
+        self.assertEqual(list(config.models["gemma"].cmd),
+                         server + ["5800", "-ngl", "99", "-m", "/models/gemma-3-12b-q4_k_m.gguf",
+                                   "--ctx-size", "8192"])
+        self.assertEqual(list(config.models["qwen"].cmd),
+                         server + ["5801", "-ngl", "99", "-m", "/models/qwen3-8b-q4_k_m.gguf",
+                                   "-c", "16384"])
 
 
 yaml_keys = st.sampled_from([

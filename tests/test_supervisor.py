@@ -1511,6 +1511,31 @@ class ReloadTests(SupervisorTestCase):
         new.become_ready()
         self.assertIs(self.successResultOf(d).upstream, new)
 
+    def test_new_port_held_by_another_replaced_process(self) -> None:
+        """
+        A model added ahead of the others in id order shifts their ``${PORT}``: b's new port is
+        the one c's replaced process still listens on while it finishes a request. b starts only
+        once that process has exited, so that c's old server never answers in b's name.
+        """
+        pair = {"groups": {"all": {"swap": False, "exclusive": False, "members": ["b", "c"]}}}
+        supervisor = self.make({"b": {}, "c": {}}, **pair)
+        self.lease(supervisor, "b").release()
+        in_flight = self.lease(supervisor, "c")
+        old_b, old_c = supervisor.upstreams["b"], supervisor.upstreams["c"]
+        trio = {"groups": {"all": {"swap": False, "exclusive": False, "members": ["a", "b", "c"]}}}
+        result = self.reload(supervisor, {"a": {}, "b": {}, "c": {}}, **trio)
+        self.assertEqual(result.changed, ("b", "c"))
+        new_b = supervisor.upstreams["b"]
+        self.assertEqual(new_b.model.port, old_c.model.port)
+        old_b.exited()
+        d = supervisor.request("b").wait()
+        self.assertEqual(new_b.start_count, 0, "b's new server would find its port taken")
+        in_flight.release()
+        old_c.exited()
+        self.assertEqual(new_b.start_count, 1)
+        new_b.become_ready()
+        self.assertIs(self.successResultOf(d).upstream, new_b)
+
     def test_idle_changed_model_stops_at_once(self) -> None:
         """
         A changed model with nothing in flight is stopped right away, with its unloadTimeout.

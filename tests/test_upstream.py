@@ -24,6 +24,9 @@ from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import ResponseNeverReceived
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from twisted.web.static import Data
 
 from swapproxy.config import ModelConfig, parse_config
 from swapproxy.testing.local import FAKE_UPSTREAM, free_port
@@ -1275,6 +1278,26 @@ class RealProcessTests(TestCase):
         self.assertEqual(error.exit_code, 3)
         self.assertEqual(error.last_lines[-1], "error: failed to load model 'fake.gguf'")
         self.assertIn("exit code 3", str(error))
+        self.assertIsNone(upstream.pid)
+
+    async def test_port_taken_by_another_program(self) -> None:
+        """
+        When another program already listens on the port ``${PORT}`` gave the model (a
+        llama-swap still running with the same config, another instance), the start fails
+        saying so, and no child is spawned: otherwise that program would answer the health
+        check, and the model's requests, in the model's name, while the model's own server
+        exits for want of its port.
+        """
+        upstream = self.make_upstream()
+        assert upstream.model.port is not None
+        other = Resource()
+        other.putChild(b"health", Data(b'{"status": "ok"}', "application/json"))
+        port = reactor.listenTCP(upstream.model.port, Site(other), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        with self.assertRaises(StartError) as raised:
+            await upstream.start()
+        self.assertIn(f"port {upstream.model.port} is already in use", str(raised.exception))
+        self.assertEqual(upstream.state, State.FAILED)
         self.assertIsNone(upstream.pid)
 
 

@@ -83,6 +83,33 @@ class ModelSelectionTests(ErrorAssertions, SynchronousTestCase):
             self.assertEqual(response.code, 200, route)
             self.assertEqual(self.h.received[-1].uri, (route + "?beta=true").encode())
 
+    def test_image_and_voice_routes(self) -> None:
+        """
+        The image routes (OpenAI's and stable-diffusion.cpp's sd-server's) and the voice list,
+        which llama-swap forwards, reach the model named in the body, or in ``?model=`` for a GET,
+        at the same path: a llama-swap user's image and speech clients keep working.
+        """
+        for route in ["/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/audio/voices"]:
+            response, body = self.h.post_json(route, {"model": "qwen", "prompt": "a cat"})
+            self.assertEqual(response.code, 200, (route, body))
+            self.assertEqual((self.h.received[-1].model, self.h.received[-1].uri), ("qwen", route.encode()))
+        for route in ["/v1/audio/voices?model=fast", "/sdapi/v1/loras?model=fast"]:
+            response, body = self.h.call("GET", route)
+            self.assertEqual(response.code, 200, (route, body))
+            self.assertEqual((self.h.received[-1].model, self.h.received[-1].uri), ("llama", route.encode()))
+
+    def test_versionless_routes(self) -> None:
+        """
+        llama-swap's versionless routes (``/v/chat/completions``, ...) reach the model named in
+        the body without the ``/v``, for a model whose ``proxy`` ends in its API's version.
+        """
+        for route in ["/chat/completions", "/responses", "/completions", "/messages", "/messages/count_tokens",
+                      "/embeddings", "/rerank", "/reranking"]:
+            response, body = self.h.post_json("/v" + route + "?beta=true", {"model": "qwen"})
+            self.assertEqual(response.code, 200, (route, body))
+            self.assertEqual((self.h.received[-1].model, self.h.received[-1].uri),
+                             ("qwen", (route + "?beta=true").encode()))
+
     def test_invalid_json(self) -> None:
         """
         A body that is not JSON is a 400 that says so, and no model starts.
@@ -234,6 +261,17 @@ class MultipartTests(ErrorAssertions, SynchronousTestCase):
         )
         self.assertEqual(received.body, expected)
         self.assertEqual(received.headers.getRawHeaders(b"content-length"), [str(len(expected)).encode()])
+
+    def test_image_edits(self) -> None:
+        """
+        C{/v1/images/edits} (multipart, as llama-swap forwards it) takes the model from its form.
+        """
+        body = multipart(self.boundary, [(b"model", b"whisper", None), (b"image", self.audio, b"cat.png")])
+        headers = {"Content-Type": "multipart/form-data; boundary=" + self.boundary.decode()}
+        response, answer = self.h.call("POST", "/v1/images/edits", body, headers)
+        self.assertEqual(response.code, 200, answer)
+        received = self.h.received[-1]
+        self.assertEqual((received.model, received.uri, received.body), ("whisper", b"/v1/images/edits", body))
 
     def test_missing_model_field(self) -> None:
         """

@@ -13,7 +13,7 @@ from typing import Any
 from swapproxy.config.checker import Checker, ConfigError, join, show
 from swapproxy.config.clients import build_api_keys, build_cors, build_limits
 from swapproxy.config.forwarding import build_timeouts
-from swapproxy.config.macros import macro_defs
+from swapproxy.config.macros import MacroScope, macro_defs
 from swapproxy.config.models import (
     HANG_KEYS,
     ModelDefaults,
@@ -192,6 +192,12 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
     if not isinstance(data, dict):
         raise ch.error("(top level)", f"must be a mapping of settings, got {show(data)}")
     ch.known(data, "", _TOP_KEYS | frozenset(NO_EFFECT_KEYS))
+    global_macros = macro_defs(ch, data.get("macros"), "macros")
+    # llama-swap: "global macros can be used in any configuration value". The models and the
+    # peers expand them in their own scopes; keys swapproxy ignores are left as written.
+    top = MacroScope(ch, None, dict(global_macros))
+    data = {key: top.typed(value, join("", key)) if key in _TOP_KEYS - {"macros", "models", "peers"} else value
+            for key, value in data.items()}
 
     health, ceiling = _health_check_limits(ch, data)
     level = _log_level(ch, data)
@@ -202,7 +208,6 @@ def _build(text: str, source: str, environ: Mapping[str, str]) -> Config:
     slot_cache = build_slot_cache(ch, data.get("slotCache"))
     defaults = _model_defaults(ch, data, slot_cache, health, ceiling)
     start_port = ch.integer(data.get("startPort"), "startPort", 5800, minimum=1, maximum=65535)
-    global_macros = macro_defs(ch, data.get("macros"), "macros")
 
     models = _build_models(ch, data.get("models"), global_macros, defaults, start_port)
     aliases = build_aliases(ch, models)

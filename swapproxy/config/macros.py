@@ -51,13 +51,14 @@ def macro_defs(ch: Checker, value: Any, path: str) -> dict[str, Any]:
 
 class MacroScope:
     """
-    The macros visible to one model, resolved on demand by name with loop detection.
+    The macros visible to one model (or, without ``model_id``, to the top-level settings, where
+    ``${MODEL_ID}`` is left in place), resolved on demand by name with loop detection.
     ``${PORT}`` and ``${PID}`` are left in place for later.
     """
 
-    def __init__(self, ch: Checker, model_id: str, defs: dict[str, Any]) -> None:
+    def __init__(self, ch: Checker, model_id: str | None, defs: dict[str, Any]) -> None:
         self.ch, self.defs = ch, defs
-        self.resolved: dict[str, Any] = {"MODEL_ID": model_id}
+        self.resolved: dict[str, Any] = {} if model_id is None else {"MODEL_ID": model_id}
 
     def value(self, name: str, path: str, chain: list[str]) -> Any:
         if name in self.resolved:
@@ -74,9 +75,9 @@ class MacroScope:
     def _expand(self, text: str, path: str, chain: list[str]) -> str:
         def replace(match: re.Match[str]) -> str:
             name = match.group(1)
-            if name in ("PORT", "PID"):
+            if name in ("PORT", "PID") or (name == "MODEL_ID" and name not in self.resolved):
                 return match.group(0)
-            if name not in self.defs and name != "MODEL_ID":
+            if name not in self.defs and name not in self.resolved:
                 via = f" (used by macro '{chain[-1]}')" if chain else ""
                 raise self.ch.error(path, f"unknown macro '${{{name}}}'{via}")
             return _macro_text(self.value(name, path, chain))
@@ -94,7 +95,7 @@ class MacroScope:
         """Expand a YAML tree; a string that is exactly one macro takes the macro's type."""
         if isinstance(value, str):
             match = _MACRO_REF.fullmatch(value)
-            if match and (match.group(1) in self.defs or match.group(1) == "MODEL_ID"):
+            if match and (match.group(1) in self.defs or match.group(1) in self.resolved):
                 return self.value(match.group(1), path, [])
             return self.text(value, path)
         if isinstance(value, dict):

@@ -3,7 +3,7 @@
 The ``models`` section: one `ModelConfig` per model, its aliases, and ``defaultModel``.
 
 A model's own keys override the global ones (`ModelDefaults`); its macros are expanded in every
-text field, and ``${PORT}`` is the next free port from ``startPort`` when ``cmd`` uses it. The
+value, and ``${PORT}`` is the next free port from ``startPort`` when ``cmd`` uses it. The
 default ``proxy`` is ``http://127.0.0.1:${PORT}`` (``localhost`` may resolve to ``::1``).
 """
 
@@ -88,7 +88,13 @@ class _ModelKeys:
         self.port: int | None = None
 
     def get(self, key: str) -> Any:
-        return self.raw.get(key)
+        """
+        A key's value with its macros expanded, as llama-swap expands every value of a model: a
+        string that is exactly one macro takes the macro's type (``ttl: ${ttl}``); ``${PORT}``
+        not yet.
+        """
+        value = self.raw.get(key)
+        return None if value is None else self.scope.typed(value, self.where(key))
 
     def where(self, key: str) -> str:
         return f"{self.path}.{key}"
@@ -192,7 +198,8 @@ def build_model(ch: Checker, mid: str, raw: Any, global_macros: dict[str, Any],
         timeouts=timeouts,
         capabilities=_build_capabilities(ch, keys.get("capabilities"), where("capabilities")),
         ignore_websockets=_build_compat(ch, keys.get("compat"), where("compat")),
-        hang_limits=build_hang_limits(ch, keys.raw, keys.path, defaults.hang_limits, timeouts.response_header),
+        hang_limits=build_hang_limits(ch, {key: keys.get(key) for key in HANG_KEYS}, keys.path,
+                                      defaults.hang_limits, timeouts.response_header),
         slot_cache=slot_cache,
         memory=ch.memory_size(keys.get("memory"), where("memory")),
         health_check_timeout=defaults.health_check_timeout,

@@ -263,9 +263,16 @@ class InferenceRoute(ModelRoute):
     field ``model``), forwarded to the same path upstream.
 
     Not a leaf, so that a deeper route (``/v1/messages/count_tokens``) can hang below it.
+
+    :param strip_prefix: a prefix of the route's path that the model does not see (llama-swap's
+        versionless routes: ``/v/chat/completions`` goes to ``/chat/completions``).
     """
 
     isLeaf = False
+
+    def __init__(self, *args: Any, strip_prefix: bytes = b"", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._strip_prefix = strip_prefix
 
     def getChild(self, path: bytes, request: Request) -> Resource:
         if path == b"":
@@ -305,8 +312,11 @@ class InferenceRoute(ModelRoute):
                 body = encode_payload(payload)
             # After the filters: a setParams or stripParams of "stream" decides.
             stream = payload.get("stream") is True
+        path = request.uri
+        if self._strip_prefix and path.startswith(self._strip_prefix + b"/"):
+            path = path[len(self._strip_prefix):]
         try:
-            await self.serve_target(request, client, target, request.uri, body, stream=stream)
+            await self.serve_target(request, client, target, path, body, stream=stream)
         finally:
             target.release()
 

@@ -56,6 +56,11 @@ INFERENCE_ROUTES = (
     "/v1/responses",
     "/completion",
     "/infill",
+    # image servers (stable-diffusion.cpp's sd-server), as llama-swap forwards them
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/sdapi/v1/txt2img",
+    "/sdapi/v1/img2img",
     # llama-server's aliases of the routes above
     "/chat/completions",
     "/completions",
@@ -64,6 +69,15 @@ INFERENCE_ROUTES = (
     "/embedding",
     "/audio/transcriptions",
 )
+
+#: llama-swap's versionless routes: forwarded without the ``/v``, for a model whose ``proxy`` ends in
+#: its API's version (``http://host/api/v1``).
+VERSIONLESS_ROUTES = ("/v/chat/completions", "/v/responses", "/v/completions", "/v/messages",
+                      "/v/messages/count_tokens", "/v/embeddings", "/v/rerank", "/v/reranking")
+
+#: Routes that llama-swap forwards to the model named in the body or, for a GET, in ``?model=``,
+#: as llama-server's own endpoints are.
+MODEL_QUERY_ROUTES = ("/v1/audio/voices", "/sdapi/v1/loras")
 
 class Directory(Resource):
     """
@@ -127,7 +141,8 @@ def mount(root: Resource, path: str, resource: Resource) -> None:
 
 
 #: The routes that answer a streaming request for a loading model with the loading stream.
-LOADING_DIALECTS = {"/v1/chat/completions": "chat", "/chat/completions": "chat", "/v1/messages": "messages"}
+LOADING_DIALECTS = {"/v1/chat/completions": "chat", "/chat/completions": "chat", "/v/chat/completions": "chat",
+                    "/v1/messages": "messages", "/v/messages": "messages"}
 
 
 def build_root(
@@ -172,7 +187,11 @@ def build_root(
     for path in INFERENCE_ROUTES:
         route: ModelRoute = InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path), metrics, targets, peer_forward)
         mount(root, path, route)
-    for path in LLAMA_SERVER_ROUTES:
+    for path in VERSIONLESS_ROUTES:
+        route = InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path), metrics, targets, peer_forward,
+                               strip_prefix=b"/v")
+        mount(root, path, route)
+    for path in LLAMA_SERVER_ROUTES + MODEL_QUERY_ROUTES:
         unnamed = props_for_swapproxy(supervisor) if path == "/props" else None
         route = LlamaServerRoute(supervisor, reactor, trackers, metrics=metrics, numbered=path == "/slots",
                                  unnamed=unnamed)
