@@ -187,6 +187,31 @@ class LlamaServerTests(TestCase):
         self.assertEqual(llama_servers_under(os.getpid()), [])
         self.assertEqual(survivors(running, grace=0), [])
 
+    async def test_a_shared_api_key_reaches_llama_server(self) -> None:
+        """
+        A llama-swap setup that guards both doors with one key (``apiKeys`` and llama-server's
+        ``--api-key``) works unchanged: the client's key passes swapproxy's check and llama-server's.
+        A wrong key is refused by swapproxy before any model starts.
+        """
+        url, supervisor = self.serve(
+            {"tiny-a": {"cmd": llama_command(self.llama_server, model_file("tiny", 0), "--api-key", "sk-shared")}},
+            apiKeys=["sk-shared"],
+        )
+
+        def ask(key: str) -> Any:
+            client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
+            try:
+                return client.chat.completions.create(
+                    model="tiny-a", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0)
+            finally:
+                client.close()
+
+        with self.assertRaises(openai.AuthenticationError):
+            await deferToThread(ask, "sk-wrong")
+        self.assertEqual(llama_servers_under(os.getpid()), [])
+        answer = await deferToThread(ask, "sk-shared")
+        self.assertEqual((answer.model, answer.usage.completion_tokens), ("tiny-a", 4))
+
     async def test_loading_stream_during_a_real_load(self) -> None:
         """
         A streaming request for a cold model that loads for a second or two (``-lv 4``, so the

@@ -5,8 +5,12 @@ Who may use swapproxy: the ``apiKeys`` check.
 `Root` asks `ApiKeys.admit` before it looks up any child, so every route, including the ones
 mounted later, is protected unless it is in `OPEN_PATHS`. As in llama-swap (reference section
 5.4), a key is accepted as the password of HTTP Basic authentication, as
-``Authorization: Bearer <key>`` or as ``x-api-key: <key>``. The header that carried a valid key is
-removed from the request, so the key never reaches an upstream, and no key is ever logged.
+``Authorization: Bearer <key>`` or as ``x-api-key: <key>``. No key is ever logged.
+
+As in llama-swap, the header that carried a valid key goes on to a local model unchanged: a
+``llama-server --api-key`` started with the same key accepts the request. It never goes to a peer
+(`key_headers` names it for `swapproxy.web.peer_forward`, which leaves it out): a peer is another
+machine, with keys of its own.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import hashlib
 import hmac
 from base64 import b64decode
 from collections.abc import Callable, Sequence
+from weakref import WeakKeyDictionary
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -29,6 +34,17 @@ OPEN_PATHS = frozenset({b"", b"health", b"wol-health", b"favicon.ico"})
 REALM = b'Basic realm="swapproxy"'
 
 _KEY_HEADERS = (b"authorization", b"x-api-key")
+
+#: The headers that carried swapproxy's key, for each request admitted with one.
+_carriers: WeakKeyDictionary[Request, frozenset[bytes]] = WeakKeyDictionary()
+
+
+def key_headers(request: Request) -> frozenset[bytes]:
+    """
+    The names of the request headers that carried one of swapproxy's ``apiKeys`` (none without
+    ``apiKeys``): what must not be forwarded to a peer.
+    """
+    return _carriers.get(request, frozenset())
 
 
 def _digest(value: bytes) -> bytes:
@@ -89,7 +105,7 @@ class ApiKeys:
         """
         Whether ``request`` may go on to the child ``segment`` of the root.
 
-        A request that carries a valid key loses the header(s) that carried it.
+        The headers that carried a valid key are remembered (`key_headers`).
         """
         if not self._digests():
             return True
@@ -102,8 +118,8 @@ class ApiKeys:
                 if key is not None and self.valid(key):
                     carriers.append(header)
                     break
-        for header in carriers:
-            request.requestHeaders.removeHeader(header)
+        if carriers:
+            _carriers[request] = frozenset(carriers)
         return bool(carriers)
 
 

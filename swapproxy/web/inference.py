@@ -28,8 +28,7 @@ from swapproxy.web.filters import encode_payload, rewrite_payload, strip_loading
 from swapproxy.targets import NoTarget, Target, Targets, state_of
 from swapproxy.web.forward import Forward
 from swapproxy.web.modelchoice import NO_MODEL, default_model
-from swapproxy.peers import auth_headers
-from swapproxy.web.peer_forward import PeerForward, rewrite_for_peer
+from swapproxy.web.peer_forward import PeerForward, peer_headers, rewrite_for_peer
 from swapproxy.web.relay import forward_headers
 from swapproxy.web.websocket import is_websocket_upgrade, relay_websocket, websocket_to_model
 from swapproxy.web.render import ClientState, path_segments, render_async, request_body
@@ -391,10 +390,7 @@ class UpstreamPassthrough(ModelRoute):
             return
         assert target.peer is not None
         peer = target.peer.peer
-        own = auth_headers(peer)
-        headers = forward_headers(request, frozenset({b"authorization", b"x-api-key"}) if own else frozenset())
-        for key, values in own.items():
-            headers.setRawHeaders(key, values)
+        headers = peer_headers(request, peer)
         await relay_websocket(request, client, self.clock, peer.proxy, path, headers, f"peer {peer.id!r}",
                               peer.timeouts.connect)
 

@@ -6,7 +6,7 @@ ticket, a loading head or a lease, since a peer starts and swaps its own models.
 The request goes to the peer's ``proxy`` URL with the request's path appended, with the headers
 the pipeline forwards to a local model. The peer's ``apiKey``, when it has one, replaces the
 client's ``Authorization`` and ``x-api-key``. A swapproxy key (``apiKeys``) never reaches a peer:
-the key check removes the header that carried it (`swapproxy.web.auth`). Other credentials are
+the header that carried it (`swapproxy.web.auth.key_headers`) is left out. Other credentials are
 passed on, so that a client can use a peer's own key.
 
 The answer is relayed by the same code as a local model's (`swapproxy.web.forward.relay_answer`):
@@ -24,12 +24,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import CancelledError
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
-from swapproxy.config import PeerModel
+from swapproxy.config import PeerConfig, PeerModel
 from swapproxy.logs import proxy_logger
 from swapproxy.metrics import request_meter
 from swapproxy.peers import PeerSet, auth_headers
+from swapproxy.web.auth import key_headers
 from swapproxy.web.errors import write_error
 from swapproxy.web.filters import set_path, strip_path
 from swapproxy.web.forward import relay_answer
@@ -40,6 +42,18 @@ from swapproxy.web.sse import PlainEvents
 log = proxy_logger("swapproxy.forward")
 
 _CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
+
+
+def peer_headers(request: Request, peer: PeerConfig) -> Headers:
+    """
+    The request's headers as they go to ``peer``: the peer's ``apiKey`` in place of the client's
+    credentials, and never the header that carried swapproxy's own key.
+    """
+    own = auth_headers(peer)
+    headers = forward_headers(request, _CREDENTIALS if own else key_headers(request))
+    for name, values in own.items():
+        headers.setRawHeaders(name, values)
+    return headers
 
 
 class PeerForward:
@@ -72,10 +86,7 @@ class PeerForward:
         meter = request_meter(request)
         if meter is not None:
             meter.model = target.fqn
-        own = auth_headers(peer)
-        headers = forward_headers(request, _CREDENTIALS if own else frozenset())
-        for name, values in own.items():
-            headers.setRawHeaders(name, values)
+        headers = peer_headers(request, peer)
         peer_client = self.peers.client(peer)
         try:
             response = await peer_client.send(request.method, path, headers, body)
