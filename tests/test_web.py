@@ -110,6 +110,15 @@ class ModelSelectionTests(ErrorAssertions, SynchronousTestCase):
             self.assertEqual((self.h.received[-1].model, self.h.received[-1].uri),
                              ("qwen", (route + "?beta=true").encode()))
 
+    def test_audio_api_route(self) -> None:
+        """
+        llama-swap's ``/audioapi/v1/tasks/run`` reaches the model named in the body as
+        ``/v1/tasks/run``.
+        """
+        response, body = self.h.post_json("/audioapi/v1/tasks/run", {"model": "qwen", "task": "tts"})
+        self.assertEqual(response.code, 200, body)
+        self.assertEqual((self.h.received[-1].model, self.h.received[-1].uri), ("qwen", b"/v1/tasks/run"))
+
     def test_invalid_json(self) -> None:
         """
         A body that is not JSON is a 400 that says so, and no model starts.

@@ -75,6 +75,9 @@ INFERENCE_ROUTES = (
 VERSIONLESS_ROUTES = ("/v/chat/completions", "/v/responses", "/v/completions", "/v/messages",
                       "/v/messages/count_tokens", "/v/embeddings", "/v/rerank", "/v/reranking")
 
+#: llama-swap's audio API route (an audio server's task runner): forwarded without the ``/audioapi``.
+AUDIO_API_ROUTES = ("/audioapi/v1/tasks/run",)
+
 #: Routes that llama-swap forwards to the model named in the body or, for a GET, in ``?model=``,
 #: as llama-server's own endpoints are.
 MODEL_QUERY_ROUTES = ("/v1/audio/voices", "/sdapi/v1/loras")
@@ -187,10 +190,11 @@ def build_root(
     for path in INFERENCE_ROUTES:
         route: ModelRoute = InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path), metrics, targets, peer_forward)
         mount(root, path, route)
-    for path in VERSIONLESS_ROUTES:
-        route = InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path), metrics, targets, peer_forward,
-                               strip_prefix=b"/v")
-        mount(root, path, route)
+    for prefix, paths in ((b"/v", VERSIONLESS_ROUTES), (b"/audioapi", AUDIO_API_ROUTES)):
+        for path in paths:
+            route = InferenceRoute(supervisor, reactor, trackers, LOADING_DIALECTS.get(path), metrics, targets,
+                                   peer_forward, strip_prefix=prefix)
+            mount(root, path, route)
     for path in LLAMA_SERVER_ROUTES + MODEL_QUERY_ROUTES:
         unnamed = props_for_swapproxy(supervisor) if path == "/props" else None
         route = LlamaServerRoute(supervisor, reactor, trackers, metrics=metrics, numbered=path == "/slots",
