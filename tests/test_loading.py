@@ -757,6 +757,22 @@ class ErrorCodeTests(LoadingTestCase):
         self.assertEqual([type(code) for code in codes], [str] * 5, codes)
 
 
+    def test_shutdown_during_load_has_one_code_streaming_or_not(self) -> None:
+        """
+        swapproxy stopping (SIGTERM) while a model loads: the stream ends with an error event
+        whose code is the one a non-streaming request reads in its JSON answer.
+        """
+        streaming = self.harness.post(CHAT, chat_body())
+        plain = self.harness.post(CHAT, chat_body(stream=False))
+        self.harness.advance(1)
+        self.harness.supervisor.stopService()
+        self.harness.advance(10)
+        self.assertTrue(streaming.finished and plain.finished)
+        self.assertEqual(plain.head()[0], 503)
+        self.assertEqual(self.codes(streaming), self.codes(plain))
+        self.assertEqual(self.codes(plain), ["shutting_down"])
+
+
 class DisconnectTests(LoadingTestCase):
     """
     A client that hangs up while its model loads.

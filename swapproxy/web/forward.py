@@ -183,7 +183,7 @@ def _fail(
     if head is None and not request.startedWriting:
         write_error(request, status, message, error_type, code)
     else:
-        request.write(dialect.error(status, message))
+        request.write(dialect.error(status, message, error_type, code))
 
 
 async def _exchange(

@@ -62,12 +62,12 @@ class PlainEvents:
 
     loading = False
 
-    def error(self, status: int, message: str, error_type: str | None = None) -> bytes:
+    def error(self, status: int, message: str, error_type: str | None = None, code: str | None = None) -> bytes:
         """
         An error event that ends the stream: the OpenAI-style error object (its ``code`` a
-        string, as in every error swapproxy sends), then ``data: [DONE]``.
+        string, the same as the JSON answer's for the same error), then ``data: [DONE]``.
         """
-        return data_event(error_object(status, message, error_type)) + b"data: [DONE]\n\n"
+        return data_event(error_object(status, message, error_type, code)) + b"data: [DONE]\n\n"
 
     def splice(self) -> Callable[[bytes], bytes] | None:
         """
@@ -204,7 +204,7 @@ class MessagesEvents(PlainEvents):
         self._open = False
         return data_event({"type": "content_block_stop", "index": self._blocks - 1}, "content_block_stop")
 
-    def error(self, status: int, message: str, error_type: str | None = None) -> bytes:
+    def error(self, status: int, message: str, error_type: str | None = None, code: str | None = None) -> bytes:
         body = {"type": "error", "error": {"type": error_type or "api_error", "message": message}}
         return self.closing() + data_event(body, "error")
 
