@@ -83,6 +83,8 @@ class ConfigReloader(Service):
         self._reasons: list[str] = []
         self._watch: LoopingCall | None = None
         self._signature = file_signature(path)
+        #: Whether the watch found the file missing (and said so).
+        self._missing = False
         self._previous_handler: Any = None
         #: How many reloads were applied and how many were rejected.
         self.applied = 0
@@ -120,8 +122,17 @@ class ConfigReloader(Service):
 
     def _check_file(self) -> None:
         signature = file_signature(self.path)
-        if signature is None or signature == self._signature:
-            # A missing file is most likely being replaced; wait for the new one.
+        if signature is None:
+            # Most likely being replaced: wait for the new one, and say so once.
+            if not self._missing:
+                self._missing = True
+                log.warn("{path} cannot be read (deleted or being replaced?); the running config stays in"
+                         " force, and the file is read again once it is back", path=self.path)
+            return
+        if self._missing:
+            self._missing = False
+            log.info("{path} is back", path=self.path)
+        if signature == self._signature:
             return
         self._signature = signature
         self.request_reload("the file changed")

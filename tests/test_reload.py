@@ -240,12 +240,18 @@ class ReloaderTests(SynchronousTestCase):
 
     def test_watch_ignores_a_missing_file(self) -> None:
         """
-        While the file is missing (an editor replacing it) nothing is reloaded; the new file is.
+        While the file is missing (an editor replacing it) nothing is reloaded, and one warning
+        says that the running config stays; the new file is reloaded.
         """
         reloader = self.make(watch=True)
         os.remove(self.path)
-        self.clock.advance(WATCH_INTERVAL * 2)
+        with capturedLogs() as events:
+            self.clock.advance(WATCH_INTERVAL * 3)
         self.assertEqual((reloader.applied, reloader.rejected), (0, 0))
+        warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(len(warnings), 1, warnings)
+        self.assertIn(self.path, warnings[0]["path"])
+        self.assertIn("running config stays", warnings[0]["log_format"])
         self.write(CHANGED)
         self.clock.advance(WATCH_INTERVAL)
         self.clock.advance(0)
