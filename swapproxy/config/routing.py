@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from swapproxy.config.checker import Checker, join, show
+from swapproxy.config.checker import Checker, ConfigError, join, show
 from swapproxy.config.settings import (
     DEFAULT_GROUP,
     DEFAULT_LINGER,
@@ -59,11 +59,16 @@ def build_router(ch: Checker, data: dict[Any, Any], models: dict[str, ModelConfi
         if use == "matrix" and matrix_raw is None:
             raise ch.error("routing.router.use", "is matrix, but routing.router.settings.matrix is not set")
         # The other one may be set too, as in llama-swap's own example, to switch by changing
-        # `use`: it is checked, and not used.
-        if use == "matrix" and settings.get("groups"):
-            _build_groups(ch, groups_raw, models, aliases, groups_path)
-        elif use == "group" and settings.get("matrix") is not None:
-            _build_matrix(ch, matrix_raw, matrix_path, models, aliases)
+        # `use`. llama-swap does not read it; a mistake in it is a warning here, not an error,
+        # so that a config llama-swap starts with starts here too.
+        try:
+            if use == "matrix" and settings.get("groups"):
+                _build_groups(ch, groups_raw, models, aliases, groups_path)
+            elif use == "group" and settings.get("matrix") is not None:
+                _build_matrix(ch, matrix_raw, matrix_path, models, aliases)
+        except ConfigError as e:
+            problem = str(e).removeprefix(f"{ch.source}: ")
+            ch.warn(f"{problem} (not used while routing.router.use is {use}, so this config still starts)")
     if use == "group":
         return _build_groups(ch, groups_raw, models, aliases, groups_path), None
     groups = {DEFAULT_GROUP: GroupConfig(DEFAULT_GROUP, True, True, False, tuple(models))}
