@@ -380,10 +380,11 @@ class UpstreamPassthroughTests(ErrorAssertions, SynchronousTestCase):
 
     def test_unknown_model(self) -> None:
         """
-        A path that names no model is a JSON 404 saying how the path is built.
+        A path that names no model is a JSON 404 naming what was not found and saying how the
+        path is built.
         """
         response, body = self.h.call("GET", "/upstream/nope/health")
-        self.assertJSONError(response, body, 404, "nope", "/upstream/<model>/<path>")
+        self.assertJSONError(response, body, 404, "model 'nope' not found", "/upstream/<model>/<path>")
         response, body = self.h.call("GET", "/upstream/")
         self.assertJSONError(response, body, 404, "/upstream/<model>/<path>")
         self.assertEqual(self.h.received, [])

@@ -346,8 +346,10 @@ class UpstreamPassthrough(ModelRoute):
                 rest = segments[split:]
                 break
         else:
-            name = "/".join(segments) or "(none)"
-            raise BadRequest(404, f"no model in path /upstream/{name}; use /upstream/<model>/<path>")
+            if not segments or not segments[0]:
+                raise BadRequest(404, "no model in path /upstream/; use /upstream/<model>/<path>")
+            raise BadRequest(404, f"model {segments[0]!r} not found (path /upstream/{'/'.join(segments)});"
+                                  " use /upstream/<model>/<path>")
         query = request.uri.partition(b"?")[2]
         if not rest:
             location = b"/upstream/" + name.encode("utf-8") + b"/"
