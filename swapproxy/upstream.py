@@ -366,6 +366,8 @@ class Upstream:
 
     def _set_state(self, new: State) -> None:
         old, self.state = self.state, new
+        if old is State.READY and new is not State.READY:
+            self.probes.stop()  # out of service: no more health checks
         if old is not new:
             self.log.debug("model {model}: {old} -> {new}", model=self.model.id, old=old.value, new=new.value)
             for observer in list(self.state_observers):

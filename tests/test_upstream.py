@@ -882,6 +882,23 @@ class HealthWhileReadyTests(UpstreamTestMixin, SynchronousTestCase):
         self.reactor.pump([1] * 60)
         self.assertEqual(len(self.probe.calls) - before, 6)
 
+    def test_not_checked_while_its_stop_hooks_run(self) -> None:
+        """
+        A model that is stopping, while a stop hook (saving its slots) takes its time, is not
+        checked: it is no longer in service.
+        """
+        upstream = self.ready_upstream({"healthCheckInterval": 10})
+        saving: Deferred[None] = Deferred()
+        upstream.stop_hooks.append(lambda _: saving)
+        before = len(self.probe.calls)
+        upstream.stop()
+        self.assertEqual(upstream.state, State.STOPPING)
+        self.reactor.pump([1] * 60)
+        self.assertEqual(len(self.probe.calls), before)
+        saving.callback(None)
+        self.reactor.spawned[0].exit(0)
+        self.assertEqual(upstream.state, State.STOPPED)
+
     def test_off(self) -> None:
         upstream = self.ready_upstream({"healthCheckInterval": 0})
         before = len(self.probe.calls)
