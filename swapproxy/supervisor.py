@@ -27,7 +27,8 @@ from twisted.internet.interfaces import IDelayedCall
 
 from swapproxy.config import Config, GroupConfig, ModelConfig
 from swapproxy.logs import proxy_logger
-from swapproxy.memory import Footprints, Resident, available_memory, make_room, never_fits, show_bytes
+from swapproxy.budget import MEASURE_DELAY, MemoryBudget
+from swapproxy.memory import Footprints, Resident, show_bytes
 from swapproxy.reactors import IUpstreamReactor
 from swapproxy.scheduler import Scheduler, Ticket
 from swapproxy.upstream import StartError, State, Upstream, needs_restart
@@ -36,10 +37,6 @@ __all__ = [
     "MEASURE_DELAY", "InsufficientMemory", "Lease", "Rejected", "ReloadResult", "ShuttingDown", "Supervisor",
     "Ticket", "TooManyRequests", "UnknownModel",
 ]
-
-
-#: Seconds after a model becomes ready that its footprint is first measured.
-MEASURE_DELAY = 1.0
 
 
 class Rejected(Exception):
@@ -164,9 +161,9 @@ class Supervisor(Service):
         self.log = proxy_logger("swapproxy.supervisor")
         self.config = config
         self._reactor = reactor
-        self.footprints = footprints if footprints is not None else Footprints(reactor)
-        #: Bytes the running models may use together; ``None`` for no budget.
-        self.memory_budget = available_memory() if config.memory_budget_auto else config.memory_budget
+        #: The ``memoryBudget``, and what the models were measured to use.
+        self.budget = MemoryBudget(config, reactor, footprints if footprints is not None else Footprints(reactor),
+                                   self._residents)
         if upstream_factory is None:
 
             def upstream_factory(model: ModelConfig) -> Upstream:
@@ -186,8 +183,6 @@ class Supervisor(Service):
         self._scheduler = Scheduler(self, reactor, lambda: self.config.scheduler, self._pump)
         #: When each model's last request in flight ended.
         self.last_used: dict[str, float] = {}
-        #: The first measurement of each ready model's footprint, due `MEASURE_DELAY` after ready.
-        self._measure_calls: dict[Upstream, IDelayedCall] = {}
         self._ttl_calls: dict[str, IDelayedCall] = {}
         self._pumping = False
         self._pump_again = False
@@ -240,7 +235,7 @@ class Supervisor(Service):
                 f"model {model_id!r} already has {load} requests (concurrencyLimit "
                 f"{upstream.model.concurrency_limit}); retry later"
             )
-        shortfall = None if upstream.running else self._never_fits(model_id)
+        shortfall = None if upstream.running else self.budget.never_fits(self.config.models[model_id])
         if shortfall is not None:
             raise InsufficientMemory(shortfall)
         ticket = self._scheduler.add(upstream, defer_start, self._withdraw, load_only)
@@ -274,7 +269,7 @@ class Supervisor(Service):
                 self._arm_ttl(model_id)
         self._pump()
         if self.upstreams.get(model_id) is upstream and upstream.state is State.READY:
-            self._measure(upstream)
+            self.budget.measure(upstream)
 
     def in_flight_of(self, upstream: Upstream) -> int:
         """
@@ -302,9 +297,9 @@ class Supervisor(Service):
         for it to fit.
         """
         placement = self._placement_conflicts(model_id)
-        if self.memory_budget is None:
+        if self.budget.limit is None:
             return placement
-        return placement + self._memory_evictions(model_id, placement)
+        return placement + self.budget.evictions(self.upstreams[model_id], placement)
 
     def _placement_conflicts(self, model_id: str) -> list[Upstream]:
         if self.config.matrix is not None:
@@ -330,19 +325,18 @@ class Supervisor(Service):
 
     # -- memory -------------------------------------------------------------------------------
 
+    @property
+    def memory_budget(self) -> int | None:
+        """
+        The bytes the running models may use together; ``None`` for no budget.
+        """
+        return self.budget.limit
+
     def memory_of(self, model_id: str) -> dict[str, int | None]:
         """
         A model's declared (``memory``) and measured footprints in bytes; ``None`` when unknown.
         """
-        model = self.config.models.get(model_id)
-        return {"declared": model.memory if model is not None else None,
-                "measured": self.footprints.measured.get(model_id)}
-
-    def _need(self, model: ModelConfig) -> int:
-        """
-        What a model is counted for: its ``memory``, else what it was measured to use, else 0.
-        """
-        return model.memory or self.footprints.measured.get(model.id, 0)
+        return self.budget.memory_of(self.config.models.get(model_id), model_id)
 
     def _processes(self) -> list[Upstream]:
         return [up for up in self.upstreams.values() if up.running] + [up for up in self._retiring if up.running]
@@ -363,41 +357,11 @@ class Supervisor(Service):
         ``model_id`` must start.
         """
         return [
-            Resident(up, up.model.id, self._need(up.model), up.stopping,
+            Resident(up, up.model.id, self.budget.need(up.model), up.stopping,
                      bool(self.in_flight_of(up) or self.queued(up.model.id)),
                      self.last_used.get(up.model.id, up.started_at or 0.0), self._memory_protected(up, model_id))
             for up in self._processes() if up not in leaving
         ]
-
-    def _memory_evictions(self, model_id: str, placement: list[Upstream]) -> list[Upstream]:
-        """
-        The models to stop, beyond ``placement``, for ``model_id`` to fit in the budget.
-        """
-        assert self.memory_budget is not None
-        target = self.upstreams[model_id]
-        if target.running:
-            return []
-        room = make_room(self._need(target.model), self.memory_budget, self._residents(model_id, placement))
-        return [resident.process for resident in room]
-
-    def _never_fits(self, model_id: str) -> str | None:
-        """
-        Why ``model_id`` cannot fit in the memory budget even with every model stopped that may
-        be; ``None`` when it can (or there is no budget).
-        """
-        if self.memory_budget is None:
-            return None
-        model = self.config.models[model_id]
-        return never_fits(model_id, self._need(model), "declared" if model.memory else "measured",
-                          self.memory_budget, self._residents(model_id, []))
-
-    def _first_measure(self, upstream: Upstream) -> None:
-        del self._measure_calls[upstream]
-        self._measure(upstream, force=True)
-
-    def _measure(self, upstream: Upstream, force: bool = False) -> None:
-        self.footprints.measure(upstream.model.id, upstream.pid, force).addErrback(
-            lambda failure: self.log.failure("measuring the memory of {model}", failure, model=upstream.model.id))
 
     def _matrix_evictions(self, model_id: str) -> list[Upstream]:
         assert self.config.matrix is not None
@@ -476,7 +440,7 @@ class Supervisor(Service):
         """
         Why ``ticket``'s model can never run: it cannot fit in ``memoryBudget``; ``None`` when it can.
         """
-        shortfall = self._never_fits(ticket.model_id)
+        shortfall = self.budget.never_fits(self.config.models[ticket.model_id])
         return InsufficientMemory(shortfall) if shortfall is not None else None
 
     def idle_since(self, upstream: Upstream) -> float | None:
@@ -525,15 +489,9 @@ class Supervisor(Service):
             return
         if new is State.STARTING:
             self._scheduler.unserved.add(upstream)
-            self.footprints.started(upstream.model.id)
         elif new is not State.READY:
             self._scheduler.unserved.discard(upstream)
-        call = self._measure_calls.pop(upstream, None)
-        if call is not None and call.active():
-            call.cancel()
-        if new is State.READY:
-            # Not at once: it takes a millisecond or two, which the first requests should not wait for.
-            self._measure_calls[upstream] = self._reactor.callLater(MEASURE_DELAY, self._first_measure, upstream)
+        self.budget.state_changed(upstream, new)
         self._pump()
         if self.upstreams.get(upstream.model.id) is not upstream:
             return
@@ -640,10 +598,7 @@ class Supervisor(Service):
             run.cancel()
         for ticket in list(self._scheduler.tickets):
             self._scheduler.fail(ticket, ShuttingDown("swapproxy is shutting down"))
-        for call in self._measure_calls.values():
-            if call.active():
-                call.cancel()
-        self._measure_calls.clear()
+        self.budget.stop()
         for model_id in list(self._ttl_calls):
             self._cancel_ttl(model_id)
         running = [model_id for model_id, up in self.upstreams.items() if up.running]
@@ -697,11 +652,7 @@ class Supervisor(Service):
             else:
                 unchanged.append(model_id)
         self.config = config
-        if config.memory_budget_auto:
-            if not old.memory_budget_auto:
-                self.memory_budget = available_memory()
-        else:
-            self.memory_budget = config.memory_budget
+        self.budget.reconfigure(old, config)
         retired = []
         for model_id in removed + tuple(changed):
             upstream = self.upstreams.pop(model_id)
