@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from swapproxy.config import parse_config
-from swapproxy.testing.local import LOOPBACK, fake_command, free_port
+from swapproxy.testing.local import LOOPBACK, fake_command, free_port, free_port_range
 from tests.support.live import RunningProxy, TrackingFactory, start_proxy
 from tests.support.processes import wait_until
 
@@ -84,7 +84,8 @@ class PeerForwardTests(TestCase):
             self.addCleanup(factory.close_all)
             peer_port = listening.getHost().port
         self.peer_port = peer_port
-        text = textwrap.dedent(top) + "models:\n  local: {cmd: '%s'}\npeers:\n" % fake_command()
+        text = (f"startPort: {free_port_range(1)}\n" + textwrap.dedent(top)
+                + "models:\n  local: {cmd: '%s'}\npeers:\n" % fake_command())
         text += textwrap.indent(textwrap.dedent(peers), "  ").replace("PEER", f"http://{LOOPBACK}:{peer_port}")
         proxy = start_proxy(self, parse_config(text, "test.yaml", {}))
         return proxy, server

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from swapproxy.config import parse_config
-from swapproxy.testing.local import LOOPBACK, fake_command
+from swapproxy.testing.local import LOOPBACK, fake_command, free_port_range
 from tests.support.live import RunningProxy, TrackingFactory, start_proxy
 from tests.support.processes import wait_until
 
@@ -113,7 +113,7 @@ class WebsocketTests(TestCase):
         echo.close_all = tracking.close_all
         keys = {"cmd": SLEEPER, "checkEndpoint": "none", "proxy": f"http://{LOOPBACK}:{listening.getHost().port}"}
         keys.update(model)
-        text = "models:\n  ws: " + json.dumps(keys) + "\n  other: " + json.dumps({"cmd": fake_command()}) + "\n"
+        text = f"startPort: {free_port_range(2)}\nmodels:\n  ws: " + json.dumps(keys) + "\n  other: " + json.dumps({"cmd": fake_command()}) + "\n"
         return start_proxy(self, parse_config(text, "test.yaml", {})), echo
 
     async def connect(self, proxy: RunningProxy, path: bytes) -> Client:
@@ -198,7 +198,7 @@ class IgnorePathsTests(TestCase):
     timeout = 30
 
     async def test_static_paths_do_not_start_a_model(self) -> None:
-        text = textwrap.dedent("""
+        text = f"startPort: {free_port_range(1)}\n" + textwrap.dedent("""
             upstream: {ignorePaths: ['^/ws$', '\\.png$']}
             models:
               m: {cmd: %s}
