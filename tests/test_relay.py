@@ -15,12 +15,12 @@ from typing import Any
 
 import treq
 from twisted.internet.defer import fail
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.server import NOT_DONE_YET, Request
 
 from swapproxy.upstream import State
@@ -255,6 +255,24 @@ class ResponseRelayTests(ErrorAssertions, SynchronousTestCase):
         self.assertEqual(self.h.supervisor.in_flight["llama"], 0)
         self.assertEqual(self.h.upstreams["llama"].starts, 1)
 
+    def test_model_that_hangs_up_without_answering(self) -> None:
+        """
+        A model that closes the connection without answering (it crashed on the request) is a
+        502 saying the answer was cut short, not "Connection was closed cleanly.".
+        """
+
+        class HangingUp:
+            def request(self, *args: Any, **kwargs: Any) -> Any:
+                return fail(ResponseNeverReceived([Failure(ConnectionDone())]))
+
+        self.h.upstreams["llama"].make_client = HangingUp
+        self.patch(forward, "process_gone", lambda upstream: False)
+        response, body = self.h.post_json("/v1/chat/completions", {"model": "llama"})
+        error = self.assertJSONError(response, body, 502, "'llama'", error_type="server_error")
+        self.assertEqual(
+            error["message"], "model 'llama' did not answer: the connection was closed before the answer was complete"
+        )
+
     def test_model_that_died_unnoticed_is_restarted(self) -> None:
         """
         A model whose process died a moment ago still looks ready; the request that finds its
@@ -368,6 +386,20 @@ class StreamingTests(SynchronousTestCase):
         self.assertIsNotNone(reader.reason)
         self.assertTrue(reader.reason.check(ResponseDone), reader.reason)
         self.assertEqual(self.h.supervisor.in_flight["llama"], 0)
+
+    def test_upstream_dies_mid_event_stream_says_the_answer_was_cut(self) -> None:
+        """
+        The error event of a stream the model broke off says the answer was cut short, not
+        Twisted's "Connection was closed cleanly.", which read as if nothing had gone wrong.
+        """
+        upstream, response, reader = self.start_stream()
+        upstream.request.loseConnection()
+        self.h.flush()
+        error = b"".join(reader.chunks[1:]).split(b"\n\n")[0]
+        message = json.loads(error[len(b"data: "):])["error"]["message"]
+        self.assertEqual(
+            message, "model 'llama' ended the stream early: the connection was closed before the answer was complete"
+        )
 
     def test_upstream_dies_mid_body(self) -> None:
         """

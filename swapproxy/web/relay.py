@@ -15,6 +15,7 @@ from typing import Any
 
 import psutil
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -228,11 +229,21 @@ def process_gone(upstream: Upstream) -> bool:
         return True
 
 
+#: What a connection closed by the other side before the answer's end is called: Twisted's own
+#: words for it ("Connection was closed cleanly.") describe the TCP close, not the answer, which
+#: was cut short (the model crashed, or closed the connection mid-answer).
+CLOSED_EARLY = "the connection was closed before the answer was complete"
+
+
 def describe_error(error: BaseException) -> str:
     """
     What went wrong, in words: the reasons of a `ResponseFailed` (and its kin) or the error itself.
     """
     reasons = getattr(error, "reasons", None)
+    if isinstance(error, ConnectionDone) or any(r.check(ConnectionDone) for r in reasons or ()):
+        # The other reasons of such a failure are its consequences: the body's decoder left
+        # waiting for the rest.
+        return CLOSED_EARLY
     if reasons:
         return "; ".join(r.getErrorMessage() for r in reasons)
     return str(error) or error.__class__.__name__
