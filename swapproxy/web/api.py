@@ -24,7 +24,7 @@ from swapproxy.targets import ActiveProfile
 from swapproxy.upstream import StartError, State
 from swapproxy.web.errors import error_response
 from swapproxy.web.listing import alias_records, peer_records, profile_records, selector_records, with_capabilities
-from swapproxy.web.render import ClientState, path_segments, render_async
+from swapproxy.web.render import ClientState, path_segments, render_async, rest_of_path
 
 
 log = proxy_logger("swapproxy.web")
@@ -267,7 +267,7 @@ class ApiUnload(Resource):
     def render(self, request: Request) -> bytes | int:
         if request.method != b"POST":
             return _method_not_allowed(request, b"POST")
-        name = unquote("/".join(s.decode("utf-8", "replace") for s in request.postpath or [])).strip("/")
+        name = rest_of_path(request)
         model_id = None
         if name:
             model = self._supervisor.config.resolve(name)
@@ -301,7 +301,7 @@ class ApiLoad(Resource):
     def render(self, request: Request) -> bytes:
         if request.method != b"POST":
             return _method_not_allowed(request, b"POST")
-        name = unquote("/".join(s.decode("utf-8", "replace") for s in request.postpath or [])).strip("/")
+        name = rest_of_path(request)
         if not name:
             return error_response(request, 400, "name the model to load: POST /api/models/load/<model>")
         model = self._supervisor.config.resolve(name)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 from typing import Any
-from urllib.parse import unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import Deferred
@@ -31,7 +30,7 @@ from swapproxy.supervisor import Supervisor
 from swapproxy.web.api import JSONResource, write_json
 from swapproxy.web.errors import NotFound, error_response
 from swapproxy.web.live import LiveWriter, dropped_event_marker, dropped_log_marker
-from swapproxy.web.render import ClientState, render_async
+from swapproxy.web.render import ClientState, render_async, rest_of_path
 from swapproxy.web.sse import SSE_HEADERS, comment
 
 #: Seconds between the ``: ping`` comments of ``/api/events``.
@@ -104,7 +103,7 @@ class LogFollow(JSONResource):
         return self._logs.model(model.id) if model is not None else None
 
     def render_GET(self, request: Request) -> bytes | int:
-        name = unquote("/".join(s.decode("utf-8", "replace") for s in request.postpath or [])).strip("/")
+        name = rest_of_path(request)
         stream = self._stream(name)
         if stream is None:
             return error_response(

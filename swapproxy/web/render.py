@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from typing import Any
+from urllib.parse import unquote
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
@@ -79,3 +80,11 @@ def path_segments(path: list[bytes] | None) -> list[bytes]:
     ``request.prepath`` or ``request.postpath``, which Twisted types as possibly missing.
     """
     return path or []
+
+
+def rest_of_path(request: Request) -> str:
+    """
+    What follows the route in the request's path, decoded, without slashes at either end: the
+    model of ``/api/models/unload/<model>`` (a model id may itself contain ``/``).
+    """
+    return unquote("/".join(s.decode("utf-8", "replace") for s in path_segments(request.postpath))).strip("/")
