@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from bench.processes import Processes, Swapproxy, log_path_tail
+from bench.run import render_table
 from swapproxy.testing.local import LOOPBACK, REPO, fake_command, free_port_range
 
 #: llama-swap head on the same workload (3 models, 12 clients, 60 requests, 0.3 s loads), from
@@ -179,14 +180,9 @@ def format_table(variants: list[tuple[str, dict[str, Any]]], args: argparse.Name
         for label, run in variants
     ]
     rows.append(("llama-swap head (issue 12)", f"{low:g}-{high:g}", f"{fewest}-{most}", "", "", ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [f"swap storm: {args.clients} clients, {args.models} models in one swap group, {args.requests} requests,"
-             f" {args.load_time:g} s loads; mean of seeds {args.seeds} (max wait: the largest)"]
-    for index, row in enumerate(rows):
-        lines.append(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-        if index == 0:
-            lines.append("-|-".join("-" * width for width in widths))
-    return "\n".join(lines)
+    title = (f"swap storm: {args.clients} clients, {args.models} models in one swap group, {args.requests} requests,"
+             f" {args.load_time:g} s loads; mean of seeds {args.seeds} (max wait: the largest)")
+    return title + "\n" + render_table(rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
